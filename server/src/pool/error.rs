@@ -1,0 +1,172 @@
+//! Pool error types: one enum for opening/formatting, one for object operations.
+
+use std::path::PathBuf;
+
+use super::layout::{GeometryError, MAX_NAME, MAX_NS};
+use super::media::mapped::MapError;
+
+/// Why a pool could not be opened, created or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Mapping the region failed or was unsafe.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// The size does not allow a pool.
+    #[error("{path}: {source}")]
+    Geometry {
+        /// The pool path.
+        path: PathBuf,
+        /// What is wrong.
+        source: GeometryError,
+    },
+    /// No rdax superblock.
+    #[error("{path}: not an rdax pool (no rdax superblock); create one with `rdaxctl mkpool {path} --size <SIZE>`")]
+    NotAPool {
+        /// The pool path.
+        path: PathBuf,
+    },
+    /// Written by a newer rdax.
+    #[error("{path}: pool format version {found} is newer than this build understands (version {supported}); run a newer rdax")]
+    NewerVersion {
+        /// The pool path.
+        path: PathBuf,
+        /// Version on media.
+        found: u32,
+        /// Version this build writes.
+        supported: u32,
+    },
+    /// The device already holds a pool and overwriting was not requested.
+    #[error("{path} already holds an rdax pool; pass --force to overwrite it (this destroys its objects)")]
+    Exists {
+        /// The pool path.
+        path: PathBuf,
+    },
+    /// Metadata is damaged in a way recovery cannot explain.
+    #[error("{path}: pool metadata is damaged ({detail}); the pool was not opened. Run `rdaxctl fsck {path}` for a full report")]
+    Damaged {
+        /// The pool path.
+        path: PathBuf,
+        /// The first problem found.
+        detail: String,
+    },
+}
+
+/// Why an object operation failed. Every variant leaves the pool unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjError {
+    /// A namespace or name is empty, too long or has forbidden characters.
+    #[error("invalid {field}: {reason}")]
+    InvalidName {
+        /// `namespace` or `name`.
+        field: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// No such object.
+    #[error("object {ns}/{name} not found")]
+    NotFound {
+        /// Namespace.
+        ns: String,
+        /// Name.
+        name: String,
+    },
+    /// The name is taken.
+    #[error("object {ns}/{name} already exists")]
+    AlreadyExists {
+        /// Namespace.
+        ns: String,
+        /// Name.
+        name: String,
+    },
+    /// A range reaches past the end of the object (or of u64).
+    #[error("range [{offset}, +{len}) is outside the object ({size} bytes){hint}")]
+    OutOfRange {
+        /// Range start.
+        offset: u64,
+        /// Range length.
+        len: u64,
+        /// Object size.
+        size: u64,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// An argument that can never be valid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    /// Not enough free blocks.
+    #[error("pool is full: {needed} blocks needed, {free} free")]
+    NoSpace {
+        /// Blocks needed.
+        needed: u64,
+        /// Blocks free.
+        free: u64,
+    },
+    /// Every object slot is used.
+    #[error("the pool holds its maximum of {max} objects; format with a larger --max-objects")]
+    TooManyObjects {
+        /// Capacity.
+        max: u64,
+    },
+    /// The object or pool has run out of extent records.
+    #[error("out of extent records ({detail}); free space is too fragmented for this request")]
+    TooFragmented {
+        /// Which limit was hit.
+        detail: String,
+    },
+}
+
+impl ObjError {
+    pub(crate) fn range(offset: u64, len: u64, size: u64, hint: &'static str) -> Self {
+        ObjError::OutOfRange { offset, len, size, hint }
+    }
+}
+
+/// Validate a namespace: 1–64 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn validate_ns(ns: &str) -> Result<(), ObjError> {
+    let bad = |reason| Err(ObjError::InvalidName { field: "namespace", reason });
+    if ns.is_empty() {
+        return bad("empty");
+    }
+    if ns.len() > MAX_NS {
+        return bad("longer than 64 bytes");
+    }
+    if ns == "." || ns == ".." {
+        return bad("`.` and `..` are reserved");
+    }
+    if !ns.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        return bad("only ASCII letters, digits, `.`, `_` and `-` are allowed");
+    }
+    Ok(())
+}
+
+/// Validate an object name: 1–128 bytes of UTF-8 without control characters.
+pub fn validate_name(name: &str) -> Result<(), ObjError> {
+    let bad = |reason| Err(ObjError::InvalidName { field: "name", reason });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME {
+        return bad("longer than 128 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("control characters are not allowed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_ns("tenant-1.prod_a").is_ok());
+        for bad in ["", "..", "a/b", "ns space", &"x".repeat(65), "ü"] {
+            assert!(validate_ns(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_name("volume 01/ü").is_ok());
+        for bad in ["", "a\nb", "\0", &"n".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! Object operations. Each one validates everything first, then builds exactly one journal
+//! transaction (allocation may use several, see [`Pool::allocate`]), commits it, and only
+//! then changes DRAM state — so an error always leaves the pool as it was.
+
+use super::alloc::Run;
+use super::error::{ObjError, validate_name, validate_ns};
+use super::extmap::{Ext, ExtentMap, Removal};
+use super::journal::{Journal, Txn};
+use super::layout::{BLOCK, EXT_SLOT, ExtSlot, FLAG_VIRGIN_ZERO, Geometry, OBJ_SLOT, ObjSlot};
+use super::{Meta, Obj, Pool, lock, name_key, now_ns};
+
+/// Largest object size (keeps every byte-offset computation far from overflow).
+pub const MAX_OBJECT_SIZE: u64 = 1 << 60;
+
+/// What `stat` reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObjectStat {
+    /// Object id (unique in the pool, never reused).
+    pub id: u64,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Logical size in bytes.
+    pub size: u64,
+    /// Bytes backed by pool blocks (holes are not).
+    pub allocated_bytes: u64,
+    /// Physically contiguous pieces.
+    pub extents: u64,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ListPage {
+    /// Objects, ordered by name.
+    pub objects: Vec<ObjectStat>,
+    /// Pass as `after` to get the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
+/// A piece of an object range: backed by `[pool_offset, +len)` of the pool, or a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Segment {
+    /// Offset within the object.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Byte offset in the pool, `None` for a hole (reads as zero).
+    pub pool_offset: Option<u64>,
+}
+
+fn validate(ns: &str, name: &str) -> Result<Box<[u8]>, ObjError> {
+    validate_ns(ns)?;
+    validate_name(name)?;
+    Ok(name_key(ns.as_bytes(), name.as_bytes()))
+}
+
+fn not_found(ns: &str, name: &str) -> ObjError {
+    ObjError::NotFound { ns: ns.into(), name: name.into() }
+}
+
+fn end_of(offset: u64, len: u64, size: u64) -> Result<u64, ObjError> {
+    offset.checked_add(len).ok_or_else(|| ObjError::range(offset, len, size, ": offset + length overflows"))
+}
+
+impl Meta {
+    fn ext_slots_available(&self, geo: &Geometry) -> u64 {
+        self.free_ext.len() as u64 + (geo.exttab_slots - self.hdr.ext_hwm)
+    }
+
+    fn take_ext_slot(&mut self) -> u32 {
+        self.free_ext.pop().unwrap_or_else(|| {
+            self.hdr.ext_hwm += 1;
+            (self.hdr.ext_hwm - 1) as u32
+        })
+    }
+
+    fn lookup(&self, key: &[u8]) -> Option<u32> {
+        self.names.get(key).copied()
+    }
+}
+
+fn put_ext(txn: &mut Txn, geo: &Geometry, owner: u64, e: &Ext) {
+    let rec = ExtSlot { owner, file_block: e.file_block, pool_block: e.pool_block, nblocks: e.nblocks };
+    txn.write(geo.ext_slot_off(e.slot as u64), &rec.encode(e.slot as u64));
+}
+
+fn put_obj(txn: &mut Txn, geo: &Geometry, slot: u32, o: &Obj, ns: &str, name: &str) {
+    let rec = ObjSlot { id: o.id, size: o.size, created_ns: o.created_ns, ns: ns.as_bytes().to_vec(), name: name.as_bytes().to_vec() };
+    txn.write(geo.obj_slot_off(slot as u64), &rec.encode(slot as u64));
+}
+
+fn stat_of(o: &Obj, ns: &str, name: &str) -> ObjectStat {
+    ObjectStat {
+        id: o.id,
+        namespace: ns.into(),
+        name: name.into(),
+        size: o.size,
+        allocated_bytes: o.map.allocated_blocks() * BLOCK,
+        extents: o.map.len() as u64,
+        created_ns: o.created_ns,
+    }
+}
+
+impl Pool {
+    fn commit(&self, meta: &mut Meta, txn: &Txn) {
+        // Every operation bounds its transaction before building it (max extents per object
+        // and the allocation batch are derived from the journal size), so this cannot fail.
+        meta.journal.commit(self.media.as_ref(), txn).expect("transaction sized within the journal");
+    }
+
+    fn put_hdr(&self, txn: &mut Txn, meta: &Meta) {
+        txn.write(self.sb.geo.meta_off, &meta.hdr.encode());
+    }
+
+    /// Create an empty (sparse) object of `size` bytes.
+    pub fn create_object(&self, ns: &str, name: &str, size: u64) -> Result<ObjectStat, ObjError> {
+        let key = validate(ns, name)?;
+        if size > MAX_OBJECT_SIZE {
+            return Err(ObjError::InvalidArgument("size larger than 2^60 bytes"));
+        }
+        let geo = &self.sb.geo;
+        let mut meta = self.write_meta();
+        if meta.names.contains_key(&key) {
+            return Err(ObjError::AlreadyExists { ns: ns.into(), name: name.into() });
+        }
+        if meta.free_obj.is_empty() && meta.hdr.obj_hwm >= geo.objtab_slots {
+            return Err(ObjError::TooManyObjects { max: geo.objtab_slots });
+        }
+        let slot = meta.free_obj.pop().unwrap_or_else(|| {
+            meta.hdr.obj_hwm += 1;
+            meta.objects.push(None);
+            (meta.hdr.obj_hwm - 1) as u32
+        });
+        let obj = Obj { id: meta.hdr.next_object_id, size, created_ns: now_ns(), map: ExtentMap::default() };
+        meta.hdr.next_object_id += 1;
+        let mut txn = Txn::new();
+        put_obj(&mut txn, geo, slot, &obj, ns, name);
+        self.put_hdr(&mut txn, &meta);
+        self.commit(&mut meta, &txn);
+        let st = stat_of(&obj, ns, name);
+        meta.objects[slot as usize] = Some(obj);
+        meta.names.insert(key, slot);
+        Ok(st)
+    }
+
+    /// Describe an object.
+    pub fn stat(&self, ns: &str, name: &str) -> Result<ObjectStat, ObjError> {
+        let key = validate(ns, name)?;
+        let meta = self.read_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        Ok(stat_of(meta.objects[slot as usize].as_ref().expect("indexed slot is live"), ns, name))
+    }
+
+    /// List up to `limit` objects of namespace `ns` whose names sort after `after`.
+    pub fn list(&self, ns: &str, after: Option<&str>, limit: usize) -> Result<ListPage, ObjError> {
+        validate_ns(ns)?;
+        if limit == 0 {
+            return Err(ObjError::InvalidArgument("list limit must be at least 1"));
+        }
+        let lo = match after {
+            Some(a) => {
+                let mut k = name_key(ns.as_bytes(), a.as_bytes()).into_vec();
+                k.push(0); // strictly after `a`
+                k
+            }
+            None => name_key(ns.as_bytes(), b"").into_vec(),
+        };
+        let mut hi = ns.as_bytes().to_vec();
+        hi.push(1); // every key of `ns` starts with `ns \0`
+        let meta = self.read_meta();
+        let mut objects = Vec::new();
+        let mut more = false;
+        for (k, &slot) in meta.names.range::<[u8], _>((std::ops::Bound::Included(&lo[..]), std::ops::Bound::Excluded(&hi[..]))) {
+            if objects.len() == limit {
+                more = true;
+                break;
+            }
+            let name = String::from_utf8_lossy(&k[ns.len() + 1..]).into_owned();
+            objects.push(stat_of(meta.objects[slot as usize].as_ref().expect("live"), ns, &name));
+        }
+        let next = if more { objects.last().map(|o| o.name.clone()) } else { None };
+        Ok(ListPage { objects, next })
+    }
+
+    /// Change an object's size. Growing is sparse (no blocks are allocated); shrinking frees
+    /// whole blocks past the new end and zeroes the rest of the last block, atomically.
+    pub fn resize(&self, ns: &str, name: &str, new_size: u64) -> Result<ObjectStat, ObjError> {
+        let key = validate(ns, name)?;
+        if new_size > MAX_OBJECT_SIZE {
+            return Err(ObjError::InvalidArgument("size larger than 2^60 bytes"));
+        }
+        let geo = &self.sb.geo;
+        let mut meta = self.write_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let mut obj = meta.objects[slot as usize].take().expect("live");
+        let mut txn = Txn::new();
+        let mut removal = Removal::default();
+        if new_size < obj.size {
+            removal = obj.map.remove_range(new_size.div_ceil(BLOCK), u64::MAX);
+            debug_assert!(removal.news.is_empty());
+            if new_size % BLOCK != 0
+                && let Some(pb) = obj.map.lookup(new_size / BLOCK)
+            {
+                txn.zero(pb * BLOCK + new_size % BLOCK, BLOCK - new_size % BLOCK);
+            }
+        }
+        obj.size = new_size;
+        self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
+        put_obj(&mut txn, geo, slot, &obj, ns, name);
+        self.commit(&mut meta, &txn);
+        let st = stat_of(&obj, ns, name);
+        meta.objects[slot as usize] = Some(obj);
+        self.finish_removal(&mut meta, removal);
+        Ok(st)
+    }
+
+    /// Deallocate `[offset, offset + len)`: whole blocks are freed, partial blocks zeroed; the
+    /// size does not change. A range past the end is clipped to it.
+    pub fn punch_hole(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(), ObjError> {
+        let key = validate(ns, name)?;
+        if len == 0 {
+            return Err(ObjError::InvalidArgument("punch length must be at least 1"));
+        }
+        let mut meta = self.write_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let size = meta.objects[slot as usize].as_ref().expect("live").size;
+        let end = end_of(offset, len, size)?;
+        if offset > size {
+            return Err(ObjError::range(offset, len, size, ""));
+        }
+        let end = end.min(size);
+        if offset == end {
+            return Ok(());
+        }
+        let geo = &self.sb.geo;
+        let mut obj = meta.objects[slot as usize].take().expect("live");
+        let (first_full, end_full) = (offset.div_ceil(BLOCK), end / BLOCK);
+        let mut trial = obj.map.clone();
+        let removal = if first_full < end_full { trial.remove_range(first_full, end_full) } else { Removal::default() };
+        // Punching the middle of an extent splits it: that needs one more extent record.
+        if !removal.news.is_empty()
+            && (trial.len() as u64 > geo.max_extents_per_object || meta.ext_slots_available(geo) == 0)
+        {
+            meta.objects[slot as usize] = Some(obj);
+            return Err(ObjError::TooFragmented { detail: "punching would split an extent and no extent record is left".into() });
+        }
+        let mut txn = Txn::new();
+        let mut edges: Vec<(u64, u64)> = Vec::new();
+        if first_full > end_full {
+            edges.push((offset, end)); // within one block
+        } else {
+            if offset % BLOCK != 0 {
+                edges.push((offset, first_full * BLOCK));
+            }
+            if end % BLOCK != 0 {
+                edges.push((end_full * BLOCK, end));
+            }
+        }
+        for (lo, hi) in edges {
+            if let Some(pb) = obj.map.lookup(lo / BLOCK) {
+                txn.zero(pb * BLOCK + lo % BLOCK, hi - lo);
+            }
+        }
+        obj.map = trial;
+        self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
+        self.commit(&mut meta, &txn);
+        meta.objects[slot as usize] = Some(obj);
+        self.finish_removal(&mut meta, removal);
+        Ok(())
+    }
+
+    /// Delete an object and free its blocks.
+    pub fn delete(&self, ns: &str, name: &str) -> Result<(), ObjError> {
+        let key = validate(ns, name)?;
+        let geo = &self.sb.geo;
+        let mut meta = self.write_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let mut obj = meta.objects[slot as usize].take().expect("live");
+        let removal = obj.map.remove_range(0, u64::MAX);
+        let mut txn = Txn::new();
+        self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
+        txn.zero(geo.obj_slot_off(slot as u64), OBJ_SLOT);
+        self.commit(&mut meta, &txn);
+        meta.names.remove(&key);
+        meta.free_obj.push(slot);
+        self.finish_removal(&mut meta, removal);
+        Ok(())
+    }
+
+    /// Turn a planned removal into slot records (new slots for split remainders).
+    fn apply_removal(&self, txn: &mut Txn, meta: &mut Meta, obj: &mut Obj, r: &Removal) {
+        let geo = &self.sb.geo;
+        for e in &r.rewrites {
+            put_ext(txn, geo, obj.id, e);
+        }
+        for &s in &r.clears {
+            txn.zero(geo.ext_slot_off(s as u64), EXT_SLOT);
+        }
+        let hwm0 = meta.hdr.ext_hwm;
+        for n in &r.news {
+            let s = meta.take_ext_slot();
+            obj.map.set_slot(n.file_block, s);
+            put_ext(txn, geo, obj.id, &Ext { slot: s, ..*n });
+        }
+        if meta.hdr.ext_hwm != hwm0 {
+            self.put_hdr(txn, meta);
+        }
+    }
+
+    /// After commit: recycle cleared slots and hand freed blocks to the release hook.
+    fn finish_removal(&self, meta: &mut Meta, r: Removal) {
+        meta.live_ext = meta.live_ext + r.news.len() as u64 - r.clears.len() as u64;
+        meta.free_ext.extend(r.clears);
+        self.release(r.freed);
+    }
+
+    /// Allocate blocks for every hole in `[offset, offset + len)` (like `fallocate`). Runs of
+    /// 2 MiB or more come 2 MiB-aligned where free space allows. Newly allocated blocks read
+    /// zero. A very fragmented allocation may take several transactions; a crash between them
+    /// leaves some holes allocated (they still read zero), never a torn object.
+    pub fn allocate(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(), ObjError> {
+        let key = validate(ns, name)?;
+        let mut meta = self.write_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let size = meta.objects[slot as usize].as_ref().expect("live").size;
+        let end = end_of(offset, len, size)?;
+        if end > size {
+            return Err(ObjError::range(offset, len, size, "; resize the object first"));
+        }
+        self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))
+    }
+
+    fn fill_holes(&self, meta: &mut Meta, slot: u32, ns: &str, name: &str, lo: u64, hi: u64) -> Result<(), ObjError> {
+        let geo = &self.sb.geo;
+        let holes = meta.objects[slot as usize].as_ref().expect("live").map.holes(lo, hi);
+        let total: u64 = holes.iter().map(|h| h.1).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let runs = lock(&self.alloc).alloc(total).map_err(|e| ObjError::NoSpace { needed: e.needed, free: e.free })?;
+        let pieces = lay_out(&holes, &runs);
+        let obj_exts = meta.objects[slot as usize].as_ref().expect("live").map.len() as u64;
+        let give_back = |runs: &[Run]| {
+            let mut a = lock(&self.alloc);
+            runs.iter().for_each(|&(s, l)| a.free(s, l));
+        };
+        if obj_exts + pieces.len() as u64 > geo.max_extents_per_object {
+            give_back(&runs);
+            return Err(ObjError::TooFragmented { detail: format!("the object would exceed {} extents", geo.max_extents_per_object) });
+        }
+        if pieces.len() as u64 > meta.ext_slots_available(geo) {
+            give_back(&runs);
+            return Err(ObjError::TooFragmented { detail: format!("the pool's {} extent records are used up", geo.exttab_slots) });
+        }
+        self.zero_new_blocks(meta, &runs);
+        let batch = ((Journal::capacity(geo.journal_len) - 1024) / 64) as usize;
+        let mut obj = meta.objects[slot as usize].take().expect("live");
+        for chunk in pieces.chunks(batch) {
+            let mut txn = Txn::new();
+            for &(f, p, n) in chunk {
+                match obj.map.add(f, p, n) {
+                    Ok(grown) => put_ext(&mut txn, geo, obj.id, &grown),
+                    Err(new) => {
+                        let s = meta.take_ext_slot();
+                        obj.map.set_slot(f, s);
+                        meta.live_ext += 1;
+                        put_ext(&mut txn, geo, obj.id, &Ext { slot: s, ..new });
+                    }
+                }
+                meta.hdr.data_hwm = meta.hdr.data_hwm.max(p + n);
+            }
+            self.put_hdr(&mut txn, meta);
+            self.commit(meta, &txn);
+        }
+        let _ = (ns, name);
+        meta.objects[slot as usize] = Some(obj);
+        Ok(())
+    }
+
+    /// Blocks taken from the allocator may hold an earlier owner's bytes: zero them (durably)
+    /// before any extent points at them. Blocks never used since a zero-filled format are
+    /// skipped.
+    fn zero_new_blocks(&self, meta: &Meta, runs: &[Run]) {
+        let virgin_ok = self.sb.flags & FLAG_VIRGIN_ZERO != 0;
+        let m = self.media.as_ref();
+        for &(s, l) in runs {
+            let dirty_end = if virgin_ok { (s + l).min(meta.hdr.data_hwm) } else { s + l };
+            if dirty_end > s {
+                m.fill(s * BLOCK, (dirty_end - s) * BLOCK, 0);
+                m.flush(s * BLOCK, (dirty_end - s) * BLOCK);
+            }
+        }
+        m.drain();
+    }
+
+    /// Read from `offset` into `buf`; returns the bytes read (short at the end of the object).
+    /// Holes read as zero.
+    pub fn read(&self, ns: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<usize, ObjError> {
+        let key = validate(ns, name)?;
+        let meta = self.read_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let obj = meta.objects[slot as usize].as_ref().expect("live");
+        if offset > obj.size {
+            return Err(ObjError::range(offset, buf.len() as u64, obj.size, ""));
+        }
+        let n = (buf.len() as u64).min(obj.size - offset) as usize;
+        let mut at = 0usize;
+        for seg in segments_of(obj, offset, n as u64) {
+            let dst = &mut buf[at..at + seg.len as usize];
+            match seg.pool_offset {
+                Some(p) => self.media.read(p, dst),
+                None => dst.fill(0),
+            }
+            at += seg.len as usize;
+        }
+        Ok(n)
+    }
+
+    /// Write `data` at `offset` (within the current size), allocating holes first. With
+    /// `persist`, the bytes are durable when this returns.
+    pub fn write(&self, ns: &str, name: &str, offset: u64, data: &[u8], persist: bool) -> Result<(), ObjError> {
+        let key = validate(ns, name)?;
+        let len = data.len() as u64;
+        {
+            let meta = self.read_meta();
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            let obj = meta.objects[slot as usize].as_ref().expect("live");
+            let end = end_of(offset, len, obj.size)?;
+            if end > obj.size {
+                return Err(ObjError::range(offset, len, obj.size, "; resize the object first"));
+            }
+            if obj.map.holes(offset / BLOCK, end.div_ceil(BLOCK)).is_empty() {
+                self.copy_in(obj, offset, data, persist);
+                return Ok(());
+            }
+        }
+        let mut meta = self.write_meta();
+        // Re-validate: the object may have changed between the two locks.
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let size = meta.objects[slot as usize].as_ref().expect("live").size;
+        let end = end_of(offset, len, size)?;
+        if end > size {
+            return Err(ObjError::range(offset, len, size, "; resize the object first"));
+        }
+        self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))?;
+        self.copy_in(meta.objects[slot as usize].as_ref().expect("live"), offset, data, persist);
+        Ok(())
+    }
+
+    fn copy_in(&self, obj: &Obj, offset: u64, data: &[u8], persist: bool) {
+        let mut at = 0usize;
+        for seg in segments_of(obj, offset, data.len() as u64) {
+            let p = seg.pool_offset.expect("range was allocated");
+            self.media.write(p, &data[at..at + seg.len as usize]);
+            if persist {
+                self.media.flush(p, seg.len);
+            }
+            at += seg.len as usize;
+        }
+        if persist {
+            self.media.drain();
+        }
+    }
+
+    /// Make `[offset, offset + len)` durable.
+    pub fn persist(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(), ObjError> {
+        let key = validate(ns, name)?;
+        let meta = self.read_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let obj = meta.objects[slot as usize].as_ref().expect("live");
+        let end = end_of(offset, len, obj.size)?;
+        if end > obj.size {
+            return Err(ObjError::range(offset, len, obj.size, ""));
+        }
+        for seg in segments_of(obj, offset, len) {
+            if let Some(p) = seg.pool_offset {
+                self.media.flush(p, seg.len);
+            }
+        }
+        self.media.drain();
+        Ok(())
+    }
+
+    /// The physical layout of `[offset, offset + len)`: pool byte ranges and holes, in order.
+    pub fn segments(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<Vec<Segment>, ObjError> {
+        let key = validate(ns, name)?;
+        let meta = self.read_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let obj = meta.objects[slot as usize].as_ref().expect("live");
+        let end = end_of(offset, len, obj.size)?;
+        if end > obj.size {
+            return Err(ObjError::range(offset, len, obj.size, ""));
+        }
+        Ok(segments_of(obj, offset, len))
+    }
+}
+
+/// Byte-granular segments of `[offset, offset + len)`, merging physically adjacent pieces.
+fn segments_of(obj: &Obj, offset: u64, len: u64) -> Vec<Segment> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let end = offset + len;
+    let mut out: Vec<Segment> = Vec::new();
+    for (fb, n, pb) in obj.map.walk(offset / BLOCK, end.div_ceil(BLOCK)) {
+        let lo = (fb * BLOCK).max(offset);
+        let hi = ((fb + n) * BLOCK).min(end);
+        let pool_offset = pb.map(|p| p * BLOCK + (lo - fb * BLOCK));
+        if let Some(last) = out.last_mut() {
+            let contiguous = match (last.pool_offset, pool_offset) {
+                (Some(a), Some(b)) => a + last.len == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if contiguous {
+                last.len += hi - lo;
+                continue;
+            }
+        }
+        out.push(Segment { offset: lo, len: hi - lo, pool_offset });
+    }
+    out
+}
+
+/// Lay pool runs over logical holes, in order: `(file_block, pool_block, count)`.
+fn lay_out(holes: &[Run], runs: &[Run]) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::with_capacity(holes.len() + runs.len());
+    let mut ri = runs.iter().copied();
+    let mut cur = ri.next();
+    for &(mut f, mut need) in holes {
+        while need > 0 {
+            let (p, l) = cur.expect("runs cover the holes");
+            let take = l.min(need);
+            out.push((f, p, take));
+            f += take;
+            need -= take;
+            cur = if take == l { ri.next() } else { Some((p + take, l - take)) };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lay_out_splits_runs_across_holes() {
+        let v = lay_out(&[(0, 3), (10, 4)], &[(100, 5), (200, 2)]);
+        assert_eq!(v, vec![(0, 100, 3), (10, 103, 2), (12, 200, 2)]);
+    }
+}
