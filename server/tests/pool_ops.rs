@@ -121,7 +121,10 @@ fn freed_blocks_never_leak_old_bytes_into_a_new_object() {
     let free = pool.stats().free.free_blocks;
     pool.create_object("ns", "secret", free * BLOCK).unwrap();
     pool.write("ns", "secret", 0, &vec![0x5A; (free * BLOCK) as usize], true).unwrap();
-    assert!(matches!(pool.create_object("ns", "x", BLOCK).and_then(|_| pool.allocate("ns", "x", 0, BLOCK)), Err(ObjError::NoSpace { .. })));
+    assert!(matches!(
+        pool.create_object("ns", "x", BLOCK).and_then(|_| pool.allocate("ns", "x", 0, BLOCK)),
+        Err(ObjError::NoSpace { .. })
+    ));
     pool.delete("ns", "secret").unwrap();
     pool.resize("ns", "x", free * BLOCK).unwrap();
     pool.allocate("ns", "x", 0, free * BLOCK).unwrap();
@@ -194,7 +197,8 @@ fn bad_arguments_get_typed_errors_and_change_nothing() {
 fn object_table_capacity_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("small.pool");
-    let opts = CreateOptions { format: FormatOptions { max_objects: Some(3), max_extents: None }, ..Default::default() };
+    let opts =
+        CreateOptions { format: FormatOptions { max_objects: Some(3), max_extents: None }, ..Default::default() };
     let pool = Pool::create(&path, 16 << 20, opts).unwrap();
     for i in 0..3 {
         pool.create_object("ns", &i.to_string(), 0).unwrap();
@@ -222,7 +226,10 @@ fn the_release_hook_holds_blocks_until_it_lets_go() {
     // Allocation cannot reach held blocks: fill the rest of the pool.
     pool.create_object("ns", "fill", (free0 - 64) * BLOCK).unwrap();
     pool.allocate("ns", "fill", 0, (free0 - 64) * BLOCK).unwrap();
-    assert!(matches!(pool.create_object("ns", "more", BLOCK).and_then(|_| pool.allocate("ns", "more", 0, BLOCK)), Err(ObjError::NoSpace { .. })));
+    assert!(matches!(
+        pool.create_object("ns", "more", BLOCK).and_then(|_| pool.allocate("ns", "more", 0, BLOCK)),
+        Err(ObjError::NoSpace { .. })
+    ));
     held.lock().unwrap().drain(..).for_each(ReleasedBlocks::free);
     assert_eq!(pool.stats().held_blocks, 0);
     pool.allocate("ns", "more", 0, BLOCK).unwrap();

@@ -159,7 +159,10 @@ impl Allocator {
     /// Panics if the run is outside the data area or overlaps free space: that would be a
     /// double free, and continuing would hand one block to two owners.
     pub fn free(&mut self, start: u64, len: u64) {
-        assert!(len > 0 && start >= self.range.0 && start + len <= self.range.1, "free of [{start}, +{len}) outside the data area");
+        assert!(
+            len > 0 && start >= self.range.0 && start + len <= self.range.1,
+            "free of [{start}, +{len}) outside the data area"
+        );
         let (mut s, mut l) = (start, len);
         if let Some((&ps, &pl)) = self.by_start.range(..=start).next_back() {
             assert!(ps + pl <= start, "double free: [{start}, +{len}) overlaps free [{ps}, +{pl})");

@@ -40,7 +40,16 @@ pub struct CheckReport {
 
 impl CheckReport {
     fn new(path: Option<PathBuf>) -> Self {
-        Self { path, clean: false, problems: Vec::new(), notes: Vec::new(), objects: 0, extents: 0, data_blocks: 0, free_blocks: 0 }
+        Self {
+            path,
+            clean: false,
+            problems: Vec::new(),
+            notes: Vec::new(),
+            objects: 0,
+            extents: 0,
+            data_blocks: 0,
+            free_blocks: 0,
+        }
     }
 }
 
@@ -71,7 +80,9 @@ pub fn check_media(media: &dyn Media, path: Option<&Path>) -> Result<CheckReport
         sb.version, geo.pool_size, geo.data_blocks, geo.objtab_slots, geo.exttab_slots
     ));
     match journal::describe(media, &geo) {
-        Ok(Some(seq)) => r.notes.push(format!("journal: committed transaction {seq} was not yet applied; it is replayed (open does the same)")),
+        Ok(Some(seq)) => r.notes.push(format!(
+            "journal: committed transaction {seq} was not yet applied; it is replayed (open does the same)"
+        )),
         Ok(None) => {}
         Err(e) => {
             r.problems.push(e.to_string());

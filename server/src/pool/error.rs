@@ -26,7 +26,9 @@ pub enum OpenError {
         path: PathBuf,
     },
     /// Written by a newer rdax.
-    #[error("{path}: pool format version {found} is newer than this build understands (version {supported}); run a newer rdax")]
+    #[error(
+        "{path}: pool format version {found} is newer than this build understands (version {supported}); run a newer rdax"
+    )]
     NewerVersion {
         /// The pool path.
         path: PathBuf,
@@ -42,7 +44,9 @@ pub enum OpenError {
         path: PathBuf,
     },
     /// Metadata is damaged in a way recovery cannot explain.
-    #[error("{path}: pool metadata is damaged ({detail}); the pool was not opened. Run `rdaxctl fsck {path}` for a full report")]
+    #[error(
+        "{path}: pool metadata is damaged ({detail}); the pool was not opened. Run `rdaxctl fsck {path}` for a full report"
+    )]
     Damaged {
         /// The pool path.
         path: PathBuf,

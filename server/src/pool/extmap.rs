@@ -175,7 +175,10 @@ impl ExtentMap {
         debug_assert!(self.exts.get(i).is_none_or(|e| e.file_block >= file_block + n), "add over allocated range");
         if i > 0 {
             let p = &mut self.exts[i - 1];
-            if p.file_end() == file_block && p.pool_block + p.nblocks as u64 == pool_block && p.nblocks as u64 + n <= u32::MAX as u64 {
+            if p.file_end() == file_block
+                && p.pool_block + p.nblocks as u64 == pool_block
+                && p.nblocks as u64 + n <= u32::MAX as u64
+            {
                 p.nblocks += n as u32;
                 return Ok(*p);
             }

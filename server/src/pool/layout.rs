@@ -451,7 +451,10 @@ mod tests {
             assert_eq!(g.data_end() * BLOCK, g.pool_size);
             g.sane(size).unwrap();
         }
-        assert!(matches!(Geometry::compute(MIN_POOL_SIZE - 1, FormatOptions::default()), Err(GeometryError::TooSmall { .. })));
+        assert!(matches!(
+            Geometry::compute(MIN_POOL_SIZE - 1, FormatOptions::default()),
+            Err(GeometryError::TooSmall { .. })
+        ));
         let huge = FormatOptions { max_objects: Some(1 << 20), max_extents: None };
         assert!(matches!(Geometry::compute(MIN_POOL_SIZE, huge), Err(GeometryError::NoRoom { .. })));
     }

@@ -38,9 +38,11 @@ pub use ops::{ListPage, ObjectStat, Segment};
 use alloc::{Allocator, FreeStats, Run};
 use extmap::ExtentMap;
 use journal::{Journal, Recovered};
-use layout::{BLOCK, FLAG_VIRGIN_ZERO, FORMAT_VERSION, FormatOptions, Geometry, MetaHeader, Superblock, SuperblockError};
+use layout::{
+    BLOCK, FLAG_VIRGIN_ZERO, FORMAT_VERSION, FormatOptions, Geometry, MetaHeader, Superblock, SuperblockError,
+};
 use media::mapped::{MappedMedia, Region};
-use media::{Media, PoolMode, Persistence};
+use media::{Media, Persistence, PoolMode};
 
 /// What an open pool is and how it persists, for logs, the info RPC and metrics.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -215,9 +217,15 @@ impl Pool {
 
     /// Format `media` as an empty pool and open it. `fresh_zero` says every byte reads zero
     /// already (a new sparse file), which spares zeroing the tables and the data area.
-    pub fn format_media(media: Arc<dyn Media>, fresh_zero: bool, opts: FormatOptions, path: Option<&Path>) -> Result<Self, OpenError> {
+    pub fn format_media(
+        media: Arc<dyn Media>,
+        fresh_zero: bool,
+        opts: FormatOptions,
+        path: Option<&Path>,
+    ) -> Result<Self, OpenError> {
         let p = path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf);
-        let geo = Geometry::compute(media.len(), opts).map_err(|source| OpenError::Geometry { path: p.clone(), source })?;
+        let geo =
+            Geometry::compute(media.len(), opts).map_err(|source| OpenError::Geometry { path: p.clone(), source })?;
         // Invalidate any old superblock first: a crash mid-format must not leave an old
         // superblock in front of half-cleared tables.
         media.fill(0, BLOCK, 0);
@@ -252,7 +260,8 @@ impl Pool {
         let geo = sb.geo;
         let damaged = |detail: String| OpenError::Damaged { path: p.clone(), detail };
         let (journal, recovered) = Journal::recover(media.as_ref(), &geo).map_err(|e| damaged(e.to_string()))?;
-        let hdr = read_meta_header(media.as_ref(), &geo).ok_or_else(|| damaged("meta header checksum mismatch".into()))?;
+        let hdr =
+            read_meta_header(media.as_ref(), &geo).ok_or_else(|| damaged("meta header checksum mismatch".into()))?;
         let mut a = scan::analyze(media.as_ref(), &geo, &hdr, false);
         if let Some(first) = a.problems.first() {
             let more = a.problems.len() - 1;
@@ -264,7 +273,8 @@ impl Pool {
         let mut names = BTreeMap::new();
         for o in a.objects {
             names.insert(name_key(&o.rec.ns, &o.rec.name), o.slot);
-            objects[o.slot as usize] = Some(Obj { id: o.rec.id, size: o.rec.size, created_ns: o.rec.created_ns, map: o.map });
+            objects[o.slot as usize] =
+                Some(Obj { id: o.rec.id, size: o.rec.size, created_ns: o.rec.created_ns, map: o.map });
         }
         let meta = Meta {
             hdr,
@@ -374,9 +384,15 @@ pub(crate) fn read_superblock(media: &dyn Media, p: &Path) -> Result<Superblock,
     media.read(0, &mut b);
     Superblock::decode(&b, media.len()).map_err(|e| match e {
         SuperblockError::BadMagic => OpenError::NotAPool { path: p.into() },
-        SuperblockError::NewerVersion(found) => OpenError::NewerVersion { path: p.into(), found, supported: FORMAT_VERSION },
-        SuperblockError::Checksum => OpenError::Damaged { path: p.into(), detail: "superblock checksum mismatch".into() },
-        SuperblockError::Geometry(g) => OpenError::Damaged { path: p.into(), detail: format!("superblock geometry: {g}") },
+        SuperblockError::NewerVersion(found) => {
+            OpenError::NewerVersion { path: p.into(), found, supported: FORMAT_VERSION }
+        }
+        SuperblockError::Checksum => {
+            OpenError::Damaged { path: p.into(), detail: "superblock checksum mismatch".into() }
+        }
+        SuperblockError::Geometry(g) => {
+            OpenError::Damaged { path: p.into(), detail: format!("superblock geometry: {g}") }
+        }
     })
 }
 

@@ -88,7 +88,13 @@ fn put_ext(txn: &mut Txn, geo: &Geometry, owner: u64, e: &Ext) {
 }
 
 fn put_obj(txn: &mut Txn, geo: &Geometry, slot: u32, o: &Obj, ns: &str, name: &str) {
-    let rec = ObjSlot { id: o.id, size: o.size, created_ns: o.created_ns, ns: ns.as_bytes().to_vec(), name: name.as_bytes().to_vec() };
+    let rec = ObjSlot {
+        id: o.id,
+        size: o.size,
+        created_ns: o.created_ns,
+        ns: ns.as_bytes().to_vec(),
+        name: name.as_bytes().to_vec(),
+    };
     txn.write(geo.obj_slot_off(slot as u64), &rec.encode(slot as u64));
 }
 
@@ -173,7 +179,9 @@ impl Pool {
         let meta = self.read_meta();
         let mut objects = Vec::new();
         let mut more = false;
-        for (k, &slot) in meta.names.range::<[u8], _>((std::ops::Bound::Included(&lo[..]), std::ops::Bound::Excluded(&hi[..]))) {
+        for (k, &slot) in
+            meta.names.range::<[u8], _>((std::ops::Bound::Included(&lo[..]), std::ops::Bound::Excluded(&hi[..])))
+        {
             if objects.len() == limit {
                 more = true;
                 break;
@@ -201,7 +209,7 @@ impl Pool {
         if new_size < obj.size {
             removal = obj.map.remove_range(new_size.div_ceil(BLOCK), u64::MAX);
             debug_assert!(removal.news.is_empty());
-            if new_size % BLOCK != 0
+            if !new_size.is_multiple_of(BLOCK)
                 && let Some(pb) = obj.map.lookup(new_size / BLOCK)
             {
                 txn.zero(pb * BLOCK + new_size % BLOCK, BLOCK - new_size % BLOCK);
@@ -245,17 +253,19 @@ impl Pool {
             && (trial.len() as u64 > geo.max_extents_per_object || meta.ext_slots_available(geo) == 0)
         {
             meta.objects[slot as usize] = Some(obj);
-            return Err(ObjError::TooFragmented { detail: "punching would split an extent and no extent record is left".into() });
+            return Err(ObjError::TooFragmented {
+                detail: "punching would split an extent and no extent record is left".into(),
+            });
         }
         let mut txn = Txn::new();
         let mut edges: Vec<(u64, u64)> = Vec::new();
         if first_full > end_full {
             edges.push((offset, end)); // within one block
         } else {
-            if offset % BLOCK != 0 {
+            if !offset.is_multiple_of(BLOCK) {
                 edges.push((offset, first_full * BLOCK));
             }
-            if end % BLOCK != 0 {
+            if !end.is_multiple_of(BLOCK) {
                 edges.push((end_full * BLOCK, end));
             }
         }
@@ -349,11 +359,15 @@ impl Pool {
         };
         if obj_exts + pieces.len() as u64 > geo.max_extents_per_object {
             give_back(&runs);
-            return Err(ObjError::TooFragmented { detail: format!("the object would exceed {} extents", geo.max_extents_per_object) });
+            return Err(ObjError::TooFragmented {
+                detail: format!("the object would exceed {} extents", geo.max_extents_per_object),
+            });
         }
         if pieces.len() as u64 > meta.ext_slots_available(geo) {
             give_back(&runs);
-            return Err(ObjError::TooFragmented { detail: format!("the pool's {} extent records are used up", geo.exttab_slots) });
+            return Err(ObjError::TooFragmented {
+                detail: format!("the pool's {} extent records are used up", geo.exttab_slots),
+            });
         }
         self.zero_new_blocks(meta, &runs);
         let batch = ((Journal::capacity(geo.journal_len) - 1024) / 64) as usize;
@@ -454,9 +468,11 @@ impl Pool {
         let mut at = 0usize;
         for seg in segments_of(obj, offset, data.len() as u64) {
             let p = seg.pool_offset.expect("range was allocated");
-            self.media.write(p, &data[at..at + seg.len as usize]);
+            let src = &data[at..at + seg.len as usize];
             if persist {
-                self.media.flush(p, seg.len);
+                self.media.write_flushed(p, src);
+            } else {
+                self.media.write(p, src);
             }
             at += seg.len as usize;
         }

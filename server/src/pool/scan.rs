@@ -49,7 +49,10 @@ fn name_of(o: &ObjSlot) -> String {
 pub fn analyze(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: bool) -> Analysis {
     let mut a = Analysis::default();
     if hdr.obj_hwm > geo.objtab_slots || hdr.ext_hwm > geo.exttab_slots {
-        a.problems.push(format!("meta header high-water marks ({} objects, {} extents) exceed the tables", hdr.obj_hwm, hdr.ext_hwm));
+        a.problems.push(format!(
+            "meta header high-water marks ({} objects, {} extents) exceed the tables",
+            hdr.obj_hwm, hdr.ext_hwm
+        ));
         return a;
     }
     if hdr.data_hwm < geo.data_start || hdr.data_hwm > geo.data_end() {
@@ -78,16 +81,27 @@ pub fn analyze(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: bo
                 SlotState::Live(e) => {
                     let end = e.pool_block.checked_add(e.nblocks as u64);
                     if e.pool_block < geo.data_start || end.is_none_or(|x| x > hdr.data_hwm) {
-                        a.problems.push(format!("extent slot {slot}: blocks [{}, +{}) are outside the allocated data area", e.pool_block, e.nblocks));
+                        a.problems.push(format!(
+                            "extent slot {slot}: blocks [{}, +{}) are outside the allocated data area",
+                            e.pool_block, e.nblocks
+                        ));
                         continue;
                     }
                     let Some(&oslot) = by_id.get(&e.owner) else {
-                        a.problems.push(format!("extent slot {slot}: owner object id {} does not exist: {} blocks leaked", e.owner, e.nblocks));
+                        a.problems.push(format!(
+                            "extent slot {slot}: owner object id {} does not exist: {} blocks leaked",
+                            e.owner, e.nblocks
+                        ));
                         continue;
                     };
                     used.push((e.pool_block, e.nblocks as u64));
                     a.live_extents += 1;
-                    exts.entry(e.owner).or_default().push(Ext { file_block: e.file_block, pool_block: e.pool_block, nblocks: e.nblocks, slot: slot as u32 });
+                    exts.entry(e.owner).or_default().push(Ext {
+                        file_block: e.file_block,
+                        pool_block: e.pool_block,
+                        nblocks: e.nblocks,
+                        slot: slot as u32,
+                    });
                     let _ = oslot;
                 }
             }
@@ -112,7 +126,11 @@ pub fn analyze(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: bo
                     ));
                 }
                 if count > geo.max_extents_per_object {
-                    a.problems.push(format!("object {}: {count} extents exceed the limit of {}", name_of(&o.rec), geo.max_extents_per_object));
+                    a.problems.push(format!(
+                        "object {}: {count} extents exceed the limit of {}",
+                        name_of(&o.rec),
+                        geo.max_extents_per_object
+                    ));
                 }
                 if thorough {
                     check_tail_zero(media, o, &m, &mut a.problems);
@@ -131,7 +149,13 @@ pub fn analyze(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: bo
     a
 }
 
-fn scan_objects(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: bool, a: &mut Analysis) -> HashMap<u64, u32> {
+fn scan_objects(
+    media: &dyn Media,
+    geo: &Geometry,
+    hdr: &MetaHeader,
+    thorough: bool,
+    a: &mut Analysis,
+) -> HashMap<u64, u32> {
     let mut by_id: HashMap<u64, u32> = HashMap::new();
     let mut names: BTreeMap<(Vec<u8>, Vec<u8>), u32> = BTreeMap::new();
     let end = if thorough { geo.objtab_slots } else { hdr.obj_hwm };
@@ -176,7 +200,7 @@ fn scan_objects(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: b
 /// Allocated bytes past an object's end must read zero (a later grow exposes them).
 fn check_tail_zero(media: &dyn Media, o: &FoundObject, m: &ExtentMap, problems: &mut Vec<String>) {
     let size = o.rec.size;
-    if size % BLOCK == 0 {
+    if size.is_multiple_of(BLOCK) {
         return;
     }
     if let Some(pb) = m.lookup(size / BLOCK) {

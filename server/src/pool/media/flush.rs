@@ -77,6 +77,62 @@ unsafe fn flush_one(_method: Persistence, _p: *const u8) {
     unreachable!("cache-line flushes are only used on x86-64")
 }
 
+/// Below this many bytes a plain copy plus write-back is as fast as streaming stores.
+pub const NT_THRESHOLD: usize = 256;
+
+/// Copy `len` bytes from `src` to `dst` so that, after an [`sfence`], they are durable:
+/// whole cache lines with non-temporal (streaming) stores, partial lines at either end with
+/// ordinary stores plus a write-back with `method`.
+///
+/// # Safety
+/// `dst..dst + len` must lie inside one live mapping owned by the caller and must not overlap
+/// `src..src + len`, which must be readable. `method` as for [`flush_lines`].
+pub unsafe fn copy_flushed(method: Persistence, dst: *mut u8, src: *const u8, len: usize) {
+    let start = dst as usize;
+    let end = start + len;
+    let a = (start + CACHE_LINE as usize - 1) & !(CACHE_LINE as usize - 1);
+    let b = end & !(CACHE_LINE as usize - 1);
+    if !cfg!(target_arch = "x86_64") || len < NT_THRESHOLD || b <= a {
+        // SAFETY: the caller guarantees both ranges are valid and disjoint.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst, len);
+            flush_lines(method, dst, len);
+        }
+        return;
+    }
+    let head = a - start;
+    let tail = end - b;
+    // SAFETY: head, body and tail partition `dst..dst + len` (and `src` alike), which the
+    // caller guarantees are valid and disjoint.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        flush_lines(method, dst, head);
+        stream_lines(dst.add(head), src.add(head), b - a);
+        std::ptr::copy_nonoverlapping(src.add(len - tail), dst.add(len - tail), tail);
+        flush_lines(method, dst.add(len - tail), tail);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_lines(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    let mut i = 0;
+    while i < len {
+        // SAFETY: `dst + i` is 16-byte aligned (dst is cache-line aligned, i a multiple of 16)
+        // and inside the caller's range; `src + i` is readable (unaligned load).
+        unsafe {
+            let v = _mm_loadu_si128(src.add(i).cast::<__m128i>());
+            _mm_stream_si128(dst.add(i).cast::<__m128i>(), v);
+        }
+        i += 16;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn stream_lines(_dst: *mut u8, _src: *const u8, _len: usize) {
+    unreachable!("streaming stores are only used on x86-64")
+}
+
 /// Store fence: every earlier flush is complete (globally visible, hence in the ADR domain).
 #[inline]
 pub fn sfence() {
@@ -102,15 +158,31 @@ mod tests {
     }
 
     #[test]
+    fn copy_flushed_copies_every_byte_at_any_alignment() {
+        let method = detect();
+        if !cfg!(target_arch = "x86_64") {
+            return;
+        }
+        let src: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+        for (dst_off, len) in [(0, 5000), (1, 4000), (13, 300), (63, 64), (5, 10), (64, 256)] {
+            let mut dst = vec![0u8; 5100];
+            // SAFETY: `dst_off + len <= dst.len()`, `len <= src.len()`, distinct buffers.
+            unsafe { copy_flushed(method, dst.as_mut_ptr().add(dst_off), src.as_ptr(), len) };
+            sfence();
+            assert_eq!(&dst[dst_off..dst_off + len], &src[..len], "offset {dst_off} len {len}");
+            assert!(dst[..dst_off].iter().all(|&b| b == 0));
+            assert!(dst[dst_off + len..].iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
     fn every_method_flushes_unaligned_ranges_without_faulting() {
         let buf = vec![7u8; 4096 + 3];
         for m in [Persistence::Clwb, Persistence::Clflushopt, Persistence::Clflush] {
-            let supported = match (detect(), m) {
-                (_, Persistence::Clflush) => true,
-                (Persistence::Clwb, _) => true,
-                (Persistence::Clflushopt, Persistence::Clflushopt) => true,
-                _ => false,
-            };
+            let supported = matches!(
+                (detect(), m),
+                (_, Persistence::Clflush) | (Persistence::Clwb, _) | (Persistence::Clflushopt, Persistence::Clflushopt)
+            );
             if !supported || !cfg!(target_arch = "x86_64") {
                 continue;
             }

@@ -20,7 +20,7 @@ use std::ptr::NonNull;
 use rustix::mm::{MapFlags, MsyncFlags, ProtFlags};
 
 use super::flush::{self, CACHE_LINE};
-use super::{Media, PoolMode, Persistence, check_range};
+use super::{Media, Persistence, PoolMode, check_range};
 
 /// `STATX_ATTR_DAX` from `linux/stat.h`.
 const STATX_ATTR_DAX: u64 = 0x0020_0000;
@@ -149,9 +149,7 @@ impl MappedMedia {
         }
         let statx_dax = statx_says_dax(path);
         match map_aligned(&file, size, MAP_ALIGN, shared_flags(private, true)) {
-            Ok(base) => {
-                Ok(Self::new(base, size, PoolMode::FsDax, cache_or_none(private), fresh_zero, file))
-            }
+            Ok(base) => Ok(Self::new(base, size, PoolMode::FsDax, cache_or_none(private), fresh_zero, file)),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && !statx_dax => {
                 let base = map_aligned(&file, size, MAP_ALIGN, shared_flags(private, false))
                     .map_err(io_err("map the pool file"))?;
@@ -253,10 +251,7 @@ fn device_dax_geometry(path: &Path, rdev: u64) -> Result<(usize, usize), MapErro
     let (maj, min) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
     let dir = PathBuf::from(format!("/sys/dev/char/{maj}:{min}"));
     let subsystem = std::fs::read_link(dir.join("subsystem")).ok();
-    let is_dax = subsystem
-        .as_ref()
-        .and_then(|p| p.file_name())
-        .is_some_and(|n| n == "dax");
+    let is_dax = subsystem.as_ref().and_then(|p| p.file_name()).is_some_and(|n| n == "dax");
     let size = read_sysfs_u64(&dir.join("size"));
     match (is_dax, size) {
         (true, Some(size)) if size > 0 => {
@@ -308,14 +303,7 @@ fn map_aligned(file: &File, len: usize, align: usize, flags: MapFlags) -> io::Re
     // SAFETY: `[aligned, aligned + len)` lies inside the reservation we own, so MAP_FIXED only
     // replaces our own PROT_NONE pages.
     let mapped = unsafe {
-        rustix::mm::mmap(
-            aligned as *mut _,
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            flags | MapFlags::FIXED,
-            file,
-            0,
-        )
+        rustix::mm::mmap(aligned as *mut _, len, ProtFlags::READ | ProtFlags::WRITE, flags | MapFlags::FIXED, file, 0)
     };
     match mapped {
         Ok(p) => {
@@ -381,6 +369,21 @@ impl Media for MappedMedia {
         // SAFETY: `p` is inside the mapping, 8-byte aligned (mapping base is page aligned);
         // a volatile aligned u64 store is a single `mov`.
         unsafe { std::ptr::write_volatile(p, value.to_le()) };
+    }
+
+    fn write_flushed(&self, off: u64, src: &[u8]) {
+        match self.persistence {
+            Persistence::Clwb | Persistence::Clflushopt | Persistence::Clflush => {
+                let p = self.ptr(off, src.len() as u64);
+                // SAFETY: `p..p + src.len()` is inside the mapping (checked by `ptr`), `src` is
+                // a distinct Rust buffer, and the method came from `detect()`.
+                unsafe { flush::copy_flushed(self.persistence, p, src.as_ptr(), src.len()) }
+            }
+            _ => {
+                self.write(off, src);
+                self.flush(off, src.len() as u64);
+            }
+        }
     }
 
     fn flush(&self, off: u64, len: u64) {

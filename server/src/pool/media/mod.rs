@@ -89,6 +89,13 @@ pub trait Media: Send + Sync + 'static {
     /// Store one aligned 8-byte word with a single store, so that a power failure leaves
     /// either the old or the new value (x86 guarantees 8-byte failure atomicity).
     fn write_u64_atomic(&self, off: u64, value: u64);
+    /// Store `src` at `off` and start its write-back: durable after the next [`Media::drain`].
+    /// Mappings with cache-line persistence use non-temporal stores for the whole lines (the
+    /// data never lingers in the cache, so no second pass of write-backs is needed).
+    fn write_flushed(&self, off: u64, src: &[u8]) {
+        self.write(off, src);
+        self.flush(off, src.len() as u64);
+    }
     /// Start writing back the cache lines covering `[off, off + len)`.
     fn flush(&self, off: u64, len: u64);
     /// Wait until every flush issued so far has reached the persistence domain.

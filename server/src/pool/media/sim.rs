@@ -17,7 +17,7 @@
 use std::sync::Mutex;
 
 use super::flush::CACHE_LINE;
-use super::{Media, PoolMode, Persistence, check_range};
+use super::{Media, Persistence, PoolMode, check_range};
 use crate::pool::rng::SplitMix64;
 
 const LINE: usize = CACHE_LINE as usize;
