@@ -1,8 +1,20 @@
-//! rdax wire types.
+//! rdax wire types: the `rdax.v1` gRPC protocol ([`pb`]) and the validated domain types
+//! built from it on receipt ([`model`]).
 //!
-//! This crate will hold the `rdax.v1` protobuf definitions and the validated domain types
-//! built from them (`TryFrom` on receipt). The pool engine (issue 2) does not need it yet;
-//! the control-plane issue fills it in.
+//! Validation happens once, where a message is received: `TryFrom<pb::X>` for the domain
+//! type returns a [`model::ProtocolError`], which maps to `InvalidArgument` in exactly one
+//! place (`From<ProtocolError> for tonic::Status`).
 
-/// The protocol package this crate describes.
+pub mod model;
+
+/// Generated protobuf messages, clients and servers.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("rdax.v1");
+}
+
+/// The protocol package.
 pub const PACKAGE: &str = "rdax.v1";
+
+/// Encoded `FileDescriptorSet` of the protocol, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rdax_descriptor.bin"));

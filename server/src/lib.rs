@@ -1,8 +1,16 @@
 //! rdaxd — the rdax daemon library.
 //!
-//! All daemon logic lives here; `main` stays thin. Today the library holds the pool engine
-//! ([`pool`]): mapping a pmem region, the on-media format, the redo journal, the extent
-//! allocator and the object operations. The control plane, leases and data planes build on it.
+//! All daemon logic lives here; `main` stays thin. Modules: [`pool`] (the pmem pool engine:
+//! mapping, on-media format, journal, allocator, objects), [`config`], [`session`],
+//! [`grpc`] (the control plane and its one error-to-status mapping), [`lifecycle`] (startup,
+//! ordered shutdown, signals) and [`logging`].
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod config;
+pub mod grpc;
+pub mod lifecycle;
+pub mod logging;
 pub mod pool;
+pub mod session;
+
+pub use lifecycle::run;

@@ -276,3 +276,17 @@ fn damaged_metadata_is_refused_at_open() {
     assert!(matches!(e, OpenError::Damaged { .. }), "{e}");
     assert!(e.to_string().contains("rdaxctl fsck"), "{e}");
 }
+
+#[test]
+fn clean_close_is_remembered_and_a_drop_is_not() {
+    let (_d, path, pool) = new_pool(16 << 20);
+    assert!(pool.info().previous_shutdown_clean, "a new pool starts clean");
+    pool.create_object("ns", "o", 10).unwrap();
+    drop(pool); // like a crash: never closed
+    let pool = Pool::open(&path, OpenOptions::default()).unwrap();
+    assert!(!pool.info().previous_shutdown_clean);
+    pool.close();
+    let pool = Pool::open(&path, OpenOptions::default()).unwrap();
+    assert!(pool.info().previous_shutdown_clean);
+    assert_eq!(pool.stat("ns", "o").unwrap().size, 10);
+}

@@ -279,6 +279,8 @@ pub struct MetaHeader {
     pub ext_hwm: u64,
     /// Data blocks at or above this absolute block have never been allocated since format.
     pub data_hwm: u64,
+    /// The pool was closed cleanly and has not been opened for writing since.
+    pub clean: bool,
 }
 
 impl MetaHeader {
@@ -293,6 +295,7 @@ impl MetaHeader {
         put_u64(&mut b, 16, self.obj_hwm);
         put_u64(&mut b, 24, self.ext_hwm);
         put_u64(&mut b, 32, self.data_hwm);
+        put_u64(&mut b, 40, self.clean as u64);
         let crc = crc32c::crc32c(&b[8..]);
         put_u32(&mut b, 4, crc);
         b
@@ -308,6 +311,7 @@ impl MetaHeader {
             obj_hwm: get_u64(b, 16),
             ext_hwm: get_u64(b, 24),
             data_hwm: get_u64(b, 32),
+            clean: get_u64(b, 40) == 1,
         })
     }
 }
@@ -490,7 +494,7 @@ mod tests {
         let mut torn = eb;
         torn[17] ^= 0x40;
         assert!(matches!(ExtSlot::decode(&torn, 10), SlotState::Damaged(_)));
-        let h = MetaHeader { next_object_id: 2, obj_hwm: 1, ext_hwm: 3, data_hwm: 900 };
+        let h = MetaHeader { next_object_id: 2, obj_hwm: 1, ext_hwm: 3, data_hwm: 900, clean: true };
         assert_eq!(MetaHeader::decode(&h.encode()), Some(h));
     }
 }

@@ -61,6 +61,8 @@ pub struct PoolInfo {
     pub geometry: Geometry,
     /// Whether opening replayed a committed transaction that a crash left unapplied.
     pub replayed_transaction: bool,
+    /// Whether the previous user closed the pool cleanly ([`Pool::close`]).
+    pub previous_shutdown_clean: bool,
 }
 
 /// Usage figures.
@@ -175,6 +177,7 @@ pub struct Pool {
     held: Arc<AtomicU64>,
     hook: RwLock<ReleaseHook>,
     recovered: Recovered,
+    previous_clean: bool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -235,7 +238,7 @@ impl Pool {
             media.fill(geo.meta_off, meta_end - geo.meta_off, 0);
             media.persist(geo.meta_off, meta_end - geo.meta_off);
         }
-        let hdr = MetaHeader { next_object_id: 1, obj_hwm: 0, ext_hwm: 0, data_hwm: geo.data_start };
+        let hdr = MetaHeader { next_object_id: 1, obj_hwm: 0, ext_hwm: 0, data_hwm: geo.data_start, clean: true };
         media.write(geo.meta_off, &hdr.encode());
         media.persist(geo.meta_off, MetaHeader::LEN as u64);
         Journal::format(media.as_ref(), &geo);
@@ -276,7 +279,8 @@ impl Pool {
             objects[o.slot as usize] =
                 Some(Obj { id: o.rec.id, size: o.rec.size, created_ns: o.rec.created_ns, map: o.map });
         }
-        let meta = Meta {
+        let previous_clean = hdr.clean;
+        let mut meta = Meta {
             hdr,
             journal,
             objects,
@@ -285,6 +289,13 @@ impl Pool {
             free_ext: a.free_ext_slots.into_iter().rev().collect(),
             live_ext: a.live_extents,
         };
+        if meta.hdr.clean {
+            // From now until `close`, a crash is an unclean shutdown.
+            meta.hdr.clean = false;
+            let mut txn = journal::Txn::new();
+            txn.write(geo.meta_off, &meta.hdr.encode());
+            meta.journal.commit(media.as_ref(), &txn).expect("one-record transaction fits");
+        }
         let pool = Self {
             media,
             sb,
@@ -294,11 +305,13 @@ impl Pool {
             held: Arc::new(AtomicU64::new(0)),
             hook: RwLock::new(Arc::new(drop)),
             recovered,
+            previous_clean,
         };
         let info = pool.info();
         info!(
             path = %p.display(), mode = %info.mode, persistence = %info.persistence,
-            objects = pool.read_meta().names.len(), replayed = recovered.replayed, "opened pool"
+            objects = pool.read_meta().names.len(), replayed = recovered.replayed,
+            previous_shutdown_clean = previous_clean, "opened pool"
         );
         Ok(pool)
     }
@@ -313,7 +326,25 @@ impl Pool {
             format_version: self.sb.version,
             geometry: self.sb.geo,
             replayed_transaction: self.recovered.replayed,
+            previous_shutdown_clean: self.previous_clean,
         }
+    }
+
+    /// Make everything written so far durable and mark the pool cleanly closed. Metadata is
+    /// always durable already; this also persists object data written without the persist
+    /// flag (on an `msync` pool, the whole mapping is synced; on DAX a store fence suffices
+    /// because nothing is lost while the machine keeps power).
+    pub fn close(self) {
+        let mut meta = self.write_meta();
+        if self.media.persistence() == Persistence::Msync {
+            self.media.flush(0, self.media.len());
+        }
+        self.media.drain();
+        meta.hdr.clean = true;
+        let mut txn = journal::Txn::new();
+        txn.write(self.sb.geo.meta_off, &meta.hdr.encode());
+        meta.journal.commit(self.media.as_ref(), &txn).expect("one-record transaction fits");
+        info!(path = ?self.path, "closed pool cleanly");
     }
 
     /// Usage and fragmentation.

@@ -1,0 +1,467 @@
+//! Configuration: flags, then `RDAX_*` environment, then the TOML file, then defaults.
+//!
+//! Two types: [`Args`] + [`ConfigFile`] (what the user wrote, every field optional) and
+//! [`Config`] (what the daemon runs with, validated, no `Option` where a default exists).
+//! Unknown file keys are warnings at startup and errors for `rdaxd check-config`.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default gRPC address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Default size of the embedded pool file (sparse).
+pub const DEFAULT_POOL_SIZE: u64 = 1 << 30;
+/// System-wide config file, read when present and no `--config` is given.
+pub const SYSTEM_CONFIG: &str = "/etc/rdax/rdaxd.toml";
+
+const KEYS_HELP: &str = "\
+Every flag has an RDAX_* environment variable and a config-file key (shown in [brackets]).
+Precedence: flags > environment > config file > defaults. Durations are milliseconds.
+Config file: --config, else /etc/rdax/rdaxd.toml if it exists. Example: deploy/rdaxd.toml.
+
+Config keys without a flag:
+  [pool] create = true          create the pool file on first start if it does not exist
+  [auth] token = \"...\"          inline bearer token (prefer token_file; RDAX_TOKEN also works)
+
+With no configuration at all, rdaxd creates (first start) or opens
+  $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
+    /default.pool (1 GiB, sparse) and listens on 127.0.0.1:7400 without a token.";
+
+/// rdaxd — serve persistent memory to remote clients by direct memory access.
+#[derive(clap::Parser, Debug, Default, Clone)]
+#[command(name = "rdaxd", version, about, after_long_help = KEYS_HELP)]
+pub struct Args {
+    /// TOML config file.
+    #[arg(long, env = "RDAX_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Pool: a file, or /dev/daxX.Y [pool.path] (default: <state dir>/default.pool).
+    #[arg(long, env = "RDAX_POOL")]
+    pub pool: Option<PathBuf>,
+    /// Size of a pool file created on first start, e.g. 64G [pool.size] (default 1G).
+    #[arg(long, env = "RDAX_POOL_SIZE", value_parser = parse_size)]
+    pub pool_size: Option<u64>,
+    /// Directory for the default pool [state_dir].
+    #[arg(long, env = "RDAX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// gRPC listen address [grpc.listen] (default 127.0.0.1:7400; port 0 picks one).
+    #[arg(long, env = "RDAX_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token; must not be world-readable [auth.token_file].
+    #[arg(long, env = "RDAX_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Allow a non-loopback listener without a token [auth.allow_no_token].
+    #[arg(long, env = "RDAX_ALLOW_NO_TOKEN")]
+    pub allow_no_token: bool,
+    /// Session TTL: a session without keepalives for this long expires [session.ttl_ms] (default 10000).
+    #[arg(long, env = "RDAX_SESSION_TTL_MS")]
+    pub session_ttl_ms: Option<u64>,
+    /// Most open sessions [limits.max_sessions] (default 1024).
+    #[arg(long, env = "RDAX_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
+    /// Largest gRPC message, bytes [limits.max_message_bytes] (default 4 MiB).
+    #[arg(long, env = "RDAX_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Most concurrent streams per connection [limits.max_concurrent_streams] (default 256).
+    #[arg(long, env = "RDAX_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Bound on a graceful shutdown [shutdown.timeout_ms] (default 10000).
+    #[arg(long, env = "RDAX_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Log format: text or json [log.format] (default text).
+    #[arg(long, env = "RDAX_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or rdaxd=debug [log.level] (default info).
+    #[arg(long, env = "RDAX_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Write the bound addresses here as JSON once listening [ports_file].
+    #[arg(long, env = "RDAX_PORTS_FILE")]
+    pub ports_file: Option<PathBuf>,
+    /// What to do (default: run the daemon).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Validate the configuration (unknown keys are errors here) and print the result.
+    CheckConfig,
+}
+
+/// Log output format.
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A size in a config file: bytes, or a string like "64G".
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// With a unit.
+    Text(String),
+}
+
+/// The config file, as written.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct ConfigFile {
+    /// Directory for the default pool.
+    pub state_dir: Option<PathBuf>,
+    /// Where to write bound addresses.
+    pub ports_file: Option<PathBuf>,
+    /// `[pool]`.
+    pub pool: PoolSection,
+    /// `[grpc]`.
+    pub grpc: GrpcSection,
+    /// `[auth]`.
+    pub auth: AuthSection,
+    /// `[session]`.
+    pub session: SessionSection,
+    /// `[limits]`.
+    pub limits: LimitsSection,
+    /// `[log]`.
+    pub log: LogSection,
+    /// `[shutdown]`.
+    pub shutdown: ShutdownSection,
+}
+
+/// `[pool]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct PoolSection {
+    /// Pool file or device.
+    pub path: Option<PathBuf>,
+    /// Size of a pool file created on first start.
+    pub size: Option<SizeValue>,
+    /// Create the pool file if missing (default true; never formats a device).
+    pub create: Option<bool>,
+}
+
+/// `[grpc]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct GrpcSection {
+    /// Listen address.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[auth]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct AuthSection {
+    /// Inline token.
+    pub token: Option<String>,
+    /// Token file.
+    pub token_file: Option<PathBuf>,
+    /// Permit a non-loopback listener without a token.
+    pub allow_no_token: Option<bool>,
+}
+
+/// `[session]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct SessionSection {
+    /// TTL in milliseconds.
+    pub ttl_ms: Option<u64>,
+}
+
+/// `[limits]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct LimitsSection {
+    /// Most sessions.
+    pub max_sessions: Option<usize>,
+    /// Largest message.
+    pub max_message_bytes: Option<usize>,
+    /// Most streams per connection.
+    pub max_concurrent_streams: Option<u32>,
+}
+
+/// `[log]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct LogSection {
+    /// Format.
+    pub format: Option<LogFormat>,
+    /// Filter.
+    pub level: Option<String>,
+}
+
+/// `[shutdown]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct ShutdownSection {
+    /// Bound in milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Pool path.
+    pub pool_path: PathBuf,
+    /// Size for a pool file created on first start.
+    pub pool_size: u64,
+    /// Create the pool file when missing.
+    pub create_pool: bool,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Bearer token, if any.
+    pub token: Option<String>,
+    /// Session TTL.
+    pub session_ttl: Duration,
+    /// Most sessions.
+    pub max_sessions: usize,
+    /// Largest gRPC message.
+    pub max_message_bytes: usize,
+    /// Most streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Default bytes per streamed read chunk.
+    pub read_chunk_bytes: usize,
+    /// Bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// Where to report bound addresses.
+    pub ports_file: Option<PathBuf>,
+    /// Config-file keys that were not recognised.
+    pub unknown_keys: Vec<String>,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading the file failed.
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Parse a size: `4096`, `64K`, `512MiB`, `1G`, `2TiB` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 4096, 64M, 1G)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit `{other}` (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` does not fit in 64 bits"))
+}
+
+/// Read and parse a config file, collecting unknown keys.
+pub fn read_file(path: &Path) -> Result<(ConfigFile, Vec<String>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let mut unknown = Vec::new();
+    let de = toml::Deserializer::parse(&text)
+        .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+    let file: ConfigFile = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()))
+        .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+    Ok((file, unknown))
+}
+
+/// The directory for the embedded default pool.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd's StateDirectory= may list several, colon-separated; the first is ours.
+        let first = d.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first);
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(x).join("rdax");
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/rdax");
+    }
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".rdax"), |h| PathBuf::from(h).join(".local/state/rdax"))
+}
+
+impl Config {
+    /// Merge flags (with environment) over the file over defaults, and validate.
+    pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        let (file, unknown_keys) = match &args.config {
+            Some(p) => read_file(p)?,
+            None if Path::new(SYSTEM_CONFIG).exists() => read_file(Path::new(SYSTEM_CONFIG))?,
+            None => (ConfigFile::default(), Vec::new()),
+        };
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let state_dir = args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(default_state_dir);
+        let pool_path = args.pool.clone().or(file.pool.path.clone()).unwrap_or_else(|| state_dir.join("default.pool"));
+        let pool_size = match (args.pool_size, &file.pool.size) {
+            (Some(s), _) => s,
+            (None, Some(SizeValue::Bytes(b))) => *b,
+            (None, Some(SizeValue::Text(t))) => parse_size(t).map_err(|e| invalid(format!("pool.size: {e}")))?,
+            (None, None) => DEFAULT_POOL_SIZE,
+        };
+        let listen = args.listen.or(file.grpc.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let token = resolve_token(args, &file)?;
+        let allow_no_token = args.allow_no_token || file.auth.allow_no_token.unwrap_or(false);
+        if token.is_none() && !listen.ip().is_loopback() && !allow_no_token {
+            return Err(invalid(format!(
+                "refusing to listen on {listen} without a token: set auth.token_file (or --token-file), \
+                 or pass --allow-no-token if the network is trusted"
+            )));
+        }
+        let ttl_ms = args.session_ttl_ms.or(file.session.ttl_ms).unwrap_or(10_000);
+        if !(100..=3_600_000).contains(&ttl_ms) {
+            return Err(invalid(format!("session.ttl_ms must be between 100 and 3600000, not {ttl_ms}")));
+        }
+        let max_message_bytes = args.max_message_bytes.or(file.limits.max_message_bytes).unwrap_or(4 << 20);
+        if !(64 << 10..=256 << 20).contains(&max_message_bytes) {
+            return Err(invalid("limits.max_message_bytes must be between 64 KiB and 256 MiB".into()));
+        }
+        let max_sessions = args.max_sessions.or(file.limits.max_sessions).unwrap_or(1024);
+        let max_concurrent_streams = args.max_concurrent_streams.or(file.limits.max_concurrent_streams).unwrap_or(256);
+        if max_sessions == 0 || max_concurrent_streams == 0 {
+            return Err(invalid("limits must be at least 1".into()));
+        }
+        let shutdown_ms = args.shutdown_timeout_ms.or(file.shutdown.timeout_ms).unwrap_or(10_000);
+        Ok(Self {
+            pool_path,
+            pool_size,
+            create_pool: file.pool.create.unwrap_or(true),
+            listen,
+            token,
+            session_ttl: Duration::from_millis(ttl_ms),
+            max_sessions,
+            max_message_bytes,
+            max_concurrent_streams,
+            // Leave room for the message envelope inside the message limit.
+            read_chunk_bytes: (max_message_bytes - 4096).min(1 << 20),
+            shutdown_timeout: Duration::from_millis(shutdown_ms),
+            log_format: args.log_format.or(file.log.format).unwrap_or_default(),
+            log_level: args.log_level.clone().or(file.log.level.clone()).unwrap_or_else(|| "info".into()),
+            ports_file: args.ports_file.clone().or(file.ports_file.clone()),
+            unknown_keys,
+        })
+    }
+
+    /// Keepalive interval clients are told to use: a third of the TTL.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.session_ttl / 3
+    }
+}
+
+fn resolve_token(args: &Args, file: &ConfigFile) -> Result<Option<String>, ConfigError> {
+    let inline = std::env::var("RDAX_TOKEN").ok().filter(|t| !t.is_empty()).or(file.auth.token.clone());
+    let token_file = args.token_file.clone().or(file.auth.token_file.clone());
+    match (inline, token_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(
+            "set either auth.token (or RDAX_TOKEN) or auth.token_file (or --token-file), not both".into(),
+        )),
+        (Some(t), None) => Ok(Some(check_token(t)?)),
+        (None, Some(p)) => Ok(Some(read_token_file(&p)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Read a token file, refusing one that other users can read.
+pub fn read_token_file(p: &Path) -> Result<String, ConfigError> {
+    let meta = std::fs::metadata(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "token file {} is world-readable; run `chmod o-rwx {}`",
+            p.display(),
+            p.display()
+        )));
+    }
+    let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+    check_token(t.trim().to_string())
+}
+
+fn check_token(t: String) -> Result<String, ConfigError> {
+    if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Invalid("token must be at least 16 printable ASCII characters without spaces".into()));
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_unknown_keys_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("rdaxd.toml");
+        std::fs::write(
+            &cfg,
+            "state_dir = \"/s\"\n[pool]\nsize = \"2G\"\nbogus = 1\n[grpc]\nlisten = \"127.0.0.1:9\"\n[session]\nttl_ms = 5000\n[typo]\nx = 1\n",
+        )
+        .unwrap();
+        let args = Args::parse_from(["rdaxd", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.listen.port(), 0, "flag wins");
+        assert_eq!(c.pool_size, 2 << 30);
+        assert_eq!(c.pool_path, PathBuf::from("/s/default.pool"));
+        assert_eq!(c.session_ttl, Duration::from_secs(5));
+        assert_eq!(c.unknown_keys, vec!["pool.bogus".to_string(), "typo".to_string()]);
+    }
+
+    #[test]
+    fn unsafe_settings_are_refused() {
+        let args = Args::parse_from(["rdaxd", "--listen", "0.0.0.0:7400", "--state-dir", "/tmp/x"]);
+        let e = Config::resolve(&args).unwrap_err().to_string();
+        assert!(e.contains("without a token"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let args = Args::parse_from(["rdaxd", "--token-file", tf.to_str().unwrap(), "--state-dir", "/tmp/x"]);
+        assert!(Config::resolve(&args).unwrap_err().to_string().contains("world-readable"));
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.token.as_deref(), Some("0123456789abcdef0123"));
+        let args = Args::parse_from(["rdaxd", "--session-ttl-ms", "5", "--state-dir", "/tmp/x"]);
+        assert!(Config::resolve(&args).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! Bearer-token authentication, checked by an interceptor on every rdax service.
+
+use std::sync::Arc;
+
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+/// Checks `authorization: Bearer <token>` when a token is configured.
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    token: Option<Arc<str>>,
+}
+
+impl Auth {
+    /// `None` lets every request through (loopback development setups).
+    pub fn new(token: Option<&str>) -> Self {
+        Self { token: token.map(Arc::from) }
+    }
+}
+
+/// Compare without an early exit, so the time taken does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Interceptor for Auth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else { return Ok(req) };
+        let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match got.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
+            None => {
+                Err(Status::unauthenticated("missing bearer token: send the metadata `authorization: Bearer <token>`"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(auth: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(a) = auth {
+            r.metadata_mut().insert("authorization", a.parse().unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        let mut a = Auth::new(Some("0123456789abcdef"));
+        assert!(a.call(req(Some("Bearer 0123456789abcdef"))).is_ok());
+        for bad in [None, Some("Bearer 0123456789abcdeF"), Some("Bearer "), Some("0123456789abcdef"), Some("Basic x")] {
+            assert_eq!(a.call(req(bad)).unwrap_err().code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        assert!(Auth::new(None).call(req(None)).is_ok());
+    }
+}

@@ -1,0 +1,189 @@
+//! The `Pool`, `Sessions` and `Admin` services.
+
+use std::pin::Pin;
+use std::time::UNIX_EPOCH;
+
+use rdax_proto::model::{OpenSession, SessionId};
+use rdax_proto::pb::session_event::Kind as Event;
+use rdax_proto::pb::session_request::Kind as Req;
+use rdax_proto::pb::{self, admin_server::Admin, pool_server::Pool as PoolRpc, sessions_server::Sessions};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span};
+
+use super::Shared;
+use crate::session::EndReason;
+
+/// The `Pool` service.
+#[derive(Clone)]
+pub struct PoolService(pub Shared);
+
+#[tonic::async_trait]
+impl PoolRpc for PoolService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::PoolInfo>, Status> {
+        let i = self.0.pool.info();
+        let g = i.geometry;
+        Ok(Response::new(pb::PoolInfo {
+            path: i.path.map(|p| p.display().to_string()).unwrap_or_default(),
+            mode: i.mode.to_string(),
+            persistence: i.persistence.to_string(),
+            uuid: i.uuid,
+            format_version: i.format_version,
+            pool_size: g.pool_size,
+            block_size: crate::pool::layout::BLOCK,
+            data_blocks: g.data_blocks,
+            max_objects: g.objtab_slots,
+            max_extents: g.exttab_slots,
+            replayed_transaction: i.replayed_transaction,
+            previous_shutdown_clean: i.previous_shutdown_clean,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::PoolStats>, Status> {
+        let s = self.0.blocking(|p| p.stats()).await?;
+        Ok(Response::new(pb::PoolStats {
+            objects: s.objects,
+            extents: s.extents,
+            data_blocks: s.data_blocks,
+            used_blocks: s.used_blocks,
+            held_blocks: s.held_blocks,
+            free_blocks: s.free.free_blocks,
+            free_extents: s.free.free_extents,
+            largest_free_blocks: s.free.largest_free_blocks,
+            free_huge_runs: s.free.free_huge_runs,
+            fragmentation: s.fragmentation,
+            sessions: self.0.sessions.len() as u64,
+        }))
+    }
+}
+
+/// The `Sessions` service.
+#[derive(Clone)]
+pub struct SessionsService(pub Shared);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send>>;
+
+fn event(kind: Event) -> Result<pb::SessionEvent, Status> {
+    Ok(pb::SessionEvent { kind: Some(kind) })
+}
+
+#[tonic::async_trait]
+impl Sessions for SessionsService {
+    type OpenStream = EventStream;
+
+    async fn open(&self, req: Request<Streaming<pb::SessionRequest>>) -> Result<Response<Self::OpenStream>, Status> {
+        if self.0.draining.is_cancelled() {
+            return Err(super::status::shutting_down());
+        }
+        let peer = req.remote_addr();
+        let mut inbound = req.into_inner();
+        let ttl = self.0.sessions.ttl();
+        let first = tokio::time::timeout(ttl, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no OpenSession within the session TTL"))??
+            .ok_or_else(|| Status::invalid_argument("session stream closed before OpenSession"))?;
+        let Some(Req::Open(open)) = first.kind else {
+            return Err(Status::invalid_argument("the first message of a session stream must be OpenSession"));
+        };
+        let open = OpenSession::try_from(open)?;
+        let (tx, rx) = mpsc::channel(64);
+        let stop = self.0.draining.child_token();
+        let sessions = &self.0.sessions;
+        let (id, generation) = match open.resume {
+            Some(id) => (id, sessions.resume(id, peer, tx.clone(), stop.clone())?),
+            None => sessions.open(open.client_name, peer, tx.clone(), stop.clone())?,
+        };
+        let opened = pb::SessionOpened {
+            session_id: id.to_string(),
+            ttl_ms: ttl.as_millis() as u64,
+            keepalive_interval_ms: self.0.cfg.keepalive_interval().as_millis() as u64,
+        };
+        let _ = tx.send(event(Event::Opened(opened))).await;
+        let shared = self.0.clone();
+        tokio::spawn(
+            serve_stream(shared, id, generation, inbound, tx, stop).instrument(info_span!("session", session = %id)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Read keepalives until the stream ends, the client closes, or the session is ended.
+async fn serve_stream(
+    shared: Shared,
+    id: SessionId,
+    generation: u64,
+    mut inbound: Streaming<pb::SessionRequest>,
+    tx: mpsc::Sender<Result<pb::SessionEvent, Status>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(pb::SessionRequest { kind: Some(Req::Keepalive(k)) })) => {
+                if shared.sessions.touch(id).is_err() {
+                    return;
+                }
+                let _ = tx.send(event(Event::KeepaliveAck(pb::KeepaliveAck { sequence: k.sequence }))).await;
+            }
+            Ok(Some(pb::SessionRequest { kind: Some(Req::Close(_)) })) => {
+                let _ = shared.sessions.end(id, EndReason::Closed);
+                return;
+            }
+            Ok(Some(_)) => {
+                let _ = tx.send(Err(Status::invalid_argument("expected Keepalive or CloseSession"))).await;
+                shared.sessions.detach(id, generation);
+                return;
+            }
+            Ok(None) | Err(_) => {
+                shared.sessions.detach(id, generation);
+                return;
+            }
+        }
+    }
+}
+
+/// The `Admin` service.
+#[derive(Clone)]
+pub struct AdminService(pub Shared);
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let sessions = self
+            .0
+            .sessions
+            .list()
+            .into_iter()
+            .map(|s| pb::SessionInfo {
+                session_id: s.id.to_string(),
+                client_name: s.client_name,
+                peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
+                opened_unix_ms: s.opened.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                idle_ms: s.idle.as_millis() as u64,
+                connected: s.connected,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+    }
+
+    async fn evict_session(
+        &self,
+        req: Request<pb::EvictSessionRequest>,
+    ) -> Result<Response<pb::EvictSessionResponse>, Status> {
+        let r = req.into_inner();
+        let id: SessionId = r.session_id.parse().map_err(Status::from)?;
+        info!(session = %id, reason = %r.reason, "evicting session");
+        self.0.sessions.end(id, EndReason::Evicted)?;
+        Ok(Response::new(pb::EvictSessionResponse {}))
+    }
+}

@@ -1,0 +1,85 @@
+//! The gRPC control plane: services, authentication and the one error-to-status mapping.
+
+mod auth;
+mod control;
+mod objects;
+pub mod status;
+
+use std::sync::Arc;
+
+use rdax_proto::pb::{
+    admin_server::AdminServer, objects_server::ObjectsServer, pool_server::PoolServer, sessions_server::SessionsServer,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::service::Routes;
+
+pub use auth::Auth;
+
+use crate::config::Config;
+use crate::pool::Pool;
+use crate::session::SessionManager;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Sessions.
+    pub sessions: Arc<SessionManager>,
+    /// Configuration.
+    pub cfg: Arc<Config>,
+    /// Cancelled when the daemon starts shutting down.
+    pub draining: CancellationToken,
+}
+
+impl Shared {
+    /// Run pool work on a blocking thread. It completes even if the caller is dropped.
+    pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> T + Send + 'static) -> Result<T, Status> {
+        if self.draining.is_cancelled() {
+            return Err(status::shutting_down());
+        }
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || f(&pool))
+            .await
+            .map_err(|e| Status::internal(format!("pool task failed: {e}")))
+    }
+}
+
+/// The rdax services, each behind the token check, plus health and reflection (open, so
+/// that probes and `grpcurl list` work without credentials; they reveal no data).
+pub fn routes(shared: Shared) -> anyhow::Result<Routes> {
+    let auth = Auth::new(shared.cfg.token.as_deref());
+    let max = shared.cfg.max_message_bytes;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rdax_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rdax_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let mut routes = Routes::default();
+    routes = routes
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            PoolServer::new(control::PoolService(shared.clone())),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ObjectsServer::new(objects::ObjectsService(shared.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            SessionsServer::new(control::SessionsService(shared.clone())),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(control::AdminService(shared)),
+            auth,
+        ));
+    Ok(routes)
+}

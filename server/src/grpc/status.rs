@@ -1,0 +1,58 @@
+//! The only place where server errors become gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::pool::ObjError;
+use crate::session::SessionError;
+
+impl From<ObjError> for Status {
+    fn from(e: ObjError) -> Self {
+        let code = match &e {
+            ObjError::InvalidName { .. } | ObjError::InvalidArgument(_) => Code::InvalidArgument,
+            ObjError::NotFound { .. } => Code::NotFound,
+            ObjError::AlreadyExists { .. } => Code::AlreadyExists,
+            ObjError::OutOfRange { .. } => Code::OutOfRange,
+            ObjError::NoSpace { .. } | ObjError::TooManyObjects { .. } | ObjError::TooFragmented { .. } => {
+                Code::ResourceExhausted
+            }
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<SessionError> for Status {
+    fn from(e: SessionError) -> Self {
+        let code = match e {
+            SessionError::TooMany { .. } => Code::ResourceExhausted,
+            SessionError::NotFound => Code::NotFound,
+            SessionError::ShuttingDown => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// The daemon is draining: new work is refused with a retryable code.
+pub fn shutting_down() -> Status {
+    Status::unavailable("rdaxd is shutting down; retry against a running daemon")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_object_error_has_a_deliberate_code() {
+        let cases = [
+            (ObjError::InvalidArgument("x"), Code::InvalidArgument),
+            (ObjError::NotFound { ns: "n".into(), name: "o".into() }, Code::NotFound),
+            (ObjError::AlreadyExists { ns: "n".into(), name: "o".into() }, Code::AlreadyExists),
+            (ObjError::OutOfRange { offset: 1, len: 2, size: 0, hint: "" }, Code::OutOfRange),
+            (ObjError::NoSpace { needed: 1, free: 0 }, Code::ResourceExhausted),
+            (ObjError::TooManyObjects { max: 1 }, Code::ResourceExhausted),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+        assert_eq!(Status::from(SessionError::ShuttingDown).code(), Code::Unavailable);
+    }
+}

@@ -1,0 +1,175 @@
+//! Startup and shutdown of the daemon.
+//!
+//! Startup, in named steps: open (or create) the pool — recovery happens here —, start the
+//! session reaper, build the services, report the bound address, mark health SERVING.
+//! Shutdown, when `shutdown` resolves: health NOT_SERVING, refuse new work (`Unavailable`),
+//! end every session (clients are told on their streams), stop accepting and let in-flight
+//! requests finish within `shutdown.timeout_ms`, then persist and close the pool cleanly.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::grpc::{self, Shared};
+use crate::pool::{CreateOptions, OpenOptions, Pool};
+use crate::session::SessionManager;
+
+/// Open the configured pool, creating the pool file on first start when allowed.
+pub fn open_pool(cfg: &Config) -> anyhow::Result<Pool> {
+    let path = &cfg.pool_path;
+    if path.exists() {
+        return Pool::open(path, OpenOptions::default()).with_context(|| format!("open pool {}", path.display()));
+    }
+    if !cfg.create_pool {
+        anyhow::bail!(
+            "pool {} does not exist and pool.create is false; create it with `rdaxctl mkpool`",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create state directory {}", dir.display()))?;
+    }
+    info!(path = %path.display(), size = cfg.pool_size, "creating pool (first start)");
+    Pool::create(path, cfg.pool_size, CreateOptions::default())
+        .with_context(|| format!("create pool {}", path.display()))
+}
+
+/// Write the bound addresses as JSON, atomically (temp file, then rename).
+fn write_ports_file(path: &Path, grpc: std::net::SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let body = format!("{{\"grpc\":\"{grpc}\",\"pid\":{}}}\n", std::process::id());
+    std::fs::write(&tmp, body).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename {} into place", tmp.display()))?;
+    Ok(())
+}
+
+/// Run the daemon until `shutdown` resolves, then shut down in order. Returns once the pool is
+/// closed.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let local = listener.local_addr().context("read the bound address")?;
+    let c2 = cfg.clone();
+    let pool = Arc::new(tokio::task::spawn_blocking(move || open_pool(&c2)).await??);
+    let info = pool.info();
+    info!(
+        mode = %info.mode, persistence = %info.persistence, uuid = %info.uuid,
+        previous_shutdown_clean = info.previous_shutdown_clean, "pool ready"
+    );
+    match (&cfg.token, local.ip().is_loopback()) {
+        (Some(_), _) => info!("bearer-token authentication on"),
+        (None, true) => {
+            info!(listen = %local, "no bearer token: any local user can use this daemon (set auth.token_file)")
+        }
+        (None, false) => warn!(listen = %local, "no bearer token on a non-loopback address (allow_no_token is set)"),
+    }
+    let root = CancellationToken::new();
+    let sessions = Arc::new(SessionManager::new(cfg.session_ttl, cfg.max_sessions));
+    let reaper = tokio::spawn(sessions.clone().reap(root.child_token()));
+    let shared = Shared { pool: pool.clone(), sessions: sessions.clone(), cfg: cfg.clone(), draining: root.clone() };
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    let routes = grpc::routes(shared)?.add_service(health_svc);
+    let stop_serving = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(cfg.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop_serving.clone().cancelled_owned(),
+        );
+    let mut server = tokio::spawn(server);
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    if let Some(p) = &cfg.ports_file {
+        write_ports_file(p, local)?;
+    }
+    println!("rdaxd: listening grpc={local}");
+    info!(grpc = %local, pool = %cfg.pool_path.display(), "rdaxd ready");
+
+    tokio::select! {
+        _ = shutdown => {}
+        r = &mut server => {
+            // The server stopped on its own: that is a failure.
+            root.cancel();
+            r.context("gRPC server task")?.context("gRPC server")?;
+            anyhow::bail!("gRPC server stopped unexpectedly");
+        }
+    }
+    let t0 = Instant::now();
+    info!("shutting down");
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    root.cancel();
+    sessions.shutdown();
+    stop_serving.cancel();
+    match tokio::time::timeout(cfg.shutdown_timeout, &mut server).await {
+        Ok(r) => r.context("gRPC server task")?.context("gRPC server")?,
+        Err(_) => {
+            warn!(timeout = ?cfg.shutdown_timeout, "in-flight requests did not finish in time; cancelling them");
+            server.abort();
+        }
+    }
+    reaper.abort();
+    close_pool(pool, cfg.shutdown_timeout).await;
+    info!(elapsed = ?t0.elapsed(), "shutdown complete");
+    Ok(())
+}
+
+/// Wait (bounded) for blocking pool work to let go of the pool, then close it cleanly.
+async fn close_pool(mut pool: Arc<Pool>, bound: Duration) {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        match Arc::try_unwrap(pool) {
+            Ok(p) => {
+                tokio::task::spawn_blocking(move || p.close()).await.ok();
+                return;
+            }
+            Err(p) if tokio::time::Instant::now() < deadline => {
+                pool = p;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                warn!("pool still in use at the shutdown deadline; leaving it for recovery at next start");
+                return;
+            }
+        }
+    }
+}
+
+/// Resolve on the first SIGINT or SIGTERM. Later ones are logged; SIGQUIT exits at once.
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut quit = signal(SignalKind::quit()).context("install SIGQUIT handler")?;
+    let first = CancellationToken::new();
+    let f2 = first.clone();
+    tokio::spawn(async move {
+        loop {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = quit.recv() => {
+                    tracing::error!("SIGQUIT: exiting at once without a clean shutdown");
+                    std::process::exit(131);
+                }
+            };
+            if f2.is_cancelled() {
+                warn!(signal = which, "already shutting down");
+            } else {
+                info!(signal = which, "shutdown requested");
+                f2.cancel();
+            }
+        }
+    });
+    Ok(first.cancelled_owned())
+}

@@ -1,0 +1,44 @@
+//! rdaxd: parse arguments, set up logging, bind, and hand over to [`rdaxd::run`].
+
+use clap::Parser;
+use rdaxd::config::{Args, Command, Config};
+
+fn main() -> std::process::ExitCode {
+    // A panic is a crash: abort at once so that restart runs recovery.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let args = Args::parse();
+    match start(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rdaxd: failed to {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: Args) -> anyhow::Result<()> {
+    let cfg = Config::resolve(&args).map_err(|e| anyhow::anyhow!("load the configuration: {e}"))?;
+    if let Some(Command::CheckConfig) = args.command {
+        if !cfg.unknown_keys.is_empty() {
+            anyhow::bail!("validate the configuration: unknown keys: {}", cfg.unknown_keys.join(", "));
+        }
+        println!("{cfg:#?}");
+        return Ok(());
+    }
+    rdaxd::logging::init(cfg.log_format, &cfg.log_level)?;
+    for k in &cfg.unknown_keys {
+        tracing::warn!(key = %k, "unknown config key ignored (`rdaxd check-config` rejects it)");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let shutdown = rdaxd::lifecycle::shutdown_signal()?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listen on {}: {e}", cfg.listen))?;
+        rdaxd::run(cfg, listener, shutdown).await
+    })
+}
