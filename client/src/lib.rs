@@ -1,6 +1,32 @@
 //! rdax client SDK.
 //!
-//! The gRPC SDK arrives with the control-plane issue. Today the crate only re-exports the
-//! protocol package name so that the workspace graph (proto ← client ← cli) is in place.
+//! Connect to `rdaxd`, manage objects, stream data in and out, and keep a session alive.
+//!
+//! ```no_run
+//! use rdax_client::{Client, ConnectOptions};
+//!
+//! # async fn demo() -> rdax_client::Result<()> {
+//! let client = Client::connect("http://127.0.0.1:7400", ConnectOptions::default()).await?;
+//! let obj = client.object("demo", "hello")?;
+//! obj.create(11).await?;
+//! obj.write(0, b"hello world".to_vec(), true).await?;
+//! assert_eq!(obj.read(0, 5).await?, b"hello");
+//! let session = client.open_session("demo-app").await?;
+//! println!("session {} (ttl {:?})", session.id(), session.ttl());
+//! session.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Errors carry an [`ErrorKind`]; only [`ErrorKind::Unavailable`] is retried, and only for
+//! requests that are safe to repeat (reads, stats, lists, resize, punch, flush).
 
-pub use rdax_proto::PACKAGE;
+mod client;
+mod error;
+mod object;
+mod session;
+
+pub use client::{Client, ConnectOptions};
+pub use error::{Error, ErrorKind, Result};
+pub use object::{Object, Progress};
+pub use rdax_proto::pb::{ObjectStat, PoolInfo, PoolStats, SessionInfo};
+pub use session::{Session, SessionNotice};

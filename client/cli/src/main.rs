@@ -1,26 +1,56 @@
 //! `rdaxctl` — the rdax command-line tool.
 //!
-//! Exit status: 0 success; 1 the pool has damage (`fsck`); 2 the command could not run
-//! (bad arguments, no pool, I/O error).
+//! Online commands talk to rdaxd over gRPC through the SDK; `mkpool` and `fsck` work on a
+//! pool file or device directly (offline). Every command that prints accepts `--json`.
 
-mod size;
+mod bench;
+mod offline;
+mod online;
+mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rdaxd::pool::check::{CheckReport, check_path};
-use rdaxd::pool::layout::FormatOptions;
-use rdaxd::pool::{CreateOptions, Pool};
+
+pub(crate) use output::Failure;
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0  success                        5  invalid argument or range
+  1  fsck found damage              6  unauthenticated or not permitted
+  2  usage or local error           7  daemon unavailable or unreachable
+  3  not found                      8  pool full or a limit reached
+  4  already exists                 9  other server error";
 
 #[derive(Parser, Debug)]
-#[command(name = "rdaxctl", version, about = "Manage rdax pmem pools and objects")]
-struct Cli {
-    /// Print machine-readable JSON instead of text.
+#[command(name = "rdaxctl", version, about = "Manage rdax pools, objects and sessions", after_help = EXIT_CODES)]
+pub(crate) struct Cli {
+    /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// rdaxd address.
+    #[arg(long, global = true, env = "RDAX_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+    endpoint: String,
+    /// File holding the bearer token (or set RDAX_TOKEN).
+    #[arg(long, global = true, env = "RDAX_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// An object as `namespace/name`.
+#[derive(Debug, Clone)]
+pub(crate) struct ObjPath {
+    ns: String,
+    name: String,
+}
+
+fn parse_obj(s: &str) -> Result<ObjPath, String> {
+    let (ns, name) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected NAMESPACE/NAME"))?;
+    rdaxd::pool::error::validate_ns(ns).map_err(|e| e.to_string())?;
+    rdaxd::pool::error::validate_name(name).map_err(|e| e.to_string())?;
+    Ok(ObjPath { ns: ns.into(), name: name.into() })
 }
 
 #[derive(Subcommand, Debug)]
@@ -29,8 +59,8 @@ enum Cmd {
     Mkpool {
         /// Pool file or /dev/daxX.Y.
         path: PathBuf,
-        /// Size for a new file, e.g. 1G, 512MiB, 68719476736 (ignored for device-DAX).
-        #[arg(long, value_parser = size::parse, default_value = "1G")]
+        /// Size for a new file, e.g. 1G, 512MiB (ignored for device-DAX).
+        #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "1G")]
         size: u64,
         /// Overwrite an existing pool file or device contents (destroys them).
         #[arg(long)]
@@ -47,74 +77,135 @@ enum Cmd {
         /// Pool file or /dev/daxX.Y.
         path: PathBuf,
     },
+    /// Show what the daemon serves.
+    Info,
+    /// Show pool usage and fragmentation.
+    Stats,
+    /// Create an empty (sparse) object.
+    Create {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+        /// Size, e.g. 64M.
+        #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "0")]
+        size: u64,
+    },
+    /// List a namespace.
+    Ls {
+        /// Namespace.
+        namespace: String,
+    },
+    /// Show an object.
+    Stat {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+    },
+    /// Delete an object.
+    Rm {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+    },
+    /// Change an object's size (grow is sparse; shrink frees blocks).
+    #[command(alias = "truncate")]
+    Resize {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+        /// New size, e.g. 1G.
+        #[arg(value_parser = rdaxd::config::parse_size)]
+        size: u64,
+    },
+    /// Deallocate a range (it reads zero afterwards; the size does not change).
+    Punch {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+        /// First byte.
+        #[arg(value_parser = rdaxd::config::parse_size)]
+        offset: u64,
+        /// Bytes.
+        #[arg(value_parser = rdaxd::config::parse_size)]
+        length: u64,
+    },
+    /// Upload: make the object hold the input (created if missing), or with --offset write
+    /// into it at that offset, growing it as needed.
+    Put {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+        /// Input file; `-` or absent for stdin.
+        file: Option<PathBuf>,
+        /// Write at this offset into the existing object instead of replacing its contents.
+        #[arg(long, value_parser = rdaxd::config::parse_size)]
+        offset: Option<u64>,
+        /// Skip making the data durable before returning.
+        #[arg(long)]
+        no_persist: bool,
+    },
+    /// Download an object (or a range) to a file or stdout.
+    Get {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+        /// Output file; `-` or absent for stdout.
+        file: Option<PathBuf>,
+        /// First byte.
+        #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "0")]
+        offset: u64,
+        /// Bytes (default: to the end).
+        #[arg(long, value_parser = rdaxd::config::parse_size)]
+        length: Option<u64>,
+    },
+    /// List sessions.
+    Sessions,
+    /// End a session now.
+    Evict {
+        /// Session id.
+        session_id: String,
+    },
+    /// Open a session and keep it alive until interrupted (for demos and tests).
+    HoldSession {
+        /// Label shown to administrators.
+        #[arg(long, default_value = "rdaxctl")]
+        name: String,
+    },
+    /// Measure the daemon: unary ops/s and streamed put/get throughput.
+    Bench(bench::BenchArgs),
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
-        Ok(code) => code,
-        Err(e) => {
-            if cli.json {
-                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
-            } else {
-                eprintln!("rdaxctl: {e:#}");
-            }
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
-    match &cli.cmd {
+    let json = cli.json;
+    let result = match &cli.cmd {
         Cmd::Mkpool { path, size, force, max_objects, max_extents } => {
-            let opts = CreateOptions {
-                overwrite: *force,
-                format: FormatOptions { max_objects: *max_objects, max_extents: *max_extents },
-                force_cache_flush: false,
-            };
-            let pool = Pool::create(path, *size, opts)?;
-            let info = pool.info();
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                let g = info.geometry;
-                println!("created pool {} ({})", path.display(), info.uuid);
-                println!("  mode          {} (persistence: {})", info.mode, info.persistence);
-                println!("  size          {} bytes, {} data blocks of 4 KiB", g.pool_size, g.data_blocks);
-                println!("  capacity      {} objects, {} extents", g.objtab_slots, g.exttab_slots);
-            }
-            Ok(ExitCode::SUCCESS)
+            offline::mkpool(path, *size, *force, *max_objects, *max_extents, json)
         }
-        Cmd::Fsck { path } => {
-            let report = check_path(path)?;
-            print_report(&report, cli.json)?;
-            Ok(if report.clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        Cmd::Fsck { path } => offline::fsck(path, json),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "rdaxctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
+        _ => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(online::run(&cli)),
+            Err(e) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.report(json),
     }
-}
-
-fn print_report(r: &CheckReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
-        return Ok(());
-    }
-    let name = r.path.as_ref().map_or_else(|| "<memory>".into(), |p| p.display().to_string());
-    for n in &r.notes {
-        println!("{name}: {n}");
-    }
-    println!(
-        "{name}: {} objects, {} extents, {} of {} data blocks free",
-        r.objects, r.extents, r.free_blocks, r.data_blocks
-    );
-    if r.clean {
-        println!("{name}: clean");
-    } else {
-        for p in &r.problems {
-            println!("{name}: PROBLEM: {p}");
-        }
-        println!("{name}: DAMAGED ({} problems)", r.problems.len());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -125,5 +216,14 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn object_paths() {
+        let o = parse_obj("ns/a/b c").unwrap();
+        assert_eq!((o.ns.as_str(), o.name.as_str()), ("ns", "a/b c"));
+        assert!(parse_obj("nonamespace").is_err());
+        assert!(parse_obj("bad ns/x").is_err());
+        assert!(parse_obj("ns/").is_err());
     }
 }

@@ -1,0 +1,72 @@
+//! Offline pool tools: `mkpool` and `fsck`.
+
+use std::path::Path;
+
+use rdaxd::pool::check::{CheckReport, check_path};
+use rdaxd::pool::layout::FormatOptions;
+use rdaxd::pool::{CreateOptions, Pool};
+
+use crate::Failure;
+use crate::output::human;
+
+pub(crate) fn mkpool(
+    path: &Path,
+    size: u64,
+    force: bool,
+    max_objects: Option<u64>,
+    max_extents: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let opts = CreateOptions {
+        overwrite: force,
+        format: FormatOptions { max_objects, max_extents },
+        force_cache_flush: false,
+    };
+    let pool = Pool::create(path, size, opts).map_err(|e| Failure::local(e.into()))?;
+    let info = pool.info();
+    pool.close();
+    crate::output::emit(json, &info, || {
+        let g = info.geometry;
+        format!(
+            "created pool {} ({})\n  mode          {} (persistence: {})\n  size          {} ({} data blocks of 4 KiB)\n  capacity      {} objects, {} extents",
+            path.display(),
+            info.uuid,
+            info.mode,
+            info.persistence,
+            human(g.pool_size),
+            g.data_blocks,
+            g.objtab_slots,
+            g.exttab_slots
+        )
+    });
+    Ok(())
+}
+
+pub(crate) fn fsck(path: &Path, json: bool) -> Result<(), Failure> {
+    let report = check_path(path).map_err(|e| Failure::local(e.into()))?;
+    print_report(&report, json);
+    if report.clean { Ok(()) } else { Err(Failure::damaged()) }
+}
+
+fn print_report(r: &CheckReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("serialisable"));
+        return;
+    }
+    let name = r.path.as_ref().map_or_else(|| "<memory>".into(), |p| p.display().to_string());
+    for n in &r.notes {
+        println!("{name}: {n}");
+    }
+    println!(
+        "{name}: {} objects, {} extents, {} of {} data blocks free",
+        r.objects, r.extents, r.free_blocks, r.data_blocks
+    );
+    if r.clean {
+        println!("{name}: clean");
+    } else {
+        for p in &r.problems {
+            println!("{name}: PROBLEM: {p}");
+        }
+        println!("{name}: DAMAGED ({} problems)", r.problems.len());
+    }
+}

@@ -1,0 +1,283 @@
+//! Commands that talk to rdaxd.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rdax_client::{Client, ConnectOptions, ObjectStat, Progress, SessionNotice};
+use serde_json::{Value, json};
+
+use crate::output::{emit, human};
+use crate::{Cli, Cmd, Failure, ObjPath};
+
+/// Below this, no progress bar.
+const PROGRESS_MIN: u64 = 8 << 20;
+
+pub(crate) async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    let token = match (&cli.token_file, std::env::var("RDAX_TOKEN").ok().filter(|t| !t.is_empty())) {
+        (Some(f), _) => Some(rdaxd::config::read_token_file(f).map_err(|e| Failure::local(e.into()))?),
+        (None, t) => t,
+    };
+    let opts = ConnectOptions { token, ..Default::default() };
+    Ok(Client::connect(&cli.endpoint, opts).await?)
+}
+
+fn stat_json(s: &ObjectStat) -> Value {
+    json!({
+        "id": s.id, "namespace": s.namespace, "name": s.name, "size": s.size,
+        "allocated_bytes": s.allocated_bytes, "extents": s.extents, "created_unix_ns": s.created_unix_ns,
+    })
+}
+
+fn stat_text(s: &ObjectStat) -> String {
+    format!(
+        "{}/{}\n  id         {}\n  size       {} ({} bytes)\n  allocated  {} in {} extents",
+        s.namespace,
+        s.name,
+        s.id,
+        human(s.size),
+        s.size,
+        human(s.allocated_bytes),
+        s.extents
+    )
+}
+
+fn progress_bar(total: Option<u64>) -> (Option<indicatif::ProgressBar>, Option<Progress>) {
+    if !std::io::stderr().is_terminal() || total.is_some_and(|t| t < PROGRESS_MIN) {
+        return (None, None);
+    }
+    let bar = match total {
+        Some(t) => indicatif::ProgressBar::new(t),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    let b = bar.clone();
+    (Some(bar), Some(Arc::new(move |n| b.set_position(n))))
+}
+
+pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    if let Cmd::Bench(args) = &cli.cmd {
+        let client = connect(cli).await?;
+        return crate::bench::run(cli, &client, args, json).await;
+    }
+    let client = connect(cli).await?;
+    let obj = |o: &ObjPath| client.object(&o.ns, &o.name).map_err(Failure::from);
+    match &cli.cmd {
+        Cmd::Info => {
+            let i = client.info().await?;
+            let v = json!({
+                "path": i.path, "mode": i.mode, "persistence": i.persistence, "uuid": i.uuid,
+                "format_version": i.format_version, "pool_size": i.pool_size, "block_size": i.block_size,
+                "data_blocks": i.data_blocks, "max_objects": i.max_objects, "max_extents": i.max_extents,
+                "replayed_transaction": i.replayed_transaction, "previous_shutdown_clean": i.previous_shutdown_clean,
+                "server_version": i.server_version,
+            });
+            emit(json, &v, || {
+                format!(
+                    "pool        {}\nuuid        {}\nmode        {} (persistence: {})\nsize        {} ({} data blocks)\ncapacity    {} objects, {} extents\nlast stop   {}\nrdaxd       {}",
+                    i.path,
+                    i.uuid,
+                    i.mode,
+                    i.persistence,
+                    human(i.pool_size),
+                    i.data_blocks,
+                    i.max_objects,
+                    i.max_extents,
+                    if i.previous_shutdown_clean { "clean" } else { "unclean (recovered)" },
+                    i.server_version
+                )
+            });
+        }
+        Cmd::Stats => {
+            let s = client.stats().await?;
+            let v = json!({
+                "objects": s.objects, "extents": s.extents, "data_blocks": s.data_blocks, "used_blocks": s.used_blocks,
+                "held_blocks": s.held_blocks, "free_blocks": s.free_blocks, "free_extents": s.free_extents,
+                "largest_free_blocks": s.largest_free_blocks, "free_huge_runs": s.free_huge_runs,
+                "fragmentation": s.fragmentation, "sessions": s.sessions,
+            });
+            emit(json, &v, || {
+                format!(
+                    "objects        {} ({} extents)\nused           {} of {}\nfree           {} in {} extents (largest {}), {} free 2 MiB runs\nfragmentation  {:.1} %\nsessions       {}",
+                    s.objects,
+                    s.extents,
+                    human(s.used_blocks * 4096),
+                    human(s.data_blocks * 4096),
+                    human(s.free_blocks * 4096),
+                    s.free_extents,
+                    human(s.largest_free_blocks * 4096),
+                    s.free_huge_runs,
+                    s.fragmentation * 100.0,
+                    s.sessions
+                )
+            });
+        }
+        Cmd::Create { object, size } => {
+            let s = obj(object)?.create(*size).await?;
+            emit(json, &stat_json(&s), || format!("created {}/{} ({})", s.namespace, s.name, human(s.size)));
+        }
+        Cmd::Ls { namespace } => {
+            let all = client.list_all(namespace).await?;
+            let v: Vec<Value> = all.iter().map(stat_json).collect();
+            emit(json, &v, || {
+                all.iter()
+                    .map(|s| format!("{:>12}  {:>12}  {}", s.size, s.allocated_bytes, s.name))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Stat { object } => {
+            let s = obj(object)?.stat().await?;
+            emit(json, &stat_json(&s), || stat_text(&s));
+        }
+        Cmd::Rm { object } => {
+            obj(object)?.delete().await?;
+            emit(json, &json!({"deleted": format!("{}/{}", object.ns, object.name)}), || {
+                format!("deleted {}/{}", object.ns, object.name)
+            });
+        }
+        Cmd::Resize { object, size } => {
+            let s = obj(object)?.resize(*size).await?;
+            emit(json, &stat_json(&s), || format!("{}/{} is now {}", s.namespace, s.name, human(s.size)));
+        }
+        Cmd::Punch { object, offset, length } => {
+            obj(object)?.punch_hole(*offset, *length).await?;
+            let v = json!({"object": format!("{}/{}", object.ns, object.name), "offset": offset, "length": length});
+            emit(json, &v, || format!("punched [{offset}, +{length}) in {}/{}", object.ns, object.name));
+        }
+        Cmd::Put { object, file, offset, no_persist } => {
+            put(&obj(object)?, file.as_deref(), *offset, !no_persist, json).await?
+        }
+        Cmd::Get { object, file, offset, length } => {
+            get(&obj(object)?, file.as_deref(), *offset, *length, json).await?
+        }
+        Cmd::Sessions => {
+            let list = client.sessions().await?;
+            let v: Vec<Value> = list
+                .iter()
+                .map(|s| {
+                    json!({"session_id": s.session_id, "client_name": s.client_name, "peer": s.peer,
+                       "opened_unix_ms": s.opened_unix_ms, "idle_ms": s.idle_ms, "connected": s.connected})
+                })
+                .collect();
+            emit(json, &v, || {
+                list.iter()
+                    .map(|s| {
+                        format!(
+                            "{}  {:<16} {:<22} idle {:>6} ms{}",
+                            s.session_id,
+                            s.client_name,
+                            s.peer,
+                            s.idle_ms,
+                            if s.connected { "" } else { "  (detached)" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Cmd::Evict { session_id } => {
+            client.evict_session(session_id, "rdaxctl evict").await?;
+            emit(json, &json!({"evicted": session_id}), || format!("evicted {session_id}"));
+        }
+        Cmd::HoldSession { name } => {
+            let mut s = client.open_session(name).await?;
+            emit(json, &json!({"session_id": s.id(), "ttl_ms": s.ttl().as_millis() as u64}), || {
+                format!("session {} open (ttl {:?}); Ctrl-C to close", s.id(), s.ttl())
+            });
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => { s.close().await?; }
+                n = s.next_notice() => {
+                    let why = match n { Some(SessionNotice::Ended(r)) => r, Some(SessionNotice::Lost(r)) => r, _ => "ended".into() };
+                    return Err(Failure::from(anyhow::anyhow!("session ended: {why}")));
+                }
+            }
+        }
+        Cmd::Mkpool { .. } | Cmd::Fsck { .. } | Cmd::Completions { .. } | Cmd::Bench(_) => {
+            unreachable!("handled in main")
+        }
+    }
+    Ok(())
+}
+
+async fn put(
+    o: &rdax_client::Object,
+    file: Option<&std::path::Path>,
+    offset: Option<u64>,
+    persist: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let stdin = file.is_none_or(|f| f.as_os_str() == "-");
+    let (reader, len): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) = if stdin {
+        (Box::new(tokio::io::stdin()), None)
+    } else {
+        let f = file.expect("not stdin");
+        let h = tokio::fs::File::open(f).await.with_context(|| format!("open {}", f.display()))?;
+        let len = h.metadata().await.with_context(|| format!("stat {}", f.display()))?.len();
+        (Box::new(h), Some(len))
+    };
+    let start = match offset {
+        Some(off) => off,
+        None => {
+            // Replace: the object ends up exactly as long as the input.
+            let size = len.unwrap_or(0);
+            match o.stat().await {
+                Ok(_) => {
+                    o.resize(0).await?;
+                    o.resize(size).await?;
+                }
+                Err(e) if e.kind() == rdax_client::ErrorKind::NotFound => {
+                    o.create(size).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            0
+        }
+    };
+    let (bar, progress) = progress_bar(len);
+    let n = o.write_from(start, reader, true, persist, progress).await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let k = o.key();
+    emit(json, &json!({"object": k.to_string(), "offset": start, "bytes": n, "persisted": persist}), || {
+        format!("wrote {} to {k} at offset {start}{}", human(n), if persist { " (persisted)" } else { "" })
+    });
+    Ok(())
+}
+
+async fn get(
+    o: &rdax_client::Object,
+    file: Option<&std::path::Path>,
+    offset: u64,
+    length: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
+    let total = match length {
+        Some(l) => l,
+        None => o.stat().await?.size.saturating_sub(offset),
+    };
+    let to_stdout = file.is_none_or(|f| f.as_os_str() == "-");
+    let (bar, progress) = progress_bar(Some(total));
+    let n = if to_stdout {
+        o.read_to(offset, length.unwrap_or(0), &mut tokio::io::stdout(), progress).await?
+    } else {
+        let f = file.expect("not stdout");
+        let mut h = tokio::fs::File::create(f).await.with_context(|| format!("create {}", f.display()))?;
+        o.read_to(offset, length.unwrap_or(0), &mut h, progress).await?
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if !to_stdout {
+        let k = o.key();
+        emit(json, &json!({"object": k.to_string(), "offset": offset, "bytes": n}), || {
+            format!("read {} from {k}", human(n))
+        });
+    }
+    Ok(())
+}

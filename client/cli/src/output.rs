@@ -1,0 +1,85 @@
+//! Failures, exit codes and printing.
+
+use std::process::ExitCode;
+
+use rdax_client::ErrorKind;
+
+/// A command failure with its exit status.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    /// A local error (files, arguments): exit 2.
+    pub fn local(error: anyhow::Error) -> Self {
+        Self { code: 2, error }
+    }
+
+    /// `fsck` found damage: exit 1 (the report is already printed).
+    pub fn damaged() -> Self {
+        Self { code: 1, error: anyhow::anyhow!("the pool is damaged") }
+    }
+
+    /// Print and turn into an exit status.
+    pub fn report(self, json: bool) -> ExitCode {
+        if self.code != 1 {
+            if json {
+                println!("{}", serde_json::json!({ "error": format!("{:#}", self.error), "exit": self.code }));
+            } else {
+                eprintln!("rdaxctl: {:#}", self.error);
+            }
+        }
+        ExitCode::from(self.code)
+    }
+}
+
+impl From<rdax_client::Error> for Failure {
+    fn from(e: rdax_client::Error) -> Self {
+        let code = match e.kind() {
+            ErrorKind::NotFound => 3,
+            ErrorKind::AlreadyExists => 4,
+            ErrorKind::InvalidArgument | ErrorKind::OutOfRange => 5,
+            ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => 6,
+            ErrorKind::Unavailable | ErrorKind::Connect | ErrorKind::DeadlineExceeded => 7,
+            ErrorKind::ResourceExhausted => 8,
+            ErrorKind::Io => 2,
+            _ => 9,
+        };
+        Self { code, error: e.into() }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::local(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Self::local(e.into())
+    }
+}
+
+/// Print `v` as JSON, or `text` otherwise.
+pub(crate) fn emit<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+    } else {
+        println!("{}", text());
+    }
+}
+
+/// Bytes for people: 1536 → "1.5 KiB".
+pub(crate) fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

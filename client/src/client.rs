@@ -1,0 +1,211 @@
+//! The connection to rdaxd.
+
+use std::future::Future;
+use std::time::Duration;
+
+use rdax_proto::model::{ObjectKey, validate_namespace};
+use rdax_proto::pb;
+use rdax_proto::pb::{admin_client::AdminClient, objects_client::ObjectsClient, pool_client::PoolClient};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::object::Object;
+use crate::session::Session;
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Bearer token (`authorization: Bearer <token>` on every request).
+    pub token: Option<String>,
+    /// Bound on establishing the connection.
+    pub connect_timeout: Duration,
+    /// Bound on each unary request (`None`: no bound).
+    pub request_timeout: Option<Duration>,
+    /// Extra attempts for a repeatable request that failed with `Unavailable`.
+    pub retries: u32,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Some(Duration::from_secs(30)),
+            retries: 3,
+        }
+    }
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone, Debug)]
+pub(crate) struct Token(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub(crate) type Svc = InterceptedService<Channel, Token>;
+
+/// A connection to one rdaxd. Cheap to clone; clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub(crate) pool: PoolClient<Svc>,
+    pub(crate) objects: ObjectsClient<Svc>,
+    pub(crate) sessions: pb::sessions_client::SessionsClient<Svc>,
+    pub(crate) admin: AdminClient<Svc>,
+    pub(crate) opts: ConnectOptions,
+}
+
+impl Client {
+    /// Connect to `endpoint` (`http://host:port`; a bare `host:port` means `http://`).
+    pub async fn connect(endpoint: impl AsRef<str>, opts: ConnectOptions) -> Result<Self> {
+        let ep = endpoint.as_ref();
+        let url = if ep.contains("://") { ep.to_string() } else { format!("http://{ep}") };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad endpoint {ep}: {e}")))?
+            .connect_timeout(opts.connect_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await?;
+        let token = match &opts.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Error::new(ErrorKind::InvalidArgument, "the token must be printable ASCII"))?,
+            ),
+            None => None,
+        };
+        let svc = InterceptedService::new(channel, Token(token));
+        let max = 256 << 20;
+        Ok(Self {
+            pool: PoolClient::new(svc.clone()),
+            objects: ObjectsClient::new(svc.clone()).max_decoding_message_size(max).max_encoding_message_size(max),
+            sessions: pb::sessions_client::SessionsClient::new(svc.clone()),
+            admin: AdminClient::new(svc),
+            opts,
+        })
+    }
+
+    pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = self.opts.request_timeout {
+            r.set_timeout(t);
+        }
+        r
+    }
+
+    /// Run a repeatable request, retrying `Unavailable` with exponential backoff.
+    pub(crate) async fn retry<T, F, Fut>(&self, mut f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(s) => {
+                    let e = Error::from(s);
+                    if !e.is_transient() || attempt >= self.opts.retries {
+                        return Err(e);
+                    }
+                    tracing::debug!(attempt, error = %e, "retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// What the daemon serves.
+    pub async fn info(&self) -> Result<pb::PoolInfo> {
+        self.retry(|| {
+            let mut c = self.pool.clone();
+            let r = self.request(pb::InfoRequest {});
+            async move { c.info(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Usage figures.
+    pub async fn stats(&self) -> Result<pb::PoolStats> {
+        self.retry(|| {
+            let mut c = self.pool.clone();
+            let r = self.request(pb::StatsRequest {});
+            async move { c.stats(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// A handle on an object (validates the names; does not contact the server).
+    pub fn object(&self, namespace: &str, name: &str) -> Result<Object> {
+        Ok(Object::new(self.clone(), ObjectKey::new(namespace, name)?))
+    }
+
+    /// One page of a namespace, in name order: the objects and the `after` for the next page.
+    pub async fn list(
+        &self,
+        namespace: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<pb::ObjectStat>, Option<String>)> {
+        validate_namespace(namespace)?;
+        let r = self
+            .retry(|| {
+                let mut c = self.objects.clone();
+                let req = self.request(pb::ListRequest {
+                    namespace: namespace.into(),
+                    after: after.unwrap_or_default().into(),
+                    limit,
+                });
+                async move { c.list(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok((r.objects, (!r.next_after.is_empty()).then_some(r.next_after)))
+    }
+
+    /// Every object of a namespace.
+    pub async fn list_all(&self, namespace: &str) -> Result<Vec<pb::ObjectStat>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = self.list(namespace, after.as_deref(), 1000).await?;
+            all.extend(page);
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Open a session (kept alive in the background until closed or dropped).
+    pub async fn open_session(&self, client_name: &str) -> Result<Session> {
+        Session::open(self.clone(), client_name).await
+    }
+
+    /// Every session (administrators).
+    pub async fn sessions(&self) -> Result<Vec<pb::SessionInfo>> {
+        self.retry(|| {
+            let mut c = self.admin.clone();
+            let r = self.request(pb::ListSessionsRequest {});
+            async move { c.list_sessions(r).await.map(|r| r.into_inner().sessions) }
+        })
+        .await
+    }
+
+    /// End a session now (administrators).
+    pub async fn evict_session(&self, session_id: &str, reason: &str) -> Result<()> {
+        let mut c = self.admin.clone();
+        let r = self.request(pb::EvictSessionRequest { session_id: session_id.into(), reason: reason.into() });
+        c.evict_session(r).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! Real-process harness: start `rdaxd` on 127.0.0.1:0, learn its port from the ports file
+//! (polled with a deadline, never a fixed sleep), drive it, stop it with signals.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub endpoint: String,
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// Poll `f` every few milliseconds until it returns `Some` or `deadline` passes.
+pub fn poll<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn rdaxd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rdaxd"))
+}
+
+/// `rdaxctl` sits next to `rdaxd` when the workspace is built (`cargo test --workspace`).
+pub fn rdaxctl() -> Command {
+    let p = rdaxd_bin().with_file_name("rdaxctl");
+    assert!(p.exists(), "{} is missing: build it with `cargo build -p rdaxctl` (scripts/test.sh does)", p.display());
+    Command::new(p)
+}
+
+impl Daemon {
+    /// Start rdaxd with its state in `dir` and extra flags.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "--state-dir".into(),
+            dir.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--ports-file".into(),
+            dir.join("ports.json").display().to_string(),
+        ];
+        if !extra.contains(&"--pool-size") {
+            args.extend(["--pool-size".to_string(), "64M".to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Self { child: None, endpoint: String::new(), dir: dir.to_path_buf(), args };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let ports = self.dir.join("ports.json");
+        let _ = std::fs::remove_file(&ports);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("rdaxd.log")).unwrap();
+        let child = Command::new(rdaxd_bin())
+            .args(&self.args)
+            .env_remove("RDAX_TOKEN")
+            .env("RDAX_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn rdaxd");
+        self.child = Some(child);
+        let addr = poll(START_DEADLINE, "rdaxd to report its port", || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("rdaxd exited during startup ({status}):\n{}", self.log());
+            }
+            let text = std::fs::read_to_string(&ports).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v["grpc"].as_str().map(str::to_string)
+        });
+        self.endpoint = format!("http://{addr}");
+    }
+
+    /// Stop with SIGTERM and start again with the same arguments.
+    pub fn restart(&mut self) {
+        let st = self.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+        assert!(st.success(), "rdaxd exit status {st}\n{}", self.log());
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Send `sig` and wait (bounded) for the exit.
+    pub fn signal_and_wait(&mut self, sig: i32, bound: Duration) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid(), sig) };
+        let child = self.child.as_mut().unwrap();
+        let st = poll(bound, "rdaxd to exit", || child.try_wait().unwrap());
+        self.child = None;
+        st
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("rdaxd.log")).unwrap_or_default()
+    }
+
+    pub fn pool_path(&self) -> PathBuf {
+        self.dir.join("default.pool")
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        rdaxctl().arg("--endpoint").arg(&self.endpoint).args(args).output().expect("run rdaxctl")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn client(d: &Daemon) -> rdax_client::Client {
+    rdax_client::Client::connect(&d.endpoint, rdax_client::ConnectOptions::default()).await.expect("connect")
+}

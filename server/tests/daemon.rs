@@ -1,0 +1,317 @@
+//! The real daemon process, driven through the SDK and through rdaxctl.
+
+mod common;
+
+use common::{Daemon, client, poll};
+use rdax_client::{ErrorKind, SessionNotice};
+use std::time::Duration;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_object_operation_through_the_sdk() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let c = client(&d).await;
+    let info = c.info().await.unwrap();
+    assert_eq!(info.mode, "file");
+    let o = c.object("ns", "obj").unwrap();
+    let st = o.create(10 << 20).await.unwrap();
+    assert_eq!((st.size, st.allocated_bytes), (10 << 20, 0));
+    // Streamed write and read of 6 MiB (several chunks each way).
+    let data: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    assert_eq!(o.write(1234, data.clone(), true).await.unwrap(), data.len() as u64);
+    assert_eq!(o.read(1234, data.len() as u64).await.unwrap(), data);
+    let head = o.read(0, 1234).await.unwrap();
+    assert!(head.iter().all(|&b| b == 0), "unwritten bytes read zero");
+    o.flush(0, 0).await.unwrap();
+    o.punch_hole(1234, 4096 * 3).await.unwrap();
+    assert!(o.read(1234, 4096 * 3).await.unwrap().iter().all(|&b| b == 0));
+    let st = o.resize(4096).await.unwrap();
+    assert_eq!(st.size, 4096);
+    assert_eq!(o.read(0, 0).await.unwrap().len(), 4096);
+    for i in 0..5 {
+        c.object("ns", &format!("o{i}")).unwrap().create(i).await.unwrap();
+    }
+    let (page, next) = c.list("ns", None, 2).await.unwrap();
+    assert_eq!(page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["o0", "o1"]);
+    assert_eq!(next.as_deref(), Some("o1"));
+    assert_eq!(c.list_all("ns").await.unwrap().len(), 6);
+    o.delete().await.unwrap();
+    assert_eq!(o.stat().await.unwrap_err().kind(), ErrorKind::NotFound);
+    let stats = c.stats().await.unwrap();
+    assert_eq!(stats.objects, 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_serves_and_reflection_lists_the_services() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let r = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut r = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = r.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["rdax.v1.Objects", "rdax.v1.Pool", "rdax.v1.Sessions", "rdax.v1.Admin", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_survives_a_restart_and_the_clean_shutdown_is_seen() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &[]);
+    let c = client(&d).await;
+    let o = c.object("keep", "me").unwrap();
+    o.create(3).await.unwrap();
+    o.write(0, b"abc".to_vec(), false).await.unwrap(); // not persisted: a clean stop must still keep it
+    d.restart();
+    let c = client(&d).await;
+    assert!(c.info().await.unwrap().previous_shutdown_clean);
+    assert_eq!(c.object("keep", "me").unwrap().read(0, 0).await.unwrap(), b"abc");
+    assert!(d.log().contains("closed pool cleanly"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_the_right_status_and_changes_nothing() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let c = client(&d).await;
+    let o = c.object("ns", "o").unwrap();
+    o.create(100).await.unwrap();
+    o.write(0, vec![7; 100], true).await.unwrap();
+    let before = (c.stats().await.unwrap(), o.stat().await.unwrap());
+    // Bypass the SDK's own validation to reach the server with raw messages.
+    let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut raw = rdax_proto::pb::objects_client::ObjectsClient::new(ch);
+    let r = |ns: &str, n: &str| Some(rdax_proto::pb::ObjectRef { namespace: ns.into(), name: n.into() });
+    use rdax_proto::pb::*;
+    use tonic::Code;
+    let cases: Vec<(&str, Code, Result<(), tonic::Status>)> = vec![
+        (
+            "empty name",
+            Code::InvalidArgument,
+            raw.create(CreateRequest { object: r("ns", ""), size: 1 }).await.map(drop),
+        ),
+        (
+            "bad namespace",
+            Code::InvalidArgument,
+            raw.create(CreateRequest { object: r("a/b", "x"), size: 1 }).await.map(drop),
+        ),
+        (
+            "long name",
+            Code::InvalidArgument,
+            raw.stat(StatRequest { object: r("ns", &"n".repeat(200)) }).await.map(drop),
+        ),
+        ("no object", Code::InvalidArgument, raw.stat(StatRequest { object: None }).await.map(drop)),
+        ("unknown object", Code::NotFound, raw.stat(StatRequest { object: r("ns", "missing") }).await.map(drop)),
+        ("exists", Code::AlreadyExists, raw.create(CreateRequest { object: r("ns", "o"), size: 1 }).await.map(drop)),
+        (
+            "huge size",
+            Code::InvalidArgument,
+            raw.create(CreateRequest { object: r("ns", "h"), size: u64::MAX }).await.map(drop),
+        ),
+        (
+            "overflowing punch",
+            Code::InvalidArgument,
+            raw.punch_hole(PunchHoleRequest { object: r("ns", "o"), offset: u64::MAX, length: 2 }).await.map(drop),
+        ),
+        (
+            "zero punch",
+            Code::InvalidArgument,
+            raw.punch_hole(PunchHoleRequest { object: r("ns", "o"), offset: 0, length: 0 }).await.map(drop),
+        ),
+        (
+            "read past end",
+            Code::OutOfRange,
+            raw.read(ReadRequest { object: r("ns", "o"), offset: 50, length: 1 << 40, chunk_size: 0 }).await.map(drop),
+        ),
+        (
+            "read overflow",
+            Code::InvalidArgument,
+            raw.read(ReadRequest { object: r("ns", "o"), offset: 5, length: u64::MAX, chunk_size: 0 }).await.map(drop),
+        ),
+        (
+            "flush past end",
+            Code::OutOfRange,
+            raw.flush(FlushRequest { object: r("ns", "o"), offset: 0, length: 101 }).await.map(drop),
+        ),
+        (
+            "list limit",
+            Code::InvalidArgument,
+            raw.list(ListRequest { namespace: "ns".into(), after: String::new(), limit: 5000 }).await.map(drop),
+        ),
+        (
+            "resize huge",
+            Code::InvalidArgument,
+            raw.resize(ResizeRequest { object: r("ns", "o"), size: u64::MAX }).await.map(drop),
+        ),
+    ];
+    for (what, code, res) in cases {
+        let s = res.expect_err(what);
+        assert_eq!(s.code(), code, "{what}: {s:?}");
+    }
+    // A write past the end, and a write stream without a header.
+    let chunk = WriteChunk {
+        header: Some(WriteHeader { object: r("ns", "o"), offset: 90, persist: false, extend: false }),
+        data: vec![1; 20],
+    };
+    let s = raw.write(tokio_stream::iter(vec![chunk])).await.unwrap_err();
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    let s = raw.write(tokio_stream::iter(vec![WriteChunk { header: None, data: vec![1] }])).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let after = (c.stats().await.unwrap(), o.stat().await.unwrap());
+    assert_eq!(before, after, "bad requests must change nothing");
+    assert_eq!(o.read(0, 0).await.unwrap(), vec![7; 100]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_is_required_when_configured() {
+    let dir = tmp();
+    let tf = dir.path().join("token");
+    std::fs::write(&tf, "s3cret-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&tf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let d = Daemon::start(dir.path(), &["--token-file", tf.to_str().unwrap()]);
+    for token in [None, Some("wrong-token-0123456789")] {
+        let opts = rdax_client::ConnectOptions { token: token.map(str::to_string), ..Default::default() };
+        let c = rdax_client::Client::connect(&d.endpoint, opts).await.unwrap();
+        assert_eq!(c.info().await.unwrap_err().kind(), ErrorKind::Unauthenticated, "{token:?}");
+        assert_eq!(c.object("ns", "x").unwrap().create(1).await.unwrap_err().kind(), ErrorKind::Unauthenticated);
+    }
+    let opts = rdax_client::ConnectOptions { token: Some("s3cret-token-0123456789".into()), ..Default::default() };
+    let c = rdax_client::Client::connect(&d.endpoint, opts).await.unwrap();
+    assert_eq!(c.list_all("ns").await.unwrap().len(), 0, "nothing was created by the refused requests");
+    // rdaxctl with the token file.
+    let out = d.ctl(&["--token-file", tf.to_str().unwrap(), "info"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d.ctl(&["info"]);
+    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_keepalive_evict_expire_and_limits() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--session-ttl-ms", "600", "--max-sessions", "2"]);
+    let c = client(&d).await;
+    let mut a = c.open_session("alpha").await.unwrap();
+    assert_eq!(a.ttl(), Duration::from_millis(600));
+    let b = c.open_session("beta").await.unwrap();
+    let e = c.open_session("gamma").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    // Keepalives hold alpha well past its TTL.
+    let list_has = |id: String| {
+        let c = c.clone();
+        async move { c.sessions().await.unwrap().iter().any(|s| s.session_id == id) }
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await; // virtual-time tests cover the logic; this checks the real loop
+    assert!(list_has(a.id().to_string()).await, "keepalives must keep the session");
+    // Evict alpha: its holder is told.
+    c.evict_session(a.id(), "test").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), a.next_notice()).await.unwrap();
+    assert!(matches!(n, Some(SessionNotice::Ended(ref r)) if r.contains("evicted")), "{n:?}");
+    // Beta stops sending keepalives (handle dropped): it expires after its TTL.
+    let bid = b.id().to_string();
+    drop(b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while list_has(bid.clone()).await {
+        assert!(tokio::time::Instant::now() < deadline, "session did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(d.log().contains("expired"), "{}", d.log());
+    assert_eq!(c.evict_session(&bid, "gone").await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(c.evict_session("not-hex", "x").await.unwrap_err().kind(), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn sigterm_during_a_large_put_leaves_the_pool_consistent() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &["--pool-size", "512M"]);
+    let input = dir.path().join("big.bin");
+    std::fs::write(&input, vec![0xC3u8; 200 << 20]).unwrap();
+    let mut put = common::rdaxctl()
+        .args(["--endpoint", &d.endpoint, "put", "ns/big", input.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the transfer is under way (the object exists and has blocks), then stop.
+    poll(Duration::from_secs(30), "the put to start writing", || {
+        let out = d.ctl(&["--json", "stat", "ns/big"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["allocated_bytes"].as_u64()? > 0).then_some(())
+    });
+    let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    assert!(st.success(), "rdaxd exit {st}\n{}", d.log());
+    let put_status = put.wait().unwrap();
+    assert!(!put_status.success(), "the interrupted put must report failure");
+    let out = common::rdaxctl().args(["fsck", d.pool_path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn rdaxctl_commands_and_exit_codes() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let ok = |args: &[&str]| {
+        let o = d.ctl(args);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let code = |args: &[&str]| d.ctl(args).status.code();
+    ok(&["create", "cli/a", "--size", "1M"]);
+    let input = dir.path().join("in.bin");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
+    ok(&["put", "cli/f", input.to_str().unwrap()]);
+    let output = dir.path().join("out.bin");
+    ok(&["get", "cli/f", output.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&output).unwrap(), data);
+    let part = d.ctl(&["get", "cli/f", "-", "--offset", "10", "--length", "5"]);
+    assert_eq!(part.stdout, &data[10..15]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "ls", "cli"])).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    ok(&["resize", "cli/f", "4096"]);
+    ok(&["punch", "cli/f", "0", "100"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "stat", "cli/f"])).unwrap();
+    assert_eq!(v["size"], 4096);
+    ok(&["rm", "cli/a"]);
+    assert_eq!(code(&["stat", "cli/a"]), Some(3));
+    assert_eq!(code(&["create", "cli/f"]), Some(4));
+    assert_eq!(code(&["get", "cli/f", "-", "--offset", "9999"]), Some(5));
+    assert_eq!(code(&["create", "bad ns/x"]), Some(2));
+    let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "info"])).unwrap();
+    assert_eq!(v["mode"], "file");
+    let unreachable = common::rdaxctl().args(["--endpoint", "http://127.0.0.1:1", "info"]).output().unwrap();
+    assert_eq!(unreachable.status.code(), Some(7));
+    let comp = ok(&["completions", "bash"]);
+    assert!(comp.contains("rdaxctl"));
+}
+
+#[test]
+fn unknown_config_keys_are_reported() {
+    let dir = tmp();
+    let cfg = dir.path().join("rdaxd.toml");
+    std::fs::write(&cfg, "[grpc]\nlisten = \"127.0.0.1:0\"\nlisten_typo = 1\n").unwrap();
+    let d = Daemon::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    assert!(d.log().contains("unknown config key ignored") && d.log().contains("grpc.listen_typo"), "{}", d.log());
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grpc.listen_typo"));
+}
