@@ -71,7 +71,10 @@ impl Client {
         let endpoint = Endpoint::from_shared(url)
             .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad endpoint {ep}: {e}")))?
             .connect_timeout(opts.connect_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // Large streamed reads and writes: see the server's window settings.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20));
         let channel = endpoint.connect().await?;
         let token = match &opts.token {
             Some(t) => Some(

@@ -21,6 +21,9 @@ use crate::grpc::{self, Shared};
 use crate::pool::{CreateOptions, OpenOptions, Pool};
 use crate::session::SessionManager;
 
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// Open the configured pool, creating the pool file on first start when allowed.
 pub fn open_pool(cfg: &Config) -> anyhow::Result<Pool> {
     let path = &cfg.pool_path;
@@ -83,6 +86,11 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Streamed writes send 1 MiB messages: the HTTP/2 default 64 KiB window would stall
+        // every message on window updates.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .tcp_nodelay(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

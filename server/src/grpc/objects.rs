@@ -151,6 +151,11 @@ impl Objects for ObjectsService {
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty write stream"))?;
         let start = WriteStart::try_from(first.header)?;
         let span = info_span!("write", object = %start.key, offset = start.offset);
+        // On DAX each chunk is stored with streaming stores and drained (cheap); on an msync
+        // pool one msync over the whole range at the end is far cheaper than one per chunk.
+        // Either way the data is durable before the reply.
+        let msync_pool = self.0.pool.media().persistence() == crate::pool::media::Persistence::Msync;
+        let per_chunk_persist = start.persist && !msync_pool;
         async move {
             let mut at = start.offset;
             let mut pending = Some(first.data);
@@ -171,7 +176,7 @@ impl Objects for ObjectsService {
                     continue;
                 }
                 let len = data.len() as u64;
-                let (key, extend, persist) = (start.key.clone(), start.extend, start.persist);
+                let (key, extend, persist) = (start.key.clone(), start.extend, per_chunk_persist);
                 self.0
                     .blocking(move |p| {
                         let end =
@@ -185,7 +190,17 @@ impl Objects for ObjectsService {
                 at += len;
             }
             let key = start.key.clone();
-            let size = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??.size;
+            let (from, deferred) = (start.offset, start.persist && !per_chunk_persist);
+            let size = self
+                .0
+                .blocking(move |p| {
+                    if deferred && at > from {
+                        p.persist(&key.namespace, &key.name, from, at - from)?;
+                    }
+                    p.stat(&key.namespace, &key.name)
+                })
+                .await??
+                .size;
             Ok(Response::new(pb::WriteResponse { bytes_written: at - start.offset, size }))
         }
         .instrument(span)
