@@ -315,3 +315,32 @@ fn unknown_config_keys_are_reported() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("grpc.listen_typo"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_messages_are_refused_with_a_clear_status() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--max-message-bytes", "131072"]);
+    let c = client(&d).await;
+    let o = c.object("ns", "o").unwrap();
+    o.create(1 << 20).await.unwrap();
+    // The SDK sends 1 MiB messages; the daemon accepts at most 128 KiB.
+    let e = o.write(0, vec![1; 1 << 20], false).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
+    assert!(e.to_string().contains("too large"), "{e}");
+    assert_eq!(o.stat().await.unwrap().allocated_bytes, 0, "nothing was written");
+    // Reads adapt: chunks stay under the limit.
+    assert_eq!(o.read(0, 0).await.unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn sigquit_exits_at_once_and_the_next_start_recovers() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &[]);
+    let st = d.signal_and_wait(libc::SIGQUIT, Duration::from_secs(10));
+    assert_eq!(st.code(), Some(131), "{}", d.log());
+    assert!(!d.log().contains("closed pool cleanly"));
+    let d2 = Daemon::start(dir.path(), &[]);
+    let out = d2.ctl(&["--json", "info"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["previous_shutdown_clean"], false);
+}
