@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use rdax_proto::model::{ObjectKey, validate_namespace};
 use rdax_proto::pb;
-use rdax_proto::pb::{admin_client::AdminClient, objects_client::ObjectsClient, pool_client::PoolClient};
+use rdax_proto::pb::{
+    admin_client::AdminClient, leases_client::LeasesClient, objects_client::ObjectsClient, pool_client::PoolClient,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::object::Object;
-use crate::session::Session;
+use crate::session::{Session, SessionOptions};
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -60,6 +62,7 @@ pub struct Client {
     pub(crate) objects: ObjectsClient<Svc>,
     pub(crate) sessions: pb::sessions_client::SessionsClient<Svc>,
     pub(crate) admin: AdminClient<Svc>,
+    pub(crate) leases: LeasesClient<Svc>,
     pub(crate) opts: ConnectOptions,
 }
 
@@ -90,7 +93,8 @@ impl Client {
             pool: PoolClient::new(svc.clone()),
             objects: ObjectsClient::new(svc.clone()).max_decoding_message_size(max).max_encoding_message_size(max),
             sessions: pb::sessions_client::SessionsClient::new(svc.clone()),
-            admin: AdminClient::new(svc),
+            admin: AdminClient::new(svc.clone()),
+            leases: LeasesClient::new(svc),
             opts,
         })
     }
@@ -191,7 +195,30 @@ impl Client {
 
     /// Open a session (kept alive in the background until closed or dropped).
     pub async fn open_session(&self, client_name: &str) -> Result<Session> {
-        Session::open(self.clone(), client_name).await
+        Session::open(self.clone(), SessionOptions { client_name: client_name.into(), ..Default::default() }).await
+    }
+
+    /// Open a session with options.
+    pub async fn open_session_with(&self, opts: SessionOptions) -> Result<Session> {
+        Session::open(self.clone(), opts).await
+    }
+
+    /// Leases of one session, or all (administrators) with `None`.
+    pub async fn leases(&self, session_id: Option<&str>) -> Result<Vec<pb::LeaseInfo>> {
+        self.retry(|| {
+            let mut c = self.leases.clone();
+            let r = self.request(pb::ListLeasesRequest { session_id: session_id.unwrap_or_default().into() });
+            async move { c.list(r).await.map(|r| r.into_inner().leases) }
+        })
+        .await
+    }
+
+    /// Recall a lease now (administrators); revoked if not returned in time. With
+    /// `immediate`, revoked at once.
+    pub async fn revoke_lease(&self, lease_id: u64, immediate: bool) -> Result<()> {
+        let mut c = self.admin.clone();
+        c.revoke_lease(tonic::Request::new(pb::RevokeLeaseRequest { lease_id, immediate })).await?;
+        Ok(())
     }
 
     /// Every session (administrators).

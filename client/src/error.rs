@@ -30,6 +30,8 @@ pub enum ErrorKind {
     Protocol,
     /// A local I/O error (reading or writing a file or stream).
     Io,
+    /// The lease was recalled, released or revoked: its keys no longer work. Re-acquire.
+    Revoked,
     /// Anything else the server reported.
     Other,
 }

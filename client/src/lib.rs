@@ -21,12 +21,16 @@
 //! requests that are safe to repeat (reads, stats, lists, resize, punch, flush).
 
 mod client;
+mod dataplane;
 mod error;
+mod lease;
 mod object;
 mod session;
 
 pub use client::{Client, ConnectOptions};
 pub use error::{Error, ErrorKind, Result};
+pub use lease::{Lease, LeaseMode, LeaseSegment};
 pub use object::{Object, Progress};
+pub use rdax_proto::pb::LeaseInfo;
 pub use rdax_proto::pb::{ObjectStat, PoolInfo, PoolStats, SessionInfo};
-pub use session::{Session, SessionNotice};
+pub use session::{Session, SessionNotice, SessionOptions};

@@ -9,8 +9,27 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use rdax_proto::model::ObjectKey;
+
 use crate::client::Client;
+use crate::dataplane::ConnPool;
 use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{Lease, LeaseInner, LeaseMode};
+
+/// How to open a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Label shown to administrators.
+    pub client_name: String,
+    /// Do not return recalled leases (only report them). For testing revocation; a real
+    /// client that does this gets its leases revoked at the break deadline.
+    pub ignore_recalls: bool,
+}
+
+type Registry = Arc<Mutex<HashMap<u64, Weak<LeaseInner>>>>;
 
 /// What the daemon told the session (or what happened to it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +39,21 @@ pub enum SessionNotice {
     Ended(String),
     /// The stream broke and could not be resumed within the TTL.
     Lost(String),
+    /// The daemon recalled a lease; unless recalls are ignored, the SDK has already waited for
+    /// its in-flight operations and released it. Re-acquire after the layout change.
+    LeaseRecalled {
+        /// Lease id.
+        lease_id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A lease's keys stopped working (not returned in time, expired, or revoked).
+    LeaseRevoked {
+        /// Lease id.
+        lease_id: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An open session. Keepalives are sent in the background; dropping the handle stops them
@@ -28,6 +62,9 @@ pub enum SessionNotice {
 pub struct Session {
     id: String,
     ttl: Duration,
+    client: Client,
+    registry: Registry,
+    conns: Mutex<Option<(String, Arc<ConnPool>)>>,
     notices: mpsc::Receiver<SessionNotice>,
     close: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -52,17 +89,85 @@ async fn attach(
 }
 
 impl Session {
-    pub(crate) async fn open(client: Client, client_name: &str) -> Result<Self> {
-        let (tx, events, opened) =
-            attach(&client, pb::OpenSession { client_name: client_name.into(), resume_session_id: String::new() })
-                .await?;
+    pub(crate) async fn open(client: Client, opts: SessionOptions) -> Result<Self> {
+        let open = pb::OpenSession { client_name: opts.client_name.clone(), resume_session_id: String::new() };
+        let (tx, events, opened) = attach(&client, open).await?;
         let ttl = Duration::from_millis(opened.ttl_ms);
         let interval = Duration::from_millis(opened.keepalive_interval_ms.max(10));
         let (ntx, notices) = mpsc::channel(16);
         let (close_tx, close_rx) = oneshot::channel();
         let id = opened.session_id.clone();
-        let task = tokio::spawn(keep_alive(client, id.clone(), ttl, interval, tx, events, ntx, close_rx));
-        Ok(Self { id, ttl, notices, close: Some(close_tx), task })
+        let registry: Registry = Arc::default();
+        let ctx = Ctx {
+            client: client.clone(),
+            id: id.clone(),
+            ttl,
+            registry: registry.clone(),
+            notices: ntx,
+            ignore_recalls: opts.ignore_recalls,
+        };
+        let task = tokio::spawn(keep_alive(ctx, interval, tx, events, close_rx));
+        Ok(Self { id, ttl, client, registry, conns: Mutex::new(None), notices, close: Some(close_tx), task })
+    }
+
+    fn session_bytes(&self) -> Result<[u8; 16]> {
+        let id: rdax_proto::model::SessionId = self.id.parse()?;
+        Ok(id.0)
+    }
+
+    fn conn_pool(&self, endpoint: &str) -> Result<Arc<ConnPool>> {
+        let mut g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((ep, p)) = g.as_ref()
+            && ep == endpoint
+        {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(ConnPool::new(endpoint.to_string(), self.session_bytes()?));
+        *g = Some((endpoint.to_string(), p.clone()));
+        Ok(p)
+    }
+
+    /// Acquire a lease on `[offset, offset + len)` of an object. A read-write lease allocates
+    /// holes first. While the range is being recalled the daemon answers `Unavailable`; this
+    /// retries (bounded) like any repeatable request.
+    pub async fn acquire(&self, namespace: &str, name: &str, offset: u64, len: u64, mode: LeaseMode) -> Result<Lease> {
+        let object = ObjectKey::new(namespace, name)?;
+        let pb_mode = match mode {
+            LeaseMode::Read => pb::LeaseMode::Read,
+            LeaseMode::ReadWrite => pb::LeaseMode::ReadWrite,
+        };
+        let grant = self
+            .client
+            .retry(|| {
+                let mut c = self.client.leases.clone();
+                let r = self.client.request(pb::AcquireRequest {
+                    session_id: self.id.clone(),
+                    object: Some((&object).into()),
+                    offset,
+                    length: len,
+                    mode: pb_mode as i32,
+                });
+                async move { c.acquire(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let endpoint = grant
+            .data_endpoints
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::Protocol, "grant without a data endpoint"))?;
+        let ttl = Duration::from_millis(grant.ttl_ms);
+        let conns = self.conn_pool(&endpoint)?;
+        let inner =
+            Arc::new(LeaseInner::from_grant(grant, object, offset, len, self.id.clone(), self.client.clone(), conns)?);
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).insert(inner.id, Arc::downgrade(&inner));
+        Ok(Lease::new(inner, ttl))
+    }
+
+    /// Acquire the same range and mode as `old` again (after a recall and the layout change).
+    pub async fn reacquire(&self, old: &Lease) -> Result<Lease> {
+        let (offset, len) = old.range();
+        let k = old.object();
+        self.acquire(&k.namespace, &k.name, offset, len, old.mode()).await
     }
 
     /// The session id (a secret: it identifies this client to the data plane).
@@ -95,17 +200,53 @@ impl Drop for Session {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn keep_alive(
+struct Ctx {
     client: Client,
     id: String,
     ttl: Duration,
+    registry: Registry,
+    notices: mpsc::Sender<SessionNotice>,
+    ignore_recalls: bool,
+}
+
+impl Ctx {
+    fn lease(&self, id: u64) -> Option<Arc<LeaseInner>> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// A recall: stop new operations, wait for in-flight ones, release, then tell the app.
+    fn on_recall(&self, r: pb::LeaseRecall) {
+        let notices = self.notices.clone();
+        let notice = SessionNotice::LeaseRecalled { lease_id: r.lease_id, reason: r.reason };
+        let lease = if self.ignore_recalls { None } else { self.lease(r.lease_id) };
+        tokio::spawn(async move {
+            if let Some(l) = lease {
+                l.quiesce(Duration::from_millis(r.deadline_ms)).await;
+                if let Err(e) = l.release_rpc().await {
+                    tracing::warn!(lease = l.id, error = %e, "releasing a recalled lease failed");
+                }
+            }
+            let _ = notices.send(notice).await;
+        });
+    }
+
+    fn on_revoked(&self, r: pb::LeaseRevoked) {
+        if let Some(l) = self.lease(r.lease_id) {
+            l.mark_ended();
+        }
+        let _ = self.notices.try_send(SessionNotice::LeaseRevoked { lease_id: r.lease_id, reason: r.reason });
+    }
+}
+
+async fn keep_alive(
+    ctx: Ctx,
     interval: Duration,
     mut tx: Outbound,
     mut events: tonic::Streaming<pb::SessionEvent>,
-    notices: mpsc::Sender<SessionNotice>,
     mut close: oneshot::Receiver<()>,
 ) {
+    let Ctx { client, id, ttl, .. } = &ctx;
+    let notices = &ctx.notices;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -126,8 +267,10 @@ async fn keep_alive(
                     let _ = notices.send(SessionNotice::Ended(c.reason)).await;
                     return;
                 }
+                Some(Ok(pb::SessionEvent { kind: Some(Event::LeaseRecall(r)) })) => ctx.on_recall(r),
+                Some(Ok(pb::SessionEvent { kind: Some(Event::LeaseRevoked(r)) })) => ctx.on_revoked(r),
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => match resume(&client, &id, ttl).await {
+                Some(Err(_)) | None => match resume(client, id, *ttl).await {
                     Ok((t, e)) => { tx = t; events = e; }
                     Err(e) => {
                         let _ = notices.send(SessionNotice::Lost(e.to_string())).await;

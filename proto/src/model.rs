@@ -374,3 +374,45 @@ mod tests {
         }
     }
 }
+
+/// Lease access mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAccess {
+    /// Read only.
+    Read,
+    /// Read and write.
+    ReadWrite,
+}
+
+/// `Leases.Acquire`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireLease {
+    /// Holder.
+    pub session: SessionId,
+    /// Object.
+    pub key: ObjectKey,
+    /// Range.
+    pub range: ByteRange,
+    /// Mode.
+    pub access: LeaseAccess,
+}
+
+impl TryFrom<pb::AcquireRequest> for AcquireLease {
+    type Error = ProtocolError;
+    fn try_from(r: pb::AcquireRequest) -> Result<Self, ProtocolError> {
+        let access = match pb::LeaseMode::try_from(r.mode) {
+            Ok(pb::LeaseMode::Read) => LeaseAccess::Read,
+            Ok(pb::LeaseMode::ReadWrite) => LeaseAccess::ReadWrite,
+            _ => return Err(ProtocolError::Invalid { field: "mode", reason: "must be READ or READ_WRITE" }),
+        };
+        if r.length == 0 {
+            return Err(ProtocolError::Invalid { field: "length", reason: "must be at least 1" });
+        }
+        Ok(Self {
+            session: r.session_id.parse()?,
+            key: r.object.try_into()?,
+            range: ByteRange::new(r.offset, r.length)?,
+            access,
+        })
+    }
+}

@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 /// Default gRPC address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Default data-plane address: loopback only.
+pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:7401";
 /// Default size of the embedded pool file (sparse).
 pub const DEFAULT_POOL_SIZE: u64 = 1 << 30;
 /// System-wide config file, read when present and no `--config` is given.
@@ -68,6 +70,18 @@ pub struct Args {
     /// Most concurrent streams per connection [limits.max_concurrent_streams] (default 256).
     #[arg(long, env = "RDAX_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u32>,
+    /// TCP data-plane listen address [dataplane.listen] (default 127.0.0.1:7401; port 0 picks one).
+    #[arg(long, env = "RDAX_DATA_LISTEN")]
+    pub data_listen: Option<SocketAddr>,
+    /// Bound on each socket wait of a data-plane operation [dataplane.op_timeout_ms] (default 10000).
+    #[arg(long, env = "RDAX_DATA_OP_TIMEOUT_MS")]
+    pub data_op_timeout_ms: Option<u64>,
+    /// Lease TTL: a lease not renewed for this long is revoked [lease.ttl_ms] (default 30000).
+    #[arg(long, env = "RDAX_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// Time a holder has to return a recalled lease [lease.break_timeout_ms] (default 5000).
+    #[arg(long, env = "RDAX_LEASE_BREAK_TIMEOUT_MS")]
+    pub lease_break_timeout_ms: Option<u64>,
     /// Bound on a graceful shutdown [shutdown.timeout_ms] (default 10000).
     #[arg(long, env = "RDAX_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
@@ -135,6 +149,30 @@ pub struct ConfigFile {
     pub log: LogSection,
     /// `[shutdown]`.
     pub shutdown: ShutdownSection,
+    /// `[dataplane]`.
+    pub dataplane: DataplaneSection,
+    /// `[lease]`.
+    pub lease: LeaseSection,
+}
+
+/// `[dataplane]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct DataplaneSection {
+    /// Listen address.
+    pub listen: Option<SocketAddr>,
+    /// Operation timeout.
+    pub op_timeout_ms: Option<u64>,
+}
+
+/// `[lease]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct LeaseSection {
+    /// TTL.
+    pub ttl_ms: Option<u64>,
+    /// Break timeout.
+    pub break_timeout_ms: Option<u64>,
 }
 
 /// `[pool]`.
@@ -232,6 +270,14 @@ pub struct Config {
     pub read_chunk_bytes: usize,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// Data-plane address.
+    pub data_listen: SocketAddr,
+    /// Data-plane operation timeout.
+    pub data_op_timeout: Duration,
+    /// Lease TTL.
+    pub lease_ttl: Duration,
+    /// Lease break timeout.
+    pub lease_break_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -350,6 +396,25 @@ impl Config {
             return Err(invalid("limits must be at least 1".into()));
         }
         let shutdown_ms = args.shutdown_timeout_ms.or(file.shutdown.timeout_ms).unwrap_or(10_000);
+        let data_listen = args
+            .data_listen
+            .or(file.dataplane.listen)
+            .unwrap_or_else(|| DEFAULT_DATA_LISTEN.parse().expect("valid default"));
+        if token.is_none() && !data_listen.ip().is_loopback() && !allow_no_token {
+            return Err(invalid(format!(
+                "refusing to serve the data plane on {data_listen} without a token (see auth.token_file)"
+            )));
+        }
+        let op_ms = args.data_op_timeout_ms.or(file.dataplane.op_timeout_ms).unwrap_or(10_000);
+        let lease_ttl_ms = args.lease_ttl_ms.or(file.lease.ttl_ms).unwrap_or(30_000);
+        let break_ms = args.lease_break_timeout_ms.or(file.lease.break_timeout_ms).unwrap_or(5_000);
+        for (name, v) in
+            [("dataplane.op_timeout_ms", op_ms), ("lease.ttl_ms", lease_ttl_ms), ("lease.break_timeout_ms", break_ms)]
+        {
+            if !(10..=3_600_000).contains(&v) {
+                return Err(invalid(format!("{name} must be between 10 and 3600000, not {v}")));
+            }
+        }
         Ok(Self {
             pool_path,
             pool_size,
@@ -363,6 +428,10 @@ impl Config {
             // Leave room for the message envelope inside the message limit.
             read_chunk_bytes: (max_message_bytes - 4096).min(1 << 20),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
+            data_listen,
+            data_op_timeout: Duration::from_millis(op_ms),
+            lease_ttl: Duration::from_millis(lease_ttl_ms),
+            lease_break_timeout: Duration::from_millis(break_ms),
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),
             log_level: args.log_level.clone().or(file.log.level.clone()).unwrap_or_else(|| "info".into()),
             ports_file: args.ports_file.clone().or(file.ports_file.clone()),

@@ -7,7 +7,9 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod dataplane;
 pub mod grpc;
+pub mod lease;
 pub mod lifecycle;
 pub mod logging;
 pub mod pool;

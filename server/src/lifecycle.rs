@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::dataplane::DataPlane;
 use crate::grpc::{self, Shared};
+use crate::lease::{LeaseConfig, LeaseManager};
 use crate::pool::{CreateOptions, OpenOptions, Pool};
 use crate::session::SessionManager;
 
@@ -45,9 +47,9 @@ pub fn open_pool(cfg: &Config) -> anyhow::Result<Pool> {
 }
 
 /// Write the bound addresses as JSON, atomically (temp file, then rename).
-fn write_ports_file(path: &Path, grpc: std::net::SocketAddr) -> anyhow::Result<()> {
+fn write_ports_file(path: &Path, grpc: std::net::SocketAddr, data: std::net::SocketAddr) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let body = format!("{{\"grpc\":\"{grpc}\",\"pid\":{}}}\n", std::process::id());
+    let body = format!("{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"pid\":{}}}\n", std::process::id());
     std::fs::write(&tmp, body).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename {} into place", tmp.display()))?;
     Ok(())
@@ -79,7 +81,37 @@ pub async fn run(
     let root = CancellationToken::new();
     let sessions = Arc::new(SessionManager::new(cfg.session_ttl, cfg.max_sessions));
     let reaper = tokio::spawn(sessions.clone().reap(root.child_token()));
-    let shared = Shared { pool: pool.clone(), sessions: sessions.clone(), cfg: cfg.clone(), draining: root.clone() };
+    let lease_cfg = LeaseConfig {
+        ttl: cfg.lease_ttl,
+        break_timeout: cfg.lease_break_timeout,
+        // In-flight operations are bounded by the op timeout (per socket wait); allow two.
+        drain_timeout: cfg.data_op_timeout * 2 + Duration::from_secs(1),
+    };
+    let leases = LeaseManager::new(pool.clone(), sessions.clone(), lease_cfg);
+    let lease_reaper = tokio::spawn(leases.clone().reap(root.child_token()));
+    let data_listener = TcpListener::bind(cfg.data_listen)
+        .await
+        .with_context(|| format!("listen for the data plane on {}", cfg.data_listen))?;
+    let data_local = data_listener.local_addr().context("read the data-plane address")?;
+    let write_delay =
+        std::env::var("RDAX_TEST_WRITE_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+    let dataplane = Arc::new(DataPlane {
+        keys: leases.keys().clone(),
+        sessions: sessions.clone(),
+        media: pool.media().clone(),
+        op_timeout: cfg.data_op_timeout,
+        write_delay,
+    });
+    let data_stop = CancellationToken::new();
+    let data_task = tokio::spawn(dataplane.serve(data_listener, data_stop.clone()));
+    let shared = Shared {
+        pool: pool.clone(),
+        sessions: sessions.clone(),
+        leases: leases.clone(),
+        data_endpoint: data_local.to_string(),
+        cfg: cfg.clone(),
+        draining: root.clone(),
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let routes = grpc::routes(shared)?.add_service(health_svc);
     let stop_serving = CancellationToken::new();
@@ -99,10 +131,10 @@ pub async fn run(
     let mut server = tokio::spawn(server);
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     if let Some(p) = &cfg.ports_file {
-        write_ports_file(p, local)?;
+        write_ports_file(p, local, data_local)?;
     }
-    println!("rdaxd: listening grpc={local}");
-    info!(grpc = %local, pool = %cfg.pool_path.display(), "rdaxd ready");
+    println!("rdaxd: listening grpc={local} data={data_local}");
+    info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
 
     tokio::select! {
         _ = shutdown => {}
@@ -117,6 +149,9 @@ pub async fn run(
     info!("shutting down");
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     root.cancel();
+    // Recall every lease while sessions can still hear it; revoke at the break deadline.
+    leases.recall_all().await;
+    data_stop.cancel();
     sessions.shutdown();
     stop_serving.cancel();
     match tokio::time::timeout(cfg.shutdown_timeout, &mut server).await {
@@ -127,6 +162,9 @@ pub async fn run(
         }
     }
     reaper.abort();
+    lease_reaper.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
+    drop(leases);
     close_pool(pool, cfg.shutdown_timeout).await;
     info!(elapsed = ?t0.elapsed(), "shutdown complete");
     Ok(())

@@ -186,4 +186,14 @@ impl Admin for AdminService {
         self.0.sessions.end(id, EndReason::Evicted)?;
         Ok(Response::new(pb::EvictSessionResponse {}))
     }
+
+    async fn revoke_lease(
+        &self,
+        req: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
+        let r = req.into_inner();
+        info!(lease = r.lease_id, immediate = r.immediate, "administrator revoke");
+        self.0.leases.admin_revoke(r.lease_id, r.immediate).await?;
+        Ok(Response::new(pb::RevokeLeaseResponse {}))
+    }
 }

@@ -2,13 +2,15 @@
 
 mod auth;
 mod control;
+mod leases;
 mod objects;
 pub mod status;
 
 use std::sync::Arc;
 
 use rdax_proto::pb::{
-    admin_server::AdminServer, objects_server::ObjectsServer, pool_server::PoolServer, sessions_server::SessionsServer,
+    admin_server::AdminServer, leases_server::LeasesServer, objects_server::ObjectsServer, pool_server::PoolServer,
+    sessions_server::SessionsServer,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -27,6 +29,10 @@ pub struct Shared {
     pub pool: Arc<Pool>,
     /// Sessions.
     pub sessions: Arc<SessionManager>,
+    /// Leases.
+    pub leases: Arc<crate::lease::LeaseManager>,
+    /// The data plane's address, handed out with every grant.
+    pub data_endpoint: String,
     /// Configuration.
     pub cfg: Arc<Config>,
     /// Cancelled when the daemon starts shutting down.
@@ -34,6 +40,20 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Recall the leases on `[lo, hi)` of `key` before a layout change; the guard keeps new
+    /// grants off the range until dropped. A missing object is left for the pool call to report.
+    pub async fn recall(
+        &self,
+        key: &rdax_proto::model::ObjectKey,
+        lo: u64,
+        hi: u64,
+        reason: &str,
+    ) -> Result<Option<crate::lease::BreakGuard>, Status> {
+        let k = key.clone();
+        let Ok(st) = self.blocking(move |p| p.stat(&k.namespace, &k.name)).await? else { return Ok(None) };
+        Ok(Some(self.leases.recall(st.id, lo, hi, reason).await?))
+    }
+
     /// Run pool work on a blocking thread. It completes even if the caller is dropped.
     pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> T + Send + 'static) -> Result<T, Status> {
         if self.draining.is_cancelled() {
@@ -75,6 +95,10 @@ pub fn routes(shared: Shared) -> anyhow::Result<Routes> {
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             SessionsServer::new(control::SessionsService(shared.clone())),
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            LeasesServer::new(leases::LeasesService(shared.clone())),
             auth.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -64,25 +64,41 @@ impl Objects for ObjectsService {
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         let r = ResizeObject::try_from(req.into_inner())?;
         let span = info_span!("resize", object = %r.key, size = r.size);
-        let st = self.0.blocking(move |p| p.resize(&r.key.namespace, &r.key.name, r.size)).instrument(span).await??;
-        Ok(Response::new(to_pb(st)))
+        async move {
+            // Shrinking takes blocks away: recall the leases past the new end first.
+            let _guard = self.0.recall(&r.key, r.size, u64::MAX, "the object is being truncated").await?;
+            let st = self.0.blocking(move |p| p.resize(&r.key.namespace, &r.key.name, r.size)).await??;
+            Ok(Response::new(to_pb(st)))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn punch_hole(&self, req: Request<pb::PunchHoleRequest>) -> Result<Response<pb::PunchHoleResponse>, Status> {
         let r = PunchHole::try_from(req.into_inner())?;
         let span = info_span!("punch_hole", object = %r.key, offset = r.range.offset, length = r.range.length);
-        self.0
-            .blocking(move |p| p.punch_hole(&r.key.namespace, &r.key.name, r.range.offset, r.range.length))
-            .instrument(span)
-            .await??;
-        Ok(Response::new(pb::PunchHoleResponse {}))
+        async move {
+            let end = r.range.offset + r.range.length;
+            let _guard = self.0.recall(&r.key, r.range.offset, end, "a hole is being punched").await?;
+            self.0
+                .blocking(move |p| p.punch_hole(&r.key.namespace, &r.key.name, r.range.offset, r.range.length))
+                .await??;
+            Ok(Response::new(pb::PunchHoleResponse {}))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let key = ObjectKey::try_from(req.into_inner().object)?;
         let span = info_span!("delete", object = %key);
-        self.0.blocking(move |p| p.delete(&key.namespace, &key.name)).instrument(span).await??;
-        Ok(Response::new(pb::DeleteResponse {}))
+        async move {
+            let _guard = self.0.recall(&key, 0, u64::MAX, "the object is being deleted").await?;
+            self.0.blocking(move |p| p.delete(&key.namespace, &key.name)).await??;
+            Ok(Response::new(pb::DeleteResponse {}))
+        }
+        .instrument(span)
+        .await
     }
 
     type ReadStream = ReadStream;

@@ -36,6 +36,27 @@ pub fn shutting_down() -> Status {
     Status::unavailable("rdaxd is shutting down; retry against a running daemon")
 }
 
+impl From<crate::lease::LeaseError> for Status {
+    fn from(e: crate::lease::LeaseError) -> Self {
+        use crate::lease::LeaseError as L;
+        let code = match &e {
+            L::SessionNotFound | L::NotFound(_) => Code::NotFound,
+            L::NotActive(_) => Code::FailedPrecondition,
+            L::Breaking { retry_after_ms } => {
+                let mut s = Status::new(Code::Unavailable, e.to_string());
+                if let Ok(v) = retry_after_ms.to_string().parse() {
+                    s.metadata_mut().insert("retry-after-ms", v);
+                }
+                return s;
+            }
+            L::DrainTimeout(_) | L::ShuttingDown => Code::Unavailable,
+            L::Invalid(_) => Code::InvalidArgument,
+            L::Pool(o) => return Status::from(o.clone()),
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

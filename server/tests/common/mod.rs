@@ -12,6 +12,8 @@ pub const START_DEADLINE: Duration = Duration::from_secs(30);
 pub struct Daemon {
     child: Option<Child>,
     pub endpoint: String,
+    pub data: String,
+    pub envs: Vec<(String, String)>,
     pub dir: PathBuf,
     pub args: Vec<String>,
 }
@@ -42,6 +44,11 @@ pub fn rdaxctl() -> Command {
 impl Daemon {
     /// Start rdaxd with its state in `dir` and extra flags.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_env(dir, extra, &[])
+    }
+
+    /// Start with extra environment variables.
+    pub fn start_env(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut args: Vec<String> = vec![
             "--state-dir".into(),
             dir.display().to_string(),
@@ -49,12 +56,16 @@ impl Daemon {
             "127.0.0.1:0".into(),
             "--ports-file".into(),
             dir.join("ports.json").display().to_string(),
+            "--data-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         if !extra.contains(&"--pool-size") {
             args.extend(["--pool-size".to_string(), "64M".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut d = Self { child: None, endpoint: String::new(), dir: dir.to_path_buf(), args };
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut d =
+            Self { child: None, endpoint: String::new(), data: String::new(), envs, dir: dir.to_path_buf(), args };
         d.spawn();
         d
     }
@@ -67,6 +78,7 @@ impl Daemon {
             .args(&self.args)
             .env_remove("RDAX_TOKEN")
             .env("RDAX_LOG_LEVEL", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -78,9 +90,10 @@ impl Daemon {
             }
             let text = std::fs::read_to_string(&ports).ok()?;
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-            v["grpc"].as_str().map(str::to_string)
+            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string()))
         });
-        self.endpoint = format!("http://{addr}");
+        self.endpoint = format!("http://{}", addr.0);
+        self.data = addr.1;
     }
 
     /// Stop with SIGTERM and start again with the same arguments.

@@ -424,6 +424,10 @@ impl Media for MappedMedia {
         }
     }
 
+    fn dma_addr(&self, off: u64, len: u64) -> Option<usize> {
+        Some(self.ptr(off, len) as usize)
+    }
+
     fn mode(&self) -> PoolMode {
         self.mode
     }

@@ -105,6 +105,12 @@ pub trait Media: Send + Sync + 'static {
         self.flush(off, len);
         self.drain();
     }
+    /// The address of `[off, off + len)` in this process, for transports that let the kernel
+    /// or a NIC copy straight into the mapping. `None` when the medium is not mapped memory.
+    fn dma_addr(&self, off: u64, len: u64) -> Option<usize> {
+        let _ = (off, len);
+        None
+    }
     /// The region kind.
     fn mode(&self) -> PoolMode;
     /// The persistence method.

@@ -1,0 +1,306 @@
+//! Layout leases over the TCP data plane, against the real daemon process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, client};
+use rdax_client::{ErrorKind, LeaseMode, SessionNotice, SessionOptions};
+use rdax_proto::dataplane::{self as wire, Op, Request, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: u64 = 1 << 20;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+async fn next_notice(s: &mut rdax_client::Session) -> SessionNotice {
+    tokio::time::timeout(Duration::from_secs(20), s.next_notice())
+        .await
+        .expect("a notice in time")
+        .expect("session alive")
+}
+
+/// A raw data-plane connection, for checks the SDK would never let through.
+struct Raw(tokio::net::TcpStream);
+
+impl Raw {
+    async fn connect(addr: &str, session: [u8; 16]) -> (Self, Status) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let hello =
+            Request { op: Op::Hello, flags: 0, id: 1, key: session, generation: wire::VERSION, offset: 0, len: 0 };
+        s.write_all(&hello.encode()).await.unwrap();
+        let mut r = Raw(s);
+        let st = r.status(1).await;
+        (r, st)
+    }
+
+    async fn status(&mut self, id: u32) -> Status {
+        let mut b = [0u8; wire::RESP_LEN];
+        self.0.read_exact(&mut b).await.unwrap();
+        let (rid, st, _) = wire::decode_response(&b).unwrap();
+        assert_eq!(rid, id);
+        st
+    }
+
+    async fn op(&mut self, op: Op, key: [u8; 16], generation: u64, offset: u64, payload: &[u8], len: u32) -> Status {
+        let r = Request { op, flags: 0, id: 7, key, generation, offset, len };
+        self.0.write_all(&r.encode()).await.unwrap();
+        if op == Op::Write {
+            self.0.write_all(payload).await.unwrap();
+        }
+        let st = self.status(7).await;
+        if op == Op::Read && st == Status::Ok {
+            let mut sink = vec![0u8; len as usize];
+            self.0.read_exact(&mut sink).await.unwrap();
+        }
+        st
+    }
+}
+
+fn session_bytes(s: &rdax_client::Session) -> [u8; 16] {
+    s.id().parse::<rdax_proto::model::SessionId>().unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cooperative_recall_returns_the_lease_and_the_truncate_completes() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let a = client(&d).await;
+    let mut sa = a.open_session("A").await.unwrap();
+    a.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let lease = sa.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    assert!(lease.segments().iter().all(|s| s.target.is_some()), "a read-write grant allocates");
+    lease.write_persist(100, b"written over the data plane").await.unwrap();
+    assert_eq!(lease.read(100, 27).await.unwrap(), b"written over the data plane");
+    // Visible through the control plane too: the same pool bytes.
+    assert_eq!(a.object("ns", "x").unwrap().read(100, 27).await.unwrap(), b"written over the data plane");
+    let b = client(&d).await;
+    let t0 = Instant::now();
+    b.object("ns", "x").unwrap().resize(4096).await.unwrap();
+    let took = t0.elapsed();
+    assert!(
+        matches!(next_notice(&mut sa).await, SessionNotice::LeaseRecalled { lease_id, .. } if lease_id == lease.id())
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "a cooperative holder returns well before the 5 s break deadline ({took:?})"
+    );
+    let e = lease.write(0, b"late").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked, "{e}");
+    // The key itself is dead on the wire.
+    let seg = lease.segments()[0].target.unwrap();
+    let (mut raw, st) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    assert_eq!(st, Status::Ok);
+    assert_eq!(raw.op(Op::Read, seg.1, lease.generation(), seg.0, &[], 8).await, Status::Revoked);
+    // Re-acquire what is left after the layout change.
+    let again = sa.acquire("ns", "x", 0, 4096, LeaseMode::Read).await.unwrap();
+    assert_eq!(again.read(100, 7).await.unwrap(), b"written");
+    assert!(again.generation() > lease.generation(), "generations only grow");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unresponsive_holder_is_revoked_at_the_deadline() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "700"]);
+    let a = client(&d).await;
+    let mut sa =
+        a.open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true }).await.unwrap();
+    a.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let lease = sa.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    let seg = lease.segments()[0].target.unwrap();
+    let b = client(&d).await;
+    let t0 = Instant::now();
+    b.object("ns", "x").unwrap().resize(0).await.unwrap();
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(650), "the truncate waits for the deadline ({took:?})");
+    assert!(took < Duration::from_secs(5), "and not much longer ({took:?})");
+    let mut saw_revoked = false;
+    for _ in 0..2 {
+        if let SessionNotice::LeaseRevoked { lease_id, .. } = next_notice(&mut sa).await {
+            saw_revoked |= lease_id == lease.id();
+        }
+    }
+    assert!(saw_revoked);
+    let (mut raw, _) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    assert_eq!(raw.op(Op::Write, seg.1, lease.generation(), seg.0, &[1; 16], 16).await, Status::Revoked);
+    assert_eq!(lease.read(0, 1).await.unwrap_err().kind(), ErrorKind::Revoked);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_forbidden_operation_is_refused_and_the_daemon_stays_up() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let c = client(&d).await;
+    let sa = c.open_session("A").await.unwrap();
+    let sb = c.open_session("B").await.unwrap();
+    c.object("ns", "x").unwrap().create(64 << 10).await.unwrap();
+    let rw = sa.acquire("ns", "x", 0, 8192, LeaseMode::ReadWrite).await.unwrap();
+    let ro = sa.acquire("ns", "x", 8192, 8192, LeaseMode::Read).await.unwrap();
+    let (pool, key) = rw.segments()[0].target.unwrap();
+    let g = rw.generation();
+    let (mut a, st) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    assert_eq!(st, Status::Ok);
+    assert_eq!(a.op(Op::Write, key, g, pool, &[9; 8], 8).await, Status::Ok);
+    assert_eq!(a.op(Op::Read, key, g + 1, pool, &[], 8).await, Status::StaleGeneration);
+    assert_eq!(a.op(Op::Read, [0x42; 16], g, pool, &[], 8).await, Status::UnknownKey, "forged key");
+    assert_eq!(a.op(Op::Read, key, g, pool + 8190, &[], 8).await, Status::OutOfRange);
+    assert_eq!(a.op(Op::Read, key, g, pool.wrapping_sub(1), &[], 8).await, Status::OutOfRange);
+    let (ro_pool, ro_key) =
+        ro.segments()[0].target.or(ro.segments().last().unwrap().target).map_or((0, [0; 16]), |t| t);
+    if ro_key != [0; 16] {
+        assert_eq!(a.op(Op::Write, ro_key, ro.generation(), ro_pool, &[1; 4], 4).await, Status::Mode);
+    }
+    // Another session presenting A's key.
+    let (mut b, _) = Raw::connect(&d.data, session_bytes(&sb)).await;
+    assert_eq!(b.op(Op::Read, key, g, pool, &[], 8).await, Status::WrongSession);
+    // No HELLO, a bad session, a malformed frame and an oversized length close the connection.
+    let (_, st) = Raw::connect(&d.data, [0xEE; 16]).await;
+    assert_eq!(st, Status::BadSession);
+    let mut s = tokio::net::TcpStream::connect(&d.data).await.unwrap();
+    s.write_all(&Request { op: Op::Read, flags: 0, id: 3, key, generation: g, offset: pool, len: 8 }.encode())
+        .await
+        .unwrap();
+    assert_eq!(Raw(s).status(3).await, Status::NoHello);
+    let mut junk = [0xFFu8; wire::REQ_LEN];
+    junk[4..8].copy_from_slice(&0u32.to_le_bytes());
+    b.0.write_all(&junk).await.unwrap();
+    assert_eq!(b.status(0).await, Status::Malformed);
+    let (mut big, _) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    let r = Request { op: Op::Read, flags: 0, id: 4, key, generation: g, offset: pool, len: wire::MAX_OP_LEN + 1 };
+    big.0.write_all(&r.encode()).await.unwrap();
+    assert_eq!(big.status(4).await, Status::TooLarge);
+    // The good connection and the daemon are unharmed; nothing was written by the refusals.
+    assert_eq!(a.op(Op::Read, key, g, pool, &[], 8).await, Status::Ok);
+    assert_eq!(c.object("ns", "x").unwrap().read(0, 8).await.unwrap(), vec![9; 8]);
+    assert_eq!(c.object("ns", "x").unwrap().read(8192, 4).await.unwrap(), vec![0; 4]);
+    c.info().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dma_held_mid_copy_drains_before_blocks_are_reused() {
+    let dir = tmp();
+    let d = Daemon::start_env(dir.path(), &["--lease-break-timeout-ms", "400"], &[("RDAX_TEST_WRITE_DELAY_MS", "300")]);
+    let c = client(&d).await;
+    let sa = c.open_session_with(SessionOptions { client_name: "A".into(), ignore_recalls: true }).await.unwrap();
+    let x = c.object("ns", "x").unwrap();
+    x.create(2 * MIB).await.unwrap();
+    let lease = sa.acquire("ns", "x", 0, 2 * MIB, LeaseMode::ReadWrite).await.unwrap();
+    let old_segments: Vec<(u64, u64)> = lease.segments().iter().map(|s| (s.target.unwrap().0, s.len)).collect();
+    // A writes tagged 64 KiB chunks in a loop; each is held mid-copy for 300 ms.
+    let writer = tokio::spawn(async move {
+        let mut seq = 0u64;
+        loop {
+            let mut tag = [0u8; 16];
+            tag[..8].copy_from_slice(b"WRITER-A");
+            tag[8..].copy_from_slice(&seq.to_le_bytes());
+            let chunk: Vec<u8> = tag.iter().cycle().take(64 << 10).copied().collect();
+            let off = (seq * (64 << 10)) % (2 * MIB);
+            if let Err(e) = lease.write(off, &chunk).await {
+                return (seq, e.kind());
+            }
+            seq += 1;
+        }
+    });
+    // Truncate while A's writes are in flight (wait until one is pinned).
+    common::poll(Duration::from_secs(10), "a pinned write", || {
+        let c = c.clone();
+        let pinned = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(async { c.leases(None).await.unwrap().iter().any(|l| l.pins > 0) })
+        });
+        pinned.join().unwrap().then_some(())
+    });
+    x.resize(0).await.unwrap();
+    // The truncate returned only after A's writes drained. Give the freed blocks to C.
+    let y = c.object("ns", "y").unwrap();
+    let free = c.stats().await.unwrap().free_blocks * 4096;
+    y.create(free).await.unwrap();
+    let sc = c.open_session("C").await.unwrap();
+    let lc = sc.acquire("ns", "y", 0, free, LeaseMode::ReadWrite).await.unwrap();
+    let reused = lc.segments().iter().any(|s| {
+        let (p, n) = (s.target.unwrap().0, s.len);
+        old_segments.iter().any(|&(q, m)| p < q + m && q < p + n)
+    });
+    assert!(reused, "the test must hand A's old blocks to C");
+    let (seq, kind) = tokio::time::timeout(Duration::from_secs(20), writer).await.unwrap().unwrap();
+    assert!(seq >= 1, "A wrote under its lease first");
+    assert_eq!(kind, ErrorKind::Revoked);
+    // C's object must hold no byte of A's: all zero (C has not written yet).
+    let mut off = 0;
+    while off < free {
+        let n = (free - off).min(8 * MIB);
+        let bytes = y.read(off, n).await.unwrap();
+        assert!(bytes.iter().all(|&b| b == 0), "A's bytes reached reused blocks near offset {off}");
+        off += n;
+    }
+    lc.write_persist(0, b"C").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_grant_overlaps_a_range_while_it_is_recalled() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "800"]);
+    let c = client(&d).await;
+    let sa = c.open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true }).await.unwrap();
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let _held = sa.acquire("ns", "x", 0, MIB, LeaseMode::Read).await.unwrap();
+    // The holder ignores the recall, so the truncate cannot finish before the 800 ms deadline:
+    // any grant returned sooner after the truncate started was given during the recall.
+    let t_start = Instant::now();
+    let truncating = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.object("ns", "x").unwrap().resize(4096).await.unwrap();
+            Instant::now()
+        })
+    };
+    // Wait until the recall is under way (the held lease is breaking).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.leases(None).await.unwrap().iter().any(|l| l.state == "breaking") {
+        assert!(Instant::now() < deadline, "recall did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sb = c.open_session("B").await.unwrap();
+    // Outside the recalled range [4096, end): granted at once, recall or not.
+    let t = Instant::now();
+    sb.acquire("ns", "x", 0, 4096, LeaseMode::Read).await.unwrap();
+    assert!(t.elapsed() < Duration::from_millis(500), "an unrelated range must not wait ({:?})", t.elapsed());
+    // Overlapping it: held until the layout change is done, and then the range is gone.
+    let got = sb.acquire("ns", "x", 0, 8192, LeaseMode::Read).await;
+    let waited = t_start.elapsed();
+    let truncated_at = truncating.await.unwrap();
+    assert!(truncated_at - t_start >= Duration::from_millis(750), "the deaf holder holds the truncate to the deadline");
+    let e = got.expect_err("the range no longer exists after the truncate");
+    assert!(matches!(e.kind(), ErrorKind::OutOfRange | ErrorKind::Unavailable), "{e}");
+    if e.kind() == ErrorKind::OutOfRange {
+        assert!(
+            waited >= Duration::from_millis(750),
+            "answered {waited:?} after the recall began, before its deadline"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_session_loses_its_leases() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--session-ttl-ms", "400"]);
+    let c = client(&d).await;
+    let s = c.open_session("short").await.unwrap();
+    c.object("ns", "x").unwrap().create(8192).await.unwrap();
+    let l = s.acquire("ns", "x", 0, 8192, LeaseMode::ReadWrite).await.unwrap();
+    let bytes = s.id().parse::<rdax_proto::model::SessionId>().unwrap().0;
+    let (pool, key) = l.segments()[0].target.unwrap();
+    let g = l.generation();
+    drop(s); // keepalives stop
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.leases(None).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the lease outlived its session");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, st) = Raw::connect(&d.data, bytes).await;
+    assert_eq!(st, Status::BadSession);
+    let _ = (pool, key, g);
+}
