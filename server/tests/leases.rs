@@ -304,3 +304,36 @@ async fn a_lost_session_loses_its_leases() {
     assert_eq!(st, Status::BadSession);
     let _ = (pool, key, g);
 }
+
+#[test]
+fn rdaxctl_lease_hold_list_and_revoke() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    assert!(d.ctl(&["create", "ns/x", "--size", "1M"]).status.success());
+    let mut hold = common::rdaxctl()
+        .args(["--endpoint", &d.endpoint, "--json", "lease", "hold", "ns/x", "--rw"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lease: serde_json::Value = common::poll(Duration::from_secs(20), "the held lease to be listed", || {
+        let out = d.ctl(&["--json", "lease", "list"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.first().cloned()
+    });
+    assert_eq!(lease["state"], "active");
+    assert_eq!(lease["object"], "ns/x");
+    let id = lease["lease_id"].as_u64().unwrap().to_string();
+    let out = d.ctl(&["lease", "revoke", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The holder honours the recall and exits.
+    let st = common::poll(Duration::from_secs(20), "the holder to exit", || hold.try_wait().unwrap());
+    assert!(st.success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(hold.stdout.as_mut().unwrap(), &mut text).unwrap();
+    assert!(text.contains("LeaseRecalled"), "{text}");
+    let out = d.ctl(&["--json", "lease", "list"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(d.ctl(&["lease", "revoke", "999"]).status.code(), Some(3));
+}

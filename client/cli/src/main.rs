@@ -171,12 +171,52 @@ enum Cmd {
         #[arg(long, default_value = "rdaxctl")]
         name: String,
     },
+    /// Leases: hold one (for demos and debugging), list, revoke.
+    Lease {
+        #[command(subcommand)]
+        cmd: LeaseCmd,
+    },
     /// Measure the daemon: unary ops/s and streamed put/get throughput.
     Bench(bench::BenchArgs),
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+/// `rdaxctl lease ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum LeaseCmd {
+    /// Open a session, acquire a lease, print its segments and keys, and hold it (renewing)
+    /// until Ctrl-C or a recall (which it honours, then exits).
+    Hold {
+        /// NAMESPACE/NAME.
+        #[arg(value_parser = parse_obj)]
+        object: ObjPath,
+        /// First byte.
+        #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "0")]
+        offset: u64,
+        /// Bytes (default: to the end of the object).
+        #[arg(long, value_parser = rdaxd::config::parse_size)]
+        length: Option<u64>,
+        /// Grant read-write access (allocates holes); default read-only.
+        #[arg(long)]
+        rw: bool,
+    },
+    /// List leases (all, or one session's).
+    List {
+        /// Only this session's.
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Recall a lease now (revoked if not returned by the break deadline).
+    Revoke {
+        /// Lease id.
+        lease_id: u64,
+        /// Revoke at once, without a recall.
+        #[arg(long)]
+        immediate: bool,
     },
 }
 

@@ -197,6 +197,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Cmd::Lease { cmd } => lease(&client, cmd, json).await?,
         Cmd::Mkpool { .. } | Cmd::Fsck { .. } | Cmd::Completions { .. } | Cmd::Bench(_) => {
             unreachable!("handled in main")
         }
@@ -278,6 +279,94 @@ async fn get(
         emit(json, &json!({"object": k.to_string(), "offset": offset, "bytes": n}), || {
             format!("read {} from {k}", human(n))
         });
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn lease(client: &Client, cmd: &crate::LeaseCmd, json: bool) -> Result<(), Failure> {
+    use crate::LeaseCmd;
+    use rdax_client::LeaseMode;
+    match cmd {
+        LeaseCmd::Hold { object, offset, length, rw } => {
+            let len = match length {
+                Some(l) => *l,
+                None => client.object(&object.ns, &object.name)?.stat().await?.size.saturating_sub(*offset),
+            };
+            let mut s = client.open_session("rdaxctl lease hold").await?;
+            let mode = if *rw { LeaseMode::ReadWrite } else { LeaseMode::Read };
+            let l = s.acquire(&object.ns, &object.name, *offset, len, mode).await?;
+            let segs: Vec<Value> = l
+                .segments()
+                .iter()
+                .map(|g| {
+                    json!({"object_offset": g.object_offset, "length": g.len,
+                        "pool_offset": g.target.map(|t| t.0), "key": g.target.map(|t| hex(&t.1))})
+                })
+                .collect();
+            let v = json!({"session_id": s.id(), "lease_id": l.id(), "generation": l.generation(), "segments": segs});
+            emit(json, &v, || {
+                let mut out = format!("lease {} (generation {}) for session {}\n", l.id(), l.generation(), s.id());
+                for g in l.segments() {
+                    match g.target {
+                        Some((p, k)) => {
+                            out += &format!("  object [{}, +{}) -> pool {p} key {}\n", g.object_offset, g.len, hex(&k))
+                        }
+                        None => out += &format!("  object [{}, +{}) -> hole\n", g.object_offset, g.len),
+                    }
+                }
+                out + "holding; Ctrl-C to release"
+            });
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    l.release().await?;
+                    s.close().await?;
+                }
+                n = s.next_notice() => {
+                    let msg = format!("{n:?}");
+                    emit(json, &json!({"event": msg}), || format!("event: {msg}"));
+                }
+            }
+        }
+        LeaseCmd::List { session } => {
+            let list = client.leases(session.as_deref()).await?;
+            let v: Vec<Value> = list
+                .iter()
+                .map(|l| {
+                    let o = l.object.clone().unwrap_or_default();
+                    json!({"lease_id": l.lease_id, "session_id": l.session_id, "object": format!("{}/{}", o.namespace, o.name),
+                        "offset": l.offset, "length": l.length, "mode": l.mode, "generation": l.generation,
+                        "state": l.state, "pins": l.pins, "expires_in_ms": l.expires_in_ms})
+                })
+                .collect();
+            emit(json, &v, || {
+                list.iter()
+                    .map(|l| {
+                        let o = l.object.clone().unwrap_or_default();
+                        format!(
+                            "{:>6}  {:<9} {}/{} [{}, +{}) gen {} pins {} expires in {} ms",
+                            l.lease_id,
+                            l.state,
+                            o.namespace,
+                            o.name,
+                            l.offset,
+                            l.length,
+                            l.generation,
+                            l.pins,
+                            l.expires_in_ms
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        LeaseCmd::Revoke { lease_id, immediate } => {
+            client.revoke_lease(*lease_id, *immediate).await?;
+            emit(json, &json!({"revoked": lease_id}), || format!("lease {lease_id} recalled and drained"));
+        }
     }
     Ok(())
 }
