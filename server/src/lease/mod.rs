@@ -632,3 +632,6 @@ impl LeaseManager {
         v
     }
 }
+
+#[cfg(test)]
+mod tests;
