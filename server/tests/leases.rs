@@ -4,10 +4,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, client};
+use common::{Daemon, Raw, client};
 use rdax_client::{ErrorKind, LeaseMode, SessionNotice, SessionOptions};
 use rdax_proto::dataplane::{self as wire, Op, Request, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const MIB: u64 = 1 << 20;
 
@@ -20,43 +20,6 @@ async fn next_notice(s: &mut rdax_client::Session) -> SessionNotice {
         .await
         .expect("a notice in time")
         .expect("session alive")
-}
-
-/// A raw data-plane connection, for checks the SDK would never let through.
-struct Raw(tokio::net::TcpStream);
-
-impl Raw {
-    async fn connect(addr: &str, session: [u8; 16]) -> (Self, Status) {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let hello =
-            Request { op: Op::Hello, flags: 0, id: 1, key: session, generation: wire::VERSION, offset: 0, len: 0 };
-        s.write_all(&hello.encode()).await.unwrap();
-        let mut r = Raw(s);
-        let st = r.status(1).await;
-        (r, st)
-    }
-
-    async fn status(&mut self, id: u32) -> Status {
-        let mut b = [0u8; wire::RESP_LEN];
-        self.0.read_exact(&mut b).await.unwrap();
-        let (rid, st, _) = wire::decode_response(&b).unwrap();
-        assert_eq!(rid, id);
-        st
-    }
-
-    async fn op(&mut self, op: Op, key: [u8; 16], generation: u64, offset: u64, payload: &[u8], len: u32) -> Status {
-        let r = Request { op, flags: 0, id: 7, key, generation, offset, len };
-        self.0.write_all(&r.encode()).await.unwrap();
-        if op == Op::Write {
-            self.0.write_all(payload).await.unwrap();
-        }
-        let st = self.status(7).await;
-        if op == Op::Read && st == Status::Ok {
-            let mut sink = vec![0u8; len as usize];
-            self.0.read_exact(&mut sink).await.unwrap();
-        }
-        st
-    }
 }
 
 fn session_bytes(s: &rdax_client::Session) -> [u8; 16] {

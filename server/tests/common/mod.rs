@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use rdax_proto::dataplane::{self as wire, Op, Request, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Daemon {
@@ -141,4 +144,49 @@ impl Drop for Daemon {
 
 pub async fn client(d: &Daemon) -> rdax_client::Client {
     rdax_client::Client::connect(&d.endpoint, rdax_client::ConnectOptions::default()).await.expect("connect")
+}
+
+/// A raw data-plane connection, for checks the SDK would never let through.
+pub struct Raw(pub tokio::net::TcpStream);
+
+impl Raw {
+    pub async fn connect(addr: &str, session: [u8; 16]) -> (Self, Status) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let hello =
+            Request { op: Op::Hello, flags: 0, id: 1, key: session, generation: wire::VERSION, offset: 0, len: 0 };
+        s.write_all(&hello.encode()).await.unwrap();
+        let mut r = Raw(s);
+        let st = r.status(1).await;
+        (r, st)
+    }
+
+    pub async fn status(&mut self, id: u32) -> Status {
+        let mut b = [0u8; wire::RESP_LEN];
+        self.0.read_exact(&mut b).await.unwrap();
+        let (rid, st, _) = wire::decode_response(&b).unwrap();
+        assert_eq!(rid, id);
+        st
+    }
+
+    pub async fn op(
+        &mut self,
+        op: Op,
+        key: [u8; 16],
+        generation: u64,
+        offset: u64,
+        payload: &[u8],
+        len: u32,
+    ) -> Status {
+        let r = Request { op, flags: 0, id: 7, key, generation, offset, len };
+        self.0.write_all(&r.encode()).await.unwrap();
+        if op == Op::Write {
+            self.0.write_all(payload).await.unwrap();
+        }
+        let st = self.status(7).await;
+        if op == Op::Read && st == Status::Ok {
+            let mut sink = vec![0u8; len as usize];
+            self.0.read_exact(&mut sink).await.unwrap();
+        }
+        st
+    }
 }
