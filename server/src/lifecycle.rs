@@ -122,12 +122,8 @@ pub async fn run(
         // every message on window updates.
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .tcp_nodelay(true)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stop_serving.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming(listener), stop_serving.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     if let Some(p) = &cfg.ports_file {
@@ -168,6 +164,20 @@ pub async fn run(
     close_pool(pool, cfg.shutdown_timeout).await;
     info!(elapsed = ?t0.elapsed(), "shutdown complete");
     Ok(())
+}
+
+/// Accepted gRPC connections with `TCP_NODELAY`: tonic's own `tcp_nodelay` only applies when
+/// it binds the socket itself, and with Nagle on, small messages such as lease recalls and
+/// unary replies wait ~40 ms for delayed ACKs.
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
+        r.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
+            }
+        })
+    })
 }
 
 /// Wait (bounded) for blocking pool work to let go of the pool, then close it cleanly.

@@ -1,0 +1,303 @@
+//! Lease and data-plane benchmarks against a real rdaxd (started here, pool on tmpfs).
+//! Prints figures and ratios to raw TCP measured in the same run; asserts nothing.
+//!
+//! ```text
+//! cargo bench -p rdaxd --bench leases
+//! ```
+//! Under `cargo test` (no `--bench` flag) it runs a tiny smoke pass.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdax_client::{Client, ConnectOptions, LeaseMode, SessionOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Daemon {
+    child: Child,
+    grpc: String,
+    dir: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start(extra: &[&str]) -> Daemon {
+    let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let dir = base.join(format!("rdax-bench-leases-{}-{}", std::process::id(), extra.len()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports = dir.join("ports.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_rdaxd"))
+        .args(["--state-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+        .args([
+            "--ports-file",
+            ports.to_str().unwrap(),
+            "--pool-size",
+            "1G",
+            "--log-level",
+            "warn",
+            "--max-sessions",
+            "4096",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let grpc = loop {
+        if let Ok(t) = std::fs::read_to_string(&ports)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
+        {
+            break v["grpc"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "rdaxd did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Daemon { child, grpc: format!("http://{grpc}"), dir }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A raw TCP peer that mimics the data plane's message sizes without a pool: for each
+/// 48-byte header (+ `req_payload` bytes) it answers 16 bytes (+ `resp_payload`).
+async fn raw_peer(req_payload: usize, resp_payload: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            s.set_nodelay(true).unwrap();
+            tokio::spawn(async move {
+                let mut req = vec![0u8; 48 + req_payload];
+                let mut resp = vec![0u8; 16 + resp_payload];
+                while s.read_exact(&mut req).await.is_ok() {
+                    resp[0] ^= 1;
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn raw_latency(req_payload: usize, resp_payload: usize, n: usize) -> Vec<f64> {
+    let addr = raw_peer(req_payload, resp_payload).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let req = vec![1u8; 48 + req_payload];
+    let mut resp = vec![0u8; 16 + resp_payload];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&req).await.unwrap();
+        s.read_exact(&mut resp).await.unwrap();
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    v
+}
+
+async fn raw_throughput(req_payload: usize, resp_payload: usize, qd: usize, total: usize) -> f64 {
+    let addr = raw_peer(req_payload, resp_payload).await;
+    let per = total / qd;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..qd {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let req = vec![1u8; 48 + req_payload];
+            let mut resp = vec![0u8; 16 + resp_payload];
+            for _ in 0..per {
+                s.write_all(&req).await.unwrap();
+                s.read_exact(&mut resp).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (per * qd) as f64 * req_payload.max(resp_payload) as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let scale = |full: usize, tiny: usize| if smoke { tiny } else { full };
+    println!(
+        "rdax lease/data-plane bench{} — figures, not pass/fail",
+        if smoke { " (smoke run: tiny, unoptimised; figures mean nothing)" } else { "" }
+    );
+    let d = start(&[]);
+    let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let s = c.open_session("bench").await.unwrap();
+
+    // 4 KiB QD1 latency.
+    let o = c.object("b", "lat").unwrap();
+    o.create(1 << 20).await.unwrap();
+    let l = s.acquire("b", "lat", 0, 1 << 20, LeaseMode::ReadWrite).await.unwrap();
+    let n = scale(20_000, 50);
+    let page = vec![7u8; 4096];
+    for _ in 0..100 {
+        l.write(0, &page).await.unwrap();
+    }
+    let mut wl = Vec::with_capacity(n);
+    let mut rl = Vec::with_capacity(n);
+    for i in 0..n {
+        let off = (i % 256) as u64 * 4096;
+        let t = Instant::now();
+        l.write(off, &page).await.unwrap();
+        wl.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        l.read(off, 4096).await.unwrap();
+        rl.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut raw_w = raw_latency(4096, 0, n).await;
+    let mut raw_r = raw_latency(0, 4096, n).await;
+    let (w50, w99, r50, r99) = (pct(&mut wl, 0.5), pct(&mut wl, 0.99), pct(&mut rl, 0.5), pct(&mut rl, 0.99));
+    let (rw50, rw99, rr50, rr99) =
+        (pct(&mut raw_w, 0.5), pct(&mut raw_w, 0.99), pct(&mut raw_r, 0.5), pct(&mut raw_r, 0.99));
+    println!(
+        "4 KiB QD1 write: p50 {w50:.1} us  p99 {w99:.1} us | raw TCP p50 {rw50:.1} p99 {rw99:.1} | p50 ratio {:.2} [target <= 1.3]",
+        w50 / rw50
+    );
+    println!(
+        "4 KiB QD1 read:  p50 {r50:.1} us  p99 {r99:.1} us | raw TCP p50 {rr50:.1} p99 {rr99:.1} | p50 ratio {:.2} [target <= 1.3]",
+        r50 / rr50
+    );
+
+    // 1 MiB QD8 throughput.
+    let size = scale(256 << 20, 8 << 20) as u64;
+    let big = c.object("b", "tp").unwrap();
+    big.create(size).await.unwrap();
+    let lb = Arc::new(s.acquire("b", "tp", 0, size, LeaseMode::ReadWrite).await.unwrap());
+    let chunk = Arc::new(vec![0x5Au8; 1 << 20]);
+    let rounds = scale(4, 1);
+    for write in [true, false] {
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for q in 0..8u64 {
+            let (lb, chunk) = (lb.clone(), chunk.clone());
+            tasks.push(tokio::spawn(async move {
+                for r in 0..rounds as u64 {
+                    let mut off = q << 20;
+                    while off < size {
+                        if write {
+                            lb.write(off, &chunk).await.unwrap();
+                        } else {
+                            lb.read(off, 1 << 20).await.unwrap();
+                        }
+                        off += 8 << 20;
+                    }
+                    let _ = r;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mbs = (size * rounds as u64) as f64 / t.elapsed().as_secs_f64() / 1e6;
+        let total = (size as usize * rounds) >> 20;
+        let raw =
+            if write { raw_throughput(1 << 20, 0, 8, total).await } else { raw_throughput(0, 1 << 20, 8, total).await };
+        println!(
+            "1 MiB QD8 {}: {mbs:.0} MB/s | raw TCP {raw:.0} MB/s | ratio {:.2} [target >= 0.8]",
+            if write { "write" } else { "read " },
+            mbs / raw
+        );
+    }
+
+    // Recall -> drained with 1,000 leases over 100 cooperative sessions: punch each lease's
+    // range (one recall each) and time the punch, which includes recall, return, drain.
+    let (sessions_n, per) = (scale(100, 4), 10usize);
+    let mut holders = Vec::new();
+    let mut leases = Vec::new();
+    for i in 0..sessions_n {
+        let name = format!("r{i}");
+        c.object("b", &name).unwrap().create(per as u64 * 8192).await.unwrap();
+        let hs = c.open_session(&format!("holder{i}")).await.unwrap();
+        for j in 0..per {
+            leases.push(hs.acquire("b", &name, j as u64 * 8192, 8192, LeaseMode::ReadWrite).await.unwrap());
+        }
+        holders.push(hs);
+    }
+    let mut lat = Vec::new();
+    for i in 0..sessions_n {
+        let obj = c.object("b", &format!("r{i}")).unwrap();
+        for j in 0..per {
+            let t = Instant::now();
+            obj.punch_hole(j as u64 * 8192, 8192).await.unwrap();
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "recall->drained ({} leases, {} sessions; punch latency incl. recall, return, drain): p50 {:.2} ms  p99 {:.2} ms [target p99 <= 20 ms]",
+        leases.len(),
+        sessions_n,
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99)
+    );
+    drop(leases);
+    drop(holders);
+
+    // Revoke overshoot with an unresponsive holder (break timeout 100 ms).
+    drop(d);
+    let d = start(&["--lease-break-timeout-ms", "100"]);
+    let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let deaf = c.open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true }).await.unwrap();
+    let mut over = Vec::new();
+    for i in 0..scale(30, 2) {
+        let name = format!("d{i}");
+        let o = c.object("b", &name).unwrap();
+        o.create(8192).await.unwrap();
+        let _l = deaf.acquire("b", &name, 0, 8192, LeaseMode::Read).await.unwrap();
+        let t = Instant::now();
+        o.resize(0).await.unwrap();
+        over.push((t.elapsed().as_secs_f64() - 0.100) * 1e3);
+    }
+    println!(
+        "revoke overshoot past the 100 ms deadline: p50 {:.2} ms  max {:.2} ms [target <= 5 ms]",
+        pct(&mut over, 0.5),
+        pct(&mut over, 1.0)
+    );
+
+    // Acquire + release pairs per second (4 concurrent sessions).
+    c.object("b", "ar").unwrap().create(1 << 20).await.unwrap();
+    let secs = if smoke { 0.2 } else { 3.0 };
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..4u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = c.open_session(&format!("ar{i}")).await.unwrap();
+            let mut n = 0u64;
+            while t.elapsed().as_secs_f64() < secs {
+                let l = s.acquire("b", "ar", (i * 4096) % (1 << 20), 4096, LeaseMode::Read).await.unwrap();
+                l.release().await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut pairs = 0;
+    for t in tasks {
+        pairs += t.await.unwrap();
+    }
+    println!(
+        "acquire+release: {:.0} pairs/s (4 sessions) [target >= 20,000]",
+        pairs as f64 / t.elapsed().as_secs_f64()
+    );
+}
