@@ -247,19 +247,32 @@ impl Lease {
 
     /// Read `len` bytes at object offset `offset` (inside the lease) over the data plane.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len as usize];
+        self.read_into(offset, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Read `buf.len()` bytes at object offset `offset` into `buf` (no allocation).
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let l = &self.inner;
         let _op = l.begin()?;
-        let mut out = vec![0u8; len as usize];
         let mut at = 0usize;
-        for (seg, within, n) in l.pieces(offset, len)? {
-            if let Some((pool, key)) = seg.target {
-                let mut c = l.conns.get().await?;
-                c.read(key, l.generation, pool + within, &mut out[at..at + n as usize]).await?;
-                l.conns.put(c);
+        for (seg, within, n) in l.pieces(offset, buf.len() as u64)? {
+            let dst = &mut buf[at..at + n as usize];
+            match seg.target {
+                Some((pool, key)) => {
+                    for c_off in (0..n as usize).step_by(rdax_proto::dataplane::MAX_OP_LEN as usize) {
+                        let m = (n as usize - c_off).min(rdax_proto::dataplane::MAX_OP_LEN as usize);
+                        let mut c = l.conns.get().await?;
+                        c.read(key, l.generation, pool + within + c_off as u64, &mut dst[c_off..c_off + m]).await?;
+                        l.conns.put(c);
+                    }
+                }
+                None => dst.fill(0),
             }
             at += n as usize;
         }
-        Ok(out)
+        Ok(())
     }
 
     async fn write_inner(&self, offset: u64, data: &[u8], persist: bool) -> Result<()> {

@@ -41,17 +41,15 @@ pub struct Shared {
 
 impl Shared {
     /// Recall the leases on `[lo, hi)` of `key` before a layout change; the guard keeps new
-    /// grants off the range until dropped. A missing object is left for the pool call to report.
+    /// grants off the range until dropped.
     pub async fn recall(
         &self,
         key: &rdax_proto::model::ObjectKey,
         lo: u64,
         hi: u64,
         reason: &str,
-    ) -> Result<Option<crate::lease::BreakGuard>, Status> {
-        let k = key.clone();
-        let Ok(st) = self.blocking(move |p| p.stat(&k.namespace, &k.name)).await? else { return Ok(None) };
-        Ok(Some(self.leases.recall(st.id, lo, hi, reason).await?))
+    ) -> Result<crate::lease::BreakGuard, Status> {
+        Ok(self.leases.recall(key, lo, hi, reason).await?)
     }
 
     /// Run pool work on a blocking thread. It completes even if the caller is dropped.

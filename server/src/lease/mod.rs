@@ -10,7 +10,7 @@
 //! ```
 //!
 //! A layout change (shrink, punch, delete) calls [`LeaseManager::recall`] first. Recall puts
-//! a *breaking marker* on the range and bumps the object's layout epoch (so no grant that was
+//! a *breaking marker* on the range of the object (by name) and bumps its layout epoch (so no grant that was
 //! computed before can be installed), asks every overlapping holder to return its lease on its
 //! session stream, revokes what is not returned by the break deadline (keys stop working at
 //! once), and waits until every covering lease has no operation in flight. Only then does it
@@ -167,7 +167,6 @@ pub struct LeaseSummary {
 
 struct Lease {
     session: SessionId,
-    object_id: u64,
     object: ObjectKey,
     lo: u64,
     hi: u64,
@@ -182,10 +181,12 @@ struct Lease {
 #[derive(Default)]
 struct Inner {
     leases: HashMap<u64, Lease>,
-    /// Breaking markers: (marker id, object id, lo, hi).
-    markers: Vec<(u64, u64, u64, u64)>,
+    /// Breaking markers: (marker id, object, lo, hi). Keyed by name, not object id, so that
+    /// neither a grant nor a recall needs a pool lookup first; a delete-and-recreate under the
+    /// same name is covered conservatively.
+    markers: Vec<(u64, ObjectKey, u64, u64)>,
     /// Per-object layout epoch, bumped by every recall.
-    epochs: HashMap<u64, u64>,
+    epochs: HashMap<ObjectKey, u64>,
     next_id: u64,
     next_generation: u64,
     next_marker: u64,
@@ -297,34 +298,31 @@ impl LeaseManager {
         let end = offset.checked_add(len).ok_or(LeaseError::Invalid("offset + length overflows"))?;
         let deadline = Instant::now() + self.cfg.break_timeout;
         loop {
-            let k = object.clone();
-            let st = self.blocking(move |p| p.stat(&k.namespace, &k.name)).await??;
-            if end > st.size {
-                return Err(
-                    ObjError::OutOfRange { offset, len, size: st.size, hint: "; resize the object first" }.into()
-                );
-            }
-            let free = |i: &Inner| !i.markers.iter().any(|m| m.1 == st.id && overlaps((m.2, m.3), (offset, end)));
+            let free = |i: &Inner| !i.markers.iter().any(|m| m.1 == object && overlaps((m.2, m.3), (offset, end)));
             if !self.wait_changed_until(deadline, free).await {
                 return Err(LeaseError::Breaking { retry_after_ms: self.cfg.break_timeout.as_millis() as u64 / 2 + 1 });
             }
-            let epoch = self.lock().epochs.get(&st.id).copied().unwrap_or(0);
+            let epoch = self.lock().epochs.get(&object).copied().unwrap_or(0);
             let k = object.clone();
-            let (id_now, segs) = self
+            // One trip to a blocking thread: check the range, allocate holes (read-write), and
+            // read the layout.
+            let segs = self
                 .blocking(move |p| {
+                    let size = p.stat(&k.namespace, &k.name)?.size;
+                    if end > size {
+                        return Err(ObjError::OutOfRange { offset, len, size, hint: "; resize the object first" });
+                    }
                     if mode == Mode::ReadWrite {
                         p.allocate(&k.namespace, &k.name, offset, len)?;
                     }
-                    let segs = p.segments(&k.namespace, &k.name, offset, len)?;
-                    Ok::<_, ObjError>((p.stat(&k.namespace, &k.name)?.id, segs))
+                    p.segments(&k.namespace, &k.name, offset, len)
                 })
                 .await??;
             let mut g = self.lock();
             if g.shutting_down {
                 return Err(LeaseError::ShuttingDown);
             }
-            let still_free = free(&g);
-            if id_now != st.id || g.epochs.get(&st.id).copied().unwrap_or(0) != epoch || !still_free {
+            if g.epochs.get(&object).copied().unwrap_or(0) != epoch || !free(&g) {
                 drop(g);
                 continue; // a layout change ran meanwhile: compute the segments again
             }
@@ -361,7 +359,6 @@ impl LeaseManager {
                 id,
                 Lease {
                     session,
-                    object_id: st.id,
                     object: object.clone(),
                     lo: offset,
                     hi: end,
@@ -498,7 +495,7 @@ impl LeaseManager {
     /// keeps new grants off the range until the caller has changed the layout.
     pub async fn recall(
         self: &Arc<Self>,
-        object_id: u64,
+        object: &ObjectKey,
         lo: u64,
         hi: u64,
         reason: &str,
@@ -507,11 +504,11 @@ impl LeaseManager {
             let mut g = self.lock();
             let marker = g.next_marker;
             g.next_marker += 1;
-            g.markers.push((marker, object_id, lo, hi));
-            *g.epochs.entry(object_id).or_insert(0) += 1;
+            g.markers.push((marker, object.clone(), lo, hi));
+            *g.epochs.entry(object.clone()).or_insert(0) += 1;
             let mut targets = Vec::new();
             for (id, l) in g.leases.iter_mut() {
-                if l.object_id == object_id && overlaps((l.lo, l.hi), (lo, hi)) {
+                if l.object == *object && overlaps((l.lo, l.hi), (lo, hi)) {
                     targets.push(*id);
                     self.send_recall(*id, l, reason);
                 }

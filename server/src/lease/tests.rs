@@ -10,7 +10,6 @@ const BREAK: Duration = Duration::from_secs(5);
 struct Fx {
     leases: Arc<LeaseManager>,
     sessions: Arc<SessionManager>,
-    pool: Arc<Pool>,
 }
 
 fn fixture() -> Fx {
@@ -22,7 +21,7 @@ fn fixture() -> Fx {
     let sessions = Arc::new(SessionManager::new(Duration::from_secs(3600), 16));
     let cfg = LeaseConfig { ttl: TTL, break_timeout: BREAK, drain_timeout: Duration::from_secs(20) };
     let leases = LeaseManager::new(pool.clone(), sessions.clone(), cfg);
-    Fx { leases, sessions, pool }
+    Fx { leases, sessions }
 }
 
 fn session(fx: &Fx) -> (SessionId, tokio::sync::mpsc::Receiver<Result<pb::SessionEvent, tonic::Status>>) {
@@ -66,9 +65,8 @@ async fn an_unreturned_lease_is_revoked_exactly_at_the_break_deadline() {
     let fx = fixture();
     let (s, mut rx) = session(&fx);
     let g = fx.leases.acquire(s, key("ns", "x"), 0, 8192, Mode::ReadWrite).await.unwrap();
-    let st = fx.pool.stat("ns", "x").unwrap();
     let t0 = Instant::now();
-    let guard = fx.leases.recall(st.id, 4096, u64::MAX, "truncate").await.unwrap();
+    let guard = fx.leases.recall(&key("ns", "x"), 4096, u64::MAX, "truncate").await.unwrap();
     assert_eq!(t0.elapsed(), BREAK, "virtual time: the recall waits exactly the break timeout");
     drop(guard);
     let kinds: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|e| e.unwrap().kind).collect();
@@ -88,10 +86,9 @@ async fn recall_waits_for_in_flight_operations_and_ignores_unrelated_leases() {
     let pin = fx.leases.keys().pin(&k, s, g.generation, p, 4096, true).unwrap();
     let (op, ok) = first_key(&other);
     let _unrelated_pin = fx.leases.keys().pin(&ok, s, other.generation, op, 1, true).unwrap();
-    let x = fx.pool.stat("ns", "x").unwrap().id;
     let m = fx.leases.clone();
     let t0 = Instant::now();
-    let recall = tokio::spawn(async move { m.recall(x, 0, u64::MAX, "delete").await.map(drop) });
+    let recall = tokio::spawn(async move { m.recall(&key("ns", "x"), 0, u64::MAX, "delete").await.map(drop) });
     // The holder returns the lease at once, but one operation is still in flight.
     tokio::time::sleep(Duration::from_millis(10)).await;
     fx.leases.release(s, g.id).unwrap();
@@ -109,10 +106,9 @@ async fn grants_wait_for_a_recall_and_a_stale_grant_is_never_installed() {
     let fx = fixture();
     let (s, _rx) = session(&fx);
     let held = fx.leases.acquire(s, key("ns", "x"), 0, 4096, Mode::Read).await.unwrap();
-    let x = fx.pool.stat("ns", "x").unwrap().id;
     let m = fx.leases.clone();
     let recall = tokio::spawn(async move {
-        let guard = m.recall(x, 0, u64::MAX, "truncate").await.unwrap();
+        let guard = m.recall(&key("ns", "x"), 0, u64::MAX, "truncate").await.unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await; // the layout change takes a while
         drop(guard);
         Instant::now()
