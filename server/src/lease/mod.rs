@@ -249,7 +249,47 @@ impl LeaseManager {
                 m.revoke_session(sid);
             }
         }));
+        m.install_release_hook();
         m
+    }
+
+    /// Defence in depth for invariant 1: every layout change recalls and drains first, so
+    /// freed blocks are never covered by a live key. If one ever is (a path that forgot to
+    /// recall), the blocks are held until no live key covers them — they are never reused
+    /// under DMA — and the bug is logged.
+    fn install_release_hook(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let rt = tokio::runtime::Handle::try_current().ok();
+        self.pool.set_release_hook(Arc::new(move |blocks: crate::pool::ReleasedBlocks| {
+            let Some(m) = weak.upgrade() else { return drop(blocks) };
+            if !m.covered(&blocks) {
+                return drop(blocks);
+            }
+            tracing::error!(runs = ?blocks.runs(), "BUG: freed blocks are covered by live lease keys; holding them until those leases end");
+            match &rt {
+                Some(rt) => {
+                    rt.spawn(async move {
+                        loop {
+                            let n = m.changed.notified();
+                            tokio::pin!(n);
+                            n.as_mut().enable();
+                            if !m.covered(&blocks) {
+                                return drop(blocks);
+                            }
+                            // Bounded: every lease ends by its TTL at the latest.
+                            let _ = tokio::time::timeout(m.cfg.ttl, n).await;
+                        }
+                    });
+                }
+                // No runtime to wait on: keep the blocks out of the allocator until restart.
+                None => std::mem::forget(blocks),
+            }
+        }));
+    }
+
+    fn covered(&self, blocks: &crate::pool::ReleasedBlocks) -> bool {
+        use crate::pool::layout::BLOCK;
+        blocks.runs().iter().any(|&(s, l)| self.keys.covers(s * BLOCK, (s + l) * BLOCK))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

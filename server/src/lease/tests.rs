@@ -10,6 +10,7 @@ const BREAK: Duration = Duration::from_secs(5);
 struct Fx {
     leases: Arc<LeaseManager>,
     sessions: Arc<SessionManager>,
+    pool: Arc<Pool>,
 }
 
 fn fixture() -> Fx {
@@ -21,7 +22,7 @@ fn fixture() -> Fx {
     let sessions = Arc::new(SessionManager::new(Duration::from_secs(3600), 16));
     let cfg = LeaseConfig { ttl: TTL, break_timeout: BREAK, drain_timeout: Duration::from_secs(20) };
     let leases = LeaseManager::new(pool.clone(), sessions.clone(), cfg);
-    Fx { leases, sessions }
+    Fx { leases, sessions, pool }
 }
 
 fn session(fx: &Fx) -> (SessionId, tokio::sync::mpsc::Receiver<Result<pb::SessionEvent, tonic::Status>>) {
@@ -136,4 +137,22 @@ async fn a_session_that_ends_loses_every_lease() {
     let (p, k) = first_key(&g);
     assert_eq!(fx.leases.keys().pin(&k, s, g.generation, p, 1, false).unwrap_err(), Refusal::Revoked);
     assert_eq!(fx.leases.acquire(s, key("ns", "x"), 0, 1, Mode::Read).await.unwrap_err(), LeaseError::SessionNotFound);
+}
+
+#[tokio::test(start_paused = true)]
+async fn blocks_freed_under_a_live_key_are_held_until_the_lease_ends() {
+    let fx = fixture();
+    let (s, _rx) = session(&fx);
+    let g = fx.leases.acquire(s, key("ns", "x"), 0, 8192, Mode::ReadWrite).await.unwrap();
+    // A buggy path that skips the recall: delete straight on the pool.
+    fx.pool.delete("ns", "x").unwrap();
+    assert_eq!(fx.pool.stats().held_blocks, 2, "blocks under a live key must not reach the allocator");
+    fx.leases.release(s, g.id).unwrap();
+    for _ in 0..100 {
+        if fx.pool.stats().held_blocks == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("held blocks were not freed after the lease ended");
 }
