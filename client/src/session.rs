@@ -105,6 +105,7 @@ impl Session {
             registry: registry.clone(),
             notices: ntx,
             ignore_recalls: opts.ignore_recalls,
+            pending: Mutex::default(),
         };
         let task = tokio::spawn(keep_alive(ctx, interval, tx, events, close_rx));
         Ok(Self { id, ttl, client, registry, conns: Mutex::new(None), notices, close: Some(close_tx), task })
@@ -207,9 +208,19 @@ struct Ctx {
     registry: Registry,
     notices: mpsc::Sender<SessionNotice>,
     ignore_recalls: bool,
+    /// Recall handlers still running: their notices must precede the session's end.
+    pending: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Ctx {
+    /// Wait (bounded) for running recall handlers, so their notices come first.
+    async fn settle(&self) {
+        let handles: Vec<_> = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+    }
+
     fn lease(&self, id: u64) -> Option<Arc<LeaseInner>> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner()).get(&id).and_then(Weak::upgrade)
     }
@@ -219,7 +230,9 @@ impl Ctx {
         let notices = self.notices.clone();
         let notice = SessionNotice::LeaseRecalled { lease_id: r.lease_id, reason: r.reason };
         let lease = if self.ignore_recalls { None } else { self.lease(r.lease_id) };
-        tokio::spawn(async move {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|h| !h.is_finished());
+        pending.push(tokio::spawn(async move {
             if let Some(l) = lease {
                 l.quiesce(Duration::from_millis(r.deadline_ms)).await;
                 if let Err(e) = l.release_rpc().await {
@@ -227,7 +240,7 @@ impl Ctx {
                 }
             }
             let _ = notices.send(notice).await;
-        });
+        }));
     }
 
     fn on_revoked(&self, r: pb::LeaseRevoked) {
@@ -264,6 +277,7 @@ async fn keep_alive(
             }
             ev = events.next() => match ev {
                 Some(Ok(pb::SessionEvent { kind: Some(Event::Closing(c)) })) => {
+                    ctx.settle().await;
                     let _ = notices.send(SessionNotice::Ended(c.reason)).await;
                     return;
                 }

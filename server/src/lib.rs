@@ -14,5 +14,6 @@ pub mod lifecycle;
 pub mod logging;
 pub mod pool;
 pub mod session;
+pub mod systemd;
 
 pub use lifecycle::run;

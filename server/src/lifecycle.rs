@@ -22,6 +22,8 @@ use crate::grpc::{self, Shared};
 use crate::lease::{LeaseConfig, LeaseManager};
 use crate::pool::{CreateOptions, OpenOptions, Pool};
 use crate::session::SessionManager;
+use crate::systemd;
+use sd_notify::NotifyState;
 
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
@@ -61,6 +63,46 @@ pub async fn run(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reload(cfg, listener, shutdown, reloads).await
+}
+
+/// Apply what can change without a restart: the log filter and the token.
+fn apply_reload(old: &Config, new: &Config, auth: &grpc::Auth) {
+    systemd::notify(&[NotifyState::Reloading]);
+    if new.log_level != old.log_level {
+        match crate::logging::set_filter(&new.log_level) {
+            Ok(()) => info!(level = %new.log_level, "log level changed"),
+            Err(e) => warn!(error = %format!("{e:#}"), "keeping the old log level"),
+        }
+    }
+    if new.token != old.token {
+        auth.set(new.token.as_deref());
+        info!(token_set = new.token.is_some(), "bearer token replaced");
+    }
+    for k in &new.unknown_keys {
+        warn!(key = %k, "unknown config key ignored");
+    }
+    let restart_only = new.listen != old.listen
+        || new.data_listen != old.data_listen
+        || new.pool_path != old.pool_path
+        || new.session_ttl != old.session_ttl
+        || new.lease_ttl != old.lease_ttl
+        || new.lease_break_timeout != old.lease_break_timeout;
+    if restart_only {
+        warn!("some changed settings (addresses, pool, session and lease timing) take effect only after a restart");
+    }
+    info!("configuration reloaded");
+    systemd::notify(&[NotifyState::Ready]);
+}
+
+/// [`run`], applying each configuration received on `reloads` (SIGHUP).
+pub async fn run_with_reload(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let local = listener.local_addr().context("read the bound address")?;
@@ -104,7 +146,9 @@ pub async fn run(
     });
     let data_stop = CancellationToken::new();
     let data_task = tokio::spawn(dataplane.serve(data_listener, data_stop.clone()));
+    let auth = grpc::Auth::new(cfg.token.as_deref());
     let shared = Shared {
+        auth: auth.clone(),
         pool: pool.clone(),
         sessions: sessions.clone(),
         leases: leases.clone(),
@@ -131,6 +175,21 @@ pub async fn run(
     }
     println!("rdaxd: listening grpc={local} data={data_local}");
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
+    // Both listeners accept and recovery is done: tell systemd.
+    let status = systemd::status_line(&pool, &sessions, &leases);
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    let watchdog =
+        tokio::spawn(systemd::watchdog_and_status(pool.clone(), sessions.clone(), leases.clone(), root.child_token()));
+    let reloader = {
+        let auth = auth.clone();
+        let mut current = (*cfg).clone();
+        tokio::spawn(async move {
+            while let Some(new) = reloads.recv().await {
+                apply_reload(&current, &new, &auth);
+                current = new;
+            }
+        })
+    };
 
     tokio::select! {
         _ = shutdown => {}
@@ -143,6 +202,8 @@ pub async fn run(
     }
     let t0 = Instant::now();
     info!("shutting down");
+    systemd::notify(&[NotifyState::Stopping, NotifyState::Status("shutting down: recalling leases, draining")]);
+    reloader.abort();
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     root.cancel();
     // Recall every lease while sessions can still hear it; revoke at the break deadline.
@@ -159,6 +220,7 @@ pub async fn run(
     }
     reaper.abort();
     lease_reaper.abort();
+    watchdog.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
     drop(leases);
     close_pool(pool, cfg.shutdown_timeout).await;
@@ -202,8 +264,10 @@ async fn close_pool(mut pool: Arc<Pool>, bound: Duration) {
 }
 
 /// Resolve on the first SIGINT or SIGTERM. Later ones are logged; SIGQUIT exits at once.
-pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+/// SIGHUP calls `on_hup` (reload), never shutdown.
+pub fn shutdown_signal(on_hup: impl Fn() + Send + 'static) -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut quit = signal(SignalKind::quit()).context("install SIGQUIT handler")?;
@@ -212,6 +276,11 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     tokio::spawn(async move {
         loop {
             let which = tokio::select! {
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading the configuration");
+                    on_hup();
+                    continue;
+                }
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
                 _ = quit.recv() => {

@@ -35,10 +35,16 @@ fn start(args: Args) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let shutdown = rdaxd::lifecycle::shutdown_signal()?;
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        let shutdown = rdaxd::lifecycle::shutdown_signal(move || match Config::resolve(&args) {
+            Ok(new) => {
+                let _ = reload_tx.try_send(new);
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+        })?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("listen on {}: {e}", cfg.listen))?;
-        rdaxd::run(cfg, listener, shutdown).await
+        rdaxd::lifecycle::run_with_reload(cfg, listener, shutdown, reloads).await
     })
 }

@@ -300,3 +300,25 @@ fn rdaxctl_lease_hold_list_and_revoke() {
     assert!(v.as_array().unwrap().is_empty(), "{v}");
     assert_eq!(d.ctl(&["lease", "revoke", "999"]).status.code(), Some(3));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_recalls_held_leases_and_exits_cleanly() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &[]);
+    let c = client(&d).await;
+    let mut s = c.open_session("holder").await.unwrap();
+    c.object("ns", "x").unwrap().create(8192).await.unwrap();
+    let l = s.acquire("ns", "x", 0, 8192, LeaseMode::ReadWrite).await.unwrap();
+    l.write_persist(0, b"before shutdown").await.unwrap();
+    let st = tokio::task::spawn_blocking(move || {
+        let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+        (st, d)
+    });
+    let n = next_notice(&mut s).await;
+    assert!(matches!(n, SessionNotice::LeaseRecalled { ref reason, .. } if reason.contains("shutting down")), "{n:?}");
+    let (st, d) = st.await.unwrap();
+    assert!(st.success(), "{}", d.log());
+    assert!(d.log().contains("closed pool cleanly"), "{}", d.log());
+    let out = common::rdaxctl().args(["fsck", d.pool_path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

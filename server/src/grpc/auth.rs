@@ -1,20 +1,26 @@
 //! Bearer-token authentication, checked by an interceptor on every rdax service.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-/// Checks `authorization: Bearer <token>` when a token is configured.
+/// Checks `authorization: Bearer <token>` when a token is configured. Clones share the token,
+/// so [`Auth::set`] (SIGHUP reload) takes effect for every service at once.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
-    token: Option<Arc<str>>,
+    token: Arc<RwLock<Option<Arc<str>>>>,
 }
 
 impl Auth {
     /// `None` lets every request through (loopback development setups).
     pub fn new(token: Option<&str>) -> Self {
-        Self { token: token.map(Arc::from) }
+        Self { token: Arc::new(RwLock::new(token.map(Arc::from))) }
+    }
+
+    /// Replace the token.
+    pub fn set(&self, token: Option<&str>) {
+        *self.token.write().unwrap_or_else(|e| e.into_inner()) = token.map(Arc::from);
     }
 }
 
@@ -28,7 +34,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl Interceptor for Auth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.token else { return Ok(req) };
+        let Some(expected) = self.token.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(req) };
         let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         match got.and_then(|v| v.strip_prefix("Bearer ")) {
             Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
@@ -60,5 +66,10 @@ mod tests {
             assert_eq!(a.call(req(bad)).unwrap_err().code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         assert!(Auth::new(None).call(req(None)).is_ok());
+        // A reload replaces the token for every clone.
+        let mut clone = a.clone();
+        a.set(Some("fedcba9876543210"));
+        assert!(clone.call(req(Some("Bearer 0123456789abcdef"))).is_err());
+        assert!(clone.call(req(Some("Bearer fedcba9876543210"))).is_ok());
     }
 }

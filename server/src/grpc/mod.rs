@@ -33,6 +33,8 @@ pub struct Shared {
     pub leases: Arc<crate::lease::LeaseManager>,
     /// The data plane's address, handed out with every grant.
     pub data_endpoint: String,
+    /// The token check (shared, reloadable).
+    pub auth: Auth,
     /// Configuration.
     pub cfg: Arc<Config>,
     /// Cancelled when the daemon starts shutting down.
@@ -67,7 +69,7 @@ impl Shared {
 /// The rdax services, each behind the token check, plus health and reflection (open, so
 /// that probes and `grpcurl list` work without credentials; they reveal no data).
 pub fn routes(shared: Shared) -> anyhow::Result<Routes> {
-    let auth = Auth::new(shared.cfg.token.as_deref());
+    let auth = shared.auth.clone();
     let max = shared.cfg.max_message_bytes;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(rdax_proto::FILE_DESCRIPTOR_SET)

@@ -77,15 +77,17 @@ impl Daemon {
         let ports = self.dir.join("ports.json");
         let _ = std::fs::remove_file(&ports);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("rdaxd.log")).unwrap();
-        let child = Command::new(rdaxd_bin())
-            .args(&self.args)
-            .env_remove("RDAX_TOKEN")
-            .env("RDAX_LOG_LEVEL", "info")
-            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn rdaxd");
+        let mut cmd = Command::new(rdaxd_bin());
+        cmd.args(&self.args).env_remove("RDAX_TOKEN").env("RDAX_LOG_LEVEL", "info");
+        for (k, v) in &self.envs {
+            // `unset` removes a variable the harness would otherwise set.
+            if v == "unset" {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("spawn rdaxd");
         self.child = Some(child);
         let addr = poll(START_DEADLINE, "rdaxd to report its port", || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {

@@ -1,0 +1,107 @@
+//! rdaxd as systemd sees it: a test-owned NOTIFY_SOCKET receives READY, STATUS, WATCHDOG,
+//! RELOADING and STOPPING; SIGHUP reloads the log level and the token.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+
+struct Notify(UnixDatagram);
+
+impl Notify {
+    /// The next datagram's lines, or None after `bound`.
+    fn next(&self, bound: Duration) -> Option<Vec<String>> {
+        self.0.set_read_timeout(Some(bound)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.0.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string).collect())
+    }
+
+    /// Read until a datagram contains `line`; returns every line seen on the way.
+    fn until(&self, line: &str, bound: Duration) -> Vec<String> {
+        let end = Instant::now() + bound;
+        let mut seen = Vec::new();
+        while Instant::now() < end {
+            if let Some(lines) = self.next(end - Instant::now()) {
+                let hit = lines.iter().any(|l| l == line);
+                seen.extend(lines);
+                if hit {
+                    return seen;
+                }
+            }
+        }
+        panic!("no {line} within {bound:?}; saw {seen:?}");
+    }
+}
+
+fn write_token(path: &std::path::Path, token: &str) {
+    std::fs::write(path, token).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn ready_status_watchdog_reload_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let notify = Notify(UnixDatagram::bind(&sock_path).unwrap());
+    let token = dir.path().join("token");
+    write_token(&token, "first-token-0123456789");
+    let cfg = dir.path().join("rdaxd.toml");
+    std::fs::write(&cfg, format!("[log]\nlevel = \"warn\"\n[auth]\ntoken_file = \"{}\"\n", token.display())).unwrap();
+    let mut d = Daemon::start_env(
+        dir.path(),
+        &["--config", cfg.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000"), ("RDAX_LOG_LEVEL", "unset")],
+    );
+    let info = |tok: &str| {
+        write_token(&dir.path().join("client-token"), tok);
+        d_ctl(&d, &["--token-file", dir.path().join("client-token").to_str().unwrap(), "info"])
+    };
+    // READY only once the gRPC port serves: right after READY, a request must succeed.
+    let seen = notify.until("READY=1", Duration::from_secs(30));
+    assert!(info("first-token-0123456789"), "gRPC must serve when READY=1 is sent");
+    let status = seen.iter().find(|l| l.starts_with("STATUS=")).expect("STATUS with READY");
+    assert!(status.contains("objects") && status.contains("sessions") && status.contains("leases"), "{status}");
+    // Watchdog pings at half of WATCHDOG_USEC (200 ms), from the liveness task.
+    let mut pings = Vec::new();
+    let t0 = Instant::now();
+    while pings.len() < 5 && t0.elapsed() < Duration::from_secs(10) {
+        if let Some(lines) = notify.next(Duration::from_secs(2))
+            && lines.iter().any(|l| l == "WATCHDOG=1")
+        {
+            pings.push(Instant::now());
+        }
+    }
+    assert_eq!(pings.len(), 5, "watchdog pings");
+    for w in pings.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(gap >= Duration::from_millis(100) && gap <= Duration::from_millis(400), "ping gap {gap:?}");
+    }
+    // SIGHUP: new log level and new token, announced with RELOADING then READY.
+    assert!(!d.log().contains("configuration reloaded"));
+    write_token(&token, "second-token-0123456789");
+    std::fs::write(&cfg, format!("[log]\nlevel = \"info\"\n[auth]\ntoken_file = \"{}\"\n", token.display())).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.pid(), libc::SIGHUP) };
+    let seen = notify.until("RELOADING=1", Duration::from_secs(10));
+    let _ = seen;
+    notify.until("READY=1", Duration::from_secs(10));
+    common::poll(Duration::from_secs(10), "the reload to be logged at the new level", || {
+        d.log().contains("configuration reloaded").then_some(())
+    });
+    assert!(!info("first-token-0123456789"), "the old token must be refused after the reload");
+    assert!(info("second-token-0123456789"));
+    // SIGTERM: STOPPING, then a clean exit.
+    // SAFETY: as above.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    notify.until("STOPPING=1", Duration::from_secs(10));
+    let st = d.signal_and_wait(0, Duration::from_secs(30));
+    assert!(st.success(), "{}", d.log());
+}
+
+fn d_ctl(d: &Daemon, args: &[&str]) -> bool {
+    d.ctl(args).status.success()
+}
