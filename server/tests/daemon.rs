@@ -344,3 +344,13 @@ fn sigquit_exits_at_once_and_the_next_start_recovers() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["previous_shutdown_clean"], false);
 }
+
+#[test]
+fn the_example_config_documents_only_real_keys() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rdaxd.toml");
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", example.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
