@@ -37,7 +37,16 @@ fn start(extra: &[&str]) -> Daemon {
     std::fs::create_dir_all(&dir).unwrap();
     let ports = dir.join("ports.json");
     let child = Command::new(env!("CARGO_BIN_EXE_rdaxd"))
-        .args(["--state-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+        .args([
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
         .args([
             "--ports-file",
             ports.to_str().unwrap(),

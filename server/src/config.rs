@@ -15,6 +15,8 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// Default data-plane address: loopback only.
 pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:7401";
+/// Default metrics address: loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7402";
 /// Default size of the embedded pool file (sparse).
 pub const DEFAULT_POOL_SIZE: u64 = 1 << 30;
 /// System-wide config file, read when present and no `--config` is given.
@@ -76,6 +78,9 @@ pub struct Args {
     /// Bound on each socket wait of a data-plane operation [dataplane.op_timeout_ms] (default 10000).
     #[arg(long, env = "RDAX_DATA_OP_TIMEOUT_MS")]
     pub data_op_timeout_ms: Option<u64>,
+    /// Prometheus metrics address, or `off` [metrics.listen] (default 127.0.0.1:7402).
+    #[arg(long, env = "RDAX_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Lease TTL: a lease not renewed for this long is revoked [lease.ttl_ms] (default 30000).
     #[arg(long, env = "RDAX_LEASE_TTL_MS")]
     pub lease_ttl_ms: Option<u64>,
@@ -153,6 +158,16 @@ pub struct ConfigFile {
     pub dataplane: DataplaneSection,
     /// `[lease]`.
     pub lease: LeaseSection,
+    /// `[metrics]`.
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct MetricsSection {
+    /// Address, or "off".
+    pub listen: Option<String>,
 }
 
 /// `[dataplane]`.
@@ -274,6 +289,8 @@ pub struct Config {
     pub data_listen: SocketAddr,
     /// Data-plane operation timeout.
     pub data_op_timeout: Duration,
+    /// Prometheus metrics address (`None`: off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Lease TTL.
     pub lease_ttl: Duration,
     /// Lease break timeout.
@@ -405,6 +422,18 @@ impl Config {
                 "refusing to serve the data plane on {data_listen} without a token (see auth.token_file)"
             )));
         }
+        let metrics = args
+            .metrics_listen
+            .clone()
+            .or(file.metrics.listen.clone())
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.into());
+        let metrics_listen = match metrics.as_str() {
+            "off" => None,
+            a => Some(
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid(format!("metrics.listen `{a}`: {e} (an address or \"off\")")))?,
+            ),
+        };
         let op_ms = args.data_op_timeout_ms.or(file.dataplane.op_timeout_ms).unwrap_or(10_000);
         let lease_ttl_ms = args.lease_ttl_ms.or(file.lease.ttl_ms).unwrap_or(30_000);
         let break_ms = args.lease_break_timeout_ms.or(file.lease.break_timeout_ms).unwrap_or(5_000);
@@ -430,6 +459,7 @@ impl Config {
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             data_listen,
             data_op_timeout: Duration::from_millis(op_ms),
+            metrics_listen,
             lease_ttl: Duration::from_millis(lease_ttl_ms),
             lease_break_timeout: Duration::from_millis(break_ms),
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),

@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod lease;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod session;
 pub mod systemd;

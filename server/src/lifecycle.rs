@@ -49,9 +49,16 @@ pub fn open_pool(cfg: &Config) -> anyhow::Result<Pool> {
 }
 
 /// Write the bound addresses as JSON, atomically (temp file, then rename).
-fn write_ports_file(path: &Path, grpc: std::net::SocketAddr, data: std::net::SocketAddr) -> anyhow::Result<()> {
+fn write_ports_file(
+    path: &Path,
+    grpc: std::net::SocketAddr,
+    data: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let body = format!("{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"pid\":{}}}\n", std::process::id());
+    let metrics = metrics.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
+    let body =
+        format!("{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"pid\":{}}}\n", std::process::id());
     std::fs::write(&tmp, body).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename {} into place", tmp.display()))?;
     Ok(())
@@ -146,6 +153,16 @@ pub async fn run_with_reload(
     });
     let data_stop = CancellationToken::new();
     let data_task = tokio::spawn(dataplane.serve(data_listener, data_stop.clone()));
+    let metrics_local = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
+            let a = l.local_addr().context("read the metrics address")?;
+            tokio::spawn(crate::metrics::serve(l, pool.clone(), sessions.clone(), leases.clone(), root.child_token()));
+            info!(metrics = %a, "serving Prometheus metrics on /metrics");
+            Some(a)
+        }
+        None => None,
+    };
     let auth = grpc::Auth::new(cfg.token.as_deref());
     let shared = Shared {
         auth: auth.clone(),
@@ -171,7 +188,7 @@ pub async fn run_with_reload(
     let mut server = tokio::spawn(server);
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     if let Some(p) = &cfg.ports_file {
-        write_ports_file(p, local, data_local)?;
+        write_ports_file(p, local, data_local, metrics_local)?;
     }
     println!("rdaxd: listening grpc={local} data={data_local}");
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");

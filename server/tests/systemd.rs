@@ -154,3 +154,75 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     }
     println!("{} acknowledged create+write pairs survived SIGKILL", acked.len());
 }
+
+/// GET a path from the metrics listener: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: rdax\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// Parse the Prometheus text format strictly: every sample belongs to a declared family and
+/// has a float value. Returns `(name{labels}, value)`.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut families = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            families.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line: {line}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        }
+        let family =
+            ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|f| families.contains(*f));
+        assert!(families.contains(name) || family.is_some(), "sample without a TYPE: {line}");
+        samples.push((series.to_string(), v));
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let c = common::client(&d).await;
+    let s = c.open_session("m").await.unwrap();
+    c.object("ns", "x").unwrap().create(1 << 20).await.unwrap();
+    let l = s.acquire("ns", "x", 0, 1 << 20, rdax_client::LeaseMode::ReadWrite).await.unwrap();
+    l.write(0, &[1u8; 4096]).await.unwrap();
+    c.object("ns", "x").unwrap().resize(4096).await.unwrap(); // recalls the lease
+    assert!(c.object("ns", "missing").unwrap().stat().await.is_err());
+    let addr = d.metrics.clone();
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics")).await.unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let samples = parse_prometheus(&body);
+    let get = |k: &str| {
+        samples.iter().find(|(s, _)| s == k).map(|(_, v)| *v).unwrap_or_else(|| panic!("{k} missing:\n{body}"))
+    };
+    assert_eq!(get("rdax_pool_objects"), 1.0);
+    assert_eq!(get("rdax_sessions"), 1.0);
+    assert!(get("rdax_pool_bytes{state=\"used\"}") >= 4096.0);
+    assert_eq!(get("rdax_dataplane_operations_total{transport=\"tcp\",op=\"write\"}"), 1.0);
+    assert_eq!(get("rdax_dataplane_bytes_total{transport=\"tcp\",op=\"write\"}"), 4096.0);
+    assert!(get("rdax_lease_recalls_total") >= 1.0);
+    assert!(get("rdax_lease_recall_drained_seconds_count") >= 1.0);
+    assert_eq!(get("rdax_grpc_errors_total{code=\"NOT_FOUND\"}"), 1.0);
+    let addr = d.metrics.clone();
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(&addr, "/")).await.unwrap();
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::lease::{KeyTable, Refusal};
+use crate::metrics::{DpOp, METRICS};
 use crate::pool::media::Media;
 use crate::session::SessionManager;
 use rdax_proto::dataplane::{self as wire, Op, REQ_LEN, Request, Status};
@@ -45,6 +46,7 @@ impl std::fmt::Debug for DataPlane {
 }
 
 fn refusal_status(r: Refusal) -> Status {
+    METRICS.dp_refused();
     match r {
         Refusal::UnknownKey => Status::UnknownKey,
         Refusal::Revoked => Status::Revoked,
@@ -148,6 +150,7 @@ impl DataPlane {
             }
         }
         drop(pin);
+        METRICS.dp(DpOp::Read, r.len as u64);
         Ok(())
     }
 
@@ -188,6 +191,7 @@ impl DataPlane {
             self.media.persist(r.offset, r.len as u64);
         }
         drop(pin);
+        METRICS.dp(DpOp::Write, r.len as u64);
         s.write_all(&wire::response(r.id, Status::Ok, 0)).await
     }
 
@@ -196,6 +200,7 @@ impl DataPlane {
             Ok(pin) => {
                 self.media.persist(r.offset, r.len as u64);
                 drop(pin);
+                METRICS.dp(DpOp::Flush, r.len as u64);
                 Status::Ok
             }
             Err(e) => refusal_status(e),

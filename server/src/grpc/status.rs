@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use crate::metrics::METRICS;
 use crate::pool::ObjError;
 use crate::session::SessionError;
 
@@ -16,6 +17,7 @@ impl From<ObjError> for Status {
                 Code::ResourceExhausted
             }
         };
+        METRICS.error(code);
         Status::new(code, e.to_string())
     }
 }
@@ -27,12 +29,14 @@ impl From<SessionError> for Status {
             SessionError::NotFound => Code::NotFound,
             SessionError::ShuttingDown => Code::Unavailable,
         };
+        METRICS.error(code);
         Status::new(code, e.to_string())
     }
 }
 
 /// The daemon is draining: new work is refused with a retryable code.
 pub fn shutting_down() -> Status {
+    METRICS.error(Code::Unavailable);
     Status::unavailable("rdaxd is shutting down; retry against a running daemon")
 }
 
@@ -43,6 +47,7 @@ impl From<crate::lease::LeaseError> for Status {
             L::SessionNotFound | L::NotFound(_) => Code::NotFound,
             L::NotActive(_) => Code::FailedPrecondition,
             L::Breaking { retry_after_ms } => {
+                METRICS.error(Code::Unavailable);
                 let mut s = Status::new(Code::Unavailable, e.to_string());
                 if let Ok(v) = retry_after_ms.to_string().parse() {
                     s.metadata_mut().insert("retry-after-ms", v);
@@ -53,6 +58,7 @@ impl From<crate::lease::LeaseError> for Status {
             L::Invalid(_) => Code::InvalidArgument,
             L::Pool(o) => return Status::from(o.clone()),
         };
+        METRICS.error(code);
         Status::new(code, e.to_string())
     }
 }

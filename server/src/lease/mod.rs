@@ -36,6 +36,7 @@ use tracing::{info, warn};
 
 pub use keys::{Key, KeyTable, Mode, Pins, Refusal};
 
+use crate::metrics::METRICS;
 use crate::pool::{ObjError, Pool};
 use crate::session::SessionManager;
 
@@ -475,6 +476,7 @@ impl LeaseManager {
         let ev =
             pb::session_event::Kind::LeaseRevoked(pb::LeaseRevoked { lease_id: id, generation, reason: reason.into() });
         self.sessions.notify(session, event(ev));
+        METRICS.revokes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         warn!(lease = id, session = %session, reason, "lease revoked");
         self.spawn_drain(id);
     }
@@ -490,7 +492,9 @@ impl LeaseManager {
     /// forget it.
     async fn drain(&self, id: u64) -> bool {
         let Some(pins) = self.lock().leases.get(&id).map(|l| l.pins.clone()) else { return true };
+        let t0 = Instant::now();
         let ok = tokio::time::timeout(self.cfg.drain_timeout, pins.drained()).await.is_ok();
+        METRICS.drain.observe(t0.elapsed());
         if ok {
             self.lock().leases.remove(&id);
             self.changed.notify_waiters();
@@ -513,6 +517,7 @@ impl LeaseManager {
             deadline_ms: self.cfg.break_timeout.as_millis() as u64,
         });
         self.sessions.notify(l.session, event(ev));
+        METRICS.recalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(lease = id, session = %l.session, reason, "lease recalled");
     }
 
@@ -564,6 +569,13 @@ impl LeaseManager {
         if targets.is_empty() {
             return Ok(());
         }
+        let t0 = Instant::now();
+        let r = self.break_and_drain_inner(targets).await;
+        METRICS.recall_drained.observe(t0.elapsed());
+        r
+    }
+
+    async fn break_and_drain_inner(self: &Arc<Self>, targets: &[u64]) -> Result<(), LeaseError> {
         let deadline = Instant::now() + self.cfg.break_timeout;
         let returned = |i: &Inner| targets.iter().all(|id| i.leases.get(id).is_none_or(|l| !l.state.live()));
         if !self.wait_changed_until(deadline, returned).await {

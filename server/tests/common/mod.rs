@@ -16,6 +16,7 @@ pub struct Daemon {
     child: Option<Child>,
     pub endpoint: String,
     pub data: String,
+    pub metrics: String,
     pub envs: Vec<(String, String)>,
     pub dir: PathBuf,
     pub args: Vec<String>,
@@ -61,14 +62,23 @@ impl Daemon {
             dir.join("ports.json").display().to_string(),
             "--data-listen".into(),
             "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         if !extra.contains(&"--pool-size") {
             args.extend(["--pool-size".to_string(), "64M".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d =
-            Self { child: None, endpoint: String::new(), data: String::new(), envs, dir: dir.to_path_buf(), args };
+        let mut d = Self {
+            child: None,
+            endpoint: String::new(),
+            data: String::new(),
+            metrics: String::new(),
+            envs,
+            dir: dir.to_path_buf(),
+            args,
+        };
         d.spawn();
         d
     }
@@ -95,10 +105,12 @@ impl Daemon {
             }
             let text = std::fs::read_to_string(&ports).ok()?;
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string()))
+            let metrics = v["metrics"].as_str().unwrap_or_default().to_string();
+            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics))
         });
         self.endpoint = format!("http://{}", addr.0);
         self.data = addr.1;
+        self.metrics = addr.2;
     }
 
     /// Stop with SIGTERM and start again with the same arguments.

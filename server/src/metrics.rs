@@ -1,0 +1,250 @@
+//! Prometheus metrics, rendered in the text exposition format on `GET /metrics`.
+//!
+//! Counters and histograms are process-wide atomics updated where things happen (lease
+//! recalls and drains, data-plane operations, error statuses); gauges (pool usage, sessions,
+//! leases by state) are read from their owners at scrape time. Hand-rolled rather than a crate:
+//! the text format is small and this keeps the hot path to one relaxed atomic add.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::lease::LeaseManager;
+use crate::pool::Pool;
+use crate::session::SessionManager;
+
+const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+/// A histogram with fixed latency buckets (seconds).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Record one observation.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            if s <= *b {
+                c.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", c.load(Relaxed));
+        }
+        let n = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {n}");
+    }
+}
+
+/// Data-plane operation kinds.
+#[derive(Debug, Clone, Copy)]
+pub enum DpOp {
+    /// READ.
+    Read = 0,
+    /// WRITE.
+    Write = 1,
+    /// FLUSH.
+    Flush = 2,
+}
+
+const DP_NAMES: [&str; 3] = ["read", "write", "flush"];
+
+/// Every process-wide metric.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Recall → every covering lease returned or revoked, and drained.
+    pub recall_drained: Histogram,
+    /// Revoke → no operation in flight.
+    pub drain: Histogram,
+    /// Leases recalled.
+    pub recalls: AtomicU64,
+    /// Leases revoked.
+    pub revokes: AtomicU64,
+    dp_ops: [AtomicU64; 3],
+    dp_bytes: [AtomicU64; 3],
+    dp_refusals: AtomicU64,
+    errors: Mutex<Vec<(&'static str, u64)>>,
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+impl Metrics {
+    /// A completed data-plane operation.
+    pub fn dp(&self, op: DpOp, bytes: u64) {
+        self.dp_ops[op as usize].fetch_add(1, Relaxed);
+        self.dp_bytes[op as usize].fetch_add(bytes, Relaxed);
+    }
+
+    /// A refused data-plane operation.
+    pub fn dp_refused(&self) {
+        self.dp_refusals.fetch_add(1, Relaxed);
+    }
+
+    /// An error returned to a gRPC client, by status code name.
+    pub fn error(&self, code: tonic::Code) {
+        let name = code_name(code);
+        let mut e = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        match e.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += 1,
+            None => e.push((name, 1)),
+        }
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        InvalidArgument => "INVALID_ARGUMENT",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        OutOfRange => "OUT_OF_RANGE",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Unavailable => "UNAVAILABLE",
+        Unauthenticated => "UNAUTHENTICATED",
+        PermissionDenied => "PERMISSION_DENIED",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Internal => "INTERNAL",
+        _ => "OTHER",
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+/// Render every metric.
+pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> String {
+    let m = &*METRICS;
+    let mut out = String::new();
+    let s = pool.stats();
+    let b = crate::pool::layout::BLOCK as f64;
+    gauge(
+        &mut out,
+        "rdax_pool_bytes",
+        "Pool data area by state.",
+        &[
+            ("{state=\"used\"}".into(), s.used_blocks as f64 * b),
+            ("{state=\"free\"}".into(), s.free.free_blocks as f64 * b),
+            ("{state=\"held\"}".into(), s.held_blocks as f64 * b),
+        ],
+    );
+    gauge(&mut out, "rdax_pool_objects", "Objects in the pool.", &[(String::new(), s.objects as f64)]);
+    gauge(
+        &mut out,
+        "rdax_pool_fragmentation",
+        "Share of free space not available as 2 MiB-aligned runs.",
+        &[(String::new(), s.fragmentation)],
+    );
+    gauge(&mut out, "rdax_sessions", "Open sessions.", &[(String::new(), sessions.len() as f64)]);
+    let list = leases.list(None);
+    let by_state: Vec<(String, f64)> = ["active", "breaking", "released", "revoked", "drained"]
+        .iter()
+        .map(|st| (format!("{{state=\"{st}\"}}"), list.iter().filter(|l| l.state.as_str() == *st).count() as f64))
+        .collect();
+    gauge(&mut out, "rdax_leases", "Leases by state.", &by_state);
+    counter(&mut out, "rdax_lease_recalls_total", "Leases recalled.", &[(String::new(), m.recalls.load(Relaxed))]);
+    counter(&mut out, "rdax_lease_revokes_total", "Leases revoked.", &[(String::new(), m.revokes.load(Relaxed))]);
+    m.recall_drained.render(
+        &mut out,
+        "rdax_lease_recall_drained_seconds",
+        "Recall until every covering lease was returned or revoked and drained.",
+    );
+    m.drain.render(&mut out, "rdax_lease_drain_seconds", "Waiting for in-flight operations after a lease ended.");
+    let ops: Vec<(String, u64)> = DP_NAMES
+        .iter()
+        .zip(&m.dp_ops)
+        .map(|(n, c)| (format!("{{transport=\"tcp\",op=\"{n}\"}}"), c.load(Relaxed)))
+        .collect();
+    counter(&mut out, "rdax_dataplane_operations_total", "Completed data-plane operations.", &ops);
+    let bytes: Vec<(String, u64)> = DP_NAMES
+        .iter()
+        .zip(&m.dp_bytes)
+        .map(|(n, c)| (format!("{{transport=\"tcp\",op=\"{n}\"}}"), c.load(Relaxed)))
+        .collect();
+    counter(&mut out, "rdax_dataplane_bytes_total", "Bytes moved by data-plane operations.", &bytes);
+    counter(
+        &mut out,
+        "rdax_dataplane_refusals_total",
+        "Refused data-plane operations.",
+        &[("{transport=\"tcp\"}".into(), m.dp_refusals.load(Relaxed))],
+    );
+    let errors: Vec<(String, u64)> = m
+        .errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n))
+        .collect();
+    counter(&mut out, "rdax_grpc_errors_total", "Errors returned to gRPC clients, by status code.", &errors);
+    out
+}
+
+/// Serve `GET /metrics` on `listener` until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    sessions: Arc<SessionManager>,
+    leases: Arc<LeaseManager>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (mut s, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(e) => { warn!(error = %e, "metrics accept failed"); continue; } },
+        };
+        let (p, se, l) = (pool.clone(), sessions.clone(), leases.clone());
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut req)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&req[..n]);
+            let (status, body) = if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
+                match tokio::task::spawn_blocking(move || render(&p, &se, &l)).await {
+                    Ok(b) => ("200 OK", b),
+                    Err(_) => ("500 Internal Server Error", String::new()),
+                }
+            } else {
+                ("404 Not Found", "only /metrics is served here\n".into())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+            debug!("metrics scraped");
+        });
+    }
+}
