@@ -75,8 +75,28 @@ pub async fn run(
     run_with_reload(cfg, listener, shutdown, reloads).await
 }
 
-/// Apply what can change without a restart: the log filter and the token.
-fn apply_reload(old: &Config, new: &Config, auth: &grpc::Auth) {
+/// What a reload can change in a running daemon.
+struct Live {
+    auth: grpc::Auth,
+    sessions: Arc<SessionManager>,
+    leases: Arc<LeaseManager>,
+    dataplane: Arc<DataPlane>,
+    shutdown_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn lease_config(cfg: &Config) -> LeaseConfig {
+    LeaseConfig {
+        ttl: cfg.lease_ttl,
+        break_timeout: cfg.lease_break_timeout,
+        // In-flight operations are bounded by the op timeout (per socket wait); allow two.
+        drain_timeout: cfg.data_op_timeout * 2 + Duration::from_secs(1),
+    }
+}
+
+/// Apply what can change without a restart: log filter, token and timeouts.
+fn apply_reload(old: &Config, new: &Config, live: &Live) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let auth = &live.auth;
     systemd::notify(&[NotifyState::Reloading]);
     if new.log_level != old.log_level {
         match crate::logging::set_filter(&new.log_level) {
@@ -91,14 +111,20 @@ fn apply_reload(old: &Config, new: &Config, auth: &grpc::Auth) {
     for k in &new.unknown_keys {
         warn!(key = %k, "unknown config key ignored");
     }
+    live.sessions.set_ttl(new.session_ttl);
+    live.leases.set_config(lease_config(new));
+    live.dataplane.op_timeout_ms.store(new.data_op_timeout.as_millis() as u64, Relaxed);
+    live.shutdown_ms.store(new.shutdown_timeout.as_millis() as u64, Relaxed);
     let restart_only = new.listen != old.listen
         || new.data_listen != old.data_listen
+        || new.metrics_listen != old.metrics_listen
         || new.pool_path != old.pool_path
-        || new.session_ttl != old.session_ttl
-        || new.lease_ttl != old.lease_ttl
-        || new.lease_break_timeout != old.lease_break_timeout;
+        || new.max_sessions != old.max_sessions
+        || new.max_message_bytes != old.max_message_bytes
+        || new.max_concurrent_streams != old.max_concurrent_streams
+        || new.log_format != old.log_format;
     if restart_only {
-        warn!("some changed settings (addresses, pool, session and lease timing) take effect only after a restart");
+        warn!("changed addresses, pool, limits or log format take effect only after a restart");
     }
     info!("configuration reloaded");
     systemd::notify(&[NotifyState::Ready]);
@@ -130,13 +156,7 @@ pub async fn run_with_reload(
     let root = CancellationToken::new();
     let sessions = Arc::new(SessionManager::new(cfg.session_ttl, cfg.max_sessions));
     let reaper = tokio::spawn(sessions.clone().reap(root.child_token()));
-    let lease_cfg = LeaseConfig {
-        ttl: cfg.lease_ttl,
-        break_timeout: cfg.lease_break_timeout,
-        // In-flight operations are bounded by the op timeout (per socket wait); allow two.
-        drain_timeout: cfg.data_op_timeout * 2 + Duration::from_secs(1),
-    };
-    let leases = LeaseManager::new(pool.clone(), sessions.clone(), lease_cfg);
+    let leases = LeaseManager::new(pool.clone(), sessions.clone(), lease_config(&cfg));
     let lease_reaper = tokio::spawn(leases.clone().reap(root.child_token()));
     let data_listener = TcpListener::bind(cfg.data_listen)
         .await
@@ -148,11 +168,11 @@ pub async fn run_with_reload(
         keys: leases.keys().clone(),
         sessions: sessions.clone(),
         media: pool.media().clone(),
-        op_timeout: cfg.data_op_timeout,
+        op_timeout_ms: (cfg.data_op_timeout.as_millis() as u64).into(),
         write_delay,
     });
     let data_stop = CancellationToken::new();
-    let data_task = tokio::spawn(dataplane.serve(data_listener, data_stop.clone()));
+    let data_task = tokio::spawn(dataplane.clone().serve(data_listener, data_stop.clone()));
     let metrics_local = match cfg.metrics_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
@@ -197,12 +217,19 @@ pub async fn run_with_reload(
     systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     let watchdog =
         tokio::spawn(systemd::watchdog_and_status(pool.clone(), sessions.clone(), leases.clone(), root.child_token()));
+    let shutdown_ms = Arc::new(std::sync::atomic::AtomicU64::new(cfg.shutdown_timeout.as_millis() as u64));
     let reloader = {
-        let auth = auth.clone();
+        let live = Live {
+            auth: auth.clone(),
+            sessions: sessions.clone(),
+            leases: leases.clone(),
+            dataplane: dataplane.clone(),
+            shutdown_ms: shutdown_ms.clone(),
+        };
         let mut current = (*cfg).clone();
         tokio::spawn(async move {
             while let Some(new) = reloads.recv().await {
-                apply_reload(&current, &new, &auth);
+                apply_reload(&current, &new, &live);
                 current = new;
             }
         })
@@ -228,10 +255,11 @@ pub async fn run_with_reload(
     data_stop.cancel();
     sessions.shutdown();
     stop_serving.cancel();
-    match tokio::time::timeout(cfg.shutdown_timeout, &mut server).await {
+    let shutdown_timeout = Duration::from_millis(shutdown_ms.load(std::sync::atomic::Ordering::Relaxed));
+    match tokio::time::timeout(shutdown_timeout, &mut server).await {
         Ok(r) => r.context("gRPC server task")?.context("gRPC server")?,
         Err(_) => {
-            warn!(timeout = ?cfg.shutdown_timeout, "in-flight requests did not finish in time; cancelling them");
+            warn!(timeout = ?shutdown_timeout, "in-flight requests did not finish in time; cancelling them");
             server.abort();
         }
     }
@@ -240,7 +268,7 @@ pub async fn run_with_reload(
     watchdog.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
     drop(leases);
-    close_pool(pool, cfg.shutdown_timeout).await;
+    close_pool(pool, shutdown_timeout).await;
     info!(elapsed = ?t0.elapsed(), "shutdown complete");
     Ok(())
 }

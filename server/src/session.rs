@@ -96,7 +96,7 @@ pub struct SessionSummary {
 /// All sessions of one daemon.
 pub struct SessionManager {
     sessions: Mutex<HashMap<SessionId, Entry>>,
-    ttl: Duration,
+    ttl_ms: std::sync::atomic::AtomicU64,
     max: usize,
     next_gen: std::sync::atomic::AtomicU64,
     hooks: Mutex<Vec<CloseHook>>,
@@ -105,7 +105,7 @@ pub struct SessionManager {
 
 impl std::fmt::Debug for SessionManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionManager").field("ttl", &self.ttl).field("max", &self.max).finish()
+        f.debug_struct("SessionManager").field("ttl", &self.ttl()).field("max", &self.max).finish()
     }
 }
 
@@ -121,7 +121,7 @@ impl SessionManager {
     pub fn new(ttl: Duration, max: usize) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
-            ttl,
+            ttl_ms: (ttl.as_millis() as u64).into(),
             max,
             next_gen: 1.into(),
             hooks: Mutex::new(Vec::new()),
@@ -140,7 +140,12 @@ impl SessionManager {
 
     /// The TTL.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        Duration::from_millis(self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Change the TTL (SIGHUP reload); applies to the next expiry check.
+    pub fn set_ttl(&self, ttl: Duration) {
+        self.ttl_ms.store(ttl.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Open a session on a new stream. Returns its id and the stream generation.
@@ -244,8 +249,9 @@ impl SessionManager {
     /// End every session whose last keepalive is older than the TTL. Returns how many.
     pub fn expire(&self) -> usize {
         let now = Instant::now();
+        let ttl = self.ttl();
         let stale: Vec<SessionId> =
-            self.lock().iter().filter(|(_, e)| now.duration_since(e.last_seen) > self.ttl).map(|(id, _)| *id).collect();
+            self.lock().iter().filter(|(_, e)| now.duration_since(e.last_seen) > ttl).map(|(id, _)| *id).collect();
         stale.iter().filter(|id| self.end(**id, EndReason::Expired).is_ok()).count()
     }
 
@@ -289,7 +295,7 @@ impl SessionManager {
 
     /// Expire sessions every quarter TTL until `cancel`.
     pub async fn reap(self: Arc<Self>, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.ttl / 4);
+        let mut tick = tokio::time::interval(self.ttl() / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

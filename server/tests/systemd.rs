@@ -83,7 +83,14 @@ fn ready_status_watchdog_reload_and_stopping() {
     // SIGHUP: new log level and new token, announced with RELOADING then READY.
     assert!(!d.log().contains("configuration reloaded"));
     write_token(&token, "second-token-0123456789");
-    std::fs::write(&cfg, format!("[log]\nlevel = \"info\"\n[auth]\ntoken_file = \"{}\"\n", token.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[log]\nlevel = \"info\"\n[auth]\ntoken_file = \"{}\"\n[lease]\nbreak_timeout_ms = 1234\n",
+            token.display()
+        ),
+    )
+    .unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(d.pid(), libc::SIGHUP) };
     let seen = notify.until("RELOADING=1", Duration::from_secs(10));
@@ -93,6 +100,25 @@ fn ready_status_watchdog_reload_and_stopping() {
         d.log().contains("configuration reloaded").then_some(())
     });
     assert!(!info("first-token-0123456789"), "the old token must be refused after the reload");
+    // Timeouts too: a recall now carries the new break deadline.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = rdax_client::ConnectOptions { token: Some("second-token-0123456789".into()), ..Default::default() };
+        let c = rdax_client::Client::connect(&d.endpoint, opts).await.unwrap();
+        let s = c
+            .open_session_with(rdax_client::SessionOptions { client_name: "deaf".into(), ignore_recalls: true })
+            .await
+            .unwrap();
+        c.object("ns", "t").unwrap().create(8192).await.unwrap();
+        let _l = s.acquire("ns", "t", 0, 8192, rdax_client::LeaseMode::Read).await.unwrap();
+        let t = Instant::now();
+        c.object("ns", "t").unwrap().resize(0).await.unwrap();
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(1200) && took < Duration::from_millis(4000),
+            "break deadline after reload: {took:?}"
+        );
+    });
     assert!(info("second-token-0123456789"));
     // SIGTERM: STOPPING, then a clean exit.
     // SAFETY: as above.

@@ -32,8 +32,8 @@ pub struct DataPlane {
     pub sessions: Arc<SessionManager>,
     /// The pool medium.
     pub media: Arc<dyn Media>,
-    /// Bound on each socket wait within an operation.
-    pub op_timeout: Duration,
+    /// Bound on each socket wait within an operation, in milliseconds (reloadable).
+    pub op_timeout_ms: std::sync::atomic::AtomicU64,
     /// Test-only fault injection (the kernel's `bio_delay` idea): hold every WRITE this long
     /// halfway through its copy, pin held. Set by `RDAX_TEST_WRITE_DELAY_MS`; never in production.
     pub write_delay: Option<Duration>,
@@ -41,7 +41,7 @@ pub struct DataPlane {
 
 impl std::fmt::Debug for DataPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataPlane").field("op_timeout", &self.op_timeout).finish_non_exhaustive()
+        f.debug_struct("DataPlane").field("op_timeout_ms", &self.op_timeout_ms).finish_non_exhaustive()
     }
 }
 
@@ -89,7 +89,7 @@ impl DataPlane {
     }
 
     async fn bounded<T>(&self, f: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
-        tokio::time::timeout(self.op_timeout, f)
+        tokio::time::timeout(Duration::from_millis(self.op_timeout_ms.load(std::sync::atomic::Ordering::Relaxed)), f)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "data-plane operation timed out"))?
     }

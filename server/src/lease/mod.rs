@@ -201,12 +201,12 @@ pub struct LeaseManager {
     changed: Notify,
     pool: Arc<Pool>,
     sessions: Arc<SessionManager>,
-    cfg: LeaseConfig,
+    cfg: Mutex<LeaseConfig>,
 }
 
 impl std::fmt::Debug for LeaseManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseManager").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("LeaseManager").field("cfg", &self.config()).finish_non_exhaustive()
     }
 }
 
@@ -242,7 +242,7 @@ impl LeaseManager {
             changed: Notify::new(),
             pool,
             sessions: sessions.clone(),
-            cfg,
+            cfg: Mutex::new(cfg),
         });
         let weak = Arc::downgrade(&m);
         sessions.on_close(Arc::new(move |sid, _reason| {
@@ -278,7 +278,7 @@ impl LeaseManager {
                                 return drop(blocks);
                             }
                             // Bounded: every lease ends by its TTL at the latest.
-                            let _ = tokio::time::timeout(m.cfg.ttl, n).await;
+                            let _ = tokio::time::timeout(m.config().ttl, n).await;
                         }
                     });
                 }
@@ -304,7 +304,13 @@ impl LeaseManager {
 
     /// The configuration.
     pub fn config(&self) -> LeaseConfig {
-        self.cfg
+        *self.cfg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replace the timing (SIGHUP reload). Leases already granted keep their expiry until
+    /// their next renewal; recalls already running keep their deadline.
+    pub fn set_config(&self, cfg: LeaseConfig) {
+        *self.cfg.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
     }
 
     async fn wait_changed_until(&self, deadline: Instant, mut done: impl FnMut(&Inner) -> bool) -> bool {
@@ -337,11 +343,13 @@ impl LeaseManager {
             return Err(LeaseError::Invalid("lease length must be at least 1"));
         }
         let end = offset.checked_add(len).ok_or(LeaseError::Invalid("offset + length overflows"))?;
-        let deadline = Instant::now() + self.cfg.break_timeout;
+        let deadline = Instant::now() + self.config().break_timeout;
         loop {
             let free = |i: &Inner| !i.markers.iter().any(|m| m.1 == object && overlaps((m.2, m.3), (offset, end)));
             if !self.wait_changed_until(deadline, free).await {
-                return Err(LeaseError::Breaking { retry_after_ms: self.cfg.break_timeout.as_millis() as u64 / 2 + 1 });
+                return Err(LeaseError::Breaking {
+                    retry_after_ms: self.config().break_timeout.as_millis() as u64 / 2 + 1,
+                });
             }
             let epoch = self.lock().epochs.get(&object).copied().unwrap_or(0);
             let k = object.clone();
@@ -406,13 +414,13 @@ impl LeaseManager {
                     mode,
                     generation,
                     state: State::Active,
-                    expires: Instant::now() + self.cfg.ttl,
+                    expires: Instant::now() + self.config().ttl,
                     keys: key_list,
                     pins,
                 },
             );
             info!(lease = id, session = %session, object = %object, offset, len, generation, "lease granted");
-            return Ok(Grant { id, generation, mode, ttl: self.cfg.ttl, segments });
+            return Ok(Grant { id, generation, mode, ttl: self.config().ttl, segments });
         }
     }
 
@@ -436,8 +444,8 @@ impl LeaseManager {
         if !l.state.live() {
             return Err(LeaseError::NotActive(id));
         }
-        l.expires = Instant::now() + self.cfg.ttl;
-        Ok(self.cfg.ttl)
+        l.expires = Instant::now() + self.config().ttl;
+        Ok(self.config().ttl)
     }
 
     /// The holder returns the lease: its keys stop working now; it drains in the background.
@@ -493,7 +501,7 @@ impl LeaseManager {
     async fn drain(&self, id: u64) -> bool {
         let Some(pins) = self.lock().leases.get(&id).map(|l| l.pins.clone()) else { return true };
         let t0 = Instant::now();
-        let ok = tokio::time::timeout(self.cfg.drain_timeout, pins.drained()).await.is_ok();
+        let ok = tokio::time::timeout(self.config().drain_timeout, pins.drained()).await.is_ok();
         METRICS.drain.observe(t0.elapsed());
         if ok {
             self.lock().leases.remove(&id);
@@ -514,7 +522,7 @@ impl LeaseManager {
             lease_id: id,
             generation: l.generation,
             reason: reason.into(),
-            deadline_ms: self.cfg.break_timeout.as_millis() as u64,
+            deadline_ms: self.config().break_timeout.as_millis() as u64,
         });
         self.sessions.notify(l.session, event(ev));
         METRICS.recalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -576,7 +584,7 @@ impl LeaseManager {
     }
 
     async fn break_and_drain_inner(self: &Arc<Self>, targets: &[u64]) -> Result<(), LeaseError> {
-        let deadline = Instant::now() + self.cfg.break_timeout;
+        let deadline = Instant::now() + self.config().break_timeout;
         let returned = |i: &Inner| targets.iter().all(|id| i.leases.get(id).is_none_or(|l| !l.state.live()));
         if !self.wait_changed_until(deadline, returned).await {
             for &id in targets {
@@ -586,7 +594,7 @@ impl LeaseManager {
         for &id in targets {
             let pins = self.lock().leases.get(&id).map(|l| l.pins.clone());
             if let Some(p) = pins
-                && tokio::time::timeout(self.cfg.drain_timeout, p.drained()).await.is_err()
+                && tokio::time::timeout(self.config().drain_timeout, p.drained()).await.is_err()
             {
                 return Err(LeaseError::DrainTimeout(id));
             }
@@ -643,7 +651,7 @@ impl LeaseManager {
 
     /// Expire leases every quarter TTL until `cancel`.
     pub async fn reap(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(self.cfg.ttl / 4);
+        let mut tick = tokio::time::interval(self.config().ttl / 4);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
