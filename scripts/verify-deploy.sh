@@ -17,5 +17,7 @@ systemd-analyze verify "$tmp/rdaxd.service"
 echo "deploy: rdaxd.service verifies"
 "$bin" --config deploy/rdaxd.toml check-config > /dev/null
 echo "deploy: rdaxd.toml is valid (no unknown keys)"
+systemd-sysusers --dry-run "$PWD/deploy/sysusers.d/rdax.conf" > /dev/null
+echo "deploy: sysusers.d/rdax.conf parses (dry run)"
 bash -n deploy/rxe-setup.sh
 echo "deploy: scripts parse"
