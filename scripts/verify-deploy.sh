@@ -17,7 +17,7 @@ systemd-analyze verify "$tmp/rdaxd.service"
 echo "deploy: rdaxd.service verifies"
 "$bin" --config deploy/rdaxd.toml check-config > /dev/null
 echo "deploy: rdaxd.toml is valid (no unknown keys)"
-systemd-sysusers --dry-run "$PWD/deploy/sysusers.d/rdax.conf" > /dev/null
+systemd-sysusers --dry-run "$PWD/deploy/sysusers.d/rdax.conf" > /dev/null 2>&1
 echo "deploy: sysusers.d/rdax.conf parses (dry run)"
 bash -n deploy/rxe-setup.sh
 echo "deploy: scripts parse"
