@@ -373,7 +373,14 @@ impl LeaseManager {
             }
             if g.epochs.get(&object).copied().unwrap_or(0) != epoch || !free(&g) {
                 drop(g);
-                continue; // a layout change ran meanwhile: compute the segments again
+                // A layout change ran meanwhile: compute the segments again — within the same
+                // bound, so a stream of recalls cannot keep a grant spinning.
+                if Instant::now() >= deadline {
+                    return Err(LeaseError::Breaking {
+                        retry_after_ms: self.config().break_timeout.as_millis() as u64 / 2 + 1,
+                    });
+                }
+                continue;
             }
             if !self.sessions.is_live(session) {
                 return Err(LeaseError::SessionNotFound);
