@@ -1,8 +1,8 @@
 //! `check` (fsck): verify a pool end to end and report every problem found.
 //!
-//! Offline, the pool is mapped *privately* (copy-on-write), so a committed transaction can be
-//! replayed in memory — checking the state the next open would see — without writing to the
-//! pool. Checked: superblock (magic, version, checksum, geometry), journal (a committed
+//! Offline, the pool is mapped read-only under a copy-on-write overlay, so a committed
+//! transaction can be replayed in memory — checking the state the next open would see —
+//! without writing to the pool (this works on device-DAX too, which refuses private mappings). Checked: superblock (magic, version, checksum, geometry), journal (a committed
 //! transaction must be intact), meta header checksum, every object and extent slot (checksum,
 //! slot placement, free slots all-zero, nothing in use above the high-water marks), every
 //! extent's owner (an extent without a live owner is a leak), extents within the allocated
@@ -15,6 +15,7 @@ use super::journal::{self, Journal};
 use super::layout::Superblock;
 use super::media::Media;
 use super::media::mapped::{MappedMedia, Region};
+use super::media::overlay::OverlayMedia;
 use super::{OpenError, Pool, lock, read_meta_header, read_superblock, scan};
 
 /// The outcome of a check.
@@ -56,8 +57,9 @@ impl CheckReport {
 /// Check the pool at `path` without modifying it. `Err` means there is no pool to check
 /// (unreadable path, not an rdax pool, or a newer format); damage is reported in `Ok`.
 pub fn check_path(path: &Path) -> Result<CheckReport, OpenError> {
-    let m = MappedMedia::map(path, Region::Private, false)?;
-    check_media(&m, Some(path))
+    let m = MappedMedia::map(path, Region::ReadOnly, false)?;
+    let overlay = OverlayMedia::new(std::sync::Arc::new(m));
+    check_media(&overlay, Some(path))
 }
 
 /// Check a pool on any medium. Recovery runs on the medium itself: use a private mapping or a

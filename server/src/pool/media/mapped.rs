@@ -41,9 +41,10 @@ pub enum Region {
         /// Replace an existing file.
         overwrite: bool,
     },
-    /// Map privately (copy-on-write): nothing reaches the file. Used by offline checks so
-    /// that recovery can run in memory without modifying the pool.
-    Private,
+    /// Map shared but read-only (`PROT_READ`): offline checks, which replay the journal into
+    /// an [`super::overlay::OverlayMedia`] instead of the pool. (`MAP_PRIVATE` would be simpler,
+    /// but device-DAX refuses private mappings.)
+    ReadOnly,
 }
 
 /// Why a region could not be mapped safely.
@@ -96,6 +97,8 @@ pub struct MappedMedia {
     persistence: Persistence,
     /// True when the region was created here from nothing: every byte reads zero.
     fresh_zero: bool,
+    /// False for a [`Region::ReadOnly`] mapping: stores are a bug and are refused loudly.
+    writable: bool,
     _file: File,
 }
 
@@ -127,13 +130,13 @@ impl MappedMedia {
         };
         let (file, fresh_zero) = open_file(path, region)?;
         let meta = file.metadata().map_err(io_err("stat the region"))?;
-        let private = matches!(region, Region::Private);
+        let private = matches!(region, Region::ReadOnly);
         let ft = meta.file_type();
         if ft.is_char_device() {
             let (size, align) = device_dax_geometry(path, meta.rdev())?;
             let flags = shared_flags(private, true);
-            let base = map_aligned(&file, size, align.max(MAP_ALIGN), flags)
-                .or_else(|_| map_aligned(&file, size, align.max(MAP_ALIGN), shared_flags(private, false)))
+            let base = map_aligned(&file, size, align.max(MAP_ALIGN), flags, private)
+                .or_else(|_| map_aligned(&file, size, align.max(MAP_ALIGN), shared_flags(private, false), private))
                 .map_err(io_err("map the device-DAX region"))?;
             return Ok(Self::new(base, size, PoolMode::DeviceDax, cache_or_none(private), fresh_zero, file));
         }
@@ -148,10 +151,16 @@ impl MappedMedia {
             return Err(MapError::Unsupported { path: path.to_path_buf(), detail: "empty file".into() });
         }
         let statx_dax = statx_says_dax(path);
-        match map_aligned(&file, size, MAP_ALIGN, shared_flags(private, true)) {
+        if private {
+            let base =
+                map_aligned(&file, size, MAP_ALIGN, MapFlags::SHARED, true).map_err(io_err("map the pool file"))?;
+            let mode = if statx_dax { PoolMode::FsDax } else { PoolMode::File };
+            return Ok(Self::new(base, size, mode, Persistence::None, fresh_zero, file));
+        }
+        match map_aligned(&file, size, MAP_ALIGN, shared_flags(private, true), false) {
             Ok(base) => Ok(Self::new(base, size, PoolMode::FsDax, cache_or_none(private), fresh_zero, file)),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && !statx_dax => {
-                let base = map_aligned(&file, size, MAP_ALIGN, shared_flags(private, false))
+                let base = map_aligned(&file, size, MAP_ALIGN, shared_flags(private, false), false)
                     .map_err(io_err("map the pool file"))?;
                 let persistence = if private {
                     Persistence::None
@@ -177,7 +186,8 @@ impl MappedMedia {
         fresh_zero: bool,
         file: File,
     ) -> Self {
-        Self { base, len, mode, persistence, fresh_zero, _file: file }
+        let writable = persistence != Persistence::None;
+        Self { base, len, mode, persistence, fresh_zero, writable, _file: file }
     }
 
     /// True when this region was created from nothing (all bytes zero).
@@ -197,9 +207,9 @@ fn cache_or_none(private: bool) -> Persistence {
     if private { Persistence::None } else { flush::detect() }
 }
 
-fn shared_flags(private: bool, sync: bool) -> MapFlags {
-    match (private, sync) {
-        (true, _) => MapFlags::PRIVATE,
+fn shared_flags(read_only: bool, sync: bool) -> MapFlags {
+    match (read_only, sync) {
+        (true, _) => MapFlags::SHARED,
         (false, true) => MapFlags::SHARED_VALIDATE | MapFlags::SYNC,
         (false, false) => MapFlags::SHARED,
     }
@@ -215,7 +225,7 @@ fn open_file(path: &Path, region: Region) -> Result<(File, bool), MapError> {
             let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open the pool"))?;
             Ok((f, false))
         }
-        Region::Private => {
+        Region::ReadOnly => {
             let f = OpenOptions::new().read(true).open(path).map_err(io_err("open the pool"))?;
             Ok((f, false))
         }
@@ -286,7 +296,8 @@ fn statx_says_dax(path: &Path) -> bool {
 }
 
 /// Map `len` bytes of `file` at a virtual address aligned to `align`.
-fn map_aligned(file: &File, len: usize, align: usize, flags: MapFlags) -> io::Result<NonNull<u8>> {
+fn map_aligned(file: &File, len: usize, align: usize, flags: MapFlags, read_only: bool) -> io::Result<NonNull<u8>> {
+    let prot = if read_only { ProtFlags::READ } else { ProtFlags::READ | ProtFlags::WRITE };
     let reserve = len.checked_add(align).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
     // SAFETY: an anonymous PROT_NONE reservation at a kernel-chosen address cannot alias any
     // existing Rust object.
@@ -302,9 +313,7 @@ fn map_aligned(file: &File, len: usize, align: usize, flags: MapFlags) -> io::Re
     let aligned = (r_addr + align - 1) & !(align - 1);
     // SAFETY: `[aligned, aligned + len)` lies inside the reservation we own, so MAP_FIXED only
     // replaces our own PROT_NONE pages.
-    let mapped = unsafe {
-        rustix::mm::mmap(aligned as *mut _, len, ProtFlags::READ | ProtFlags::WRITE, flags | MapFlags::FIXED, file, 0)
-    };
+    let mapped = unsafe { rustix::mm::mmap(aligned as *mut _, len, prot, flags | MapFlags::FIXED, file, 0) };
     match mapped {
         Ok(p) => {
             // SAFETY: head and tail are the unused parts of our own reservation.
@@ -352,18 +361,21 @@ impl Media for MappedMedia {
     }
 
     fn write(&self, off: u64, src: &[u8]) {
+        assert!(self.writable, "store to a read-only mapping");
         let p = self.ptr(off, src.len() as u64);
         // SAFETY: as in `read`, with the direction reversed.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
     }
 
     fn fill(&self, off: u64, len: u64, byte: u8) {
+        assert!(self.writable, "store to a read-only mapping");
         let p = self.ptr(off, len);
         // SAFETY: `p..p + len` is inside the mapping (checked by `ptr`).
         unsafe { std::ptr::write_bytes(p, byte, len as usize) };
     }
 
     fn write_u64_atomic(&self, off: u64, value: u64) {
+        assert!(self.writable, "store to a read-only mapping");
         assert_eq!(off % 8, 0, "atomic word must be 8-byte aligned");
         let p = self.ptr(off, 8).cast::<u64>();
         // SAFETY: `p` is inside the mapping, 8-byte aligned (mapping base is page aligned);
@@ -372,6 +384,7 @@ impl Media for MappedMedia {
     }
 
     fn write_flushed(&self, off: u64, src: &[u8]) {
+        assert!(self.writable, "store to a read-only mapping");
         match self.persistence {
             Persistence::Clwb | Persistence::Clflushopt | Persistence::Clflush => {
                 let p = self.ptr(off, src.len() as u64);
@@ -473,16 +486,20 @@ mod tests {
     }
 
     #[test]
-    fn private_mapping_never_reaches_the_file() {
+    fn a_read_only_mapping_reads_and_refuses_stores() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pool");
-        drop(MappedMedia::map(&p, Region::Create { size: 1 << 20, overwrite: false }, false).unwrap());
-        let m = MappedMedia::map(&p, Region::Private, false).unwrap();
-        assert_eq!(m.persistence(), Persistence::None);
-        m.write(0, b"scribble");
-        m.persist(0, 8);
+        let m = MappedMedia::map(&p, Region::Create { size: 1 << 20, overwrite: false }, false).unwrap();
+        m.write(8, b"abc");
+        m.persist(8, 3);
         drop(m);
-        assert!(std::fs::read(&p).unwrap().iter().all(|&b| b == 0));
+        let m = MappedMedia::map(&p, Region::ReadOnly, false).unwrap();
+        assert_eq!(m.persistence(), Persistence::None);
+        let mut b = [0u8; 3];
+        m.read(8, &mut b);
+        assert_eq!(&b, b"abc");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.write(0, b"x")));
+        assert!(r.is_err(), "a store must be refused");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod flush;
 pub mod mapped;
+pub mod overlay;
 pub mod sim;
 
 use serde::Serialize;

@@ -1,0 +1,29 @@
+#!/bin/busybox sh
+# PID 1 of the lab VM: load modules, mount the host's root read-only under a tmpfs overlay,
+# chroot into it and run the job; then power off.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+groups=base; grep -q labpmem /proc/cmdline && groups="base pmem"
+for g in $groups; do for m in $(cat /load.$g); do
+  insmod /mod/$m 2>/tmp/e || echo "[lab] insmod $m: $(cat /tmp/e)"
+done; done
+for a in $(cat /proc/cmdline); do case $a in labjob=*) JOB=${a#labjob=};; labmods=*) MODS=${a#labmods=};; esac; done
+mkdir -p /lower /upper /root
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /lower || { echo "[lab] no host root"; poweroff -f; }
+# Modules loaded later (by the guest's tools) come from the unpacked kernel package.
+mkdir -p /lib/modules && mount --bind /lower$MODS /lib/modules && echo /bin/modprobe > /proc/sys/kernel/modprobe
+mount -t tmpfs -o mode=755 tmpfs /upper && mkdir -p /upper/u /upper/w
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /root || { echo "[lab] no overlay"; poweroff -f; }
+R=/root
+mount -t proc proc $R/proc; mount -t sysfs sysfs $R/sys; mount -t devtmpfs devtmpfs $R/dev
+mkdir -p $R/dev/pts $R/dev/shm $R/run $R/usr/lib/modules
+mount -t devpts devpts $R/dev/pts; mount -t tmpfs tmpfs $R/dev/shm; mount -t tmpfs tmpfs $R/run
+mount --bind /lib/modules $R/usr/lib/modules
+mkdir -p $R$JOB && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none job $R$JOB
+if [ -f $R$JOB/rw_path ]; then RW=$(cat $R$JOB/rw_path); mkdir -p $R$RW; mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none rw $R$RW; fi
+ip link set lo up
+chroot $R /bin/bash -c "cd $JOB && exec /bin/bash $JOB/job.sh" > /dev/console 2>&1 < /dev/null
+echo $? > $R$JOB/rc
+sync; umount $R$JOB 2>/dev/null; [ -n "$RW" ] && umount $R$RW 2>/dev/null
+poweroff -f
