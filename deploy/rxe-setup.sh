@@ -8,9 +8,12 @@ name=${2:-rxe_$iface}
 [ "$(id -u)" = 0 ] || { echo "rxe-setup: run as root" >&2; exit 1; }
 ip link show "$iface" >/dev/null 2>&1 || { echo "rxe-setup: no interface $iface" >&2; exit 1; }
 command -v rdma >/dev/null || { echo "rxe-setup: the rdma tool is missing (apt-get install iproute2)" >&2; exit 1; }
-# rxe needs the crc32 crypto module; without it `rdma link add` fails with ENOENT.
-modprobe crc32_generic 2>/dev/null || true
-modprobe rdma_rxe || { echo "rxe-setup: cannot load rdma_rxe (kernel without soft-RoCE?)" >&2; exit 1; }
+if [ ! -d /sys/module/rdma_rxe ]; then
+  command -v modprobe >/dev/null || { echo "rxe-setup: rdma_rxe is not loaded and modprobe is missing (apt-get install kmod)" >&2; exit 1; }
+  # rxe needs the crc32 crypto module; without it `rdma link add` fails with ENOENT.
+  modprobe crc32_generic 2>/dev/null || true
+  modprobe rdma_rxe || { echo "rxe-setup: cannot load rdma_rxe (kernel without soft-RoCE?)" >&2; exit 1; }
+fi
 ip link set "$iface" up
 existing=$(rdma link show 2>/dev/null | awk -v i="$iface" '$0 ~ ("netdev " i "( |$)") {sub(":.*", "", $2); print $2}' | head -n1)
 if [ -n "$existing" ]; then
