@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Installs what building and testing rdax needs beyond the Rust toolchain. Today the default
-# build needs nothing else (protobuf compilation is pure Rust); the `rdma` feature will add
-# cmake and libclang here. Idempotent; uses apt only when something is missing.
+# Installs what building and testing rdax needs beyond the Rust toolchain. The default build
+# needs nothing else (protobuf compilation is pure Rust). The `rdma` feature (crate
+# rdax-verbs, through rdma-mummy-sys) builds a small C shim with cmake and generates bindings
+# with libclang; at run time it loads libibverbs/librdmacm if they are there (rdma-core,
+# ibverbs-providers), and works without them (no RDMA). Idempotent; apt only when missing.
 set -euo pipefail
-need=()
 for c in rustfmt cargo-clippy; do
   command -v "$c" >/dev/null || { echo "missing $c: install the Rust toolchain with rustup (components rustfmt, clippy)" >&2; exit 1; }
 done
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if ((${#need[@]})); then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"; else sudo apt-get install -y "${need[@]}"; fi
+  echo "install-deps: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
 fi

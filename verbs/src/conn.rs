@@ -1,0 +1,456 @@
+//! One reliable connection: its QP, completion queue and completion channel, with
+//! completions delivered on the tokio reactor.
+//!
+//! Every send-queue work request is signalled; its completion resolves the future that
+//! posted it. Received messages (fixed [`MSG_LEN`]-byte frames) go to an inbox channel and
+//! their buffer is posted again. Closing moves the QP to the error state: the device then
+//! flushes every outstanding request, so nothing waits forever and no DMA targets a buffer
+//! after its future has returned.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdma_mummy_sys as sys;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::cm::{BorrowedRawFd, CmId, conn_param, set_nonblocking};
+use crate::error::{Error, Result, check, last};
+use crate::mem::{Access, Mr, Mw, Pd, RegBuf};
+
+/// Size of a message frame.
+pub const MSG_LEN: usize = 64;
+/// Receive buffers per connection (the peer may have this many messages in flight).
+pub const RECV_SLOTS: usize = 32;
+/// Send-queue depth.
+pub const SEND_DEPTH: u32 = 256;
+/// RDMA READs in flight per direction.
+pub const RD_ATOMIC: u8 = 16;
+const RECV_TAG: u64 = 1 << 63;
+
+/// A message frame.
+pub type Msg = [u8; MSG_LEN];
+
+struct Pending {
+    tx: oneshot::Sender<u32>,
+    _permit: OwnedSemaphorePermit,
+    _keep: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// A connected (or connecting) RC queue pair.
+pub struct Conn {
+    afd: Option<AsyncFd<BorrowedRawFd>>,
+    id: CmId,
+    cq: NonNull<sys::ibv_cq>,
+    ch: NonNull<sys::ibv_comp_channel>,
+    pd: Arc<Pd>,
+    recv: RegBuf,
+    inbox: mpsc::UnboundedSender<Msg>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next: AtomicU64,
+    sq: Arc<Semaphore>,
+    closed: AtomicBool,
+    wake: Notify,
+}
+
+// SAFETY: verbs objects are thread-safe; mutable state is behind atomics and a mutex.
+unsafe impl Send for Conn {}
+// SAFETY: as above.
+unsafe impl Sync for Conn {}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("qp_num", &self.qp_num()).finish()
+    }
+}
+
+/// One work request.
+#[derive(Debug, Clone, Copy)]
+pub enum Wr {
+    /// SEND of a message frame (inline).
+    Send(Msg),
+    /// RDMA WRITE `len` bytes from local `laddr` to remote `raddr`.
+    Write {
+        /// Local address.
+        laddr: u64,
+        /// Local key.
+        lkey: u32,
+        /// Bytes.
+        len: u32,
+        /// Remote address.
+        raddr: u64,
+        /// Remote key.
+        rkey: u32,
+    },
+    /// RDMA READ `len` bytes from remote `raddr` into local `laddr`.
+    Read {
+        /// Local address.
+        laddr: u64,
+        /// Local key.
+        lkey: u32,
+        /// Bytes.
+        len: u32,
+        /// Remote address.
+        raddr: u64,
+        /// Remote key.
+        rkey: u32,
+    },
+}
+
+impl Conn {
+    /// Create the QP for `id` (resolved or a connection request) in `pd`.
+    pub fn create(id: CmId, pd: Arc<Pd>) -> Result<(Arc<Conn>, mpsc::UnboundedReceiver<Msg>)> {
+        let ctx = pd.context();
+        // SAFETY: an open context.
+        let ch = NonNull::new(unsafe { sys::ibv_create_comp_channel(ctx) })
+            .ok_or_else(|| last("ibv_create_comp_channel"))?;
+        let cqe = (SEND_DEPTH as usize + RECV_SLOTS) as i32;
+        // SAFETY: an open context and a live channel.
+        let cq = unsafe { sys::ibv_create_cq(ctx, cqe, std::ptr::null_mut(), ch.as_ptr(), 0) };
+        let Some(cq) = NonNull::new(cq) else {
+            let e = last("ibv_create_cq");
+            // SAFETY: created above, unused.
+            unsafe { sys::ibv_destroy_comp_channel(ch.as_ptr()) };
+            return Err(e);
+        };
+        // From here on `Conn`'s Drop cleans up, so build it before anything else can fail.
+        let recv = match RegBuf::new(&pd, RECV_SLOTS * MSG_LEN) {
+            Ok(r) => r,
+            Err(e) => {
+                // SAFETY: created above, unused.
+                unsafe {
+                    sys::ibv_destroy_cq(cq.as_ptr());
+                    sys::ibv_destroy_comp_channel(ch.as_ptr());
+                }
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut c = Conn {
+            afd: None,
+            id,
+            cq,
+            ch,
+            pd,
+            recv,
+            inbox: tx,
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            sq: Arc::new(Semaphore::new(SEND_DEPTH as usize)),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+        };
+        // SAFETY: a live channel.
+        let fd = unsafe { (*ch.as_ptr()).fd };
+        set_nonblocking(fd)?;
+        // SAFETY: the fd belongs to the channel, destroyed in Drop after `afd` is taken.
+        let afd = unsafe { AsyncFd::register_with_interest(BorrowedRawFd(fd), tokio::io::Interest::READABLE) };
+        c.afd =
+            Some(afd.map_err(|e| Error::Os { op: "register the completion channel with tokio", source: e.into() })?);
+        // SAFETY: all-zero is a valid init attr; the fields that matter are set below.
+        let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        init.send_cq = cq.as_ptr();
+        init.recv_cq = cq.as_ptr();
+        init.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
+        init.cap = sys::ibv_qp_cap {
+            max_send_wr: SEND_DEPTH,
+            max_recv_wr: RECV_SLOTS as u32,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: MSG_LEN as u32,
+        };
+        // SAFETY: the id's device is the PD's; init is valid for the call.
+        check(unsafe { sys::rdma_create_qp(c.id.raw(), c.pd.ptr.as_ptr(), &mut init) }, "rdma_create_qp")?;
+        for slot in 0..RECV_SLOTS {
+            c.post_recv(slot)?;
+        }
+        // SAFETY: a live CQ.
+        check(unsafe { sys::ibv_req_notify_cq(cq.as_ptr(), 0) }, "ibv_req_notify_cq")?;
+        Ok((Arc::new(c), rx))
+    }
+
+    fn qp(&self) -> *mut sys::ibv_qp {
+        // SAFETY: a live id.
+        unsafe { (*self.id.raw()).qp }
+    }
+
+    /// The QP number.
+    pub fn qp_num(&self) -> u32 {
+        let qp = self.qp();
+        if qp.is_null() {
+            0
+        } else {
+            // SAFETY: a live QP.
+            unsafe { (*qp).qp_num }
+        }
+    }
+
+    /// The rdma_cm identifier.
+    pub fn id(&self) -> &CmId {
+        &self.id
+    }
+
+    /// The protection domain.
+    pub fn pd(&self) -> &Arc<Pd> {
+        &self.pd
+    }
+
+    fn post_recv(&self, slot: usize) -> Result<()> {
+        let mut sge = sys::ibv_sge {
+            addr: self.recv.addr() + (slot * MSG_LEN) as u64,
+            length: MSG_LEN as u32,
+            lkey: self.recv.lkey(),
+        };
+        let mut wr = sys::ibv_recv_wr {
+            wr_id: RECV_TAG | slot as u64,
+            next: std::ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: a live QP; wr and sge are valid for the call; the buffer outlives the QP.
+        check(unsafe { sys::ibv_post_recv(self.qp(), &mut wr, &mut bad) }, "ibv_post_recv")
+    }
+
+    /// Accept a connection request on this QP (server side).
+    pub fn accept(&self) -> Result<()> {
+        let mut p = conn_param(RD_ATOMIC);
+        // SAFETY: a connection-request id with its QP.
+        check(unsafe { sys::rdma_accept(self.id.raw(), &mut p) }, "rdma_accept")
+    }
+
+    /// Connect (client side); ESTABLISHED arrives on the id's channel.
+    pub fn connect(&self) -> Result<()> {
+        let mut p = conn_param(RD_ATOMIC);
+        // SAFETY: a route-resolved id with its QP.
+        check(unsafe { sys::rdma_connect(self.id.raw(), &mut p) }, "rdma_connect")
+    }
+
+    /// Post one work request and wait for its completion. `keep` is held until the device
+    /// is done with the request, even if this future is dropped.
+    pub async fn exec(&self, wr: Wr, keep: Option<Arc<dyn Any + Send + Sync>>) -> Result<()> {
+        let (op, status) = self.post(wr, keep).await?;
+        if status != 0 {
+            return Err(Error::Completion { op, status });
+        }
+        Ok(())
+    }
+
+    async fn post(&self, wr: Wr, keep: Option<Arc<dyn Any + Send + Sync>>) -> Result<(&'static str, u32)> {
+        // SAFETY: all-zero is a valid (empty) send WR.
+        let mut w: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        let inline: Msg = match wr {
+            Wr::Send(m) => m,
+            _ => [0; MSG_LEN],
+        };
+        let mut sge;
+        let op = match wr {
+            Wr::Send(_) => {
+                sge = sys::ibv_sge { addr: inline.as_ptr() as u64, length: MSG_LEN as u32, lkey: 0 };
+                w.opcode = sys::ibv_wr_opcode::IBV_WR_SEND;
+                w.send_flags = sys::ibv_send_flags::IBV_SEND_INLINE.0;
+                "SEND"
+            }
+            Wr::Write { laddr, lkey, len, raddr, rkey } => {
+                sge = sys::ibv_sge { addr: laddr, length: len, lkey };
+                w.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                w.wr.rdma = sys::rdma_t { remote_addr: raddr, rkey };
+                "RDMA WRITE"
+            }
+            Wr::Read { laddr, lkey, len, raddr, rkey } => {
+                sge = sys::ibv_sge { addr: laddr, length: len, lkey };
+                w.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
+                w.wr.rdma = sys::rdma_t { remote_addr: raddr, rkey };
+                "RDMA READ"
+            }
+        };
+        w.sg_list = &mut sge;
+        w.num_sge = 1;
+        self.submit(w, op, keep).await
+    }
+
+    async fn submit(
+        &self,
+        mut w: sys::ibv_send_wr,
+        op: &'static str,
+        keep: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<(&'static str, u32)> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let permit = self.sq.clone().acquire_owned().await.map_err(|_| Error::Closed)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        w.wr_id = id;
+        w.send_flags |= sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        self.pending.lock().expect("pending").insert(id, Pending { tx, _permit: permit, _keep: keep });
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: a live QP; the WR, its SGE and any inline data are valid for the call
+        // (the device copies inline data and WRs at post time).
+        let rc = unsafe { sys::ibv_post_send(self.qp(), &mut w, &mut bad) };
+        if let Err(e) = check(rc, "ibv_post_send") {
+            self.pending.lock().expect("pending").remove(&id);
+            return Err(e);
+        }
+        let status = rx.await.map_err(|_| Error::Closed)?;
+        Ok((op, status))
+    }
+
+    /// Bind `mw` over `[addr, addr+len)` of `mr` with `access`, tied to this QP. Returns the
+    /// new rkey.
+    pub async fn bind_mw(&self, mw: &mut Mw, mr: &Mr, addr: u64, len: u64, access: Access) -> Result<u32> {
+        // SAFETY: a pure function on the value.
+        let rkey = unsafe { sys::ibv_inc_rkey(mw.rkey) };
+        // SAFETY: all-zero is a valid (empty) send WR.
+        let mut w: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        w.opcode = sys::ibv_wr_opcode::IBV_WR_BIND_MW;
+        w.bind_mw_tso_union.bind_mw = sys::bind_mw_t {
+            mw: mw.raw(),
+            rkey,
+            bind_info: sys::ibv_mw_bind_info { mr: mr.raw(), addr, length: len, mw_access_flags: access.0 },
+        };
+        let (op, status) = self.submit(w, "BIND_MW", None).await?;
+        if status != 0 {
+            return Err(Error::Completion { op, status });
+        }
+        mw.rkey = rkey;
+        Ok(rkey)
+    }
+
+    /// Invalidate a memory window bound on this QP.
+    pub async fn local_inv(&self, rkey: u32) -> Result<()> {
+        // SAFETY: all-zero is a valid (empty) send WR.
+        let mut w: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        w.opcode = sys::ibv_wr_opcode::IBV_WR_LOCAL_INV;
+        w.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+        let (op, status) = self.submit(w, "LOCAL_INV", None).await?;
+        if status != 0 {
+            return Err(Error::Completion { op, status });
+        }
+        Ok(())
+    }
+
+    /// Fence: move the QP to the error state. The device stops serving the peer's requests on
+    /// it and flushes everything outstanding; the connection is closed for good.
+    pub fn fence(&self) {
+        self.closed.store(true, Ordering::Release);
+        let qp = self.qp();
+        if !qp.is_null() {
+            // SAFETY: all-zero is a valid attr; only the state is applied.
+            let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+            attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
+            // SAFETY: a live QP.
+            unsafe { sys::ibv_modify_qp(qp, &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32) };
+        }
+        self.wake.notify_one();
+    }
+
+    /// Close: disconnect and fence.
+    pub fn close(&self) {
+        if !self.closed.load(Ordering::Acquire) {
+            self.id.disconnect();
+        }
+        self.fence();
+    }
+
+    /// True once closed or fenced.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Drive completions until the connection is closed and every request has completed
+    /// (flushed). Spawn this once per connection.
+    pub async fn drive(self: Arc<Self>) {
+        let afd = self.afd.as_ref().expect("registered");
+        loop {
+            self.poll_all();
+            if self.closed.load(Ordering::Acquire) && self.pending.lock().expect("pending").is_empty() {
+                return;
+            }
+            tokio::select! {
+                r = afd.readable() => match r {
+                    Ok(mut g) => g.clear_ready(),
+                    Err(_) => return,
+                },
+                _ = self.wake.notified() => {}
+                // A flush after fencing is generated by the device without a notification on
+                // some providers; look again now and then while closing.
+                _ = tokio::time::sleep(Duration::from_millis(50)), if self.closed.load(Ordering::Acquire) => {}
+            }
+            let mut n = 0;
+            loop {
+                let mut cq = std::ptr::null_mut();
+                let mut ctx = std::ptr::null_mut();
+                // SAFETY: a non-blocking live channel.
+                if unsafe { sys::ibv_get_cq_event(self.ch.as_ptr(), &mut cq, &mut ctx) } != 0 {
+                    break;
+                }
+                n += 1;
+            }
+            if n > 0 {
+                // SAFETY: acknowledging the events just taken.
+                unsafe { sys::ibv_ack_cq_events(self.cq.as_ptr(), n) };
+            }
+            // SAFETY: a live CQ; re-arm before polling so no completion is missed.
+            unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
+        }
+    }
+
+    fn poll_all(&self) {
+        // SAFETY: ibv_wc is plain data.
+        let mut wcs: [sys::ibv_wc; 16] = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: a live CQ and room for 16 entries.
+            let n = unsafe { sys::ibv_poll_cq(self.cq.as_ptr(), 16, wcs.as_mut_ptr()) };
+            if n <= 0 {
+                return;
+            }
+            for wc in &wcs[..n as usize] {
+                if wc.wr_id & RECV_TAG != 0 {
+                    let slot = (wc.wr_id & !RECV_TAG) as usize;
+                    if wc.status == 0 {
+                        let mut m = [0u8; MSG_LEN];
+                        // SAFETY: the slot is inside the receive buffer and the device is done
+                        // with it (its completion is here).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(self.recv.ptr(slot * MSG_LEN), m.as_mut_ptr(), MSG_LEN)
+                        };
+                        let _ = self.inbox.send(m);
+                        if !self.closed.load(Ordering::Acquire) && self.post_recv(slot).is_err() {
+                            self.fence();
+                        }
+                    }
+                    continue;
+                }
+                if let Some(p) = self.pending.lock().expect("pending").remove(&wc.wr_id) {
+                    let _ = p.tx.send(wc.status);
+                }
+                if wc.status != 0 && wc.status != sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
+                    // The QP is in the error state now; nothing more will succeed on it.
+                    self.closed.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Order: QP (no more DMA), then the reactor registration, CQ and channel; the id and
+        // the receive buffer are dropped after this body.
+        if !self.qp().is_null() {
+            // SAFETY: our QP; nothing posts after the last Arc is gone.
+            unsafe { sys::rdma_destroy_qp(self.id.raw()) };
+        }
+        drop(self.afd.take());
+        // SAFETY: the QP using the CQ is gone; every event was acknowledged.
+        unsafe {
+            sys::ibv_destroy_cq(self.cq.as_ptr());
+            sys::ibv_destroy_comp_channel(self.ch.as_ptr());
+        }
+    }
+}
