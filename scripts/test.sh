@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite (the README's test command). Extra arguments go to `cargo test`.
 # `--all-targets` covers unit, integration, real-process and bench-smoke tests; it skips
-# doctests, so they run in a second pass.
+# doctests, so they run in a separate pass. The suite runs twice: as the default build
+# (no RDMA code at all) and with the `rdma` feature (on a host without an RDMA device, which
+# the daemon must detect and report). The RDMA end-to-end tests need the lab VM:
+# deploy/lab/rdma-lab.sh (a CI stage of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+echo "== default build"
 cargo test --workspace --all-targets "$@"
 cargo test --workspace --doc "$@"
+echo "== with the rdma feature"
+cargo test --workspace --all-targets --features rdaxd/rdma,rdaxctl/rdma,rdax-client/rdma "$@"

@@ -221,6 +221,53 @@ impl Client {
         Ok(())
     }
 
+    /// Low level: acquire a lease for a session this client does not hold a [`Session`]
+    /// handle for (e.g. one whose RDMA connection another program made with its own verbs
+    /// code). Nothing renews or releases it: see [`Client::renew_lease`] and
+    /// [`Client::release_lease`]. With `rdma`, the keys are bound to that session's RDMA
+    /// connection.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn acquire_raw(
+        &self,
+        session_id: &str,
+        namespace: &str,
+        name: &str,
+        offset: u64,
+        length: u64,
+        mode: crate::LeaseMode,
+        rdma: bool,
+    ) -> Result<pb::LeaseGrant> {
+        let mode = match mode {
+            crate::LeaseMode::Read => pb::LeaseMode::Read,
+            crate::LeaseMode::ReadWrite => pb::LeaseMode::ReadWrite,
+        };
+        let transport = if rdma { pb::Transport::Rdma } else { pb::Transport::Tcp };
+        let mut c = self.leases.clone();
+        let r = self.request(pb::AcquireRequest {
+            session_id: session_id.into(),
+            object: Some(pb::ObjectRef { namespace: namespace.into(), name: name.into() }),
+            offset,
+            length,
+            mode: mode as i32,
+            transport: transport as i32,
+        });
+        Ok(c.acquire(r).await?.into_inner())
+    }
+
+    /// Low level: renew a lease acquired with [`Client::acquire_raw`].
+    pub async fn renew_lease(&self, session_id: &str, lease_id: u64) -> Result<()> {
+        let mut c = self.leases.clone();
+        c.renew(self.request(pb::RenewRequest { session_id: session_id.into(), lease_id })).await?;
+        Ok(())
+    }
+
+    /// Low level: release a lease acquired with [`Client::acquire_raw`].
+    pub async fn release_lease(&self, session_id: &str, lease_id: u64) -> Result<()> {
+        let mut c = self.leases.clone();
+        c.release(self.request(pb::ReleaseRequest { session_id: session_id.into(), lease_id })).await?;
+        Ok(())
+    }
+
     /// Every session (administrators).
     pub async fn sessions(&self) -> Result<Vec<pb::SessionInfo>> {
         self.retry(|| {

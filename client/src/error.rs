@@ -32,6 +32,9 @@ pub enum ErrorKind {
     Io,
     /// The lease was recalled, released or revoked: its keys no longer work. Re-acquire.
     Revoked,
+    /// This build, host or daemon cannot do what was asked (e.g. RDMA was forced but is not
+    /// available).
+    Unsupported,
     /// Anything else the server reported.
     Other,
 }

@@ -30,6 +30,9 @@ pub struct LeaseSegment {
     pub len: u64,
     /// Pool offset and 128-bit key; `None` for a hole (reads as zero).
     pub target: Option<(u64, [u8; 16])>,
+    /// RDMA leases: remote address and rkey of the segment (valid on the session's RDMA
+    /// connection only, until the lease ends).
+    pub rdma: Option<(u64, u32)>,
 }
 
 const ACTIVE: u8 = 0;
@@ -48,6 +51,8 @@ pub(crate) struct LeaseInner {
     pub session_id: String,
     pub client: Client,
     pub conns: Arc<ConnPool>,
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<Arc<crate::rdma::RdmaLink>>,
     state: AtomicU8,
     inflight: AtomicUsize,
     idle: Notify,
@@ -95,7 +100,8 @@ impl LeaseInner {
                         .map_err(|_| Error::new(ErrorKind::Protocol, "lease key is not 16 bytes"))?;
                     Some((s.pool_offset, k))
                 };
-                Ok(LeaseSegment { object_offset: s.object_offset, len: s.length, target })
+                let rdma = (s.rkey != 0 || s.rdma_addr != 0).then_some((s.rdma_addr, s.rkey));
+                Ok(LeaseSegment { object_offset: s.object_offset, len: s.length, target, rdma })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -109,6 +115,8 @@ impl LeaseInner {
             session_id,
             client,
             conns,
+            #[cfg(feature = "rdma")]
+            rdma: None,
             state: AtomicU8::new(ACTIVE),
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -245,6 +253,14 @@ impl Lease {
         self.inner.is_active()
     }
 
+    /// Whether this lease moves bytes by RDMA (else over the TCP data plane).
+    pub fn is_rdma(&self) -> bool {
+        #[cfg(feature = "rdma")]
+        return self.inner.rdma.is_some();
+        #[cfg(not(feature = "rdma"))]
+        false
+    }
+
     /// Read `len` bytes at object offset `offset` (inside the lease) over the data plane.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len as usize];
@@ -256,6 +272,10 @@ impl Lease {
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let l = &self.inner;
         let _op = l.begin()?;
+        #[cfg(feature = "rdma")]
+        if let Some(link) = &l.rdma {
+            return rdma_io::read(link, l.pieces(offset, buf.len() as u64)?, buf).await;
+        }
         let mut at = 0usize;
         for (seg, within, n) in l.pieces(offset, buf.len() as u64)? {
             let dst = &mut buf[at..at + n as usize];
@@ -278,6 +298,14 @@ impl Lease {
     async fn write_inner(&self, offset: u64, data: &[u8], persist: bool) -> Result<()> {
         let l = &self.inner;
         let _op = l.begin()?;
+        #[cfg(feature = "rdma")]
+        if let Some(link) = &l.rdma {
+            rdma_io::write(link, l.pieces(offset, data.len() as u64)?, data).await?;
+            if persist {
+                link.flush(l.id, offset, data.len() as u64).await?;
+            }
+            return Ok(());
+        }
         let mut at = 0usize;
         for (seg, within, n) in l.pieces(offset, data.len() as u64)? {
             let (pool, key) = seg
@@ -309,6 +337,11 @@ impl Lease {
     pub async fn flush(&self, offset: u64, len: u64) -> Result<()> {
         let l = &self.inner;
         let _op = l.begin()?;
+        #[cfg(feature = "rdma")]
+        if let Some(link) = &l.rdma {
+            l.pieces(offset, len)?;
+            return link.flush(l.id, offset, len).await;
+        }
         for (seg, within, n) in l.pieces(offset, len)? {
             if let Some((pool, key)) = seg.target {
                 let mut c = l.conns.get().await?;
@@ -329,5 +362,99 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renew.abort();
+    }
+}
+
+/// RDMA READ/WRITE of a lease's pieces, split into staging-buffer chunks and several in flight.
+#[cfg(feature = "rdma")]
+mod rdma_io {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    use super::LeaseSegment;
+    use crate::error::{Error, ErrorKind, Result};
+    use crate::rdma::{CHUNK, RdmaLink};
+
+    const IN_FLIGHT: usize = 16;
+
+    /// One RDMA operation: `(remote address and rkey, or None for a hole; offset in the
+    /// caller's buffer; bytes)`.
+    type Chunk = (Option<(u64, u32)>, usize, usize);
+
+    fn chunks(pieces: Vec<(&LeaseSegment, u64, u64)>) -> Result<Vec<Chunk>> {
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        for (seg, within, n) in pieces {
+            let key = match (seg.target, seg.rdma) {
+                (None, _) => None,
+                (Some(_), Some(k)) => Some(k),
+                (Some(_), None) => {
+                    return Err(Error::new(ErrorKind::Protocol, "an RDMA lease segment without an rkey"));
+                }
+            };
+            let mut c = 0usize;
+            while c < n as usize {
+                let m = (n as usize - c).min(CHUNK);
+                out.push((key.map(|(a, r)| (a + within + c as u64, r)), at + c, m));
+                c += m;
+            }
+            at += n as usize;
+        }
+        Ok(out)
+    }
+
+    async fn write_one(link: &RdmaLink, key: Option<(u64, u32)>, src: &[u8]) -> Result<()> {
+        let (addr, rkey) =
+            key.ok_or_else(|| Error::new(ErrorKind::PermissionDenied, "cannot write to a hole of a read lease"))?;
+        link.write(addr, rkey, src).await
+    }
+
+    async fn read_one(link: &RdmaLink, key: Option<(u64, u32)>, dst: &mut [u8]) -> Result<()> {
+        match key {
+            Some((addr, rkey)) => link.read(addr, rkey, dst).await,
+            None => {
+                dst.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) async fn write(link: &RdmaLink, pieces: Vec<(&LeaseSegment, u64, u64)>, data: &[u8]) -> Result<()> {
+        let mut inflight = FuturesUnordered::new();
+        for (key, at, m) in chunks(pieces)? {
+            if inflight.len() >= IN_FLIGHT
+                && let Some(r) = inflight.next().await
+            {
+                r?;
+            }
+            inflight.push(write_one(link, key, &data[at..at + m]));
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn read(link: &RdmaLink, pieces: Vec<(&LeaseSegment, u64, u64)>, buf: &mut [u8]) -> Result<()> {
+        let mut inflight = FuturesUnordered::new();
+        // Hand each chunk its own disjoint slice of the buffer.
+        let mut rest: &mut [u8] = buf;
+        let mut pos = 0usize;
+        for (key, at, m) in chunks(pieces)? {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - pos);
+            let (part, tail) = tail.split_at_mut(m);
+            rest = tail;
+            pos = at + m;
+            if inflight.len() >= IN_FLIGHT
+                && let Some(r) = inflight.next().await
+            {
+                r?;
+            }
+            inflight.push(read_one(link, key, part));
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+        }
+        Ok(())
     }
 }

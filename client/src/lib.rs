@@ -25,12 +25,15 @@ mod dataplane;
 mod error;
 mod lease;
 mod object;
+#[cfg(feature = "rdma")]
+mod rdma;
 mod session;
 
 pub use client::{Client, ConnectOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use lease::{Lease, LeaseMode, LeaseSegment};
 pub use object::{Object, Progress};
+pub use rdax_proto::pb;
 pub use rdax_proto::pb::LeaseInfo;
 pub use rdax_proto::pb::{ObjectStat, PoolInfo, PoolStats, SessionInfo};
-pub use session::{Session, SessionNotice, SessionOptions};
+pub use session::{Session, SessionNotice, SessionOptions, Transport};

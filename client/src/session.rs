@@ -24,9 +24,26 @@ use crate::lease::{Lease, LeaseInner, LeaseMode};
 pub struct SessionOptions {
     /// Label shown to administrators.
     pub client_name: String,
-    /// Do not return recalled leases (only report them). For testing revocation; a real
-    /// client that does this gets its leases revoked at the break deadline.
+    /// Do not return recalled leases (only report them), and keep using leases after a
+    /// revocation notice. For testing revocation: a real client that does this gets its
+    /// leases revoked at the break deadline and its operations refused by the daemon.
     pub ignore_recalls: bool,
+    /// Which data plane leases use.
+    pub transport: Transport,
+    /// Local address for the RDMA connection (default: chosen by routing).
+    pub rdma_source: Option<std::net::IpAddr>,
+}
+
+/// Which data plane a session's leases use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// RDMA when this build and the daemon both can and the connection succeeds; else TCP.
+    #[default]
+    Auto,
+    /// Always the TCP data plane.
+    Tcp,
+    /// Always RDMA; acquiring fails (`ErrorKind::Unsupported`/`Connect`) if it cannot be had.
+    Rdma,
 }
 
 type Registry = Arc<Mutex<HashMap<u64, Weak<LeaseInner>>>>;
@@ -65,6 +82,10 @@ pub struct Session {
     client: Client,
     registry: Registry,
     conns: Mutex<Option<(String, Arc<ConnPool>)>>,
+    opts: SessionOptions,
+    /// The RDMA connection once made; `Some(None)`: Auto decided on TCP.
+    #[cfg(feature = "rdma")]
+    rdma: tokio::sync::Mutex<Option<Option<Arc<crate::rdma::RdmaLink>>>>,
     notices: mpsc::Receiver<SessionNotice>,
     close: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -108,7 +129,19 @@ impl Session {
             pending: Mutex::default(),
         };
         let task = tokio::spawn(keep_alive(ctx, interval, tx, events, close_rx));
-        Ok(Self { id, ttl, client, registry, conns: Mutex::new(None), notices, close: Some(close_tx), task })
+        Ok(Self {
+            id,
+            ttl,
+            client,
+            registry,
+            conns: Mutex::new(None),
+            opts,
+            #[cfg(feature = "rdma")]
+            rdma: tokio::sync::Mutex::new(None),
+            notices,
+            close: Some(close_tx),
+            task,
+        })
     }
 
     fn session_bytes(&self) -> Result<[u8; 16]> {
@@ -128,6 +161,57 @@ impl Session {
         Ok(p)
     }
 
+    /// The RDMA connection leases should use, per the session's [`Transport`] (made on first
+    /// use), or `None` for TCP.
+    #[cfg(feature = "rdma")]
+    async fn rdma_link(&self) -> Result<Option<Arc<crate::rdma::RdmaLink>>> {
+        if self.opts.transport == Transport::Tcp {
+            return Ok(None);
+        }
+        let mut g = self.rdma.lock().await;
+        match g.as_ref() {
+            Some(Some(l)) if l.is_open() => return Ok(Some(l.clone())),
+            Some(None) if self.opts.transport == Transport::Auto => return Ok(None),
+            _ => {}
+        }
+        let forced = self.opts.transport == Transport::Rdma;
+        let info = self.client.info().await?;
+        let r = info.rdma.unwrap_or_default();
+        let made = if r.state != "serving" {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "the daemon serves no RDMA ({}): {}",
+                    if r.state.is_empty() { "unknown" } else { &r.state },
+                    r.detail
+                ),
+            ))
+        } else {
+            crate::rdma::RdmaLink::connect(&r.endpoint, self.opts.rdma_source, self.session_bytes()?).await
+        };
+        match made {
+            Ok(l) => {
+                tracing::debug!(endpoint = %r.endpoint, keys = %r.keys, "session uses RDMA");
+                *g = Some(Some(l.clone()));
+                Ok(Some(l))
+            }
+            Err(e) if forced => Err(e),
+            Err(e) => {
+                tracing::info!(error = %e, "RDMA not used; leases use the TCP data plane");
+                *g = Some(None);
+                Ok(None)
+            }
+        }
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    async fn rdma_link(&self) -> Result<Option<std::convert::Infallible>> {
+        if self.opts.transport == Transport::Rdma {
+            return Err(Error::new(ErrorKind::Unsupported, "this rdax-client was built without the `rdma` feature"));
+        }
+        Ok(None)
+    }
+
     /// Acquire a lease on `[offset, offset + len)` of an object. A read-write lease allocates
     /// holes first. While the range is being recalled the daemon answers `Unavailable`; this
     /// retries (bounded) like any repeatable request.
@@ -137,6 +221,8 @@ impl Session {
             LeaseMode::Read => pb::LeaseMode::Read,
             LeaseMode::ReadWrite => pb::LeaseMode::ReadWrite,
         };
+        let link = self.rdma_link().await?;
+        let transport = if link.is_some() { pb::Transport::Rdma } else { pb::Transport::Tcp };
         let grant = self
             .client
             .retry(|| {
@@ -147,6 +233,7 @@ impl Session {
                     offset,
                     length: len,
                     mode: pb_mode as i32,
+                    transport: transport as i32,
                 });
                 async move { c.acquire(r).await.map(|r| r.into_inner()) }
             })
@@ -158,8 +245,16 @@ impl Session {
             .ok_or_else(|| Error::new(ErrorKind::Protocol, "grant without a data endpoint"))?;
         let ttl = Duration::from_millis(grant.ttl_ms);
         let conns = self.conn_pool(&endpoint)?;
-        let inner =
-            Arc::new(LeaseInner::from_grant(grant, object, offset, len, self.id.clone(), self.client.clone(), conns)?);
+        #[allow(unused_mut)]
+        let mut inner =
+            LeaseInner::from_grant(grant, object, offset, len, self.id.clone(), self.client.clone(), conns)?;
+        #[cfg(feature = "rdma")]
+        {
+            inner.rdma = link;
+        }
+        #[cfg(not(feature = "rdma"))]
+        let _ = link;
+        let inner = Arc::new(inner);
         self.registry.lock().unwrap_or_else(|e| e.into_inner()).insert(inner.id, Arc::downgrade(&inner));
         Ok(Lease::new(inner, ttl))
     }
@@ -188,6 +283,10 @@ impl Session {
 
     /// End the session now.
     pub async fn close(mut self) -> Result<()> {
+        #[cfg(feature = "rdma")]
+        if let Some(Some(l)) = self.rdma.lock().await.take() {
+            l.close();
+        }
         if let Some(c) = self.close.take() {
             let _ = c.send(());
         }
@@ -244,7 +343,11 @@ impl Ctx {
     }
 
     fn on_revoked(&self, r: pb::LeaseRevoked) {
-        if let Some(l) = self.lease(r.lease_id) {
+        // A client that ignores recalls (a test stand-in for an unresponsive one) also keeps
+        // using revoked leases: the daemon's own fencing is what must stop it.
+        if !self.ignore_recalls
+            && let Some(l) = self.lease(r.lease_id)
+        {
             l.mark_ended();
         }
         let _ = self.notices.try_send(SessionNotice::LeaseRevoked { lease_id: r.lease_id, reason: r.reason });

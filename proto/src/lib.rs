@@ -7,6 +7,7 @@
 
 pub mod dataplane;
 pub mod model;
+pub mod rdma;
 
 /// Generated protobuf messages, clients and servers.
 #[allow(missing_docs, clippy::all)]

@@ -395,6 +395,8 @@ pub struct AcquireLease {
     pub range: ByteRange,
     /// Mode.
     pub access: LeaseAccess,
+    /// Data plane: RDMA (true) or TCP.
+    pub rdma: bool,
 }
 
 impl TryFrom<pb::AcquireRequest> for AcquireLease {
@@ -413,6 +415,11 @@ impl TryFrom<pb::AcquireRequest> for AcquireLease {
             key: r.object.try_into()?,
             range: ByteRange::new(r.offset, r.length)?,
             access,
+            rdma: match pb::Transport::try_from(r.transport) {
+                Ok(pb::Transport::Unspecified | pb::Transport::Tcp) => false,
+                Ok(pb::Transport::Rdma) => true,
+                Err(_) => return Err(ProtocolError::Invalid { field: "transport", reason: "must be TCP or RDMA" }),
+            },
         })
     }
 }

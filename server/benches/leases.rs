@@ -308,7 +308,10 @@ async fn main() {
     drop(d);
     let d = start(&["--lease-break-timeout-ms", "100"]);
     let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
-    let deaf = c.open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true }).await.unwrap();
+    let deaf = c
+        .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
+        .await
+        .unwrap();
     let mut over = Vec::new();
     for i in 0..scale(30, 2) {
         let name = format!("d{i}");

@@ -17,6 +17,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:7401";
 /// Default metrics address: loopback only.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7402";
+/// Default RDMA (rdma_cm) port when `rdma.listen` is `auto`.
+pub const DEFAULT_RDMA_PORT: u16 = 7403;
 /// Default size of the embedded pool file (sparse).
 pub const DEFAULT_POOL_SIZE: u64 = 1 << 30;
 /// System-wide config file, read when present and no `--config` is given.
@@ -78,6 +80,12 @@ pub struct Args {
     /// Bound on each socket wait of a data-plane operation [dataplane.op_timeout_ms] (default 10000).
     #[arg(long, env = "RDAX_DATA_OP_TIMEOUT_MS")]
     pub data_op_timeout_ms: Option<u64>,
+    /// RDMA (rdma_cm) address: `auto` (the data plane's IP, port 7403), `off`, or IP:PORT [rdma.listen] (default auto).
+    #[arg(long, env = "RDAX_RDMA_LISTEN")]
+    pub rdma_listen: Option<String>,
+    /// How per-lease RDMA keys are made: auto, window or region [rdma.keys] (default auto).
+    #[arg(long, env = "RDAX_RDMA_KEYS")]
+    pub rdma_keys: Option<RdmaKeys>,
     /// Prometheus metrics address, or `off` [metrics.listen] (default 127.0.0.1:7402).
     #[arg(long, env = "RDAX_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
@@ -109,6 +117,28 @@ pub struct Args {
 pub enum Command {
     /// Validate the configuration (unknown keys are errors here) and print the result.
     CheckConfig,
+}
+
+/// How per-lease RDMA keys are made.
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RdmaKeys {
+    /// Windows when the device has type-2 memory windows, else regions.
+    #[default]
+    Auto,
+    /// A type-2 memory window bound to the client's queue pair, over a region of the lease.
+    Window,
+    /// A memory region per lease in the client's protection domain.
+    Region,
+}
+
+/// Where the RDMA transport listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RdmaListen {
+    /// Not at all.
+    Off,
+    /// At this address.
+    At(SocketAddr),
 }
 
 /// Log output format.
@@ -160,6 +190,18 @@ pub struct ConfigFile {
     pub lease: LeaseSection,
     /// `[metrics]`.
     pub metrics: MetricsSection,
+    /// `[rdma]`.
+    pub rdma: RdmaSection,
+}
+
+/// `[rdma]`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct RdmaSection {
+    /// "auto", "off" or an address.
+    pub listen: Option<String>,
+    /// Key kind.
+    pub keys: Option<RdmaKeys>,
 }
 
 /// `[metrics]`.
@@ -291,6 +333,10 @@ pub struct Config {
     pub data_op_timeout: Duration,
     /// Prometheus metrics address (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
+    /// RDMA listener.
+    pub rdma_listen: RdmaListen,
+    /// RDMA key kind.
+    pub rdma_keys: RdmaKeys,
     /// Lease TTL.
     pub lease_ttl: Duration,
     /// Lease break timeout.
@@ -434,6 +480,25 @@ impl Config {
                     .map_err(|e| invalid(format!("metrics.listen `{a}`: {e} (an address or \"off\")")))?,
             ),
         };
+        let rdma = args.rdma_listen.clone().or(file.rdma.listen.clone()).unwrap_or_else(|| "auto".into());
+        let rdma_listen = match rdma.as_str() {
+            "off" => RdmaListen::Off,
+            "auto" => RdmaListen::At(SocketAddr::new(
+                data_listen.ip(),
+                if data_listen.port() == 0 { 0 } else { DEFAULT_RDMA_PORT },
+            )),
+            a => RdmaListen::At(
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid(format!("rdma.listen `{a}`: {e} (an address, \"auto\" or \"off\")")))?,
+            ),
+        };
+        if let RdmaListen::At(a) = rdma_listen
+            && token.is_none()
+            && !a.ip().is_loopback()
+            && !allow_no_token
+        {
+            return Err(invalid(format!("refusing to serve RDMA on {a} without a token (see auth.token_file)")));
+        }
         let op_ms = args.data_op_timeout_ms.or(file.dataplane.op_timeout_ms).unwrap_or(10_000);
         let lease_ttl_ms = args.lease_ttl_ms.or(file.lease.ttl_ms).unwrap_or(30_000);
         let break_ms = args.lease_break_timeout_ms.or(file.lease.break_timeout_ms).unwrap_or(5_000);
@@ -460,6 +525,8 @@ impl Config {
             data_listen,
             data_op_timeout: Duration::from_millis(op_ms),
             metrics_listen,
+            rdma_listen,
+            rdma_keys: args.rdma_keys.or(file.rdma.keys).unwrap_or_default(),
             lease_ttl: Duration::from_millis(lease_ttl_ms),
             lease_break_timeout: Duration::from_millis(break_ms),
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod rdma;
 pub mod session;
 pub mod systemd;
 

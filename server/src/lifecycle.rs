@@ -54,11 +54,15 @@ fn write_ports_file(
     grpc: std::net::SocketAddr,
     data: std::net::SocketAddr,
     metrics: Option<std::net::SocketAddr>,
+    rdma: &str,
 ) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let metrics = metrics.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
-    let body =
-        format!("{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"pid\":{}}}\n", std::process::id());
+    let rdma = if rdma.is_empty() { "null".to_string() } else { format!("\"{rdma}\"") };
+    let body = format!(
+        "{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"rdma\":{rdma},\"pid\":{}}}\n",
+        std::process::id()
+    );
     std::fs::write(&tmp, body).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename {} into place", tmp.display()))?;
     Ok(())
@@ -118,6 +122,8 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
     let restart_only = new.listen != old.listen
         || new.data_listen != old.data_listen
         || new.metrics_listen != old.metrics_listen
+        || new.rdma_listen != old.rdma_listen
+        || new.rdma_keys != old.rdma_keys
         || new.pool_path != old.pool_path
         || new.max_sessions != old.max_sessions
         || new.max_message_bytes != old.max_message_bytes
@@ -171,6 +177,7 @@ pub async fn run_with_reload(
         op_timeout_ms: (cfg.data_op_timeout.as_millis() as u64).into(),
         write_delay,
     });
+    let rdma = crate::rdma::Rdma::start(&cfg, pool.clone(), leases.clone(), sessions.clone()).await;
     let data_stop = CancellationToken::new();
     let data_task = tokio::spawn(dataplane.clone().serve(data_listener, data_stop.clone()));
     let metrics_local = match cfg.metrics_listen {
@@ -190,6 +197,7 @@ pub async fn run_with_reload(
         sessions: sessions.clone(),
         leases: leases.clone(),
         data_endpoint: data_local.to_string(),
+        rdma: rdma.clone(),
         cfg: cfg.clone(),
         draining: root.clone(),
     };
@@ -208,7 +216,7 @@ pub async fn run_with_reload(
     let mut server = tokio::spawn(server);
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     if let Some(p) = &cfg.ports_file {
-        write_ports_file(p, local, data_local, metrics_local)?;
+        write_ports_file(p, local, data_local, metrics_local, &rdma.status().endpoint)?;
     }
     println!("rdaxd: listening grpc={local} data={data_local}");
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
@@ -252,6 +260,7 @@ pub async fn run_with_reload(
     root.cancel();
     // Recall every lease while sessions can still hear it; revoke at the break deadline.
     leases.recall_all().await;
+    rdma.shutdown();
     data_stop.cancel();
     sessions.shutdown();
     stop_serving.cancel();
@@ -268,6 +277,7 @@ pub async fn run_with_reload(
     watchdog.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
     drop(leases);
+    drop(rdma);
     close_pool(pool, shutdown_timeout).await;
     info!(elapsed = ?t0.elapsed(), "shutdown complete");
     Ok(())

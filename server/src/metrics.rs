@@ -224,11 +224,20 @@ pub async fn serve(
         };
         let (p, se, l) = (pool.clone(), sessions.clone(), leases.clone());
         tokio::spawn(async move {
+            // Read the request head (a client may send it in pieces), bounded in size and time.
             let mut req = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut req)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let mut n = 0;
+            let head = async {
+                while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut req[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
             };
+            if tokio::time::timeout(Duration::from_secs(5), head).await.is_err() || n == 0 {
+                return;
+            }
             let line = String::from_utf8_lossy(&req[..n]);
             let (status, body) = if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
                 match tokio::task::spawn_blocking(move || render(&p, &se, &l)).await {

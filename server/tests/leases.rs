@@ -68,8 +68,10 @@ async fn an_unresponsive_holder_is_revoked_at_the_deadline() {
     let dir = tmp();
     let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "700"]);
     let a = client(&d).await;
-    let mut sa =
-        a.open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true }).await.unwrap();
+    let mut sa = a
+        .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
+        .await
+        .unwrap();
     a.object("ns", "x").unwrap().create(MIB).await.unwrap();
     let lease = sa.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
     let seg = lease.segments()[0].target.unwrap();
@@ -146,7 +148,10 @@ async fn dma_held_mid_copy_drains_before_blocks_are_reused() {
     let dir = tmp();
     let d = Daemon::start_env(dir.path(), &["--lease-break-timeout-ms", "400"], &[("RDAX_TEST_WRITE_DELAY_MS", "300")]);
     let c = client(&d).await;
-    let sa = c.open_session_with(SessionOptions { client_name: "A".into(), ignore_recalls: true }).await.unwrap();
+    let sa = c
+        .open_session_with(SessionOptions { client_name: "A".into(), ignore_recalls: true, ..Default::default() })
+        .await
+        .unwrap();
     let x = c.object("ns", "x").unwrap();
     x.create(2 * MIB).await.unwrap();
     let lease = sa.acquire("ns", "x", 0, 2 * MIB, LeaseMode::ReadWrite).await.unwrap();
@@ -207,7 +212,10 @@ async fn no_grant_overlaps_a_range_while_it_is_recalled() {
     let dir = tmp();
     let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "800"]);
     let c = client(&d).await;
-    let sa = c.open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true }).await.unwrap();
+    let sa = c
+        .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
+        .await
+        .unwrap();
     c.object("ns", "x").unwrap().create(MIB).await.unwrap();
     let _held = sa.acquire("ns", "x", 0, MIB, LeaseMode::Read).await.unwrap();
     // The holder ignores the recall, so the truncate cannot finish before the 800 ms deadline:

@@ -106,7 +106,11 @@ fn ready_status_watchdog_reload_and_stopping() {
         let opts = rdax_client::ConnectOptions { token: Some("second-token-0123456789".into()), ..Default::default() };
         let c = rdax_client::Client::connect(&d.endpoint, opts).await.unwrap();
         let s = c
-            .open_session_with(rdax_client::SessionOptions { client_name: "deaf".into(), ignore_recalls: true })
+            .open_session_with(rdax_client::SessionOptions {
+                client_name: "deaf".into(),
+                ignore_recalls: true,
+                ..Default::default()
+            })
             .await
             .unwrap();
         c.object("ns", "t").unwrap().create(8192).await.unwrap();
@@ -185,7 +189,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
 fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: rdax\r\n\r\n").unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: rdax\r\n\r\n").as_bytes()).unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();

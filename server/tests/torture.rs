@@ -35,8 +35,10 @@ struct Holder {
 
 async fn holder(c: &rdax_client::Client, i: usize) -> Holder {
     let deaf = i % 2 == 1;
-    let session =
-        c.open_session_with(SessionOptions { client_name: format!("h{i}"), ignore_recalls: deaf }).await.unwrap();
+    let session = c
+        .open_session_with(SessionOptions { client_name: format!("h{i}"), ignore_recalls: deaf, ..Default::default() })
+        .await
+        .unwrap();
     Holder { session, deaf }
 }
 

@@ -87,18 +87,25 @@ impl EventChannel {
         Ok(CmId { id: NonNull::new(id).expect("rdma_create_id returned NULL"), _ch: self.clone() })
     }
 
+    fn try_next(&self) -> Option<Result<CmEvent>> {
+        let mut ev = std::ptr::null_mut();
+        // SAFETY: non-blocking channel; ev written on success.
+        let rc = unsafe { sys::rdma_get_cm_event(self.ch.as_ptr(), &mut ev) };
+        if rc == 0 {
+            return Some(Ok(CmEvent { ev: NonNull::new(ev).expect("event") }));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return None;
+        }
+        Some(Err(Error::Os { op: "rdma_get_cm_event", source: e }))
+    }
+
     /// The next event.
     pub async fn next(&self) -> Result<CmEvent> {
         loop {
-            let mut ev = std::ptr::null_mut();
-            // SAFETY: non-blocking channel; ev written on success.
-            let rc = unsafe { sys::rdma_get_cm_event(self.ch.as_ptr(), &mut ev) };
-            if rc == 0 {
-                return Ok(CmEvent { ev: NonNull::new(ev).expect("event") });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                return Err(Error::Os { op: "rdma_get_cm_event", source: e });
+            if let Some(r) = self.try_next() {
+                return r;
             }
             let mut g = self.afd.readable().await.map_err(|e| Error::Os { op: "rdma_cm channel", source: e })?;
             g.clear_ready();
@@ -242,6 +249,11 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 impl CmId {
     pub(crate) fn raw(&self) -> *mut sys::rdma_cm_id {
         self.id.as_ptr()
+    }
+
+    /// The id's address: what [`CmEvent::id_ptr`] returns for its events.
+    pub fn raw_addr(&self) -> usize {
+        self.id.as_ptr() as usize
     }
 
     /// The device context this id is bound to (NULL before bind/resolve, or for a wildcard).

@@ -31,6 +31,8 @@ pub const SEND_DEPTH: u32 = 256;
 /// RDMA READs in flight per direction.
 pub const RD_ATOMIC: u8 = 16;
 const RECV_TAG: u64 = 1 << 63;
+/// How long a poster polls the CQ itself before waiting for a completion event.
+const SPIN: Duration = Duration::from_micros(500);
 
 /// A message frame.
 pub type Msg = [u8; MSG_LEN];
@@ -39,6 +41,15 @@ struct Pending {
     tx: oneshot::Sender<u32>,
     _permit: OwnedSemaphorePermit,
     _keep: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// A send-queue request as plain data (addresses as integers), so that futures holding it
+/// stay `Send`.
+#[derive(Debug, Clone, Copy)]
+enum Posted {
+    Wr(Wr),
+    Bind { mw: usize, mr: usize, rkey: u32, addr: u64, len: u64, access: u32 },
+    Inv(u32),
 }
 
 /// A connected (or connecting) RC queue pair.
@@ -54,6 +65,8 @@ pub struct Conn {
     next: AtomicU64,
     sq: Arc<Semaphore>,
     closed: AtomicBool,
+    why: Mutex<Option<String>>,
+    closed_tx: tokio::sync::watch::Sender<bool>,
     wake: Notify,
 }
 
@@ -142,6 +155,8 @@ impl Conn {
             next: AtomicU64::new(1),
             sq: Arc::new(Semaphore::new(SEND_DEPTH as usize)),
             closed: AtomicBool::new(false),
+            why: Mutex::new(None),
+            closed_tx: tokio::sync::watch::channel(false).0,
             wake: Notify::new(),
         };
         // SAFETY: a live channel.
@@ -241,62 +256,103 @@ impl Conn {
     }
 
     async fn post(&self, wr: Wr, keep: Option<Arc<dyn Any + Send + Sync>>) -> Result<(&'static str, u32)> {
+        let op = match wr {
+            Wr::Send(_) => "SEND",
+            Wr::Write { .. } => "RDMA WRITE",
+            Wr::Read { .. } => "RDMA READ",
+        };
+        self.submit(Posted::Wr(wr), op, keep).await
+    }
+
+    /// Build the work request for `p` and post it (synchronously: the raw WR never crosses
+    /// an await point).
+    fn post_now(&self, id: u64, p: &Posted) -> Result<()> {
         // SAFETY: all-zero is a valid (empty) send WR.
         let mut w: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        let inline: Msg = match wr {
-            Wr::Send(m) => m,
-            _ => [0; MSG_LEN],
-        };
-        let mut sge;
-        let op = match wr {
-            Wr::Send(_) => {
-                sge = sys::ibv_sge { addr: inline.as_ptr() as u64, length: MSG_LEN as u32, lkey: 0 };
+        let mut sge = sys::ibv_sge { addr: 0, length: 0, lkey: 0 };
+        match *p {
+            Posted::Wr(Wr::Send(ref m)) => {
+                sge = sys::ibv_sge { addr: m.as_ptr() as u64, length: MSG_LEN as u32, lkey: 0 };
                 w.opcode = sys::ibv_wr_opcode::IBV_WR_SEND;
                 w.send_flags = sys::ibv_send_flags::IBV_SEND_INLINE.0;
-                "SEND"
             }
-            Wr::Write { laddr, lkey, len, raddr, rkey } => {
+            Posted::Wr(Wr::Write { laddr, lkey, len, raddr, rkey }) => {
                 sge = sys::ibv_sge { addr: laddr, length: len, lkey };
                 w.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
                 w.wr.rdma = sys::rdma_t { remote_addr: raddr, rkey };
-                "RDMA WRITE"
             }
-            Wr::Read { laddr, lkey, len, raddr, rkey } => {
+            Posted::Wr(Wr::Read { laddr, lkey, len, raddr, rkey }) => {
                 sge = sys::ibv_sge { addr: laddr, length: len, lkey };
                 w.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
                 w.wr.rdma = sys::rdma_t { remote_addr: raddr, rkey };
-                "RDMA READ"
             }
-        };
-        w.sg_list = &mut sge;
-        w.num_sge = 1;
-        self.submit(w, op, keep).await
+            Posted::Bind { mw, mr, rkey, addr, len, access } => {
+                w.opcode = sys::ibv_wr_opcode::IBV_WR_BIND_MW;
+                w.bind_mw_tso_union.bind_mw = sys::bind_mw_t {
+                    mw: mw as *mut sys::ibv_mw,
+                    rkey,
+                    bind_info: sys::ibv_mw_bind_info {
+                        mr: mr as *mut sys::ibv_mr,
+                        addr,
+                        length: len,
+                        mw_access_flags: access,
+                    },
+                };
+            }
+            Posted::Inv(rkey) => {
+                w.opcode = sys::ibv_wr_opcode::IBV_WR_LOCAL_INV;
+                w.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+            }
+        }
+        if sge.length > 0 {
+            w.sg_list = &mut sge;
+            w.num_sge = 1;
+        }
+        w.wr_id = id;
+        w.send_flags |= sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: a live QP; the WR, its SGE and any inline data are valid for the call (the
+        // provider copies WRs and inline data at post time); windows and regions named by a
+        // bind are kept alive by the caller until its completion.
+        check(unsafe { sys::ibv_post_send(self.qp(), &mut w, &mut bad) }, "ibv_post_send")
     }
 
     async fn submit(
         &self,
-        mut w: sys::ibv_send_wr,
+        p: Posted,
         op: &'static str,
         keep: Option<Arc<dyn Any + Send + Sync>>,
     ) -> Result<(&'static str, u32)> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
+            return Err(Error::Closed(self.closed_why()));
         }
-        let permit = self.sq.clone().acquire_owned().await.map_err(|_| Error::Closed)?;
+        let permit = self.sq.clone().acquire_owned().await.map_err(|_| Error::Closed(self.closed_why()))?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        w.wr_id = id;
-        w.send_flags |= sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
         self.pending.lock().expect("pending").insert(id, Pending { tx, _permit: permit, _keep: keep });
-        let mut bad = std::ptr::null_mut();
-        // SAFETY: a live QP; the WR, its SGE and any inline data are valid for the call
-        // (the device copies inline data and WRs at post time).
-        let rc = unsafe { sys::ibv_post_send(self.qp(), &mut w, &mut bad) };
-        if let Err(e) = check(rc, "ibv_post_send") {
+        if let Err(e) = self.post_now(id, &p) {
             self.pending.lock().expect("pending").remove(&id);
             return Err(e);
         }
-        let status = rx.await.map_err(|_| Error::Closed)?;
+        let mut rx = rx;
+        // Poll the CQ from here for a short while before falling back to the completion
+        // channel: a wakeup through epoll costs several system calls and a context switch,
+        // which dominates small-operation latency (the way perftest measures, it never
+        // sleeps). Yielding between polls keeps other tasks on this worker running.
+        let spin_until = std::time::Instant::now() + SPIN;
+        loop {
+            match rx.try_recv() {
+                Ok(status) => return Ok((op, status)),
+                Err(oneshot::error::TryRecvError::Closed) => return Err(Error::Closed(self.closed_why())),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if std::time::Instant::now() >= spin_until {
+                break;
+            }
+            self.poll_all();
+            tokio::task::yield_now().await;
+        }
+        let status = rx.await.map_err(|_| Error::Closed(self.closed_why()))?;
         Ok((op, status))
     }
 
@@ -305,15 +361,8 @@ impl Conn {
     pub async fn bind_mw(&self, mw: &mut Mw, mr: &Mr, addr: u64, len: u64, access: Access) -> Result<u32> {
         // SAFETY: a pure function on the value.
         let rkey = unsafe { sys::ibv_inc_rkey(mw.rkey) };
-        // SAFETY: all-zero is a valid (empty) send WR.
-        let mut w: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        w.opcode = sys::ibv_wr_opcode::IBV_WR_BIND_MW;
-        w.bind_mw_tso_union.bind_mw = sys::bind_mw_t {
-            mw: mw.raw(),
-            rkey,
-            bind_info: sys::ibv_mw_bind_info { mr: mr.raw(), addr, length: len, mw_access_flags: access.0 },
-        };
-        let (op, status) = self.submit(w, "BIND_MW", None).await?;
+        let p = Posted::Bind { mw: mw.raw() as usize, mr: mr.raw() as usize, rkey, addr, len, access: access.0 };
+        let (op, status) = self.submit(p, "BIND_MW", None).await?;
         if status != 0 {
             return Err(Error::Completion { op, status });
         }
@@ -323,21 +372,34 @@ impl Conn {
 
     /// Invalidate a memory window bound on this QP.
     pub async fn local_inv(&self, rkey: u32) -> Result<()> {
-        // SAFETY: all-zero is a valid (empty) send WR.
-        let mut w: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        w.opcode = sys::ibv_wr_opcode::IBV_WR_LOCAL_INV;
-        w.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
-        let (op, status) = self.submit(w, "LOCAL_INV", None).await?;
+        let (op, status) = self.submit(Posted::Inv(rkey), "LOCAL_INV", None).await?;
         if status != 0 {
             return Err(Error::Completion { op, status });
         }
         Ok(())
     }
 
+    /// Why the connection closed (the first reason recorded).
+    pub fn closed_why(&self) -> String {
+        self.why.lock().expect("why").clone().unwrap_or_else(|| "closed".into())
+    }
+
+    fn mark_closed(&self, why: &str) {
+        self.why.lock().expect("why").get_or_insert_with(|| why.to_string());
+        self.closed.store(true, Ordering::Release);
+        self.closed_tx.send_replace(true);
+    }
+
+    /// Resolves once the connection is closed, fenced or broken.
+    pub async fn wait_closed(&self) {
+        let mut rx = self.closed_tx.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
     /// Fence: move the QP to the error state. The device stops serving the peer's requests on
     /// it and flushes everything outstanding; the connection is closed for good.
     pub fn fence(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.mark_closed("fenced: the queue pair was moved to the error state");
         let qp = self.qp();
         if !qp.is_null() {
             // SAFETY: all-zero is a valid attr; only the state is applied.
@@ -349,9 +411,10 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// Close: disconnect and fence.
-    pub fn close(&self) {
+    /// Close: disconnect and fence. `why` is kept for later errors.
+    pub fn close(&self, why: &str) {
         if !self.closed.load(Ordering::Acquire) {
+            self.mark_closed(why);
             self.id.disconnect();
         }
         self.fence();
@@ -431,7 +494,7 @@ impl Conn {
                 }
                 if wc.status != 0 && wc.status != sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
                     // The QP is in the error state now; nothing more will succeed on it.
-                    self.closed.store(true, Ordering::Release);
+                    self.mark_closed(&format!("a work request completed with {}", crate::wc_status_str(wc.status)));
                 }
             }
         }

@@ -25,9 +25,9 @@ pub enum Error {
         /// `ibv_wc_status`.
         status: u32,
     },
-    /// The connection is gone.
-    #[error("the RDMA connection is closed")]
-    Closed,
+    /// The connection is gone (with why, when known).
+    #[error("the RDMA connection is closed ({0})")]
+    Closed(String),
     /// rdma_cm reported something other than what was expected.
     #[error("rdma_cm: {0}")]
     Cm(String),

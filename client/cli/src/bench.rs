@@ -110,3 +110,113 @@ pub(crate) async fn run(cli: &crate::Cli, client: &Client, args: &BenchArgs, jso
     });
     Ok(())
 }
+
+/// `rdaxctl lease-bench` parameters.
+#[derive(clap::Args, Debug)]
+pub(crate) struct LeaseBenchArgs {
+    /// Operation: write (no flush per op) or read.
+    #[arg(long, value_parser = ["write", "read"], default_value = "write")]
+    op: String,
+    /// Bytes per operation.
+    #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "64K")]
+    size: u64,
+    /// Operations in flight (1 measures latency).
+    #[arg(long, default_value_t = 16)]
+    depth: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Size of the leased object region the operations cycle over.
+    #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "64M")]
+    region: u64,
+    /// Namespace to work in (the object is removed afterwards).
+    #[arg(long, default_value = "rdax-bench")]
+    namespace: String,
+}
+
+/// Bandwidth or latency through one lease, over whichever data plane the session chose.
+pub(crate) async fn lease_bench(
+    cli: &crate::Cli,
+    client: &Client,
+    a: &LeaseBenchArgs,
+    json_out: bool,
+) -> Result<(), Failure> {
+    use std::sync::Arc;
+    let size = a.size.max(1);
+    // Cycle over at most 4096 slots: enough to defeat caching effects, small enough to fill.
+    let slots = (a.region / size).clamp(1, 4096);
+    let region = slots * size;
+    let o = client.object(&a.namespace, "lease-bench")?;
+    let _ = o.delete().await;
+    o.create(region).await?;
+    let s = client.open_session_with(cli.session_options("rdaxctl lease-bench")).await?;
+    let l = Arc::new(s.acquire(&a.namespace, "lease-bench", 0, region, rdax_client::LeaseMode::ReadWrite).await?);
+    let transport = if l.is_rdma() { "rdma" } else { "tcp" };
+    let fill = vec![0xA5u8; size as usize];
+    if a.op == "read" {
+        let block = vec![0xA5u8; 1 << 20];
+        for off in (0..region).step_by(1 << 20) {
+            let n = (region - off).min(1 << 20) as usize;
+            l.write(off, &block[..n]).await?;
+        }
+    }
+    // Warm up (connections, first-touch of the region) before the clock starts.
+    for i in 0..slots.min(a.depth as u64 * 2) {
+        l.write(i * size, &fill).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(a.seconds);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..a.depth.max(1) {
+        let (l, fill, read) = (l.clone(), fill.clone(), a.op == "read");
+        let depth = a.depth.max(1) as u64;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut buf = vec![0u8; size as usize];
+            let mut n = t as u64;
+            while Instant::now() < deadline {
+                let off = (n % slots) * size;
+                let s = Instant::now();
+                if read {
+                    l.read_into(off, &mut buf).await?;
+                } else {
+                    l.write(off, &fill).await?;
+                }
+                lat.push(s.elapsed().as_nanos() as u64);
+                n += depth;
+            }
+            Ok::<Vec<u64>, rdax_client::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.map_err(|e| Failure::local(e.into()))??);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1e3;
+    let ops = lat.len() as f64;
+    let mbs = ops * size as f64 / secs / 1e6;
+    if let Ok(l) = Arc::try_unwrap(l) {
+        l.release().await?;
+    }
+    s.close().await?;
+    o.delete().await?;
+    let v = json!({
+        "transport": transport, "op": a.op, "size": size, "depth": a.depth, "seconds": secs,
+        "ops": ops, "mb_per_s": mbs, "lat_us_p50": pct(0.5), "lat_us_p99": pct(0.99),
+        "lat_us_min": pct(0.0), "lat_us_avg": lat.iter().sum::<u64>() as f64 / ops.max(1.0) / 1e3,
+    });
+    crate::output::emit(json_out, &v, || {
+        format!(
+            "{transport} {} {size} B x depth {}: {mbs:.2} MB/s, {:.0} ops/s, latency us min {:.1} p50 {:.1} p99 {:.1}",
+            a.op,
+            a.depth,
+            ops / secs,
+            pct(0.0),
+            pct(0.5),
+            pct(0.99)
+        )
+    });
+    Ok(())
+}

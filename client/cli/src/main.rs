@@ -35,8 +35,41 @@ pub(crate) struct Cli {
     /// File holding the bearer token (or set RDAX_TOKEN).
     #[arg(long, global = true, env = "RDAX_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Data plane for leases: auto (RDMA when both sides can), tcp, or rdma.
+    #[arg(long, global = true, env = "RDAX_TRANSPORT", value_enum, default_value_t = TransportArg::Auto)]
+    transport: TransportArg,
+    /// Local IP for the RDMA connection (default: chosen by routing).
+    #[arg(long, global = true, env = "RDAX_RDMA_SOURCE")]
+    rdma_source: Option<std::net::IpAddr>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `--transport`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TransportArg {
+    /// RDMA when this build and the daemon can, else TCP.
+    Auto,
+    /// The TCP data plane.
+    Tcp,
+    /// RDMA or fail.
+    Rdma,
+}
+
+impl Cli {
+    /// Session options for the chosen transport.
+    pub(crate) fn session_options(&self, name: &str) -> rdax_client::SessionOptions {
+        rdax_client::SessionOptions {
+            client_name: name.into(),
+            transport: match self.transport {
+                TransportArg::Auto => rdax_client::Transport::Auto,
+                TransportArg::Tcp => rdax_client::Transport::Tcp,
+                TransportArg::Rdma => rdax_client::Transport::Rdma,
+            },
+            rdma_source: self.rdma_source,
+            ..Default::default()
+        }
+    }
 }
 
 /// An object as `namespace/name`.
@@ -178,6 +211,9 @@ enum Cmd {
     },
     /// Measure the daemon: unary ops/s and streamed put/get throughput.
     Bench(bench::BenchArgs),
+    /// Data-plane bench through one lease (RDMA or TCP, per --transport): bandwidth with
+    /// --depth operations in flight, or latency with --depth 1. Prints figures.
+    LeaseBench(bench::LeaseBenchArgs),
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -203,6 +239,11 @@ pub(crate) enum LeaseCmd {
         /// Grant read-write access (allocates holes); default read-only.
         #[arg(long)]
         rw: bool,
+        /// Acquire for this existing session instead of opening one: for a program that made
+        /// the session's RDMA connection itself (its own verbs code, HELLO with this id) and
+        /// needs keys bound to its queue pair. With --transport rdma the keys are RDMA keys.
+        #[arg(long)]
+        session: Option<String>,
     },
     /// List leases (all, or one session's).
     List {

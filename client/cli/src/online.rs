@@ -64,6 +64,10 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
         let client = connect(cli).await?;
         return crate::bench::run(cli, &client, args, json).await;
     }
+    if let Cmd::LeaseBench(args) = &cli.cmd {
+        let client = connect(cli).await?;
+        return crate::bench::lease_bench(cli, &client, args, json).await;
+    }
     let client = connect(cli).await?;
     let obj = |o: &ObjPath| client.object(&o.ns, &o.name).map_err(Failure::from);
     match &cli.cmd {
@@ -75,10 +79,19 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                 "data_blocks": i.data_blocks, "max_objects": i.max_objects, "max_extents": i.max_extents,
                 "replayed_transaction": i.replayed_transaction, "previous_shutdown_clean": i.previous_shutdown_clean,
                 "server_version": i.server_version,
+                "rdma": i.rdma.as_ref().map(|r| json!({
+                    "state": r.state, "detail": r.detail, "endpoint": r.endpoint, "keys": r.keys, "device": r.device,
+                })),
             });
+            let r = i.rdma.clone().unwrap_or_default();
+            let rdma = match r.state.as_str() {
+                "serving" => format!("serving on {} ({}, keys: {})", r.endpoint, r.device, r.keys),
+                "" => "unknown (older rdaxd)".into(),
+                st => format!("{st}: {}", r.detail),
+            };
             emit(json, &v, || {
                 format!(
-                    "pool        {}\nuuid        {}\nmode        {} (persistence: {})\nsize        {} ({} data blocks)\ncapacity    {} objects, {} extents\nlast stop   {}\nrdaxd       {}",
+                    "pool        {}\nuuid        {}\nmode        {} (persistence: {})\nsize        {} ({} data blocks)\ncapacity    {} objects, {} extents\nlast stop   {}\nrdaxd       {}\nrdma        {rdma}",
                     i.path,
                     i.uuid,
                     i.mode,
@@ -197,8 +210,8 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Cmd::Lease { cmd } => lease(&client, cmd, json).await?,
-        Cmd::Mkpool { .. } | Cmd::Fsck { .. } | Cmd::Completions { .. } | Cmd::Bench(_) => {
+        Cmd::Lease { cmd } => lease(cli, &client, cmd, json).await?,
+        Cmd::Mkpool { .. } | Cmd::Fsck { .. } | Cmd::Completions { .. } | Cmd::Bench(_) | Cmd::LeaseBench(_) => {
             unreachable!("handled in main")
         }
     }
@@ -287,36 +300,93 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-async fn lease(client: &Client, cmd: &crate::LeaseCmd, json: bool) -> Result<(), Failure> {
+fn segment_json(object_offset: u64, len: u64, target: Option<(u64, String)>, rdma: Option<(u64, u32)>) -> Value {
+    json!({"object_offset": object_offset, "length": len,
+        "pool_offset": target.as_ref().map(|t| t.0), "key": target.map(|t| t.1),
+        "rdma_addr": rdma.map(|r| r.0), "rkey": rdma.map(|r| r.1)})
+}
+
+fn segment_line(object_offset: u64, len: u64, target: Option<(u64, String)>, rdma: Option<(u64, u32)>) -> String {
+    let mut out = match target {
+        Some((p, k)) => format!("  object [{object_offset}, +{len}) -> pool {p} key {k}"),
+        None => format!("  object [{object_offset}, +{len}) -> hole"),
+    };
+    if let Some((a, r)) = rdma {
+        out += &format!(" rdma_addr {a:#x} rkey {r:#x}");
+    }
+    out + "\n"
+}
+
+async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) -> Result<(), Failure> {
     use crate::LeaseCmd;
     use rdax_client::LeaseMode;
     match cmd {
-        LeaseCmd::Hold { object, offset, length, rw } => {
+        LeaseCmd::Hold { object, offset, length, rw, session: Some(sid) } => {
+            // For a session whose RDMA connection another program made: acquire, print, renew.
             let len = match length {
                 Some(l) => *l,
                 None => client.object(&object.ns, &object.name)?.stat().await?.size.saturating_sub(*offset),
             };
-            let mut s = client.open_session("rdaxctl lease hold").await?;
             let mode = if *rw { LeaseMode::ReadWrite } else { LeaseMode::Read };
-            let l = s.acquire(&object.ns, &object.name, *offset, len, mode).await?;
-            let segs: Vec<Value> = l
-                .segments()
+            let rdma = cli.transport == crate::TransportArg::Rdma;
+            let g = client.acquire_raw(sid, &object.ns, &object.name, *offset, len, mode, rdma).await?;
+            let seg = |s: &rdax_client::pb::LeaseSegment| {
+                let target = (!s.key.is_empty()).then(|| (s.pool_offset, hex(&s.key)));
+                let r = (s.rkey != 0).then_some((s.rdma_addr, s.rkey));
+                (s.object_offset, s.length, target, r)
+            };
+            let segs: Vec<Value> = g
+                .segments
                 .iter()
-                .map(|g| {
-                    json!({"object_offset": g.object_offset, "length": g.len,
-                        "pool_offset": g.target.map(|t| t.0), "key": g.target.map(|t| hex(&t.1))})
+                .map(|s| {
+                    let (a, b, c, d) = seg(s);
+                    segment_json(a, b, c, d)
                 })
                 .collect();
-            let v = json!({"session_id": s.id(), "lease_id": l.id(), "generation": l.generation(), "segments": segs});
+            let v = json!({"session_id": sid, "lease_id": g.lease_id, "generation": g.generation, "segments": segs});
             emit(json, &v, || {
-                let mut out = format!("lease {} (generation {}) for session {}\n", l.id(), l.generation(), s.id());
-                for g in l.segments() {
-                    match g.target {
-                        Some((p, k)) => {
-                            out += &format!("  object [{}, +{}) -> pool {p} key {}\n", g.object_offset, g.len, hex(&k))
-                        }
-                        None => out += &format!("  object [{}, +{}) -> hole\n", g.object_offset, g.len),
+                let mut out = format!("lease {} (generation {}) for session {sid}\n", g.lease_id, g.generation);
+                for s in &g.segments {
+                    let (a, b, c, d) = seg(s);
+                    out += &segment_line(a, b, c, d);
+                }
+                out + "holding (renewing); Ctrl-C to release"
+            });
+            let period = std::time::Duration::from_millis((g.ttl_ms / 3).max(10));
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {
+                        client.release_lease(sid, g.lease_id).await?;
+                        return Ok(());
                     }
+                    _ = tokio::time::sleep(period) => {
+                        if let Err(e) = client.renew_lease(sid, g.lease_id).await {
+                            emit(json, &json!({"event": format!("renew failed: {e}")}), || format!("event: renew failed: {e}"));
+                            return Err(e.into());
+                        }
+                    }
+                }
+            }
+        }
+        LeaseCmd::Hold { object, offset, length, rw, session: None } => {
+            let len = match length {
+                Some(l) => *l,
+                None => client.object(&object.ns, &object.name)?.stat().await?.size.saturating_sub(*offset),
+            };
+            let mut s = client.open_session_with(cli.session_options("rdaxctl lease hold")).await?;
+            let mode = if *rw { LeaseMode::ReadWrite } else { LeaseMode::Read };
+            let l = s.acquire(&object.ns, &object.name, *offset, len, mode).await?;
+            let tgt = |g: &rdax_client::LeaseSegment| g.target.map(|t| (t.0, hex(&t.1)));
+            let segs: Vec<Value> =
+                l.segments().iter().map(|g| segment_json(g.object_offset, g.len, tgt(g), g.rdma)).collect();
+            let transport = if l.is_rdma() { "rdma" } else { "tcp" };
+            let v = json!({"session_id": s.id(), "lease_id": l.id(), "generation": l.generation(),
+                "transport": transport, "segments": segs});
+            emit(json, &v, || {
+                let mut out =
+                    format!("lease {} (generation {}, {transport}) for session {}\n", l.id(), l.generation(), s.id());
+                for g in l.segments() {
+                    out += &segment_line(g.object_offset, g.len, tgt(g), g.rdma);
                 }
                 out + "holding; Ctrl-C to release"
             });

@@ -42,7 +42,7 @@ impl From<rdax_client::Error> for Failure {
             ErrorKind::AlreadyExists => 4,
             ErrorKind::InvalidArgument | ErrorKind::OutOfRange => 5,
             ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => 6,
-            ErrorKind::Unavailable | ErrorKind::Connect | ErrorKind::DeadlineExceeded => 7,
+            ErrorKind::Unavailable | ErrorKind::Connect | ErrorKind::DeadlineExceeded | ErrorKind::Unsupported => 7,
             ErrorKind::ResourceExhausted => 8,
             ErrorKind::Io => 2,
             _ => 9,

@@ -40,6 +40,16 @@ impl PoolRpc for PoolService {
             replayed_transaction: i.replayed_transaction,
             previous_shutdown_clean: i.previous_shutdown_clean,
             server_version: env!("CARGO_PKG_VERSION").into(),
+            rdma: Some({
+                let r = self.0.rdma.status();
+                pb::RdmaInfo {
+                    state: r.state.into(),
+                    detail: r.detail.clone(),
+                    endpoint: r.endpoint.clone(),
+                    keys: r.keys.into(),
+                    device: r.device.clone(),
+                }
+            }),
         }))
     }
 

@@ -36,7 +36,21 @@ impl Leases for LeasesService {
         };
         let span = info_span!("acquire", session = %r.session, object = %r.key, offset = r.range.offset);
         let g = self.0.leases.acquire(r.session, r.key, r.range.offset, r.range.length, mode).instrument(span).await?;
+        let remote = if r.rdma {
+            match self.0.rdma.bind(r.session, &g).await {
+                Ok(k) => k,
+                Err(e) => {
+                    // Nothing was handed out: give the lease back at once.
+                    let _ = self.0.leases.release(r.session, g.id);
+                    return Err(e.into());
+                }
+            }
+        } else {
+            vec![None; g.segments.len()]
+        };
+        let transport = if r.rdma { pb::Transport::Rdma } else { pb::Transport::Tcp };
         Ok(Response::new(pb::LeaseGrant {
+            transport: transport as i32,
             lease_id: g.id,
             generation: g.generation,
             expires_in_ms: g.ttl.as_millis() as u64,
@@ -46,11 +60,14 @@ impl Leases for LeasesService {
             segments: g
                 .segments
                 .into_iter()
-                .map(|s| pb::LeaseSegment {
+                .zip(remote)
+                .map(|(s, rk)| pb::LeaseSegment {
                     object_offset: s.object_offset,
                     length: s.len,
                     pool_offset: s.target.map_or(0, |t| t.0),
                     key: s.target.map_or_else(Vec::new, |t| t.1.to_vec()),
+                    rdma_addr: rk.map_or(0, |k| k.addr),
+                    rkey: rk.map_or(0, |k| k.rkey),
                 })
                 .collect(),
         }))

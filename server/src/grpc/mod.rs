@@ -33,6 +33,8 @@ pub struct Shared {
     pub leases: Arc<crate::lease::LeaseManager>,
     /// The data plane's address, handed out with every grant.
     pub data_endpoint: String,
+    /// The RDMA transport (or why there is none).
+    pub rdma: Arc<crate::rdma::Rdma>,
     /// The token check (shared, reloadable).
     pub auth: Auth,
     /// Configuration.

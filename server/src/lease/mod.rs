@@ -202,6 +202,17 @@ pub struct LeaseManager {
     pool: Arc<Pool>,
     sessions: Arc<SessionManager>,
     cfg: Mutex<LeaseConfig>,
+    remote: std::sync::OnceLock<Arc<dyn RemoteKeys>>,
+}
+
+/// A transport whose keys are checked by hardware rather than by [`KeyTable::pin`] (RDMA: a
+/// NIC honours a memory key without asking the daemon). It holds a pin on each lease it has
+/// keys for, and is told when the lease ends so that it can invalidate them; the lease
+/// drains only once it drops that pin.
+pub trait RemoteKeys: Send + Sync {
+    /// The lease's keys died (released, revoked or expired): invalidate the transport's keys
+    /// for it, then drop its pin.
+    fn lease_ended(&self, lease: u64);
 }
 
 impl std::fmt::Debug for LeaseManager {
@@ -243,6 +254,7 @@ impl LeaseManager {
             pool,
             sessions: sessions.clone(),
             cfg: Mutex::new(cfg),
+            remote: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&m);
         sessions.on_close(Arc::new(move |sid, _reason| {
@@ -295,6 +307,18 @@ impl LeaseManager {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Install the remote-key transport (once).
+    pub fn set_remote(&self, remote: Arc<dyn RemoteKeys>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// The lease's TCP keys are dead: tell the remote-key transport too.
+    fn remote_ended(&self, id: u64) {
+        if let Some(r) = self.remote.get() {
+            r.lease_ended(id);
+        }
     }
 
     /// The key table (for the data plane).
@@ -465,6 +489,7 @@ impl LeaseManager {
         }
         self.end_locked(l, State::Released);
         drop(g);
+        self.remote_ended(id);
         self.changed.notify_waiters();
         self.spawn_drain(id);
         info!(lease = id, "lease released");
@@ -487,6 +512,7 @@ impl LeaseManager {
         self.end_locked(l, State::Revoked);
         let (session, generation) = (l.session, l.generation);
         drop(g);
+        self.remote_ended(id);
         self.changed.notify_waiters();
         let ev =
             pb::session_event::Kind::LeaseRevoked(pb::LeaseRevoked { lease_id: id, generation, reason: reason.into() });

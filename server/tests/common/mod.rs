@@ -17,6 +17,8 @@ pub struct Daemon {
     pub endpoint: String,
     pub data: String,
     pub metrics: String,
+    /// RDMA endpoint, empty when not serving.
+    pub rdma: String,
     pub envs: Vec<(String, String)>,
     pub dir: PathBuf,
     pub args: Vec<String>,
@@ -75,6 +77,7 @@ impl Daemon {
             endpoint: String::new(),
             data: String::new(),
             metrics: String::new(),
+            rdma: String::new(),
             envs,
             dir: dir.to_path_buf(),
             args,
@@ -106,11 +109,13 @@ impl Daemon {
             let text = std::fs::read_to_string(&ports).ok()?;
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
             let metrics = v["metrics"].as_str().unwrap_or_default().to_string();
-            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics))
+            let rdma = v["rdma"].as_str().unwrap_or_default().to_string();
+            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics, rdma))
         });
         self.endpoint = format!("http://{}", addr.0);
         self.data = addr.1;
         self.metrics = addr.2;
+        self.rdma = addr.3;
     }
 
     /// Stop with SIGTERM and start again with the same arguments.

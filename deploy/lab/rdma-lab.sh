@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The RDMA lab stage: build rdax with the `rdma` feature (release), then in two lab VM runs
+#   1. device-DAX: verbs facts, the RDMA end-to-end tests, and the bench next to
+#      ib_write_bw / ib_read_lat / iperf3 on the same rxe pair and veth;
+#   2. fs-DAX: the registration refusal, and the tests that RDMA is refused and TCP serves.
+# Results (logs, figures) land in $LAB_OUT (default target/lab-out). Needs root for the
+# one-time `lab.sh setup` (apt). Usage: deploy/lab/rdma-lab.sh [--no-bench]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=${LAB_OUT:-$root/target/lab-out}
+bench=1
+[ "${1:-}" = --no-bench ] && bench=0
+t0=$(date +%s)
+lap() { echo "== rdma-lab: $* ($(( $(date +%s) - t0 )) s)"; }
+cd "$root"
+if [ ! -f "${LAB:-$root/target/lab}/initramfs.cpio.gz" ]; then
+  lap "setting up the lab (once)"
+  if [ "$(id -u)" = 0 ]; then "$here/lab.sh" setup; else sudo -E "$here/lab.sh" setup; fi
+fi
+lap "building (release, --features rdma)"
+feats=rdaxd/rdma,rdaxctl/rdma
+cargo build --release -p rdaxd -p rdaxctl -p rdax-verbs --features "$feats"
+testbin=$(cargo test --release -p rdaxd --features rdaxd/rdma --test rdma_lab --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*rdma_lab[^"]*\)".*/\1/p' | tail -1)
+[ -x "$testbin" ] || { echo "rdma-lab: could not build the rdma_lab test binary" >&2; exit 2; }
+rm -rf "$out"; mkdir -p "$out"
+rc=0
+lap "VM 1: device-DAX"
+"$here/lab.sh" run --devdax --rw "$out" --timeout 900 -- env LAB_BENCH=$bench "$here/in-vm.sh" devdax "$testbin" "$out" || rc=1
+lap "VM 2: fs-DAX"
+"$here/lab.sh" run --fsdax /mnt/pmem --rw "$out" --timeout 600 -- "$here/in-vm.sh" fsdax "$testbin" "$out" /mnt/pmem || rc=1
+[ -f "$out/bench-summary.txt" ] && { echo; cat "$out/bench-summary.txt"; }
+lap "done (status $rc)"
+exit $rc

@@ -1,0 +1,112 @@
+//! One client's RDMA connection: HELLO binds it to a session; FLUSH persists leased ranges.
+
+use std::sync::{Arc, OnceLock};
+
+use rdax_proto::dataplane::Status;
+use rdax_proto::model::SessionId;
+use rdax_proto::rdma::{Msg, Op};
+use rdax_verbs::{Conn, Wr};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::transport::Transport;
+
+/// A client connection.
+pub(super) struct Peer {
+    pub(super) conn: Arc<Conn>,
+    /// The rdma_cm id's address, for connection events.
+    pub(super) key: usize,
+    session: OnceLock<SessionId>,
+}
+
+impl Peer {
+    pub(super) fn new(conn: Arc<Conn>, key: usize) -> Peer {
+        Peer { conn, key, session: OnceLock::new() }
+    }
+
+    /// The session, once HELLO was accepted.
+    pub(super) fn session(&self) -> Option<SessionId> {
+        self.session.get().copied()
+    }
+
+    /// Disconnect.
+    pub(super) fn close(&self, why: &str) {
+        if !self.conn.is_closed() {
+            info!(qp = self.conn.qp_num(), session = ?self.session(), why, "RDMA connection closed");
+        }
+        self.conn.close(why);
+    }
+
+    /// Move the queue pair to the error state: no remote access is served on it any more.
+    pub(super) fn fence(&self, why: &str) {
+        warn!(qp = self.conn.qp_num(), session = ?self.session(), why, "RDMA queue pair fenced");
+        self.conn.fence();
+    }
+
+    async fn send(&self, m: Msg) -> bool {
+        self.conn.exec(Wr::Send(m.encode()), None).await.is_ok()
+    }
+
+    /// Serve the connection's messages until it closes.
+    pub(super) async fn serve(self: Arc<Self>, t: Arc<Transport>, mut inbox: mpsc::UnboundedReceiver<rdax_verbs::Msg>) {
+        loop {
+            let raw = tokio::select! {
+                m = inbox.recv() => match m { Some(m) => m, None => break },
+                _ = self.conn.wait_closed() => break,
+            };
+            let m = match Msg::decode(&raw) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(qp = self.conn.qp_num(), error = %e, "malformed RDMA message; closing");
+                    break;
+                }
+            };
+            match (m.op, self.session()) {
+                (Op::Hello, None) => {
+                    let sid = SessionId(m.session);
+                    let status = if t.sessions().is_live(sid) {
+                        let _ = self.session.set(sid);
+                        t.register(sid, &self);
+                        Status::Ok
+                    } else {
+                        Status::BadSession
+                    };
+                    let ok = self.send(m.reply(Op::HelloReply, status)).await;
+                    if status != Status::Ok || !ok {
+                        break;
+                    }
+                    debug!(session = %sid, qp = self.conn.qp_num(), "RDMA HELLO accepted");
+                }
+                (Op::Flush, Some(sid)) => {
+                    let status = match t.flush_ranges(sid, m.lease, m.offset, m.len) {
+                        Ok(ranges) => {
+                            let media = t.pool().media().clone();
+                            let done = tokio::task::spawn_blocking(move || {
+                                for (off, len) in ranges {
+                                    media.flush(off, len);
+                                }
+                                media.drain();
+                            })
+                            .await;
+                            if done.is_ok() { Status::Ok } else { Status::ShuttingDown }
+                        }
+                        Err(s) => s,
+                    };
+                    if !self.send(m.reply(Op::FlushReply, status)).await {
+                        break;
+                    }
+                }
+                (Op::Flush, None) => {
+                    let _ = self.send(m.reply(Op::FlushReply, Status::NoHello)).await;
+                    break;
+                }
+                _ => {
+                    let _ = self.send(m.reply(m.op, Status::Malformed)).await;
+                    break;
+                }
+            }
+        }
+        self.close("the connection ended");
+        t.forget(&self);
+    }
+}

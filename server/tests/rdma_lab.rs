@@ -1,0 +1,211 @@
+//! RDMA end to end, in the lab VM (soft-RoCE on a veth pair, emulated NVDIMM): a real rdaxd
+//! on a device-DAX pool serving a real client over rxe. Run by `deploy/lab/rdma-tests.sh`
+//! inside the VM (CI's lab stage); ignored elsewhere because they need that machine.
+//!
+//! Environment (set by the script): `RDAX_LAB_DEVDAX` (e.g. /dev/dax0.0) or `RDAX_LAB_FSDAX`
+//! (a directory on an fs-DAX mount), `RDAX_LAB_SERVER_IP` and `RDAX_LAB_CLIENT_IP`.
+#![cfg(feature = "rdma")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdax_client::{Client, ErrorKind, LeaseMode, Session, SessionNotice, SessionOptions, Transport};
+
+const LAB: &str = "needs the RDMA lab VM: deploy/lab/lab.sh run --devdax -- deploy/lab/rdma-tests.sh";
+
+fn env(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: these tests run inside the lab VM ({LAB})"))
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed).collect()
+}
+
+/// A daemon on the lab's device-DAX namespace (formatted afresh), serving RDMA on the server IP.
+fn devdax_daemon(dir: &std::path::Path, extra: &[&str]) -> Daemon {
+    let dev = env("RDAX_LAB_DEVDAX");
+    let out = rdaxctl().args(["mkpool", &dev, "--force"]).output().unwrap();
+    assert!(out.status.success(), "mkpool {dev}: {}", String::from_utf8_lossy(&out.stderr));
+    let rdma = format!("{}:0", env("RDAX_LAB_SERVER_IP"));
+    let mut args = vec!["--pool", &dev, "--rdma-listen", &rdma, "--allow-no-token"];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(dir, &args);
+    assert!(!d.rdma.is_empty(), "no RDMA endpoint:\n{}", d.log());
+    d
+}
+
+async fn rdma_session(c: &Client, name: &str, ignore_recalls: bool) -> Session {
+    let opts = SessionOptions {
+        client_name: name.into(),
+        ignore_recalls,
+        transport: Transport::Rdma,
+        rdma_source: Some(env("RDAX_LAB_CLIENT_IP").parse().unwrap()),
+    };
+    c.open_session_with(opts).await.unwrap()
+}
+
+async fn next_notice(s: &mut Session) -> SessionNotice {
+    tokio::time::timeout(Duration::from_secs(30), s.next_notice())
+        .await
+        .expect("a notice in time")
+        .expect("session alive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+async fn devdax_write_flush_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = devdax_daemon(dir.path(), &[]);
+    let c = client(&d).await;
+    let info = c.info().await.unwrap();
+    assert_eq!(info.mode, "device-dax");
+    let r = info.rdma.unwrap();
+    assert_eq!((r.state.as_str(), r.keys.as_str()), ("serving", "memory-window"), "{r:?}");
+    println!("rdma: device {} keys {} endpoint {}", r.device, r.keys, r.endpoint);
+
+    const LEN: usize = 16 << 20;
+    let obj = c.object("lab", "e2e").unwrap();
+    obj.create(LEN as u64).await.unwrap();
+    let s = rdma_session(&c, "e2e", false).await;
+    let l = s.acquire("lab", "e2e", 0, LEN as u64, LeaseMode::ReadWrite).await.unwrap();
+    assert!(l.is_rdma());
+    assert!(l.segments().iter().all(|g| g.rdma.is_some_and(|(_, rkey)| rkey != 0)), "{:?}", l.segments());
+    let data = pattern(LEN, 0x5a);
+    l.write(0, &data).await.unwrap();
+    l.flush(0, LEN as u64).await.unwrap();
+    let back = l.read(0, LEN as u64).await.unwrap();
+    assert!(back == data, "RDMA READ returned other bytes than RDMA WRITE wrote");
+    // The daemon's own view (gRPC read of the pool) agrees.
+    assert!(obj.read(0, LEN as u64).await.unwrap() == data, "the pool holds other bytes");
+    // A read lease over the same range sees them too (a second lease on the same connection).
+    let ro = s.acquire("lab", "e2e", 4096, 8192, LeaseMode::Read).await.unwrap();
+    assert_eq!(ro.read(4096, 8192).await.unwrap(), &data[4096..12288]);
+    ro.release().await.unwrap();
+    l.release().await.unwrap();
+    s.close().await.unwrap();
+    // The written bytes survive a restart (they were flushed, and the pool is closed cleanly).
+    drop(c);
+    let mut d = d;
+    d.restart();
+    let c = client(&d).await;
+    assert!(c.object("lab", "e2e").unwrap().read(0, LEN as u64).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+async fn devdax_cooperative_recall() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long break timeout: if the holder did not return the lease, the truncate would wait it out.
+    let d = devdax_daemon(dir.path(), &["--lease-break-timeout-ms", "60000"]);
+    let c = client(&d).await;
+    let obj = c.object("lab", "recall").unwrap();
+    obj.create(8 << 20).await.unwrap();
+    let mut s = rdma_session(&c, "cooperative", false).await;
+    let l = s.acquire("lab", "recall", 0, 8 << 20, LeaseMode::ReadWrite).await.unwrap();
+    let data = pattern(8 << 20, 1);
+    l.write_persist(0, &data).await.unwrap();
+    let t0 = std::time::Instant::now();
+    obj.resize(2 << 20).await.unwrap();
+    let took = t0.elapsed();
+    match next_notice(&mut s).await {
+        SessionNotice::LeaseRecalled { lease_id, .. } => assert_eq!(lease_id, l.id()),
+        n => panic!("expected a recall, got {n:?}"),
+    }
+    assert!(took < Duration::from_secs(60), "the truncate waited for the break deadline: the lease was not returned");
+    assert!(!l.is_active());
+    let e = l.write(0, b"late").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked);
+    let log = d.log();
+    assert!(log.contains("lease released"), "{log}");
+    assert!(!log.contains("lease revoked"), "a cooperative holder must not be revoked:\n{log}");
+    assert!(log.contains("RDMA keys invalidated") && log.contains("fenced=false"), "{log}");
+    // Re-acquire after the layout change: the kept prefix is intact.
+    let l2 = s.reacquire(&l).await;
+    assert!(l2.is_err(), "the old range reaches past the new size");
+    let l2 = s.acquire("lab", "recall", 0, 2 << 20, LeaseMode::Read).await.unwrap();
+    assert!(l2.read(0, 2 << 20).await.unwrap() == data[..2 << 20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+async fn devdax_revoked_unresponsive_client_gets_remote_access_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = devdax_daemon(dir.path(), &["--lease-break-timeout-ms", "1000"]);
+    let c = client(&d).await;
+    let obj = c.object("lab", "revoke").unwrap();
+    obj.create(1 << 20).await.unwrap();
+    // A client that ignores recalls and keeps writing after being told its lease is revoked.
+    let mut s = rdma_session(&c, "unresponsive", true).await;
+    let l = s.acquire("lab", "revoke", 0, 1 << 20, LeaseMode::ReadWrite).await.unwrap();
+    let before = pattern(1 << 20, 0x11);
+    l.write_persist(0, &before).await.unwrap();
+
+    // Recall through the admin API; the holder does not answer; at the break deadline the
+    // daemon revokes, invalidates the window and drains.
+    c.revoke_lease(l.id(), false).await.unwrap();
+    loop {
+        match next_notice(&mut s).await {
+            SessionNotice::LeaseRecalled { .. } => continue,
+            SessionNotice::LeaseRevoked { lease_id, .. } => {
+                assert_eq!(lease_id, l.id());
+                break;
+            }
+            n => panic!("unexpected {n:?}"),
+        }
+    }
+    poll(Duration::from_secs(30), "the lease to drain", || {
+        let log = d.log();
+        log.contains(&format!("lease={}", l.id())).then_some(()).filter(|_| log.contains("RDMA keys invalidated"))
+    });
+    // Its RDMA WRITE with the old key now fails on the client with a remote access error...
+    let after = pattern(1 << 20, 0x77);
+    let e = l.write(0, &after).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked, "{e}");
+    assert!(e.to_string().contains("remote access error"), "{e}\ndaemon log:\n{}", d.log());
+    // ...and not one byte reached the pool.
+    assert!(obj.read(0, 1 << 20).await.unwrap() == before, "a revoked client's RDMA WRITE changed the pool");
+
+    // The session reconnects and gets a fresh, working lease.
+    let l2 = s.acquire("lab", "revoke", 0, 1 << 20, LeaseMode::ReadWrite).await.unwrap();
+    l2.write_persist(0, &after).await.unwrap();
+    assert!(obj.read(0, 1 << 20).await.unwrap() == after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM with an fs-DAX mount (deploy/lab/rdma-tests.sh)"]
+async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = env("RDAX_LAB_FSDAX");
+    let pool = format!("{mnt}/rdax.pool");
+    let _ = std::fs::remove_file(&pool);
+    let rdma = format!("{}:0", env("RDAX_LAB_SERVER_IP"));
+    let d = Daemon::start(dir.path(), &["--pool", &pool, "--rdma-listen", &rdma, "--allow-no-token"]);
+    let c = client(&d).await;
+    let info = c.info().await.unwrap();
+    assert_eq!(info.mode, "fs-dax");
+    let r = info.rdma.unwrap();
+    assert_eq!(r.state, "unavailable", "{r:?}");
+    for w in ["filesystem-DAX", "long-term pins", "on-demand paging", "device-DAX"] {
+        assert!(r.detail.contains(w), "the refusal should explain ({w}): {}", r.detail);
+    }
+    println!("fs-dax refusal: {}", r.detail);
+    let log = d.log();
+    assert_eq!(log.matches("RDMA unavailable").count(), 1, "{log}");
+    assert!(d.rdma.is_empty());
+
+    let obj = c.object("lab", "fsdax").unwrap();
+    obj.create(4 << 20).await.unwrap();
+    let forced = rdma_session(&c, "forced", false).await;
+    let e = forced.acquire("lab", "fsdax", 0, 4096, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("filesystem-DAX"), "{e}");
+    // TCP still works on the same pool.
+    let s = c.open_session("tcp").await.unwrap();
+    let l = s.acquire("lab", "fsdax", 0, 4 << 20, LeaseMode::ReadWrite).await.unwrap();
+    assert!(!l.is_rdma());
+    let data = pattern(4 << 20, 9);
+    l.write_persist(0, &data).await.unwrap();
+    assert!(l.read(0, 4 << 20).await.unwrap() == data);
+}
