@@ -12,6 +12,43 @@ use crate::client::Client;
 use crate::dataplane::ConnPool;
 use crate::error::{Error, ErrorKind, Result};
 
+/// Memory registered for RDMA on a session's connection: leases move bytes straight between
+/// it and pmem ([`Lease::write_buf`], [`Lease::read_buf`]), without the staging copy of
+/// [`Lease::write`] and [`Lease::read`]. Operations take the buffer and give it back, so the
+/// NIC never touches memory the program is using.
+#[cfg(feature = "rdma")]
+#[derive(Debug)]
+pub struct RdmaBuffer {
+    pub(crate) buf: Arc<rdax_verbs::RegBuf>,
+}
+
+#[cfg(feature = "rdma")]
+impl RdmaBuffer {
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The contents.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: no request uses the buffer: requests take it by value and release their
+        // reference before handing it back.
+        unsafe { std::slice::from_raw_parts(self.buf.ptr(0), self.buf.len()) }
+    }
+
+    /// The contents, to fill.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(Arc::get_mut(&mut self.buf).is_some(), "an RDMA buffer with a request in flight");
+        // SAFETY: the only reference (checked), so neither the device nor anyone else uses it.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.ptr(0), self.buf.len()) }
+    }
+}
+
 /// Access mode of a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseMode {
@@ -328,6 +365,79 @@ impl Lease {
         self.write_inner(offset, data, false).await
     }
 
+    /// RDMA lease only: write `buf[range]` at object offset `offset` with no copy.
+    #[cfg(feature = "rdma")]
+    pub async fn write_buf(
+        &self,
+        offset: u64,
+        buf: RdmaBuffer,
+        range: std::ops::Range<usize>,
+    ) -> (Result<()>, RdmaBuffer) {
+        let r = self.zero_copy(true, offset, &buf, range).await;
+        (r, buf)
+    }
+
+    /// RDMA lease only: read into `buf[range]` from object offset `offset` with no copy.
+    #[cfg(feature = "rdma")]
+    pub async fn read_buf(
+        &self,
+        offset: u64,
+        buf: RdmaBuffer,
+        range: std::ops::Range<usize>,
+    ) -> (Result<()>, RdmaBuffer) {
+        let r = self.zero_copy(false, offset, &buf, range).await;
+        (r, buf)
+    }
+
+    #[cfg(feature = "rdma")]
+    async fn zero_copy(&self, write: bool, offset: u64, buf: &RdmaBuffer, range: std::ops::Range<usize>) -> Result<()> {
+        use futures_util::StreamExt;
+        let l = &self.inner;
+        let _op = l.begin()?;
+        let link = l.rdma.as_ref().ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "not an RDMA lease"))?;
+        if range.start > range.end || range.end > buf.len() {
+            return Err(Error::new(ErrorKind::InvalidArgument, "range outside the buffer"));
+        }
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut at = range.start;
+        for (seg, within, n) in l.pieces(offset, (range.end - range.start) as u64)? {
+            match (seg.target, seg.rdma) {
+                (Some(_), Some((addr, rkey))) => {
+                    // One request per 16 MiB at most.
+                    let mut c = 0u64;
+                    while c < n {
+                        let m = (n - c).min(16 << 20);
+                        inflight.push(link.zero_copy(
+                            write,
+                            addr + within + c,
+                            rkey,
+                            &buf.buf,
+                            at + c as usize,
+                            m as usize,
+                        ));
+                        c += m;
+                    }
+                }
+                (None, _) if !write => {
+                    // A hole reads as zeros.
+                    // SAFETY: the caller's buffer, not in use by any request for this range.
+                    unsafe { std::ptr::write_bytes(buf.buf.ptr(at), 0, n as usize) };
+                }
+                (None, _) => {
+                    return Err(Error::new(ErrorKind::PermissionDenied, "cannot write to a hole of a read lease"));
+                }
+                (Some(_), None) => {
+                    return Err(Error::new(ErrorKind::Protocol, "an RDMA lease segment without an rkey"));
+                }
+            }
+            at += n as usize;
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
     /// Write and make durable before returning.
     pub async fn write_persist(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_inner(offset, data, true).await
@@ -420,8 +530,12 @@ mod rdma_io {
     }
 
     pub(super) async fn write(link: &RdmaLink, pieces: Vec<(&LeaseSegment, u64, u64)>, data: &[u8]) -> Result<()> {
+        let cs = chunks(pieces)?;
+        if let [(key, 0, m)] = cs[..] {
+            return write_one(link, key, &data[..m]).await;
+        }
         let mut inflight = FuturesUnordered::new();
-        for (key, at, m) in chunks(pieces)? {
+        for (key, at, m) in cs {
             if inflight.len() >= IN_FLIGHT
                 && let Some(r) = inflight.next().await
             {
@@ -436,11 +550,15 @@ mod rdma_io {
     }
 
     pub(super) async fn read(link: &RdmaLink, pieces: Vec<(&LeaseSegment, u64, u64)>, buf: &mut [u8]) -> Result<()> {
+        let cs = chunks(pieces)?;
+        if let [(key, 0, m)] = cs[..] {
+            return read_one(link, key, &mut buf[..m]).await;
+        }
         let mut inflight = FuturesUnordered::new();
         // Hand each chunk its own disjoint slice of the buffer.
         let mut rest: &mut [u8] = buf;
         let mut pos = 0usize;
-        for (key, at, m) in chunks(pieces)? {
+        for (key, at, m) in cs {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - pos);
             let (part, tail) = tail.split_at_mut(m);
             rest = tail;

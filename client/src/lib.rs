@@ -31,6 +31,8 @@ mod session;
 
 pub use client::{Client, ConnectOptions};
 pub use error::{Error, ErrorKind, Result};
+#[cfg(feature = "rdma")]
+pub use lease::RdmaBuffer;
 pub use lease::{Lease, LeaseMode, LeaseSegment};
 pub use object::{Object, Progress};
 pub use rdax_proto::pb;

@@ -137,6 +137,8 @@ impl RdmaLink {
         m.req_id = id;
         let (tx, rx) = oneshot::channel();
         self.replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        // The reply is a receive: keep completion events on until it is here.
+        let _armed = self.conn.hold_armed();
         if let Err(e) = self.conn.exec(Wr::Send(m.encode()), None).await {
             self.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             return Err(verbs_err("RDMA SEND", e));
@@ -182,6 +184,34 @@ impl RdmaLink {
         }
         self.give_back(b);
         r.map_err(|e| verbs_err("RDMA READ", e))
+    }
+
+    /// A buffer registered with this connection's protection domain.
+    pub(crate) fn register(&self, len: usize) -> Result<Arc<RegBuf>> {
+        RegBuf::new(self.conn.pd(), len)
+            .map(Arc::new)
+            .map_err(|e| Error::new(ErrorKind::ResourceExhausted, format!("register an RDMA buffer: {e}")))
+    }
+
+    /// RDMA WRITE (`write`) or READ straight from/into a registered buffer: `len` bytes at
+    /// `at` in `buf` to/from `raddr`.
+    pub(crate) async fn zero_copy(
+        &self,
+        write: bool,
+        raddr: u64,
+        rkey: u32,
+        buf: &Arc<RegBuf>,
+        at: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (laddr, lkey, len) = (buf.addr() + at as u64, buf.lkey(), len as u32);
+        let wr = if write {
+            Wr::Write { laddr, lkey, len, raddr, rkey }
+        } else {
+            Wr::Read { laddr, lkey, len, raddr, rkey }
+        };
+        let keep: Arc<dyn std::any::Any + Send + Sync> = buf.clone();
+        self.conn.exec(wr, Some(keep)).await.map_err(|e| verbs_err(if write { "RDMA WRITE" } else { "RDMA READ" }, e))
     }
 
     /// Ask the daemon to persist `[offset, offset+len)` of a lease (GPSPM-style).

@@ -212,6 +212,17 @@ impl Session {
         Ok(None)
     }
 
+    /// A buffer for zero-copy RDMA ([`crate::Lease::write_buf`], [`crate::Lease::read_buf`]),
+    /// registered on this session's RDMA connection (made now if need be).
+    #[cfg(feature = "rdma")]
+    pub async fn rdma_buffer(&self, len: usize) -> Result<crate::RdmaBuffer> {
+        let link = self
+            .rdma_link()
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::Unsupported, "this session does not use RDMA"))?;
+        Ok(crate::RdmaBuffer { buf: link.register(len)? })
+    }
+
     /// Acquire a lease on `[offset, offset + len)` of an object. A read-write lease allocates
     /// holes first. While the range is being recalled the daemon answers `Unavailable`; this
     /// retries (bounded) like any repeatable request.

@@ -125,7 +125,7 @@ run() {
     -bios "$X/usr/share/qemu/qboot.rom" -machine "$machine" -accel tcg,thread=multi,tb-size=512 -cpu max -smp 2 -m "$mem" \
     -nodefaults -no-user-config -nographic -no-reboot -nic none -serial stdio -monitor none \
     -kernel "$X/boot/vmlinux-$kver" -initrd "$LAB/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off labjob=$job labmods=$X/lib/modules $append" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off tsc=reliable clocksource=tsc labjob=$job labmods=$X/lib/modules $append" \
     -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$job,mount_tag=job,security_model=none" \
     "${extra[@]}" < /dev/null

@@ -79,6 +79,17 @@ async fn devdax_write_flush_read_back() {
     assert!(back == data, "RDMA READ returned other bytes than RDMA WRITE wrote");
     // The daemon's own view (gRPC read of the pool) agrees.
     assert!(obj.read(0, LEN as u64).await.unwrap() == data, "the pool holds other bytes");
+    // Zero-copy from and into registered buffers, through the same lease.
+    let mut b = s.rdma_buffer(1 << 20).await.unwrap();
+    b.as_mut_slice().copy_from_slice(&pattern(1 << 20, 0xc3));
+    let (r, b) = l.write_buf(3 << 20, b, 0..1 << 20).await;
+    r.unwrap();
+    let mut back = s.rdma_buffer(1 << 20).await.unwrap();
+    back.as_mut_slice().fill(0);
+    let (r, back) = l.read_buf(3 << 20, back, 0..1 << 20).await;
+    r.unwrap();
+    assert!(back.as_slice() == b.as_slice(), "zero-copy READ returned other bytes than zero-copy WRITE wrote");
+    l.write_persist(3 << 20, &data[3 << 20..4 << 20]).await.unwrap();
     // A read lease over the same range sees them too (a second lease on the same connection).
     let ro = s.acquire("lab", "e2e", 4096, 8192, LeaseMode::Read).await.unwrap();
     assert_eq!(ro.read(4096, 8192).await.unwrap(), &data[4096..12288]);
@@ -208,4 +219,85 @@ async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
     let data = pattern(4 << 20, 9);
     l.write_persist(0, &data).await.unwrap();
     assert!(l.read(0, 4 << 20).await.unwrap() == data);
+}
+
+/// A client that knows only the documented protocol (docs/data-plane.md): its own rdma_cm
+/// connection and queue pair, HELLO by hand, keys from `Leases.Acquire` for its session, raw
+/// RDMA WRITE/READ and a FLUSH frame — no SDK data path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+async fn devdax_raw_verbs_client_with_the_documented_protocol() {
+    use rdax_proto::dataplane::Status;
+    use rdax_proto::rdma::{Msg, Op};
+    use rdax_verbs::{Conn, EventChannel, Pd, RegBuf, Wr, event};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = devdax_daemon(dir.path(), &[]);
+    let c = client(&d).await;
+    let obj = c.object("lab", "raw").unwrap();
+    obj.create(1 << 20).await.unwrap();
+    // The session (kept alive by the SDK handle; any gRPC client could do this).
+    let s = c.open_session("raw verbs").await.unwrap();
+    let sid: rdax_proto::model::SessionId = s.id().parse().unwrap();
+
+    // Connect with rdma_cm to the endpoint Pool.Info names.
+    let ep: SocketAddr = c.info().await.unwrap().rdma.unwrap().endpoint.parse().unwrap();
+    let t = Duration::from_secs(10);
+    let ch = EventChannel::new().unwrap();
+    let id = ch.create_id().unwrap();
+    id.resolve_addr(Some(SocketAddr::new(env("RDAX_LAB_CLIENT_IP").parse().unwrap(), 0)), ep, 5000).unwrap();
+    drop(ch.expect(event::ADDR_RESOLVED, t, "address").await.unwrap());
+    id.resolve_route(5000).unwrap();
+    drop(ch.expect(event::ROUTE_RESOLVED, t, "route").await.unwrap());
+    // SAFETY: rdma_cm keeps the device context open for the process.
+    let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
+    let (conn, mut inbox) = Conn::create(id, pd.clone()).unwrap();
+    tokio::spawn(conn.clone().drive());
+    conn.connect().unwrap();
+    drop(ch.expect(event::ESTABLISHED, t, "established").await.unwrap());
+    let _armed = conn.hold_armed();
+    let mut call = async |m: Msg| {
+        conn.exec(Wr::Send(m.encode()), None).await.unwrap();
+        let raw = tokio::time::timeout(t, inbox.recv()).await.unwrap().unwrap();
+        Msg::decode(&raw).unwrap()
+    };
+
+    // Keys before HELLO: refused, with the reason.
+    let e = c.acquire_raw(s.id(), "lab", "raw", 0, 1 << 20, LeaseMode::ReadWrite, true).await.unwrap_err();
+    assert!(e.to_string().contains("has no RDMA connection"), "{e}");
+    let mut hello = Msg::request(Op::Hello, 1);
+    hello.session = sid.0;
+    let r = call(hello).await;
+    assert_eq!((r.op, r.status, r.req_id), (Op::HelloReply, Status::Ok, 1));
+
+    let g = c.acquire_raw(s.id(), "lab", "raw", 0, 1 << 20, LeaseMode::ReadWrite, true).await.unwrap();
+    let seg = &g.segments[0];
+    assert!(seg.rkey != 0 && seg.length == 1 << 20, "{g:?}");
+    let buf = Arc::new(RegBuf::new(&pd, 1 << 20).unwrap());
+    let data = pattern(1 << 20, 0x3c);
+    // SAFETY: no request uses the buffer yet.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.ptr(0), data.len()) };
+    let w = Wr::Write { laddr: buf.addr(), lkey: buf.lkey(), len: 1 << 20, raddr: seg.rdma_addr, rkey: seg.rkey };
+    conn.exec(w, Some(buf.clone())).await.unwrap();
+    let mut flush = Msg::request(Op::Flush, 2);
+    (flush.lease, flush.offset, flush.len) = (g.lease_id, 0, 1 << 20);
+    let r = call(flush).await;
+    assert_eq!((r.op, r.status, r.req_id), (Op::FlushReply, Status::Ok, 2));
+    assert!(obj.read(0, 1 << 20).await.unwrap() == data, "the raw client's RDMA WRITE did not land");
+    let back = Arc::new(RegBuf::new(&pd, 1 << 20).unwrap());
+    let rd = Wr::Read { laddr: back.addr(), lkey: back.lkey(), len: 1 << 20, raddr: seg.rdma_addr, rkey: seg.rkey };
+    conn.exec(rd, Some(back.clone())).await.unwrap();
+    // SAFETY: the READ completed; nothing else uses the buffer.
+    assert!(unsafe { std::slice::from_raw_parts(back.ptr(0), 1 << 20) } == &data[..]);
+
+    // Released: the key dies on the NIC.
+    c.release_lease(s.id(), g.lease_id).await.unwrap();
+    poll(Duration::from_secs(30), "the keys to be invalidated", || {
+        d.log().contains("RDMA keys invalidated").then_some(())
+    });
+    let w = Wr::Write { laddr: buf.addr(), lkey: buf.lkey(), len: 4096, raddr: seg.rdma_addr, rkey: seg.rkey };
+    let e = conn.exec(w, Some(buf.clone())).await.unwrap_err();
+    assert!(e.is_remote_access(), "{e}");
 }

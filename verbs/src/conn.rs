@@ -10,7 +10,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,10 +32,28 @@ pub const SEND_DEPTH: u32 = 256;
 pub const RD_ATOMIC: u8 = 16;
 const RECV_TAG: u64 = 1 << 63;
 /// How long a poster polls the CQ itself before waiting for a completion event.
-const SPIN: Duration = Duration::from_micros(500);
+const SPIN: Duration = Duration::from_micros(200);
 
 /// A message frame.
 pub type Msg = [u8; MSG_LEN];
+
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Keeps completion events on (see [`Conn::hold_armed`]).
+#[derive(Debug)]
+pub struct ArmGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ArmGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 struct Pending {
     tx: oneshot::Sender<u32>,
@@ -65,6 +83,10 @@ pub struct Conn {
     next: AtomicU64,
     sq: Arc<Semaphore>,
     closed: AtomicBool,
+    /// Futures waiting for a completion event.
+    waiting: AtomicUsize,
+    /// [`Conn::hold_armed`] guards alive.
+    holds: AtomicUsize,
     why: Mutex<Option<String>>,
     closed_tx: tokio::sync::watch::Sender<bool>,
     wake: Notify,
@@ -155,6 +177,8 @@ impl Conn {
             next: AtomicU64::new(1),
             sq: Arc::new(Semaphore::new(SEND_DEPTH as usize)),
             closed: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            holds: AtomicUsize::new(0),
             why: Mutex::new(None),
             closed_tx: tokio::sync::watch::channel(false).0,
             wake: Notify::new(),
@@ -335,25 +359,51 @@ impl Conn {
             return Err(e);
         }
         let mut rx = rx;
-        // Poll the CQ from here for a short while before falling back to the completion
-        // channel: a wakeup through epoll costs several system calls and a context switch,
-        // which dominates small-operation latency (the way perftest measures, it never
-        // sleeps). Yielding between polls keeps other tasks on this worker running.
-        let spin_until = std::time::Instant::now() + SPIN;
-        loop {
-            match rx.try_recv() {
-                Ok(status) => return Ok((op, status)),
-                Err(oneshot::error::TryRecvError::Closed) => return Err(Error::Closed(self.closed_why())),
-                Err(oneshot::error::TryRecvError::Empty) => {}
+        // Alone in flight (latency-bound), poll the CQ from here for a short while before
+        // falling back to the completion channel: a wakeup through epoll costs system calls and
+        // context switches, which dominate small-operation latency (perftest's latency tests
+        // never sleep either). With other requests in flight (bandwidth-bound) the channel is
+        // cheap per request, and spinning would take CPU from a software device (rxe) that
+        // needs it.
+        if self.pending.lock().expect("pending").len() == 1 {
+            let spin_until = std::time::Instant::now() + SPIN;
+            for i in 0u32.. {
+                self.poll_all();
+                match rx.try_recv() {
+                    Ok(status) => return Ok((op, status)),
+                    Err(oneshot::error::TryRecvError::Closed) => return Err(Error::Closed(self.closed_why())),
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                }
+                // Reading the clock can cost more than a poll (a VM without a stable TSC).
+                if i % 32 == 31 && std::time::Instant::now() >= spin_until {
+                    break;
+                }
+                std::hint::spin_loop();
             }
-            if std::time::Instant::now() >= spin_until {
-                break;
-            }
-            self.poll_all();
-            tokio::task::yield_now().await;
         }
+        // Wait for the completion event: count as a waiter, arm the CQ, and look once more
+        // for a completion that came before the arming.
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiter = Waiter(&self.waiting);
+        self.arm();
+        self.poll_all();
         let status = rx.await.map_err(|_| Error::Closed(self.closed_why()))?;
         Ok((op, status))
+    }
+
+    /// Request a completion event for the next completion.
+    fn arm(&self) {
+        // SAFETY: a live CQ.
+        unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
+    }
+
+    /// Keep completion events on while the guard lives, for receives nobody polls for (a
+    /// server waiting for requests, a client waiting for a reply).
+    pub fn hold_armed(&self) -> ArmGuard<'_> {
+        self.holds.fetch_add(1, Ordering::AcqRel);
+        self.arm();
+        self.poll_all();
+        ArmGuard(&self.holds)
     }
 
     /// Bind `mw` over `[addr, addr+len)` of `mr` with `access`, tied to this QP. Returns the
@@ -458,21 +508,29 @@ impl Conn {
                 // SAFETY: acknowledging the events just taken.
                 unsafe { sys::ibv_ack_cq_events(self.cq.as_ptr(), n) };
             }
-            // SAFETY: a live CQ; re-arm before polling so no completion is missed.
-            unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
+            // Re-arm (before polling, so no completion is missed) only while someone waits for
+            // an event; a poster that spins arms for itself when it stops spinning. Arming is a
+            // system call on some providers, and every event costs a wakeup.
+            if self.holds.load(Ordering::Acquire) > 0
+                || self.waiting.load(Ordering::Acquire) > 0
+                || self.closed.load(Ordering::Acquire)
+            {
+                self.arm();
+            }
         }
     }
 
     fn poll_all(&self) {
-        // SAFETY: ibv_wc is plain data.
-        let mut wcs: [sys::ibv_wc; 16] = unsafe { std::mem::zeroed() };
+        let mut wcs = [const { std::mem::MaybeUninit::<sys::ibv_wc>::uninit() }; 16];
         loop {
             // SAFETY: a live CQ and room for 16 entries.
-            let n = unsafe { sys::ibv_poll_cq(self.cq.as_ptr(), 16, wcs.as_mut_ptr()) };
+            let n = unsafe { sys::ibv_poll_cq(self.cq.as_ptr(), 16, wcs.as_mut_ptr().cast()) };
             if n <= 0 {
                 return;
             }
             for wc in &wcs[..n as usize] {
+                // SAFETY: ibv_poll_cq filled the first n entries.
+                let wc = unsafe { wc.assume_init_ref() };
                 if wc.wr_id & RECV_TAG != 0 {
                     let slot = (wc.wr_id & !RECV_TAG) as usize;
                     if wc.status == 0 {
@@ -489,8 +547,12 @@ impl Conn {
                     }
                     continue;
                 }
-                if let Some(p) = self.pending.lock().expect("pending").remove(&wc.wr_id) {
-                    let _ = p.tx.send(wc.status);
+                let done = self.pending.lock().expect("pending").remove(&wc.wr_id);
+                if let Some(Pending { tx, _permit, _keep }) = done {
+                    // Release what the request kept alive before waking its owner, who may
+                    // then expect to hold the only reference.
+                    drop((_keep, _permit));
+                    let _ = tx.send(wc.status);
                 }
                 if wc.status != 0 && wc.status != sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
                     // The QP is in the error state now; nothing more will succeed on it.

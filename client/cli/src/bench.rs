@@ -132,6 +132,10 @@ pub(crate) struct LeaseBenchArgs {
     /// Namespace to work in (the object is removed afterwards).
     #[arg(long, default_value = "rdax-bench")]
     namespace: String,
+    /// RDMA: copy through the SDK's staging buffers (`Lease::write`/`read`) instead of moving
+    /// bytes straight from registered buffers (`Lease::write_buf`/`read_buf`).
+    #[arg(long)]
+    copy: bool,
 }
 
 /// Bandwidth or latency through one lease, over whichever data plane the session chose.
@@ -164,12 +168,24 @@ pub(crate) async fn lease_bench(
     for i in 0..slots.min(a.depth as u64 * 2) {
         l.write(i * size, &fill).await?;
     }
+    #[cfg(feature = "rdma")]
+    let zero_copy = l.is_rdma() && !a.copy;
+    #[cfg(not(feature = "rdma"))]
+    let zero_copy = false;
     let deadline = Instant::now() + Duration::from_secs_f64(a.seconds);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..a.depth.max(1) {
         let (l, fill, read) = (l.clone(), fill.clone(), a.op == "read");
         let depth = a.depth.max(1) as u64;
+        #[cfg(feature = "rdma")]
+        let mut rbuf = if zero_copy {
+            let mut b = s.rdma_buffer(size as usize).await?;
+            b.as_mut_slice().fill(0xA5);
+            Some(b)
+        } else {
+            None
+        };
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut buf = vec![0u8; size as usize];
@@ -177,6 +193,19 @@ pub(crate) async fn lease_bench(
             while Instant::now() < deadline {
                 let off = (n % slots) * size;
                 let s = Instant::now();
+                #[cfg(feature = "rdma")]
+                if let Some(b) = rbuf.take() {
+                    let (r, b) = if read {
+                        l.read_buf(off, b, 0..size as usize).await
+                    } else {
+                        l.write_buf(off, b, 0..size as usize).await
+                    };
+                    r?;
+                    rbuf = Some(b);
+                    lat.push(s.elapsed().as_nanos() as u64);
+                    n += depth;
+                    continue;
+                }
                 if read {
                     l.read_into(off, &mut buf).await?;
                 } else {
@@ -203,13 +232,14 @@ pub(crate) async fn lease_bench(
     s.close().await?;
     o.delete().await?;
     let v = json!({
-        "transport": transport, "op": a.op, "size": size, "depth": a.depth, "seconds": secs,
+        "transport": transport, "zero_copy": zero_copy, "op": a.op, "size": size, "depth": a.depth, "seconds": secs,
         "ops": ops, "mb_per_s": mbs, "lat_us_p50": pct(0.5), "lat_us_p99": pct(0.99),
         "lat_us_min": pct(0.0), "lat_us_avg": lat.iter().sum::<u64>() as f64 / ops.max(1.0) / 1e3,
     });
     crate::output::emit(json_out, &v, || {
         format!(
-            "{transport} {} {size} B x depth {}: {mbs:.2} MB/s, {:.0} ops/s, latency us min {:.1} p50 {:.1} p99 {:.1}",
+            "{transport}{} {} {size} B x depth {}: {mbs:.2} MB/s, {:.0} ops/s, latency us min {:.1} p50 {:.1} p99 {:.1}",
+            if zero_copy { " (zero-copy)" } else { "" },
             a.op,
             a.depth,
             ops / secs,

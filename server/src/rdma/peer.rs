@@ -49,6 +49,8 @@ impl Peer {
 
     /// Serve the connection's messages until it closes.
     pub(super) async fn serve(self: Arc<Self>, t: Arc<Transport>, mut inbox: mpsc::UnboundedReceiver<rdax_verbs::Msg>) {
+        // Requests arrive as receives nobody else polls for: keep completion events on.
+        let armed = self.conn.hold_armed();
         loop {
             let raw = tokio::select! {
                 m = inbox.recv() => match m { Some(m) => m, None => break },
@@ -106,6 +108,7 @@ impl Peer {
                 }
             }
         }
+        drop(armed);
         self.close("the connection ended");
         t.forget(&self);
     }

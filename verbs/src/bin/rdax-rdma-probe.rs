@@ -188,6 +188,22 @@ async fn pair(server: IpAddr, client: IpAddr) -> rdax_verbs::Result<()> {
     let back = unsafe { *rbuf.ptr(len as usize - 1) };
     println!("pair: RDMA READ through the window: last byte {back:#x}");
 
+    // Small-read latency of this layer alone (what the SDK adds comes on top).
+    let mut lat = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let t = std::time::Instant::now();
+        let r = Wr::Read { laddr: rbuf.addr(), lkey: rbuf.lkey(), len: 2, raddr: base + off, rkey };
+        cconn.exec(r, None).await?;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    lat.sort_unstable();
+    println!(
+        "pair: 2-byte RDMA READ latency over 2000: min {:.1} us, p50 {:.1} us, p99 {:.1} us",
+        lat[0] as f64 / 1e3,
+        lat[1000] as f64 / 1e3,
+        lat[1980] as f64 / 1e3
+    );
+
     let out = Wr::Write { laddr: cbuf.addr(), lkey: cbuf.lkey(), len: 16, raddr: base + off + len, rkey };
     match cconn.exec(out, Some(cbuf.clone())).await {
         Err(e) if e.is_remote_access() => {
