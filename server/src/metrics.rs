@@ -78,6 +78,16 @@ pub struct Metrics {
     pub recalls: AtomicU64,
     /// Leases revoked.
     pub revokes: AtomicU64,
+    /// RDMA connections accepted.
+    pub rdma_connections: AtomicU64,
+    /// RDMA keys made (one per leased segment).
+    pub rdma_keys: AtomicU64,
+    /// Leases whose RDMA keys were invalidated.
+    pub rdma_invalidations: AtomicU64,
+    /// Client queue pairs fenced (moved to the error state).
+    pub rdma_fences: AtomicU64,
+    /// FLUSH messages served.
+    pub rdma_flushes: AtomicU64,
     dp_ops: [AtomicU64; 3],
     dp_bytes: [AtomicU64; 3],
     dp_refusals: AtomicU64,
@@ -174,6 +184,15 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
     gauge(&mut out, "rdax_leases", "Leases by state.", &by_state);
     counter(&mut out, "rdax_lease_recalls_total", "Leases recalled.", &[(String::new(), m.recalls.load(Relaxed))]);
     counter(&mut out, "rdax_lease_revokes_total", "Leases revoked.", &[(String::new(), m.revokes.load(Relaxed))]);
+    for (name, help, v) in [
+        ("rdax_rdma_connections_total", "RDMA connections accepted.", &m.rdma_connections),
+        ("rdax_rdma_keys_total", "RDMA keys made (one per leased segment).", &m.rdma_keys),
+        ("rdax_rdma_invalidations_total", "Leases whose RDMA keys were invalidated.", &m.rdma_invalidations),
+        ("rdax_rdma_fences_total", "Client queue pairs fenced after an unconfirmed invalidation.", &m.rdma_fences),
+        ("rdax_rdma_flushes_total", "RDMA FLUSH messages served.", &m.rdma_flushes),
+    ] {
+        counter(&mut out, name, help, &[(String::new(), v.load(Relaxed))]);
+    }
     m.recall_drained.render(
         &mut out,
         "rdax_lease_recall_drained_seconds",

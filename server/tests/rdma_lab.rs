@@ -1,5 +1,5 @@
 //! RDMA end to end, in the lab VM (soft-RoCE on a veth pair, emulated NVDIMM): a real rdaxd
-//! on a device-DAX pool serving a real client over rxe. Run by `deploy/lab/rdma-tests.sh`
+//! on a device-DAX pool serving a real client over rxe. Run by `deploy/lab/rdma-lab.sh`
 //! inside the VM (CI's lab stage); ignored elsewhere because they need that machine.
 //!
 //! Environment (set by the script): `RDAX_LAB_DEVDAX` (e.g. /dev/dax0.0) or `RDAX_LAB_FSDAX`
@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use rdax_client::{Client, ErrorKind, LeaseMode, Session, SessionNotice, SessionOptions, Transport};
 
-const LAB: &str = "needs the RDMA lab VM: deploy/lab/lab.sh run --devdax -- deploy/lab/rdma-tests.sh";
+const LAB: &str = "needs the RDMA lab VM: deploy/lab/rdma-lab.sh";
 
 fn env(k: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: these tests run inside the lab VM ({LAB})"))
@@ -54,7 +54,7 @@ async fn next_notice(s: &mut Session) -> SessionNotice {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
 async fn devdax_write_flush_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = devdax_daemon(dir.path(), &[]);
@@ -105,7 +105,7 @@ async fn devdax_write_flush_read_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
 async fn devdax_cooperative_recall() {
     let dir = tempfile::tempdir().unwrap();
     // A long break timeout: if the holder did not return the lease, the truncate would wait it out.
@@ -132,6 +132,9 @@ async fn devdax_cooperative_recall() {
     assert!(log.contains("lease released"), "{log}");
     assert!(!log.contains("lease revoked"), "a cooperative holder must not be revoked:\n{log}");
     assert!(log.contains("RDMA keys invalidated") && log.contains("fenced=false"), "{log}");
+    assert!(d.metric("rdax_rdma_keys_total") >= 1.0);
+    assert!(d.metric("rdax_rdma_invalidations_total") >= 1.0);
+    assert_eq!(d.metric("rdax_rdma_fences_total"), 0.0, "a returned lease needs no fence");
     // Re-acquire after the layout change: the kept prefix is intact.
     let l2 = s.reacquire(&l).await;
     assert!(l2.is_err(), "the old range reaches past the new size");
@@ -140,7 +143,7 @@ async fn devdax_cooperative_recall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
 async fn devdax_revoked_unresponsive_client_gets_remote_access_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = devdax_daemon(dir.path(), &["--lease-break-timeout-ms", "1000"]);
@@ -185,7 +188,7 @@ async fn devdax_revoked_unresponsive_client_gets_remote_access_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the RDMA lab VM with an fs-DAX mount (deploy/lab/rdma-tests.sh)"]
+#[ignore = "needs the RDMA lab VM with an fs-DAX mount (deploy/lab/rdma-lab.sh)"]
 async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = env("RDAX_LAB_FSDAX");
@@ -225,7 +228,7 @@ async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
 /// connection and queue pair, HELLO by hand, keys from `Leases.Acquire` for its session, raw
 /// RDMA WRITE/READ and a FLUSH frame — no SDK data path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-tests.sh)"]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
 async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     use rdax_proto::dataplane::Status;
     use rdax_proto::rdma::{Msg, Op};
@@ -285,6 +288,7 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     (flush.lease, flush.offset, flush.len) = (g.lease_id, 0, 1 << 20);
     let r = call(flush).await;
     assert_eq!((r.op, r.status, r.req_id), (Op::FlushReply, Status::Ok, 2));
+    assert_eq!(d.metric("rdax_rdma_flushes_total"), 1.0);
     assert!(obj.read(0, 1 << 20).await.unwrap() == data, "the raw client's RDMA WRITE did not land");
     let back = Arc::new(RegBuf::new(&pd, 1 << 20).unwrap());
     let rd = Wr::Read { laddr: back.addr(), lkey: back.lkey(), len: 1 << 20, raddr: seg.rdma_addr, rkey: seg.rkey };

@@ -90,6 +90,7 @@ impl Peer {
                                 media.drain();
                             })
                             .await;
+                            crate::metrics::METRICS.rdma_flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if done.is_ok() { Status::Ok } else { Status::ShuttingDown }
                         }
                         Err(s) => s,

@@ -247,6 +247,7 @@ impl Transport {
             conn.close("rdma_accept failed");
             return;
         }
+        crate::metrics::METRICS.rdma_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let peer = Arc::new(Peer::new(conn, key));
         self.by_id.lock().expect("peers").insert(key, peer.clone());
         tokio::spawn(peer.serve(self.clone(), inbox));
@@ -367,6 +368,7 @@ impl Transport {
             b.keys = keys;
             b.bound = true;
             if !b.ended && still_live {
+                crate::metrics::METRICS.rdma_keys.fetch_add(remote.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 debug!(
                     lease = grant.id,
                     segments = remote.len(),
@@ -471,6 +473,11 @@ impl Transport {
         // still hold the region), and only then let the lease drain.
         drop(std::mem::take(&mut b.keys));
         drop(b.pin.take());
+        let m = &crate::metrics::METRICS;
+        m.rdma_invalidations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if fenced {
+            m.rdma_fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         info!(lease, why, fenced, us = t0.elapsed().as_micros() as u64, "RDMA keys invalidated");
     }
 

@@ -147,6 +147,18 @@ impl Daemon {
         self.dir.join("default.pool")
     }
 
+    /// One sample of the Prometheus text served on the metrics address.
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).expect("metrics listener");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: rdax\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
+    }
+
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         rdaxctl().arg("--endpoint").arg(&self.endpoint).args(args).output().expect("run rdaxctl")
     }
