@@ -442,12 +442,13 @@ impl Transport {
     async fn invalidate(&self, lease: u64, mut b: Binding, why: &'static str) {
         let t0 = Instant::now();
         let bound = (self.op_timeout / 2).max(Duration::from_millis(100));
-        let mut fenced = false;
+        // `fenced`: this invalidation had to fence; `closed`: the queue pair was already
+        // closed, errored or fenced, and serves no remote access any more.
+        let (mut fenced, mut closed) = (false, false);
         for k in &b.keys {
             let Some(mw) = &k.mw else { continue };
             if b.peer.conn.is_closed() {
-                // An errored or fenced queue pair serves no remote access any more.
-                fenced = true;
+                closed = true;
                 break;
             }
             match tokio::time::timeout(bound, b.peer.conn.local_inv(mw.rkey())).await {
@@ -478,7 +479,7 @@ impl Transport {
         if fenced {
             m.rdma_fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        info!(lease, why, fenced, us = t0.elapsed().as_micros() as u64, "RDMA keys invalidated");
+        info!(lease, why, fenced, qp_closed = closed, us = t0.elapsed().as_micros() as u64, "RDMA keys invalidated");
     }
 
     pub(super) fn shutdown(&self) {
