@@ -3,13 +3,15 @@
 # `--all-targets` covers unit, integration, real-process and bench-smoke tests; it skips
 # doctests, so they run in a separate pass. The suite runs twice: as the default build
 # (no RDMA code at all) and with the `rdma` feature (on a host without an RDMA device, which
-# the daemon must detect and report). The RDMA end-to-end tests need the lab VM:
+# the daemon must detect and report). Both passes add rdaxd's `testing` feature: failpoints
+# and the test-only Testing service, which the cancellation, torture and shutdown tests drive.
+# Release builds never enable it. The RDMA end-to-end tests need the lab VM:
 # deploy/lab/rdma-lab.sh (a CI stage of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 echo "== default build"
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --features rdaxd/testing "$@"
 cargo test --workspace --doc "$@"
 echo "== with the rdma feature"
-cargo test --workspace --all-targets --features rdaxd/rdma,rdaxctl/rdma,rdax-client/rdma "$@"
+cargo test --workspace --all-targets --features rdaxd/testing,rdaxd/rdma,rdaxctl/rdma,rdax-client/rdma "$@"

@@ -15,6 +15,13 @@ pub mod pb {
     tonic::include_proto!("rdax.v1");
 }
 
+/// The test-only `rdax.testing.v1` service (failpoints, audits). Only daemons built with the
+/// `testing` feature serve it.
+#[allow(missing_docs, clippy::all)]
+pub mod testing_pb {
+    tonic::include_proto!("rdax.testing.v1");
+}
+
 /// The protocol package.
 pub const PACKAGE: &str = "rdax.v1";
 

@@ -2,9 +2,18 @@
 //!
 //! Startup, in named steps: open (or create) the pool — recovery happens here —, start the
 //! session reaper, build the services, report the bound address, mark health SERVING.
-//! Shutdown, when `shutdown` resolves: health NOT_SERVING, refuse new work (`Unavailable`),
-//! end every session (clients are told on their streams), stop accepting and let in-flight
-//! requests finish within `shutdown.timeout_ms`, then persist and close the pool cleanly.
+//!
+//! Shutdown, when `shutdown` resolves, in timed stages (each logged with how long it took):
+//! 1. health NOT_SERVING; new requests get `Unavailable` (holders may still return leases);
+//! 2. recall every lease (holders are told), revoke at the break deadline, drain;
+//! 3. close the gate: in-flight requests, data-plane operations and pool jobs finish, bounded
+//!    by `shutdown.timeout_ms` counted from the start of shutdown;
+//! 4. end every session, stop the data planes, stop accepting gRPC connections; connections
+//!    still open after a short grace are cut (a client that stopped responding cannot keep the
+//!    daemon's pool open);
+//! 5. persist and close the pool cleanly.
+//!
+//! The exit status is a failure only if the pool could not be closed cleanly.
 
 use std::future::Future;
 use std::path::Path;
@@ -18,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dataplane::DataPlane;
+use crate::gate::Gate;
 use crate::grpc::{self, Shared};
 use crate::lease::{LeaseConfig, LeaseManager};
 use crate::pool::{CreateOptions, OpenOptions, Pool};
@@ -143,6 +153,11 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     mut reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> anyhow::Result<()> {
+    #[cfg(feature = "testing")]
+    if let Ok(list) = std::env::var("RDAX_FAILPOINTS") {
+        crate::failpoint::set_all(&list).context("set RDAX_FAILPOINTS")?;
+        info!(failpoints = %list, "failpoints configured (testing build)");
+    }
     let cfg = Arc::new(cfg);
     let local = listener.local_addr().context("read the bound address")?;
     let c2 = cfg.clone();
@@ -160,24 +175,23 @@ pub async fn run_with_reload(
         (None, false) => warn!(listen = %local, "no bearer token on a non-loopback address (allow_no_token is set)"),
     }
     let root = CancellationToken::new();
+    let gate = Gate::default();
     let sessions = Arc::new(SessionManager::new(cfg.session_ttl, cfg.max_sessions));
     let reaper = tokio::spawn(sessions.clone().reap(root.child_token()));
-    let leases = LeaseManager::new(pool.clone(), sessions.clone(), lease_config(&cfg));
+    let leases = LeaseManager::new(pool.clone(), sessions.clone(), lease_config(&cfg), gate.clone());
     let lease_reaper = tokio::spawn(leases.clone().reap(root.child_token()));
     let data_listener = TcpListener::bind(cfg.data_listen)
         .await
         .with_context(|| format!("listen for the data plane on {}", cfg.data_listen))?;
     let data_local = data_listener.local_addr().context("read the data-plane address")?;
-    let write_delay =
-        std::env::var("RDAX_TEST_WRITE_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
     let dataplane = Arc::new(DataPlane {
         keys: leases.keys().clone(),
         sessions: sessions.clone(),
         media: pool.media().clone(),
         op_timeout_ms: (cfg.data_op_timeout.as_millis() as u64).into(),
-        write_delay,
+        gate: gate.clone(),
     });
-    let rdma = crate::rdma::Rdma::start(&cfg, pool.clone(), leases.clone(), sessions.clone()).await;
+    let rdma = crate::rdma::Rdma::start(&cfg, pool.clone(), leases.clone(), sessions.clone(), gate.clone()).await;
     let data_stop = CancellationToken::new();
     let data_task = tokio::spawn(dataplane.clone().serve(data_listener, data_stop.clone()));
     let metrics_local = match cfg.metrics_listen {
@@ -197,13 +211,16 @@ pub async fn run_with_reload(
         sessions: sessions.clone(),
         leases: leases.clone(),
         data_endpoint: data_local.to_string(),
+        tcp: dataplane.clone(),
         rdma: rdma.clone(),
         cfg: cfg.clone(),
         draining: root.clone(),
+        gate: gate.clone(),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let routes = grpc::routes(shared)?.add_service(health_svc);
     let stop_serving = CancellationToken::new();
+    let cut = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -211,8 +228,9 @@ pub async fn run_with_reload(
         // every message on window updates.
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .layer(grpc::layer::GateLayer::new(gate.clone(), root.clone()))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), stop_serving.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(listener, cut.clone()), stop_serving.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     if let Some(p) = &cfg.ports_file {
@@ -253,67 +271,106 @@ pub async fn run_with_reload(
         }
     }
     let t0 = Instant::now();
-    info!("shutting down");
+    let bound = Duration::from_millis(shutdown_ms.load(std::sync::atomic::Ordering::Relaxed));
+    let deadline = tokio::time::Instant::now() + bound;
+    info!(timeout = ?bound, "shutdown started");
     systemd::notify(&[NotifyState::Stopping, NotifyState::Status("shutting down: recalling leases, draining")]);
     reloader.abort();
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    // New requests get Unavailable from here on; background loops stop.
     root.cancel();
-    // Recall every lease while sessions can still hear it; revoke at the break deadline.
-    leases.recall_all().await;
+    timed("recall leases", leases.recall_all()).await;
+    let finished =
+        timed("finish in-flight work", gate.close(deadline.saturating_duration_since(tokio::time::Instant::now())))
+            .await;
+    if !finished {
+        warn!(inside = %gate.describe(), timeout = ?bound, "in-flight work did not finish within the shutdown timeout; closing its connections");
+    }
     rdma.shutdown();
     data_stop.cancel();
     sessions.shutdown();
     stop_serving.cancel();
-    let shutdown_timeout = Duration::from_millis(shutdown_ms.load(std::sync::atomic::Ordering::Relaxed));
-    match tokio::time::timeout(shutdown_timeout, &mut server).await {
-        Ok(r) => r.context("gRPC server task")?.context("gRPC server")?,
-        Err(_) => {
-            warn!(timeout = ?shutdown_timeout, "in-flight requests did not finish in time; cancelling them");
-            server.abort();
-        }
-    }
+    timed("close connections", close_connections(&mut server, &cut)).await;
     reaper.abort();
     lease_reaper.abort();
     watchdog.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
-    drop(leases);
-    drop(rdma);
-    close_pool(pool, shutdown_timeout).await;
-    info!(elapsed = ?t0.elapsed(), "shutdown complete");
+    let clean = timed("close the pool", close_pool(pool, CLOSE_BOUND)).await;
+    info!(elapsed = ?t0.elapsed(), clean, "shutdown finished");
+    if !clean {
+        anyhow::bail!("close the pool cleanly within {CLOSE_BOUND:?}: it is left for recovery at the next start");
+    }
     Ok(())
 }
 
-/// Accepted gRPC connections with `TCP_NODELAY`: tonic's own `tcp_nodelay` only applies when
-/// it binds the socket itself, and with Nagle on, small messages such as lease recalls and
-/// unary replies wait ~40 ms for delayed ACKs.
-fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+/// How long closing the pool may take once everything else stopped.
+const CLOSE_BOUND: Duration = Duration::from_secs(20);
+
+/// Run one shutdown stage, logging how long it took.
+async fn timed<T>(stage: &'static str, f: impl Future<Output = T>) -> T {
+    let t0 = Instant::now();
+    info!(stage, "shutdown stage started");
+    let r = f.await;
+    info!(stage, elapsed = ?t0.elapsed(), "shutdown stage finished");
+    r
+}
+
+/// Let the gRPC server finish gracefully for a moment, then cut the connections it still
+/// serves, and wait (bounded) for it to end.
+async fn close_connections(
+    server: &mut tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    cut: &CancellationToken,
+) {
+    if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), &mut *server).await {
+        return report_server(r);
+    }
+    info!("cutting the gRPC connections still open");
+    cut.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), &mut *server).await {
+        Ok(r) => report_server(r),
+        Err(_) => {
+            warn!("the gRPC server did not stop after its connections were cut");
+            server.abort();
+        }
+    }
+}
+
+fn report_server(r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) {
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "gRPC server ended with an error"),
+        Err(e) => warn!(error = %e, "gRPC server task failed"),
+    }
+}
+
+/// Accepted gRPC connections with `TCP_NODELAY`, each cuttable by `cut` (see [`crate::net`]).
+/// tonic's own `tcp_nodelay` only applies when it binds the socket itself, and with Nagle on,
+/// small messages such as lease recalls and unary replies wait ~40 ms for delayed ACKs.
+fn incoming(
+    listener: TcpListener,
+    cut: CancellationToken,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::net::Cuttable>> {
     use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
-        r.inspect(|s| {
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |r| {
+        r.map(|s| {
             if let Err(e) = s.set_nodelay(true) {
                 warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
             }
+            crate::net::Cuttable::new(s, cut.clone())
         })
     })
 }
 
-/// Wait (bounded) for blocking pool work to let go of the pool, then close it cleanly.
-async fn close_pool(mut pool: Arc<Pool>, bound: Duration) {
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
-        match Arc::try_unwrap(pool) {
-            Ok(p) => {
-                tokio::task::spawn_blocking(move || p.close()).await.ok();
-                return;
-            }
-            Err(p) if tokio::time::Instant::now() < deadline => {
-                pool = p;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(_) => {
-                warn!("pool still in use at the shutdown deadline; leaving it for recovery at next start");
-                return;
-            }
+/// Close the pool (persist, mark clean) on a blocking thread, bounded. Returns whether it was
+/// closed cleanly. Whoever still holds the pool gets `Closed` errors from then on.
+async fn close_pool(pool: Arc<Pool>, bound: Duration) -> bool {
+    let job = tokio::task::spawn_blocking(move || pool.close_shared());
+    match tokio::time::timeout(bound, job).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::error!(timeout = ?bound, "closing the pool did not finish in time (a pool job is stuck)");
+            false
         }
     }
 }

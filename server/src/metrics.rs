@@ -88,6 +88,8 @@ pub struct Metrics {
     pub rdma_fences: AtomicU64,
     /// FLUSH messages served.
     pub rdma_flushes: AtomicU64,
+    /// Leases quarantined (a transport could not prove their keys dead).
+    pub quarantined_leases: AtomicU64,
     dp_ops: [AtomicU64; 3],
     dp_bytes: [AtomicU64; 3],
     dp_refusals: AtomicU64,
@@ -166,6 +168,7 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
             ("{state=\"used\"}".into(), s.used_blocks as f64 * b),
             ("{state=\"free\"}".into(), s.free.free_blocks as f64 * b),
             ("{state=\"held\"}".into(), s.held_blocks as f64 * b),
+            ("{state=\"quarantined\"}".into(), s.quarantined_blocks as f64 * b),
         ],
     );
     gauge(&mut out, "rdax_pool_objects", "Objects in the pool.", &[(String::new(), s.objects as f64)]);
@@ -177,13 +180,19 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
     );
     gauge(&mut out, "rdax_sessions", "Open sessions.", &[(String::new(), sessions.len() as f64)]);
     let list = leases.list(None);
-    let by_state: Vec<(String, f64)> = ["active", "breaking", "released", "revoked", "drained"]
+    let by_state: Vec<(String, f64)> = ["active", "breaking", "released", "revoked", "drained", "quarantined"]
         .iter()
         .map(|st| (format!("{{state=\"{st}\"}}"), list.iter().filter(|l| l.state.as_str() == *st).count() as f64))
         .collect();
     gauge(&mut out, "rdax_leases", "Leases by state.", &by_state);
     counter(&mut out, "rdax_lease_recalls_total", "Leases recalled.", &[(String::new(), m.recalls.load(Relaxed))]);
     counter(&mut out, "rdax_lease_revokes_total", "Leases revoked.", &[(String::new(), m.revokes.load(Relaxed))]);
+    counter(
+        &mut out,
+        "rdax_lease_quarantined_total",
+        "Leases quarantined because a transport could not prove their keys dead.",
+        &[(String::new(), m.quarantined_leases.load(Relaxed))],
+    );
     for (name, help, v) in [
         ("rdax_rdma_connections_total", "RDMA connections accepted.", &m.rdma_connections),
         ("rdax_rdma_keys_total", "RDMA keys made (one per leased segment).", &m.rdma_keys),

@@ -236,30 +236,83 @@ async fn sessions_keepalive_evict_expire_and_limits() {
     assert_eq!(c.evict_session("not-hex", "x").await.unwrap_err().kind(), ErrorKind::InvalidArgument);
 }
 
+/// Wait until a put into `name` is under way (the object exists and has blocks).
+fn wait_for_put(d: &Daemon, name: &str) {
+    poll(Duration::from_secs(30), "the put to start writing", || {
+        let out = d.ctl(&["--json", "stat", name]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["allocated_bytes"].as_u64()? > 0).then_some(())
+    });
+}
+
+fn fsck_clean(d: &Daemon) {
+    let out = common::rdaxctl().args(["fsck", d.pool_path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
+}
+
 #[test]
-fn sigterm_during_a_large_put_leaves_the_pool_consistent() {
+fn sigterm_during_a_put_lets_it_finish_within_the_shutdown_bound() {
     let dir = tmp();
     let mut d = Daemon::start(dir.path(), &["--pool-size", "512M"]);
     let input = dir.path().join("big.bin");
-    std::fs::write(&input, vec![0xC3u8; 200 << 20]).unwrap();
+    let data: Vec<u8> = (0..200u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
     let mut put = common::rdaxctl()
         .args(["--endpoint", &d.endpoint, "put", "ns/big", input.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the transfer is under way (the object exists and has blocks), then stop.
-    poll(Duration::from_secs(30), "the put to start writing", || {
-        let out = d.ctl(&["--json", "stat", "ns/big"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["allocated_bytes"].as_u64()? > 0).then_some(())
-    });
+    wait_for_put(&d, "ns/big");
     let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
     assert!(st.success(), "rdaxd exit {st}\n{}", d.log());
     let put_status = put.wait().unwrap();
-    assert!(!put_status.success(), "the interrupted put must report failure");
-    let out = common::rdaxctl().args(["fsck", d.pool_path().to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "fsck: {}", String::from_utf8_lossy(&out.stdout));
+    let mut err = String::new();
+    std::io::Read::read_to_string(put.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(put_status.success(), "the in-flight put finishes during shutdown: {err}\n{}", d.log());
+    let log = d.log();
+    assert!(log.contains("shutdown started") && log.contains("shutdown finished"), "{log}");
+    assert!(log.contains("closed pool cleanly"), "{log}");
+    fsck_clean(&d);
+    // Every byte is there after a restart.
+    let d = Daemon::start(dir.path(), &["--pool-size", "512M"]);
+    let out = dir.path().join("back.bin");
+    let got = d.ctl(&["get", "ns/big", out.to_str().unwrap()]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(std::fs::read(&out).unwrap() == data, "the put's bytes differ after the restart");
+}
+
+#[test]
+fn sigterm_during_a_put_that_cannot_finish_fails_it_cleanly() {
+    use std::io::Write;
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &["--shutdown-timeout-ms", "500"]);
+    // A put from a pipe that the test keeps open: it cannot finish by itself.
+    let mut put = common::rdaxctl()
+        .args(["--endpoint", &d.endpoint, "put", "ns/slow", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = put.stdin.take().unwrap();
+    stdin.write_all(&vec![0xA5u8; 4 << 20]).unwrap();
+    stdin.flush().unwrap();
+    wait_for_put(&d, "ns/slow");
+    let t0 = std::time::Instant::now();
+    let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    let took = t0.elapsed();
+    assert!(st.success(), "the pool is still closed cleanly: exit {st}\n{}", d.log());
+    assert!(took < Duration::from_secs(10), "the stalled put does not hold shutdown past its bound ({took:?})");
+    // The client notices when it next sends (it is blocked on its input until then).
+    let _ = stdin.write_all(&[0xA5; 1 << 20]);
+    drop(stdin);
+    let put_status = put.wait().unwrap();
+    assert!(!put_status.success(), "the cut-off put reports failure");
+    let log = d.log();
+    assert!(log.contains("in-flight work did not finish within the shutdown timeout"), "{log}");
+    assert!(log.contains("closed pool cleanly"), "{log}");
+    fsck_clean(&d);
 }
 
 #[test]

@@ -143,10 +143,15 @@ async fn every_forbidden_operation_is_refused_and_the_daemon_stays_up() {
     c.info().await.unwrap();
 }
 
+#[cfg(feature = "testing")]
 #[tokio::test(flavor = "multi_thread")]
 async fn dma_held_mid_copy_drains_before_blocks_are_reused() {
     let dir = tmp();
-    let d = Daemon::start_env(dir.path(), &["--lease-break-timeout-ms", "400"], &[("RDAX_TEST_WRITE_DELAY_MS", "300")]);
+    let d = Daemon::start_env(
+        dir.path(),
+        &["--lease-break-timeout-ms", "400"],
+        &[("RDAX_FAILPOINTS", "dataplane.write.mid_copy=sleep(300)")],
+    );
     let c = client(&d).await;
     let sa = c
         .open_session_with(SessionOptions { client_name: "A".into(), ignore_recalls: true, ..Default::default() })

@@ -122,7 +122,7 @@ fn freed_blocks_never_leak_old_bytes_into_a_new_object() {
     pool.create_object("ns", "secret", free * BLOCK).unwrap();
     pool.write("ns", "secret", 0, &vec![0x5A; (free * BLOCK) as usize], true).unwrap();
     assert!(matches!(
-        pool.create_object("ns", "x", BLOCK).and_then(|_| pool.allocate("ns", "x", 0, BLOCK)),
+        pool.create_object("ns", "x", BLOCK).and_then(|_| pool.allocate("ns", "x", 0, BLOCK).map(drop)),
         Err(ObjError::NoSpace { .. })
     ));
     pool.delete("ns", "secret").unwrap();
@@ -177,7 +177,7 @@ fn bad_arguments_get_typed_errors_and_change_nothing() {
         ("punch overflow", pool.punch_hole("ns", "o", 5, u64::MAX)),
         ("punch past end", pool.punch_hole("ns", "o", 200, 1)),
         ("persist past end", pool.persist("ns", "o", 0, 101)),
-        ("allocate past end", pool.allocate("ns", "o", 0, 101)),
+        ("allocate past end", pool.allocate("ns", "o", 0, 101).map(drop)),
         ("segments overflow", pool.segments("ns", "o", u64::MAX, 1).map(drop)),
         ("resize huge", pool.resize("ns", "o", u64::MAX).map(drop)),
         ("list limit 0", pool.list("ns", None, 0).map(drop)),
@@ -227,7 +227,7 @@ fn the_release_hook_holds_blocks_until_it_lets_go() {
     pool.create_object("ns", "fill", (free0 - 64) * BLOCK).unwrap();
     pool.allocate("ns", "fill", 0, (free0 - 64) * BLOCK).unwrap();
     assert!(matches!(
-        pool.create_object("ns", "more", BLOCK).and_then(|_| pool.allocate("ns", "more", 0, BLOCK)),
+        pool.create_object("ns", "more", BLOCK).and_then(|_| pool.allocate("ns", "more", 0, BLOCK).map(drop)),
         Err(ObjError::NoSpace { .. })
     ));
     held.lock().unwrap().drain(..).for_each(ReleasedBlocks::free);

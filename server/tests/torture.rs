@@ -1,6 +1,7 @@
 //! Seeded randomized torture of leases against layout changes (invariants 1–3), on the real
-//! daemon with every data-plane WRITE held mid-copy for 15 ms (`RDAX_TEST_WRITE_DELAY_MS`),
-//! longer than the 10 ms break deadline, so revocations really happen under in-flight DMA.
+//! daemon with every data-plane WRITE held mid-copy for 15 ms (the failpoint
+//! `dataplane.write.mid_copy`, so this needs the `testing` feature), longer than the 10 ms
+//! break deadline, so revocations really happen under in-flight DMA.
 //!
 //! Each *race* runs a tagged data-plane write under a lease concurrently with a random layout
 //! change of the same object (shrink, grow, punch, delete) or the holder's eviction, by
@@ -14,6 +15,8 @@
 //!   recall must fail with `Unavailable` or come after it.
 //!
 //! `RDAX_TORTURE_RACES` sets the count (default 1,000); `RDAX_TORTURE_SEED` the seed.
+
+#![cfg(feature = "testing")]
 
 mod common;
 
@@ -61,7 +64,7 @@ async fn run(seed: u64, races: u64) {
     let d = Daemon::start_env(
         dir.path(),
         &["--lease-break-timeout-ms", "10", "--session-ttl-ms", "5000"],
-        &[("RDAX_TEST_WRITE_DELAY_MS", "15")],
+        &[("RDAX_FAILPOINTS", "dataplane.write.mid_copy=sleep(15)")],
     );
     let c = client(&d).await;
     let mut rng = SplitMix64::new(seed);

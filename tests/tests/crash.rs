@@ -80,7 +80,7 @@ fn run(pool: &Pool, op: &Op) -> bool {
         Op::Delete(n) => pool.delete(NS, n),
         Op::Resize(n, s) => pool.resize(NS, n, *s).map(drop),
         Op::Punch(n, o, l) => pool.punch_hole(NS, n, *o, *l),
-        Op::Allocate(n, o, l) => pool.allocate(NS, n, *o, *l),
+        Op::Allocate(n, o, l) => pool.allocate(NS, n, *o, *l).map(drop),
         // A write without the persist flag is followed by an explicit persist of its range:
         // both paths must make the bytes durable before the operation is acknowledged.
         Op::Write(n, o, d, true) => pool.write(NS, n, *o, d, true),

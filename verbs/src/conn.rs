@@ -448,17 +448,20 @@ impl Conn {
 
     /// Fence: move the QP to the error state. The device stops serving the peer's requests on
     /// it and flushes everything outstanding; the connection is closed for good.
-    pub fn fence(&self) {
+    pub fn fence(&self) -> Result<()> {
         self.mark_closed("fenced: the queue pair was moved to the error state");
         let qp = self.qp();
+        let mut r = Ok(());
         if !qp.is_null() {
             // SAFETY: all-zero is a valid attr; only the state is applied.
             let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
             attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
             // SAFETY: a live QP.
-            unsafe { sys::ibv_modify_qp(qp, &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32) };
+            let rc = unsafe { sys::ibv_modify_qp(qp, &mut attr, sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32) };
+            r = check(rc, "ibv_modify_qp(ERR)");
         }
         self.wake.notify_one();
+        r
     }
 
     /// Close: disconnect and fence. `why` is kept for later errors.
@@ -467,7 +470,8 @@ impl Conn {
             self.mark_closed(why);
             self.id.disconnect();
         }
-        self.fence();
+        // A failed fence leaves a QP that the disconnect already stopped; nothing more to do.
+        let _ = self.fence();
     }
 
     /// True once closed or fenced.
@@ -542,7 +546,7 @@ impl Conn {
                         };
                         let _ = self.inbox.send(m);
                         if !self.closed.load(Ordering::Acquire) && self.post_recv(slot).is_err() {
-                            self.fence();
+                            let _ = self.fence();
                         }
                     }
                     continue;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rdma_mummy_sys as sys;
 
-use crate::error::{Result, last};
+use crate::error::{Result, check, last};
 
 /// Access rights (`ibv_access_flags`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +132,22 @@ impl Mr {
     }
 }
 
+impl Mr {
+    /// Deregister, checking the result. On failure the region stays registered — the device
+    /// may still access its memory — so it is leaked on purpose (with its PD) rather than
+    /// dropped, and the caller must keep that memory out of reuse.
+    pub fn deregister(self) -> Result<()> {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: registered by us and never deregistered before (Drop is suppressed).
+        let rc = unsafe { sys::ibv_dereg_mr(me.ptr.as_ptr()) };
+        if rc == 0 {
+            // SAFETY: `me` is never dropped, so moving the PD reference out of it happens once.
+            drop(unsafe { std::ptr::read(&me._pd) });
+        }
+        check(rc, "ibv_dereg_mr")
+    }
+}
+
 impl Drop for Mr {
     fn drop(&mut self) {
         // SAFETY: registered by us; rxe removes the key before it returns (new accesses fail).
@@ -160,6 +176,21 @@ impl Mw {
     }
     pub(crate) fn raw(&self) -> *mut sys::ibv_mw {
         self.ptr.as_ptr()
+    }
+}
+
+impl Mw {
+    /// Deallocate, checking the result (deallocation also invalidates a binding). On failure
+    /// the window is leaked on purpose, with its PD, as for [`Mr::deregister`].
+    pub fn dealloc(self) -> Result<()> {
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: allocated by us and never deallocated before (Drop is suppressed).
+        let rc = unsafe { sys::ibv_dealloc_mw(me.ptr.as_ptr()) };
+        if rc == 0 {
+            // SAFETY: `me` is never dropped, so moving the PD reference out of it happens once.
+            drop(unsafe { std::ptr::read(&me._pd) });
+        }
+        check(rc, "ibv_dealloc_mw")
     }
 }
 

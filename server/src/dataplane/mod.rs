@@ -1,11 +1,13 @@
 //! The rdax TCP data plane: one-sided READ / WRITE / FLUSH on leased pool ranges.
 //!
-//! A connection starts with HELLO (the session id), then carries pipelined operations,
-//! answered in order. Every operation is checked against the key table and holds a pin for its
-//! whole duration (including the socket copy), so revocation can wait for it. A malformed
-//! frame gets an error response and the connection is closed; nothing else is affected.
-//! Every socket wait is bounded by the operation timeout, so a stalled client cannot hold a
-//! pin (and with it a layout change) forever.
+//! A connection starts with HELLO (the session credential, checked by the one HELLO policy in
+//! [`crate::dma::hello`]), then carries pipelined operations, answered in order. Every
+//! operation is checked against the key table and holds a pin for its whole duration
+//! (including the socket copy and any persist), so revocation can wait for it, and a place in
+//! the shutdown gate. A malformed frame gets an error response and the connection is closed;
+//! nothing else is affected. Every socket wait is bounded by the operation timeout, so a
+//! stalled client cannot hold a pin (and with it a layout change) forever. Persisting runs on
+//! a blocking thread ([`crate::dma::persist`]), never on the async runtime.
 
 pub mod io;
 
@@ -18,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::dma::{self, BindRequest, BoxFuture, DmaError, HelloRefusal, RemoteKey, Transport, TransportKind};
+use crate::gate::{Gate, Work};
 use crate::lease::{KeyTable, Refusal};
 use crate::metrics::{DpOp, METRICS};
 use crate::pool::media::Media;
@@ -34,9 +38,27 @@ pub struct DataPlane {
     pub media: Arc<dyn Media>,
     /// Bound on each socket wait within an operation, in milliseconds (reloadable).
     pub op_timeout_ms: std::sync::atomic::AtomicU64,
-    /// Test-only fault injection (the kernel's `bio_delay` idea): hold every WRITE this long
-    /// halfway through its copy, pin held. Set by `RDAX_TEST_WRITE_DELAY_MS`; never in production.
-    pub write_delay: Option<Duration>,
+    /// Every operation holds a place in it.
+    pub gate: Gate,
+}
+
+/// The TCP data plane as a lease transport: its keys are the grant's software keys, which
+/// live in the lease manager's key table and die with the lease under the manager's lock, so
+/// there is nothing to bind and nothing to invalidate here.
+impl Transport for DataPlane {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn check(&self, _session: SessionId) -> Result<(), DmaError> {
+        Ok(())
+    }
+
+    fn bind(self: Arc<Self>, req: BindRequest) -> BoxFuture<Result<Vec<Option<RemoteKey>>, DmaError>> {
+        Box::pin(async move { Ok(vec![None; req.segments.len()]) })
+    }
+
+    fn lease_ended(&self, _lease: u64) {}
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -62,9 +84,6 @@ type Res = std::io::Result<()>;
 impl DataPlane {
     /// Accept connections until `cancel`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken) {
-        if let Some(d) = self.write_delay {
-            warn!(delay = ?d, "TEST FAULT INJECTION: every data-plane WRITE is held mid-copy");
-        }
         loop {
             let (stream, peer) = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -104,10 +123,11 @@ impl DataPlane {
         if hello.generation != wire::VERSION {
             return reply_close(&mut s, hello.id, Status::Version).await;
         }
-        let session = SessionId(hello.key);
-        if !self.sessions.is_live(session) {
-            return reply_close(&mut s, hello.id, Status::BadSession).await;
-        }
+        let session = match dma::hello(&self.sessions, &self.gate, hello.key) {
+            Ok(s) => s,
+            Err(HelloRefusal::BadSession) => return reply_close(&mut s, hello.id, Status::BadSession).await,
+            Err(HelloRefusal::ShuttingDown) => return reply_close(&mut s, hello.id, Status::ShuttingDown).await,
+        };
         s.write_all(&wire::response(hello.id, Status::Ok, 0)).await?;
         debug!(session = %session, "data-plane connection bound");
         loop {
@@ -123,6 +143,9 @@ impl DataPlane {
             if req.len > wire::MAX_OP_LEN {
                 return reply_close(&mut s, req.id, Status::TooLarge).await;
             }
+            let Ok(_op) = self.gate.enter(Work::DataOp) else {
+                return reply_close(&mut s, req.id, Status::ShuttingDown).await;
+            };
             match req.op {
                 Op::Hello => return reply_close(&mut s, req.id, Status::Malformed).await,
                 Op::Read => self.read(&mut s, session, &req).await?,
@@ -172,11 +195,15 @@ impl DataPlane {
         let len = r.len as usize;
         match self.media.dma_addr(r.offset, r.len as u64) {
             Some(a) => {
-                let half = if self.write_delay.is_some() { len / 2 } else { len };
-                // SAFETY: as in `read`; the pin covers both halves and the delay between them.
+                // Testing builds copy in two halves with a failpoint between them, so tests can
+                // hold a WRITE mid-copy with its pin held (the kernel's `bio_delay` idea).
+                let half = if cfg!(feature = "testing") { len / 2 } else { len };
+                // SAFETY: as in `read`; the pin covers both halves and anything between them.
                 self.bounded(unsafe { io::recv_exact(s, io::PoolAddr(a), half) }).await?;
-                if let Some(d) = self.write_delay {
-                    tokio::time::sleep(d).await;
+                if crate::failpoint!("dataplane.write.mid_copy") {
+                    return Err(std::io::Error::other("injected failure mid-copy"));
+                }
+                if half < len {
                     // SAFETY: as above, second half of the same pinned range.
                     self.bounded(unsafe { io::recv_exact(s, io::PoolAddr(a + half), len - half) }).await?;
                 }
@@ -188,21 +215,25 @@ impl DataPlane {
             }
         }
         if r.flags & wire::FLAG_PERSIST != 0 {
-            self.media.persist(r.offset, r.len as u64);
+            if dma::persist(&self.media, &self.gate, vec![(r.offset, r.len as u64)], pin).await.is_err() {
+                return reply_close(s, r.id, Status::ShuttingDown).await;
+            }
+        } else {
+            drop(pin);
         }
-        drop(pin);
         METRICS.dp(DpOp::Write, r.len as u64);
         s.write_all(&wire::response(r.id, Status::Ok, 0)).await
     }
 
     async fn flush(&self, s: &mut TcpStream, session: SessionId, r: &Request) -> Res {
         let status = match self.keys.pin(&r.key, session, r.generation, r.offset, r.len as u64, false) {
-            Ok(pin) => {
-                self.media.persist(r.offset, r.len as u64);
-                drop(pin);
-                METRICS.dp(DpOp::Flush, r.len as u64);
-                Status::Ok
-            }
+            Ok(pin) => match dma::persist(&self.media, &self.gate, vec![(r.offset, r.len as u64)], pin).await {
+                Ok(()) => {
+                    METRICS.dp(DpOp::Flush, r.len as u64);
+                    Status::Ok
+                }
+                Err(_) => Status::ShuttingDown,
+            },
             Err(e) => refusal_status(e),
         };
         s.write_all(&wire::response(r.id, status, 0)).await

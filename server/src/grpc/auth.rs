@@ -5,6 +5,8 @@ use std::sync::{Arc, RwLock};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use super::status::ApiError;
+
 /// Checks `authorization: Bearer <token>` when a token is configured. Clones share the token,
 /// so [`Auth::set`] (SIGHUP reload) takes effect for every service at once.
 #[derive(Clone, Debug, Default)]
@@ -38,10 +40,11 @@ impl Interceptor for Auth {
         let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         match got.and_then(|v| v.strip_prefix("Bearer ")) {
             Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => {
-                Err(Status::unauthenticated("missing bearer token: send the metadata `authorization: Bearer <token>`"))
-            }
+            Some(_) => Err(ApiError::Unauthenticated("invalid bearer token").into()),
+            None => Err(ApiError::Unauthenticated(
+                "missing bearer token: send the metadata `authorization: Bearer <token>`",
+            )
+            .into()),
         }
     }
 }

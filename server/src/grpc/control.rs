@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span};
 
 use super::Shared;
+use super::status::{ApiError, api};
 use crate::session::EndReason;
 
 /// The `Pool` service.
@@ -24,9 +25,36 @@ pub struct PoolService(pub Shared);
 #[tonic::async_trait]
 impl PoolRpc for PoolService {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::PoolInfo>, Status> {
+        api(async { Ok(self.info_now()) }).await
+    }
+
+    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::PoolStats>, Status> {
+        api(async {
+            let s = self.0.blocking(|p| p.stats()).await?;
+            Ok(Response::new(pb::PoolStats {
+                objects: s.objects,
+                extents: s.extents,
+                data_blocks: s.data_blocks,
+                used_blocks: s.used_blocks,
+                held_blocks: s.held_blocks,
+                quarantined_blocks: s.quarantined_blocks,
+                free_blocks: s.free.free_blocks,
+                free_extents: s.free.free_extents,
+                largest_free_blocks: s.free.largest_free_blocks,
+                free_huge_runs: s.free.free_huge_runs,
+                fragmentation: s.fragmentation,
+                sessions: self.0.sessions.len() as u64,
+            }))
+        })
+        .await
+    }
+}
+
+impl PoolService {
+    fn info_now(&self) -> Response<pb::PoolInfo> {
         let i = self.0.pool.info();
         let g = i.geometry;
-        Ok(Response::new(pb::PoolInfo {
+        Response::new(pb::PoolInfo {
             path: i.path.map(|p| p.display().to_string()).unwrap_or_default(),
             mode: i.mode.to_string(),
             persistence: i.persistence.to_string(),
@@ -50,24 +78,7 @@ impl PoolRpc for PoolService {
                     device: r.device.clone(),
                 }
             }),
-        }))
-    }
-
-    async fn stats(&self, _: Request<pb::StatsRequest>) -> Result<Response<pb::PoolStats>, Status> {
-        let s = self.0.blocking(|p| p.stats()).await?;
-        Ok(Response::new(pb::PoolStats {
-            objects: s.objects,
-            extents: s.extents,
-            data_blocks: s.data_blocks,
-            used_blocks: s.used_blocks,
-            held_blocks: s.held_blocks,
-            free_blocks: s.free.free_blocks,
-            free_extents: s.free.free_extents,
-            largest_free_blocks: s.free.largest_free_blocks,
-            free_huge_runs: s.free.free_huge_runs,
-            fragmentation: s.fragmentation,
-            sessions: self.0.sessions.len() as u64,
-        }))
+        })
     }
 }
 
@@ -86,38 +97,39 @@ impl Sessions for SessionsService {
     type OpenStream = EventStream;
 
     async fn open(&self, req: Request<Streaming<pb::SessionRequest>>) -> Result<Response<Self::OpenStream>, Status> {
-        if self.0.draining.is_cancelled() {
-            return Err(super::status::shutting_down());
-        }
-        let peer = req.remote_addr();
-        let mut inbound = req.into_inner();
-        let ttl = self.0.sessions.ttl();
-        let first = tokio::time::timeout(ttl, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no OpenSession within the session TTL"))??
-            .ok_or_else(|| Status::invalid_argument("session stream closed before OpenSession"))?;
-        let Some(Req::Open(open)) = first.kind else {
-            return Err(Status::invalid_argument("the first message of a session stream must be OpenSession"));
-        };
-        let open = OpenSession::try_from(open)?;
-        let (tx, rx) = mpsc::channel(64);
-        let stop = self.0.draining.child_token();
-        let sessions = &self.0.sessions;
-        let (id, generation) = match open.resume {
-            Some(id) => (id, sessions.resume(id, peer, tx.clone(), stop.clone())?),
-            None => sessions.open(open.client_name, peer, tx.clone(), stop.clone())?,
-        };
-        let opened = pb::SessionOpened {
-            session_id: id.to_string(),
-            ttl_ms: ttl.as_millis() as u64,
-            keepalive_interval_ms: self.0.cfg.keepalive_interval().as_millis() as u64,
-        };
-        let _ = tx.send(event(Event::Opened(opened))).await;
-        let shared = self.0.clone();
-        tokio::spawn(
-            serve_stream(shared, id, generation, inbound, tx, stop).instrument(info_span!("session", session = %id)),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        api(async {
+            let peer = req.remote_addr();
+            let mut inbound = req.into_inner();
+            let ttl = self.0.sessions.ttl();
+            let first = tokio::time::timeout(ttl, inbound.message())
+                .await
+                .map_err(|_| ApiError::TooSlow("no OpenSession within the session TTL"))??
+                .ok_or(ApiError::BadStream("session stream closed before OpenSession"))?;
+            let Some(Req::Open(open)) = first.kind else {
+                return Err(ApiError::BadStream("the first message of a session stream must be OpenSession"));
+            };
+            let open = OpenSession::try_from(open)?;
+            let (tx, rx) = mpsc::channel(64);
+            let stop = self.0.draining.child_token();
+            let sessions = &self.0.sessions;
+            let (id, generation) = match open.resume {
+                Some(id) => (id, sessions.resume(id, peer, tx.clone(), stop.clone())?),
+                None => sessions.open(open.client_name, peer, tx.clone(), stop.clone())?,
+            };
+            let opened = pb::SessionOpened {
+                session_id: id.to_string(),
+                ttl_ms: ttl.as_millis() as u64,
+                keepalive_interval_ms: self.0.cfg.keepalive_interval().as_millis() as u64,
+            };
+            let _ = tx.send(event(Event::Opened(opened))).await;
+            let shared = self.0.clone();
+            tokio::spawn(
+                serve_stream(shared, id, generation, inbound, tx, stop)
+                    .instrument(info_span!("session", session = %id)),
+            );
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Self::OpenStream))
+        })
+        .await
     }
 }
 
@@ -147,7 +159,7 @@ async fn serve_stream(
                 return;
             }
             Ok(Some(_)) => {
-                let _ = tx.send(Err(Status::invalid_argument("expected Keepalive or CloseSession"))).await;
+                let _ = tx.send(Err(ApiError::BadStream("expected Keepalive or CloseSession").into())).await;
                 shared.sessions.detach(id, generation);
                 return;
             }
@@ -169,41 +181,50 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let sessions = self
-            .0
-            .sessions
-            .list()
-            .into_iter()
-            .map(|s| pb::SessionInfo {
-                session_id: s.id.to_string(),
-                client_name: s.client_name,
-                peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
-                opened_unix_ms: s.opened.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-                idle_ms: s.idle.as_millis() as u64,
-                connected: s.connected,
-            })
-            .collect();
-        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+        api(async {
+            let sessions = self
+                .0
+                .sessions
+                .list()
+                .into_iter()
+                .map(|s| pb::SessionInfo {
+                    session_id: s.id.to_string(),
+                    client_name: s.client_name,
+                    peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
+                    opened_unix_ms: s.opened.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                    idle_ms: s.idle.as_millis() as u64,
+                    connected: s.connected,
+                })
+                .collect();
+            Ok(Response::new(pb::ListSessionsResponse { sessions }))
+        })
+        .await
     }
 
     async fn evict_session(
         &self,
         req: Request<pb::EvictSessionRequest>,
     ) -> Result<Response<pb::EvictSessionResponse>, Status> {
-        let r = req.into_inner();
-        let id: SessionId = r.session_id.parse().map_err(Status::from)?;
-        info!(session = %id, reason = %r.reason, "evicting session");
-        self.0.sessions.end(id, EndReason::Evicted)?;
-        Ok(Response::new(pb::EvictSessionResponse {}))
+        api(async {
+            let r = req.into_inner();
+            let id: SessionId = r.session_id.parse()?;
+            info!(session = %id, reason = %r.reason, "evicting session");
+            self.0.sessions.end(id, EndReason::Evicted)?;
+            Ok(Response::new(pb::EvictSessionResponse {}))
+        })
+        .await
     }
 
     async fn revoke_lease(
         &self,
         req: Request<pb::RevokeLeaseRequest>,
     ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
-        let r = req.into_inner();
-        info!(lease = r.lease_id, immediate = r.immediate, "administrator revoke");
-        self.0.leases.admin_revoke(r.lease_id, r.immediate).await?;
-        Ok(Response::new(pb::RevokeLeaseResponse {}))
+        api(async {
+            let r = req.into_inner();
+            info!(lease = r.lease_id, immediate = r.immediate, "administrator revoke");
+            self.0.leases.admin_revoke(r.lease_id, r.immediate).await?;
+            Ok(Response::new(pb::RevokeLeaseResponse {}))
+        })
+        .await
     }
 }

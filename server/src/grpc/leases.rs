@@ -5,8 +5,12 @@ use rdax_proto::pb::{self, leases_server::Leases};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
+use std::sync::Arc;
+
 use super::Shared;
-use crate::lease::Mode;
+use super::status::{ApiError, api};
+use crate::dma::{Transport, TransportKind};
+use crate::lease::{GrantRequest, Mode};
 
 fn mode_pb(m: Mode) -> i32 {
     match m {
@@ -15,8 +19,8 @@ fn mode_pb(m: Mode) -> i32 {
     }
 }
 
-fn session(s: &str) -> Result<SessionId, Status> {
-    s.parse().map_err(Status::from)
+fn session(s: &str) -> Result<SessionId, ApiError> {
+    Ok(s.parse()?)
 }
 
 /// The `Leases` service.
@@ -26,86 +30,97 @@ pub struct LeasesService(pub Shared);
 #[tonic::async_trait]
 impl Leases for LeasesService {
     async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::LeaseGrant>, Status> {
-        if self.0.draining.is_cancelled() {
-            return Err(super::status::shutting_down());
-        }
-        let r = AcquireLease::try_from(req.into_inner())?;
-        let mode = match r.access {
-            LeaseAccess::Read => Mode::Read,
-            LeaseAccess::ReadWrite => Mode::ReadWrite,
-        };
-        let span = info_span!("acquire", session = %r.session, object = %r.key, offset = r.range.offset);
-        let g = self.0.leases.acquire(r.session, r.key, r.range.offset, r.range.length, mode).instrument(span).await?;
-        let remote = if r.rdma {
-            match self.0.rdma.bind(r.session, &g).await {
-                Ok(k) => k,
-                Err(e) => {
-                    // Nothing was handed out: give the lease back at once.
-                    let _ = self.0.leases.release(r.session, g.id);
-                    return Err(e.into());
-                }
-            }
-        } else {
-            vec![None; g.segments.len()]
-        };
-        let transport = if r.rdma { pb::Transport::Rdma } else { pb::Transport::Tcp };
-        Ok(Response::new(pb::LeaseGrant {
-            transport: transport as i32,
-            lease_id: g.id,
-            generation: g.generation,
-            expires_in_ms: g.ttl.as_millis() as u64,
-            ttl_ms: g.ttl.as_millis() as u64,
-            mode: mode_pb(g.mode),
-            data_endpoints: vec![self.0.data_endpoint.clone()],
-            segments: g
-                .segments
-                .into_iter()
-                .zip(remote)
-                .map(|(s, rk)| pb::LeaseSegment {
-                    object_offset: s.object_offset,
-                    length: s.len,
-                    pool_offset: s.target.map_or(0, |t| t.0),
-                    key: s.target.map_or_else(Vec::new, |t| t.1.to_vec()),
-                    rdma_addr: rk.map_or(0, |k| k.addr),
-                    rkey: rk.map_or(0, |k| k.rkey),
-                })
-                .collect(),
-        }))
+        api(async {
+            let r = AcquireLease::try_from(req.into_inner())?;
+            let mode = match r.access {
+                LeaseAccess::Read => Mode::Read,
+                LeaseAccess::ReadWrite => Mode::ReadWrite,
+            };
+            let transport = if r.rdma { self.0.rdma.clone() as Arc<dyn Transport> } else { self.0.tcp.clone() };
+            let span = info_span!("acquire", session = %r.session, object = %r.key, offset = r.range.offset);
+            let req = GrantRequest {
+                session: r.session,
+                object: r.key,
+                offset: r.range.offset,
+                len: r.range.length,
+                mode,
+                transport,
+            };
+            // The grant (lease, then transport keys) runs in a task the lease manager owns; if
+            // this handler is dropped, the handle is dropped with it and the lease given back.
+            let handle = self.0.leases.grant(req).instrument(span).await?;
+            let g = handle.into_grant();
+            let transport = match g.transport {
+                TransportKind::Rdma => pb::Transport::Rdma,
+                TransportKind::Tcp => pb::Transport::Tcp,
+            };
+            Ok(Response::new(pb::LeaseGrant {
+                transport: transport as i32,
+                lease_id: g.id,
+                generation: g.generation,
+                expires_in_ms: g.ttl.as_millis() as u64,
+                ttl_ms: g.ttl.as_millis() as u64,
+                mode: mode_pb(g.mode),
+                data_endpoints: vec![self.0.data_endpoint.clone()],
+                segments: g
+                    .segments
+                    .into_iter()
+                    .map(|s| pb::LeaseSegment {
+                        object_offset: s.object_offset,
+                        length: s.len,
+                        pool_offset: s.target.map_or(0, |t| t.0),
+                        key: s.target.map_or_else(Vec::new, |t| t.1.to_vec()),
+                        rdma_addr: s.remote.map_or(0, |k| k.addr),
+                        rkey: s.remote.map_or(0, |k| k.rkey),
+                    })
+                    .collect(),
+            }))
+        })
+        .await
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
-        let r = req.into_inner();
-        let ttl = self.0.leases.renew(session(&r.session_id)?, r.lease_id)?;
-        Ok(Response::new(pb::RenewResponse { expires_in_ms: ttl.as_millis() as u64 }))
+        api(async {
+            let r = req.into_inner();
+            let ttl = self.0.leases.renew(session(&r.session_id)?, r.lease_id)?;
+            Ok(Response::new(pb::RenewResponse { expires_in_ms: ttl.as_millis() as u64 }))
+        })
+        .await
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let r = req.into_inner();
-        self.0.leases.release(session(&r.session_id)?, r.lease_id)?;
-        Ok(Response::new(pb::ReleaseResponse {}))
+        api(async {
+            let r = req.into_inner();
+            self.0.leases.release(session(&r.session_id)?, r.lease_id)?;
+            Ok(Response::new(pb::ReleaseResponse {}))
+        })
+        .await
     }
 
     async fn list(&self, req: Request<pb::ListLeasesRequest>) -> Result<Response<pb::ListLeasesResponse>, Status> {
-        let r = req.into_inner();
-        let filter = if r.session_id.is_empty() { None } else { Some(session(&r.session_id)?) };
-        let leases = self
-            .0
-            .leases
-            .list(filter)
-            .into_iter()
-            .map(|l| pb::LeaseInfo {
-                lease_id: l.id,
-                session_id: l.session.to_string(),
-                object: Some((&l.object).into()),
-                offset: l.offset,
-                length: l.len,
-                mode: mode_pb(l.mode),
-                generation: l.generation,
-                state: l.state.as_str().into(),
-                pins: l.pins,
-                expires_in_ms: l.expires_in_ms,
-            })
-            .collect();
-        Ok(Response::new(pb::ListLeasesResponse { leases }))
+        api(async {
+            let r = req.into_inner();
+            let filter = if r.session_id.is_empty() { None } else { Some(session(&r.session_id)?) };
+            let leases = self
+                .0
+                .leases
+                .list(filter)
+                .into_iter()
+                .map(|l| pb::LeaseInfo {
+                    lease_id: l.id,
+                    session_id: l.session.to_string(),
+                    object: Some((&l.object).into()),
+                    offset: l.offset,
+                    length: l.len,
+                    mode: mode_pb(l.mode),
+                    generation: l.generation,
+                    state: l.state.as_str().into(),
+                    pins: l.pins,
+                    expires_in_ms: l.expires_in_ms,
+                })
+                .collect();
+            Ok(Response::new(pb::ListLeasesResponse { leases }))
+        })
+        .await
     }
 }

@@ -2,9 +2,12 @@
 
 mod auth;
 mod control;
+pub mod layer;
 mod leases;
 mod objects;
 pub mod status;
+#[cfg(feature = "testing")]
+mod testing;
 
 use std::sync::Arc;
 
@@ -13,12 +16,12 @@ use rdax_proto::pb::{
     sessions_server::SessionsServer,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tonic::service::Routes;
 
 pub use auth::Auth;
 
 use crate::config::Config;
+use crate::gate::{Gate, Work};
 use crate::pool::Pool;
 use crate::session::SessionManager;
 
@@ -33,6 +36,8 @@ pub struct Shared {
     pub leases: Arc<crate::lease::LeaseManager>,
     /// The data plane's address, handed out with every grant.
     pub data_endpoint: String,
+    /// The TCP data plane, as the transport of TCP grants.
+    pub tcp: Arc<dyn crate::dma::Transport>,
     /// The RDMA transport (or why there is none).
     pub rdma: Arc<crate::rdma::Rdma>,
     /// The token check (shared, reloadable).
@@ -41,30 +46,26 @@ pub struct Shared {
     pub cfg: Arc<Config>,
     /// Cancelled when the daemon starts shutting down.
     pub draining: CancellationToken,
+    /// Work that shutdown waits for.
+    pub gate: Gate,
 }
 
 impl Shared {
-    /// Recall the leases on `[lo, hi)` of `key` before a layout change; the guard keeps new
-    /// grants off the range until dropped.
-    pub async fn recall(
+    /// Run pool work on a blocking thread. It completes even if the caller is dropped, and
+    /// counts in the gate (as part of the request that asked for it, so it is never refused
+    /// once the request was admitted).
+    pub async fn blocking<T: Send + 'static>(
         &self,
-        key: &rdax_proto::model::ObjectKey,
-        lo: u64,
-        hi: u64,
-        reason: &str,
-    ) -> Result<crate::lease::BreakGuard, Status> {
-        Ok(self.leases.recall(key, lo, hi, reason).await?)
-    }
-
-    /// Run pool work on a blocking thread. It completes even if the caller is dropped.
-    pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> T + Send + 'static) -> Result<T, Status> {
-        if self.draining.is_cancelled() {
-            return Err(status::shutting_down());
-        }
+        f: impl FnOnce(&Pool) -> T + Send + 'static,
+    ) -> Result<T, status::ApiError> {
+        let guard = self.gate.join(Work::PoolJob);
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || f(&pool))
-            .await
-            .map_err(|e| Status::internal(format!("pool task failed: {e}")))
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&pool)
+        })
+        .await
+        .map_err(|_| status::ApiError::Internal("a pool task failed"))
     }
 }
 
@@ -104,8 +105,14 @@ pub fn routes(shared: Shared) -> anyhow::Result<Routes> {
             auth.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(control::AdminService(shared)),
+            AdminServer::new(control::AdminService(shared.clone())),
             auth,
         ));
+    #[cfg(feature = "testing")]
+    {
+        routes = routes.add_service(testing::service(shared));
+    }
+    #[cfg(not(feature = "testing"))]
+    drop(shared);
     Ok(routes)
 }

@@ -1,7 +1,8 @@
 //! The `Objects` service. Pool work runs on blocking threads (`spawn_blocking`): a mapping
 //! copy or an `msync` must not stall the async runtime, and a spawned task runs to completion
 //! even when tonic drops the handler because the client went away — so no metadata change is
-//! ever left half-done.
+//! ever left half-done. Layout changes (shrink, punch, delete) are handed to the lease
+//! manager, which runs recall → drain → change in a task it owns; the handler only awaits it.
 
 use std::pin::Pin;
 
@@ -16,7 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span};
 
 use super::Shared;
-use crate::pool::ObjectStat;
+use super::status::{ApiError, api};
+use crate::gate::Work;
+use crate::pool::{ObjError, ObjectStat};
 
 fn to_pb(s: ObjectStat) -> pb::ObjectStat {
     pb::ObjectStat {
@@ -39,199 +42,233 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadChunk, Status>> + Sen
 #[tonic::async_trait]
 impl Objects for ObjectsService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::ObjectStat>, Status> {
-        let r = CreateObject::try_from(req.into_inner())?;
-        let span = info_span!("create", object = %r.key, size = r.size);
-        let st =
-            self.0.blocking(move |p| p.create_object(&r.key.namespace, &r.key.name, r.size)).instrument(span).await??;
-        Ok(Response::new(to_pb(st)))
+        api(async {
+            let r = CreateObject::try_from(req.into_inner())?;
+            let span = info_span!("create", object = %r.key, size = r.size);
+            let st = self
+                .0
+                .blocking(move |p| p.create_object(&r.key.namespace, &r.key.name, r.size))
+                .instrument(span)
+                .await??;
+            Ok(Response::new(to_pb(st)))
+        })
+        .await
     }
 
     async fn stat(&self, req: Request<pb::StatRequest>) -> Result<Response<pb::ObjectStat>, Status> {
-        let key = ObjectKey::try_from(req.into_inner().object)?;
-        let st = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??;
-        Ok(Response::new(to_pb(st)))
+        api(async {
+            let key = ObjectKey::try_from(req.into_inner().object)?;
+            let st = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??;
+            Ok(Response::new(to_pb(st)))
+        })
+        .await
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
-        let r = ListObjects::try_from(req.into_inner())?;
-        let page = self.0.blocking(move |p| p.list(&r.namespace, r.after.as_deref(), r.limit as usize)).await??;
-        Ok(Response::new(pb::ListResponse {
-            objects: page.objects.into_iter().map(to_pb).collect(),
-            next_after: page.next.unwrap_or_default(),
-        }))
+        api(async {
+            let r = ListObjects::try_from(req.into_inner())?;
+            let page = self.0.blocking(move |p| p.list(&r.namespace, r.after.as_deref(), r.limit as usize)).await??;
+            Ok(Response::new(pb::ListResponse {
+                objects: page.objects.into_iter().map(to_pb).collect(),
+                next_after: page.next.unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::ObjectStat>, Status> {
-        let r = ResizeObject::try_from(req.into_inner())?;
-        let span = info_span!("resize", object = %r.key, size = r.size);
-        async move {
-            // Shrinking takes blocks away: recall the leases past the new end first.
-            let _guard = self.0.recall(&r.key, r.size, u64::MAX, "the object is being truncated").await?;
-            let st = self.0.blocking(move |p| p.resize(&r.key.namespace, &r.key.name, r.size)).await??;
+        api(async {
+            let r = ResizeObject::try_from(req.into_inner())?;
+            let span = info_span!("resize", object = %r.key, size = r.size);
+            // Shrinking takes blocks away: the leases past the new end are recalled first.
+            let (key, size) = (r.key.clone(), r.size);
+            let st = self
+                .0
+                .leases
+                .change_layout(r.key, size, u64::MAX, "the object is being truncated", move |p| {
+                    p.resize(&key.namespace, &key.name, size)
+                })
+                .instrument(span)
+                .await?;
             Ok(Response::new(to_pb(st)))
-        }
-        .instrument(span)
+        })
         .await
     }
 
     async fn punch_hole(&self, req: Request<pb::PunchHoleRequest>) -> Result<Response<pb::PunchHoleResponse>, Status> {
-        let r = PunchHole::try_from(req.into_inner())?;
-        let span = info_span!("punch_hole", object = %r.key, offset = r.range.offset, length = r.range.length);
-        async move {
-            let end = r.range.offset + r.range.length;
-            let _guard = self.0.recall(&r.key, r.range.offset, end, "a hole is being punched").await?;
+        api(async {
+            let r = PunchHole::try_from(req.into_inner())?;
+            let span = info_span!("punch_hole", object = %r.key, offset = r.range.offset, length = r.range.length);
+            let (key, off, len) = (r.key.clone(), r.range.offset, r.range.length);
+            let end = off.saturating_add(len);
             self.0
-                .blocking(move |p| p.punch_hole(&r.key.namespace, &r.key.name, r.range.offset, r.range.length))
-                .await??;
+                .leases
+                .change_layout(r.key, off, end, "a hole is being punched", move |p| {
+                    p.punch_hole(&key.namespace, &key.name, off, len)
+                })
+                .instrument(span)
+                .await?;
             Ok(Response::new(pb::PunchHoleResponse {}))
-        }
-        .instrument(span)
+        })
         .await
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
-        let key = ObjectKey::try_from(req.into_inner().object)?;
-        let span = info_span!("delete", object = %key);
-        async move {
-            let _guard = self.0.recall(&key, 0, u64::MAX, "the object is being deleted").await?;
-            self.0.blocking(move |p| p.delete(&key.namespace, &key.name)).await??;
+        api(async {
+            let key = ObjectKey::try_from(req.into_inner().object)?;
+            let span = info_span!("delete", object = %key);
+            let k = key.clone();
+            self.0
+                .leases
+                .change_layout(key, 0, u64::MAX, "the object is being deleted", move |p| {
+                    p.delete(&k.namespace, &k.name)
+                })
+                .instrument(span)
+                .await?;
             Ok(Response::new(pb::DeleteResponse {}))
-        }
-        .instrument(span)
+        })
         .await
     }
 
     type ReadStream = ReadStream;
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
-        let r = ReadObject::try_from(req.into_inner())?;
-        let key = r.key.clone();
-        let size = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??.size;
-        if r.offset > size {
-            return Err(Status::out_of_range(format!(
-                "offset {} is past the end of {} ({size} bytes)",
-                r.offset, r.key
-            )));
-        }
-        let end = match r.length {
-            Some(l) if r.offset + l > size => {
-                return Err(Status::out_of_range(format!(
-                    "range [{}, +{l}) is past the end of {} ({size} bytes)",
-                    r.offset, r.key
-                )));
-            }
-            Some(l) => r.offset + l,
-            None => size,
-        };
-        let max_chunk = self.0.cfg.read_chunk_bytes;
-        let chunk = if r.chunk_size == 0 { max_chunk } else { (r.chunk_size as usize).min(max_chunk) };
-        let (tx, rx) = mpsc::channel(4);
-        let shared = self.0.clone();
-        let span = info_span!("read", object = %r.key, offset = r.offset, end);
-        tokio::spawn(
-            async move {
-                let mut at = r.offset;
-                while at < end {
-                    let n = ((end - at) as usize).min(chunk);
-                    let key = r.key.clone();
-                    let res = shared
-                        .blocking(move |p| {
-                            let mut buf = vec![0u8; n];
-                            let got = p.read(&key.namespace, &key.name, at, &mut buf)?;
-                            buf.truncate(got);
-                            Ok::<_, crate::pool::ObjError>(buf)
-                        })
-                        .await;
-                    let item = match res {
-                        Ok(Ok(data)) if data.is_empty() => break, // shrunk under us
-                        Ok(Ok(data)) => Ok(pb::ReadChunk { offset: at, data }),
-                        Ok(Err(e)) => Err(Status::from(e)),
-                        Err(s) => Err(s),
-                    };
-                    let failed = item.is_err();
-                    if let Ok(c) = &item {
-                        at += c.data.len() as u64;
-                    }
-                    if tx.send(item).await.is_err() || failed {
-                        break; // client gone, or error delivered
+        api(async {
+            let r = ReadObject::try_from(req.into_inner())?;
+            let key = r.key.clone();
+            let size = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??.size;
+            let end = match r.length {
+                _ if r.offset > size => {
+                    return Err(
+                        ObjError::OutOfRange { offset: r.offset, len: r.length.unwrap_or(0), size, hint: "" }.into()
+                    );
+                }
+                Some(l) if r.offset.checked_add(l).is_none_or(|e| e > size) => {
+                    return Err(ObjError::OutOfRange { offset: r.offset, len: l, size, hint: "" }.into());
+                }
+                Some(l) => r.offset + l,
+                None => size,
+            };
+            let max_chunk = self.0.cfg.read_chunk_bytes;
+            let chunk = if r.chunk_size == 0 { max_chunk } else { (r.chunk_size as usize).min(max_chunk) };
+            let (tx, rx) = mpsc::channel(4);
+            let shared = self.0.clone();
+            let span = info_span!("read", object = %r.key, offset = r.offset, end);
+            // The stream outlives this handler: it holds its own place in the gate.
+            let guard = self.0.gate.join(Work::Stream);
+            tokio::spawn(
+                async move {
+                    let _guard = guard;
+                    let mut at = r.offset;
+                    while at < end {
+                        let n = ((end - at) as usize).min(chunk);
+                        let key = r.key.clone();
+                        let res = shared
+                            .blocking(move |p| {
+                                let mut buf = vec![0u8; n];
+                                let got = p.read(&key.namespace, &key.name, at, &mut buf)?;
+                                buf.truncate(got);
+                                Ok::<_, ObjError>(buf)
+                            })
+                            .await;
+                        let item = match res {
+                            Ok(Ok(data)) if data.is_empty() => break, // shrunk under us
+                            Ok(Ok(data)) => Ok(pb::ReadChunk { offset: at, data }),
+                            Ok(Err(e)) => Err(Status::from(ApiError::from(e))),
+                            Err(e) => Err(Status::from(e)),
+                        };
+                        let failed = item.is_err();
+                        if let Ok(c) = &item {
+                            at += c.data.len() as u64;
+                        }
+                        if tx.send(item).await.is_err() || failed {
+                            break; // client gone, or error delivered
+                        }
                     }
                 }
-            }
-            .instrument(span),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+                .instrument(span),
+            );
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Self::ReadStream))
+        })
+        .await
     }
 
     async fn write(&self, req: Request<Streaming<pb::WriteChunk>>) -> Result<Response<pb::WriteResponse>, Status> {
-        let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty write stream"))?;
-        let start = WriteStart::try_from(first.header)?;
-        let span = info_span!("write", object = %start.key, offset = start.offset);
-        // On DAX each chunk is stored with streaming stores and drained (cheap); on an msync
-        // pool one msync over the whole range at the end is far cheaper than one per chunk.
-        // Either way the data is durable before the reply.
-        let msync_pool = self.0.pool.media().persistence() == crate::pool::media::Persistence::Msync;
-        let per_chunk_persist = start.persist && !msync_pool;
-        async move {
-            let mut at = start.offset;
-            let mut pending = Some(first.data);
-            loop {
-                let data = match pending.take() {
-                    Some(d) => d,
-                    None => match inbound.message().await? {
-                        Some(c) if c.header.is_some() => {
-                            return Err(Status::invalid_argument(
-                                "only the first message of a write stream has a header",
-                            ));
-                        }
-                        Some(c) => c.data,
-                        None => break,
-                    },
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                let len = data.len() as u64;
-                let (key, extend, persist) = (start.key.clone(), start.extend, per_chunk_persist);
-                self.0
-                    .blocking(move |p| {
-                        let end =
-                            at.checked_add(len).ok_or(crate::pool::ObjError::InvalidArgument("write past 2^64"))?;
-                        if extend && end > p.stat(&key.namespace, &key.name)?.size {
-                            p.resize(&key.namespace, &key.name, end)?;
-                        }
-                        p.write(&key.namespace, &key.name, at, &data, persist)
-                    })
-                    .await??;
-                at += len;
-            }
-            let key = start.key.clone();
-            let (from, deferred) = (start.offset, start.persist && !per_chunk_persist);
-            let size = self
-                .0
-                .blocking(move |p| {
-                    if deferred && at > from {
-                        p.persist(&key.namespace, &key.name, from, at - from)?;
+        api(async {
+            let mut inbound = req.into_inner();
+            let first = inbound.message().await?.ok_or(ApiError::BadStream("empty write stream"))?;
+            let start = WriteStart::try_from(first.header)?;
+            let span = info_span!("write", object = %start.key, offset = start.offset);
+            // On DAX each chunk is stored with streaming stores and drained (cheap); on an msync
+            // pool one msync over the whole range at the end is far cheaper than one per chunk.
+            // Either way the data is durable before the reply.
+            let msync_pool = self.0.pool.media().persistence() == crate::pool::media::Persistence::Msync;
+            let per_chunk_persist = start.persist && !msync_pool;
+            async move {
+                let mut at = start.offset;
+                let mut pending = Some(first.data);
+                loop {
+                    let data = match pending.take() {
+                        Some(d) => d,
+                        None => match inbound.message().await? {
+                            Some(c) if c.header.is_some() => {
+                                return Err(ApiError::BadStream(
+                                    "only the first message of a write stream has a header",
+                                ));
+                            }
+                            Some(c) => c.data,
+                            None => break,
+                        },
+                    };
+                    if data.is_empty() {
+                        continue;
                     }
-                    p.stat(&key.namespace, &key.name)
-                })
-                .await??
-                .size;
-            Ok(Response::new(pb::WriteResponse { bytes_written: at - start.offset, size }))
-        }
-        .instrument(span)
+                    let len = data.len() as u64;
+                    let (key, extend, persist) = (start.key.clone(), start.extend, per_chunk_persist);
+                    self.0
+                        .blocking(move |p| {
+                            let end =
+                                at.checked_add(len).ok_or(crate::pool::ObjError::InvalidArgument("write past 2^64"))?;
+                            if extend && end > p.stat(&key.namespace, &key.name)?.size {
+                                p.resize(&key.namespace, &key.name, end)?;
+                            }
+                            p.write(&key.namespace, &key.name, at, &data, persist)
+                        })
+                        .await??;
+                    at += len;
+                }
+                let key = start.key.clone();
+                let (from, deferred) = (start.offset, start.persist && !per_chunk_persist);
+                let size = self
+                    .0
+                    .blocking(move |p| {
+                        if deferred && at > from {
+                            p.persist(&key.namespace, &key.name, from, at - from)?;
+                        }
+                        p.stat(&key.namespace, &key.name)
+                    })
+                    .await??
+                    .size;
+                Ok(Response::new(pb::WriteResponse { bytes_written: at - start.offset, size }))
+            }
+            .instrument(span)
+            .await
+        })
         .await
     }
 
     async fn flush(&self, req: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
-        let r = FlushObject::try_from(req.into_inner())?;
-        self.0
-            .blocking(move |p| {
-                let size = p.stat(&r.key.namespace, &r.key.name)?.size;
-                let len = r.length.unwrap_or(size.saturating_sub(r.offset));
-                p.persist(&r.key.namespace, &r.key.name, r.offset, len)
-            })
-            .await??;
-        Ok(Response::new(pb::FlushResponse {}))
+        api(async {
+            let r = FlushObject::try_from(req.into_inner())?;
+            self.0
+                .blocking(move |p| {
+                    let size = p.stat(&r.key.namespace, &r.key.name)?.size;
+                    let len = r.length.unwrap_or(size.saturating_sub(r.offset));
+                    p.persist(&r.key.namespace, &r.key.name, r.offset, len)
+                })
+                .await??;
+            Ok(Response::new(pb::FlushResponse {}))
+        })
+        .await
     }
 }

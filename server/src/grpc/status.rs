@@ -1,66 +1,150 @@
 //! The only place where server errors become gRPC status codes.
+//!
+//! Every handler body returns `Result<_, ApiError>` (run through [`api`]); `ApiError` wraps
+//! each area's own error type, and `From<ApiError> for Status` picks the code and counts it in
+//! `rdax_grpc_errors_total`. Nothing else in the daemon builds a `Status` from an error.
 
+use rdax_proto::model::ProtocolError;
 use tonic::{Code, Status};
 
+use crate::dma::DmaError;
+use crate::gate::GateClosed;
+use crate::lease::LeaseError;
 use crate::metrics::METRICS;
 use crate::pool::ObjError;
 use crate::session::SessionError;
 
-impl From<ObjError> for Status {
-    fn from(e: ObjError) -> Self {
-        let code = match &e {
-            ObjError::InvalidName { .. } | ObjError::InvalidArgument(_) => Code::InvalidArgument,
-            ObjError::NotFound { .. } => Code::NotFound,
-            ObjError::AlreadyExists { .. } => Code::AlreadyExists,
-            ObjError::OutOfRange { .. } => Code::OutOfRange,
-            ObjError::NoSpace { .. } | ObjError::TooManyObjects { .. } | ObjError::TooFragmented { .. } => {
-                Code::ResourceExhausted
-            }
-        };
-        METRICS.error(code);
-        Status::new(code, e.to_string())
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request does not decode into a valid domain value.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The pool refused.
+    #[error(transparent)]
+    Object(#[from] ObjError),
+    /// The lease layer refused.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The session layer refused.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// A transport could not make keys.
+    #[error(transparent)]
+    Dma(#[from] DmaError),
+    /// The daemon is draining: new work is refused with a retryable code.
+    #[error("rdaxd is shutting down; retry against a running daemon")]
+    ShuttingDown,
+    /// A request stream that breaks the protocol's rules.
+    #[error("{0}")]
+    BadStream(&'static str),
+    /// A missing or bad credential.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// A client that did not send in time.
+    #[error("{0}")]
+    TooSlow(&'static str),
+    /// A status produced by tonic for the request's own stream (a decode error, the peer
+    /// cancelling), passed on as it is.
+    #[error("{}", .0.message())]
+    Stream(Status),
+    /// A bug: a task died.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<GateClosed> for ApiError {
+    fn from(_: GateClosed) -> Self {
+        ApiError::ShuttingDown
     }
 }
 
-impl From<SessionError> for Status {
-    fn from(e: SessionError) -> Self {
-        let code = match e {
-            SessionError::TooMany { .. } => Code::ResourceExhausted,
-            SessionError::NotFound => Code::NotFound,
-            SessionError::ShuttingDown => Code::Unavailable,
-        };
-        METRICS.error(code);
-        Status::new(code, e.to_string())
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        ApiError::Stream(s)
     }
 }
 
-/// The daemon is draining: new work is refused with a retryable code.
-pub fn shutting_down() -> Status {
-    METRICS.error(Code::Unavailable);
-    Status::unavailable("rdaxd is shutting down; retry against a running daemon")
+fn obj_code(e: &ObjError) -> Code {
+    match e {
+        ObjError::InvalidName { .. } | ObjError::InvalidArgument(_) => Code::InvalidArgument,
+        ObjError::NotFound { .. } => Code::NotFound,
+        ObjError::AlreadyExists { .. } => Code::AlreadyExists,
+        ObjError::OutOfRange { .. } => Code::OutOfRange,
+        ObjError::NoSpace { .. } | ObjError::TooManyObjects { .. } | ObjError::TooFragmented { .. } => {
+            Code::ResourceExhausted
+        }
+        ObjError::Closed => Code::Unavailable,
+    }
 }
 
-impl From<crate::lease::LeaseError> for Status {
-    fn from(e: crate::lease::LeaseError) -> Self {
-        use crate::lease::LeaseError as L;
-        let code = match &e {
-            L::SessionNotFound | L::NotFound(_) => Code::NotFound,
-            L::NotActive(_) => Code::FailedPrecondition,
-            L::Breaking { retry_after_ms } => {
-                METRICS.error(Code::Unavailable);
-                let mut s = Status::new(Code::Unavailable, e.to_string());
-                if let Ok(v) = retry_after_ms.to_string().parse() {
-                    s.metadata_mut().insert("retry-after-ms", v);
-                }
-                return s;
-            }
-            L::DrainTimeout(_) | L::ShuttingDown => Code::Unavailable,
-            L::Invalid(_) => Code::InvalidArgument,
-            L::Pool(o) => return Status::from(o.clone()),
-        };
-        METRICS.error(code);
-        Status::new(code, e.to_string())
+fn lease_code(e: &LeaseError) -> Code {
+    use LeaseError as L;
+    match e {
+        L::SessionNotFound | L::NotFound(_) => Code::NotFound,
+        L::NotActive(_) => Code::FailedPrecondition,
+        L::Breaking { .. } | L::DrainTimeout(_) | L::ShuttingDown => Code::Unavailable,
+        L::Invalid(_) => Code::InvalidArgument,
+        L::Injected(_) => Code::Internal,
+        L::Pool(o) => obj_code(o),
+        L::Dma(d) => dma_code(d),
     }
+}
+
+fn dma_code(e: &DmaError) -> Code {
+    match e {
+        DmaError::Unavailable(_) | DmaError::NotConnected { .. } => Code::FailedPrecondition,
+        DmaError::Bind(_) => Code::Unavailable,
+        DmaError::Ended => Code::Aborted,
+    }
+}
+
+impl ApiError {
+    /// The status code.
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::Protocol(_) | ApiError::BadStream(_) => Code::InvalidArgument,
+            ApiError::Object(e) => obj_code(e),
+            ApiError::Lease(e) => lease_code(e),
+            ApiError::Session(e) => match e {
+                SessionError::TooMany { .. } => Code::ResourceExhausted,
+                SessionError::NotFound => Code::NotFound,
+                SessionError::ShuttingDown => Code::Unavailable,
+            },
+            ApiError::Dma(e) => dma_code(e),
+            ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::TooSlow(_) => Code::DeadlineExceeded,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::Stream(s) => s.code(),
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let code = e.code();
+        METRICS.error(code);
+        let retry = match &e {
+            ApiError::Lease(LeaseError::Breaking { retry_after_ms }) => Some(*retry_after_ms),
+            _ => None,
+        };
+        let mut s = match e {
+            ApiError::Stream(s) => s,
+            e => Status::new(code, e.to_string()),
+        };
+        if let Some(ms) = retry
+            && let Ok(v) = ms.to_string().parse()
+        {
+            s.metadata_mut().insert("retry-after-ms", v);
+        }
+        s
+    }
+}
+
+/// Run a handler body, mapping its error to a status in the one place above.
+pub async fn api<T>(body: impl Future<Output = Result<T, ApiError>>) -> Result<T, Status> {
+    body.await.map_err(Status::from)
 }
 
 #[cfg(test)]
@@ -68,18 +152,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_object_error_has_a_deliberate_code() {
-        let cases = [
-            (ObjError::InvalidArgument("x"), Code::InvalidArgument),
-            (ObjError::NotFound { ns: "n".into(), name: "o".into() }, Code::NotFound),
-            (ObjError::AlreadyExists { ns: "n".into(), name: "o".into() }, Code::AlreadyExists),
-            (ObjError::OutOfRange { offset: 1, len: 2, size: 0, hint: "" }, Code::OutOfRange),
-            (ObjError::NoSpace { needed: 1, free: 0 }, Code::ResourceExhausted),
-            (ObjError::TooManyObjects { max: 1 }, Code::ResourceExhausted),
+    fn every_error_has_a_deliberate_code() {
+        let cases: Vec<(ApiError, Code)> = vec![
+            (ObjError::InvalidArgument("x").into(), Code::InvalidArgument),
+            (ObjError::NotFound { ns: "n".into(), name: "o".into() }.into(), Code::NotFound),
+            (ObjError::AlreadyExists { ns: "n".into(), name: "o".into() }.into(), Code::AlreadyExists),
+            (ObjError::OutOfRange { offset: 1, len: 2, size: 0, hint: "" }.into(), Code::OutOfRange),
+            (ObjError::NoSpace { needed: 1, free: 0 }.into(), Code::ResourceExhausted),
+            (ObjError::TooManyObjects { max: 1 }.into(), Code::ResourceExhausted),
+            (ObjError::Closed.into(), Code::Unavailable),
+            (SessionError::ShuttingDown.into(), Code::Unavailable),
+            (LeaseError::Breaking { retry_after_ms: 5 }.into(), Code::Unavailable),
+            (LeaseError::NotActive(1).into(), Code::FailedPrecondition),
+            (LeaseError::Dma(DmaError::Ended).into(), Code::Aborted),
+            (DmaError::Unavailable("x".into()).into(), Code::FailedPrecondition),
+            (ProtocolError::Missing("object").into(), Code::InvalidArgument),
+            (GateClosed.into(), Code::Unavailable),
+            (ApiError::TooSlow("x"), Code::DeadlineExceeded),
+            (Status::cancelled("gone").into(), Code::Cancelled),
         ];
         for (e, code) in cases {
             assert_eq!(Status::from(e).code(), code);
         }
-        assert_eq!(Status::from(SessionError::ShuttingDown).code(), Code::Unavailable);
+        let s = Status::from(ApiError::from(LeaseError::Breaking { retry_after_ms: 7 }));
+        assert_eq!(s.metadata().get("retry-after-ms").unwrap(), "7");
     }
 }

@@ -42,6 +42,12 @@ impl Pins {
         self.count.load(Ordering::Acquire)
     }
 
+    /// Take a pin (the caller has checked that the lease is live, under the lock that ends it).
+    pub(crate) fn pin(self: &Arc<Self>, lease: u64) -> PinGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        PinGuard { pins: self.clone(), lease }
+    }
+
     /// Wait until no operation is in flight.
     pub async fn drained(&self) {
         loop {
@@ -168,8 +174,7 @@ impl KeyTable {
         if write && e.mode != Mode::ReadWrite {
             return Err(Refusal::Mode);
         }
-        e.pins.count.fetch_add(1, Ordering::AcqRel);
-        Ok(PinGuard { pins: e.pins.clone(), lease: e.lease })
+        Ok(e.pins.pin(e.lease))
     }
 
     /// Make keys live.
@@ -192,12 +197,6 @@ impl KeyTable {
                 }
             }
         }
-    }
-
-    /// Whether a live key covers any byte of pool range `[lo, hi)` (a safety check for frees).
-    pub fn covers(&self, lo: u64, hi: u64) -> bool {
-        let t = self.t.read().unwrap_or_else(|e| e.into_inner());
-        t.live.values().any(|e| e.pool_lo < hi && lo < e.pool_hi)
     }
 
     /// Live keys.

@@ -9,34 +9,39 @@
 //!            └───────────────────────────────────────────────▶ pins = 0 ─▶ DRAINED
 //! ```
 //!
-//! A layout change (shrink, punch, delete) calls [`LeaseManager::recall`] first. Recall puts
-//! a *breaking marker* on the range of the object (by name) and bumps its layout epoch (so no grant that was
-//! computed before can be installed), asks every overlapping holder to return its lease on its
-//! session stream, revokes what is not returned by the break deadline (keys stop working at
-//! once), and waits until every covering lease has no operation in flight. Only then does it
-//! return a [`BreakGuard`]; the caller changes the layout and drops the guard, which lifts the
-//! marker. Grants that overlap a marker wait (bounded by the break timeout) and then fail
-//! with `Unavailable` and a retry delay.
+//! Every layout change (shrink, punch, delete) goes through [`LeaseManager::change_layout`],
+//! which runs the whole sequence in one task it owns — breaking marker on the range, recall,
+//! revoke at the break deadline, drain, the change itself, marker lifted — so a client that
+//! goes away mid-way cannot cut it short (see `recall.rs`). Grants that overlap a marker wait
+//! (bounded by the break timeout) and then fail with `Unavailable` and a retry delay.
 //!
-//! Concurrent grants that must allocate the same chunk do not race: allocation runs under the
-//! pool's metadata lock, which serialises it; a hashed per-(object, chunk) lock would only pay
-//! off once allocation itself runs in parallel, which the pool does not do yet.
+//! A grant computes its segments and installs its keys in one step under the pool's metadata
+//! lock, after checking for markers and the object's layout epoch (second line of defence):
+//! no layout change can come between reading the layout and handing out keys for it. The
+//! release hook (third line, `hold.rs`) keeps freed blocks out of the allocator while any
+//! lease that covered them has not drained.
+//!
+//! A grant for a transport with device-checked keys (RDMA) also runs in an owned task
+//! ([`LeaseManager::grant`]); the caller gets a [`GrantHandle`] that gives the lease back if
+//! it is dropped before the grant reached the client.
 
+mod hold;
 pub mod keys;
+mod recall;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdax_proto::model::{ObjectKey, SessionId};
-use rdax_proto::pb;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, error, info};
 
-pub use keys::{Key, KeyTable, Mode, Pins, Refusal};
+pub use keys::{Key, KeyTable, Mode, PinGuard, Pins, Refusal};
 
-use crate::metrics::METRICS;
+use crate::dma::{BindRequest, DmaError, RemoteKey, Transport, TransportKind};
+use crate::gate::{Gate, Work};
 use crate::pool::{ObjError, Pool};
 use crate::session::SessionManager;
 
@@ -64,6 +69,9 @@ pub enum State {
     Revoked,
     /// Released or revoked, and no operation in flight.
     Drained,
+    /// Ended, but a transport could not prove its keys dead: the lease never drains and the
+    /// blocks it covered are never reused (until the pool is opened again).
+    Quarantined,
 }
 
 impl State {
@@ -75,6 +83,7 @@ impl State {
             State::Released => "released",
             State::Revoked => "revoked",
             State::Drained => "drained",
+            State::Quarantined => "quarantined",
         }
     }
 
@@ -110,9 +119,15 @@ pub enum LeaseError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// A failure injected by a test (failpoint).
+    #[error("injected failure at {0}")]
+    Injected(&'static str),
     /// The pool refused.
     #[error(transparent)]
     Pool(#[from] ObjError),
+    /// The transport could not make keys.
+    #[error(transparent)]
+    Dma(#[from] DmaError),
 }
 
 /// One piece of a grant.
@@ -124,6 +139,8 @@ pub struct GrantSegment {
     pub len: u64,
     /// Pool offset and key; `None` for a hole in a read lease.
     pub target: Option<(u64, Key)>,
+    /// The transport's own key (RDMA), if it made one.
+    pub remote: Option<RemoteKey>,
 }
 
 /// A granted lease.
@@ -137,6 +154,8 @@ pub struct Grant {
     pub mode: Mode,
     /// Time to live.
     pub ttl: Duration,
+    /// The transport the keys are for.
+    pub transport: TransportKind,
     /// Segments in object order.
     pub segments: Vec<GrantSegment>,
 }
@@ -166,9 +185,28 @@ pub struct LeaseSummary {
     pub expires_in_ms: i64,
 }
 
+/// What a grant asks for.
+#[derive(Clone)]
+pub struct GrantRequest {
+    /// Holder.
+    pub session: SessionId,
+    /// Object.
+    pub object: ObjectKey,
+    /// Range start.
+    pub offset: u64,
+    /// Range length.
+    pub len: u64,
+    /// Mode.
+    pub mode: Mode,
+    /// The transport that makes the keys.
+    pub transport: Arc<dyn Transport>,
+}
+
 struct Lease {
     session: SessionId,
     object: ObjectKey,
+    /// The pool's id of the object when granted (names can be reused).
+    object_id: u64,
     lo: u64,
     hi: u64,
     mode: Mode,
@@ -176,22 +214,41 @@ struct Lease {
     state: State,
     expires: Instant,
     keys: Vec<Key>,
+    /// `(object offset, length, pool offset)` of every keyed segment.
+    segs: Vec<(u64, u64, u64)>,
     pins: Arc<Pins>,
+    /// The newest marker id when granted (for audits: no grant may overlap an older marker).
+    granted_after_marker: u64,
+    /// The transport holding keys for it beyond the key table.
+    transport: Option<Arc<dyn Transport>>,
+}
+
+struct Marker {
+    id: u64,
+    object: ObjectKey,
+    lo: u64,
+    hi: u64,
 }
 
 #[derive(Default)]
 struct Inner {
     leases: HashMap<u64, Lease>,
-    /// Breaking markers: (marker id, object, lo, hi). Keyed by name, not object id, so that
-    /// neither a grant nor a recall needs a pool lookup first; a delete-and-recreate under the
-    /// same name is covered conservatively.
-    markers: Vec<(u64, ObjectKey, u64, u64)>,
-    /// Per-object layout epoch, bumped by every recall.
-    epochs: HashMap<ObjectKey, u64>,
+    /// Breaking markers. Keyed by name, not object id, so that neither a grant nor a recall
+    /// needs a pool lookup first; a delete-and-recreate under the same name is covered
+    /// conservatively.
+    markers: Vec<Marker>,
+    /// Pool ranges of every lease that has not drained.
+    undrained: hold::RangeIndex,
     next_id: u64,
     next_generation: u64,
     next_marker: u64,
     shutting_down: bool,
+}
+
+impl Inner {
+    fn marked(&self, object: &ObjectKey, lo: u64, hi: u64) -> bool {
+        self.markers.iter().any(|m| m.object == *object && overlaps((m.lo, m.hi), (lo, hi)))
+    }
 }
 
 /// The lease manager of one daemon.
@@ -202,17 +259,7 @@ pub struct LeaseManager {
     pool: Arc<Pool>,
     sessions: Arc<SessionManager>,
     cfg: Mutex<LeaseConfig>,
-    remote: std::sync::OnceLock<Arc<dyn RemoteKeys>>,
-}
-
-/// A transport whose keys are checked by hardware rather than by [`KeyTable::pin`] (RDMA: a
-/// NIC honours a memory key without asking the daemon). It holds a pin on each lease it has
-/// keys for, and is told when the lease ends so that it can invalidate them; the lease
-/// drains only once it drops that pin.
-pub trait RemoteKeys: Send + Sync {
-    /// The lease's keys died (released, revoked or expired): invalidate the transport's keys
-    /// for it, then drop its pin.
-    fn lease_ended(&self, lease: u64);
+    gate: Gate,
 }
 
 impl std::fmt::Debug for LeaseManager {
@@ -225,28 +272,56 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
-fn event(kind: pb::session_event::Kind) -> pb::SessionEvent {
-    pb::SessionEvent { kind: Some(kind) }
-}
-
-/// Keeps a range marked as breaking until dropped (after the layout change).
-#[must_use = "the layout change must happen while the guard is held"]
-pub struct BreakGuard {
+/// A grant on its way to the client: dropping it gives the lease back, so a grant whose RPC
+/// was cancelled leaves nothing behind. [`GrantHandle::into_grant`] hands it over for good.
+#[must_use = "dropping a GrantHandle releases the lease"]
+pub struct GrantHandle {
     mgr: Arc<LeaseManager>,
-    marker: u64,
+    session: SessionId,
+    grant: Option<Grant>,
 }
 
-impl Drop for BreakGuard {
-    fn drop(&mut self) {
-        self.mgr.lock().markers.retain(|m| m.0 != self.marker);
-        self.mgr.changed.notify_waiters();
+impl std::fmt::Debug for GrantHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantHandle").field("grant", &self.grant).finish_non_exhaustive()
     }
 }
 
+impl GrantHandle {
+    /// The grant.
+    pub fn grant(&self) -> &Grant {
+        self.grant.as_ref().expect("present until taken")
+    }
+
+    /// Hand the grant to the client: from now on only the holder (or its TTL) ends it.
+    pub fn into_grant(mut self) -> Grant {
+        self.grant.take().expect("present until taken")
+    }
+}
+
+impl Drop for GrantHandle {
+    fn drop(&mut self) {
+        if let Some(g) = self.grant.take() {
+            info!(lease = g.id, "grant not delivered (the request was cancelled or failed); giving it back");
+            let _ = self.mgr.release(self.session, g.id);
+        }
+    }
+}
+
+/// Reach a failpoint that can fail a lease step.
+macro_rules! lease_failpoint {
+    ($name:literal) => {
+        if $crate::failpoint!($name) {
+            return Err(LeaseError::Injected($name));
+        }
+    };
+}
+pub(crate) use lease_failpoint;
+
 impl LeaseManager {
     /// A manager over `pool`, notifying holders through `sessions`. Revokes a session's
-    /// leases when the session ends.
-    pub fn new(pool: Arc<Pool>, sessions: Arc<SessionManager>, cfg: LeaseConfig) -> Arc<Self> {
+    /// leases when the session ends. Its owned tasks (layout changes, grants) hold `gate`.
+    pub fn new(pool: Arc<Pool>, sessions: Arc<SessionManager>, cfg: LeaseConfig, gate: Gate) -> Arc<Self> {
         let m = Arc::new(Self {
             inner: Mutex::new(Inner { next_id: 1, next_generation: 1, next_marker: 1, ..Default::default() }),
             keys: Arc::new(KeyTable::default()),
@@ -254,7 +329,7 @@ impl LeaseManager {
             pool,
             sessions: sessions.clone(),
             cfg: Mutex::new(cfg),
-            remote: std::sync::OnceLock::new(),
+            gate,
         });
         let weak = Arc::downgrade(&m);
         sessions.on_close(Arc::new(move |sid, _reason| {
@@ -266,64 +341,18 @@ impl LeaseManager {
         m
     }
 
-    /// Defence in depth for invariant 1: every layout change recalls and drains first, so
-    /// freed blocks are never covered by a live key. If one ever is (a path that forgot to
-    /// recall), the blocks are held until no live key covers them — they are never reused
-    /// under DMA — and the bug is logged.
-    fn install_release_hook(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        let rt = tokio::runtime::Handle::try_current().ok();
-        self.pool.set_release_hook(Arc::new(move |blocks: crate::pool::ReleasedBlocks| {
-            let Some(m) = weak.upgrade() else { return drop(blocks) };
-            if !m.covered(&blocks) {
-                return drop(blocks);
-            }
-            tracing::error!(runs = ?blocks.runs(), "BUG: freed blocks are covered by live lease keys; holding them until those leases end");
-            match &rt {
-                Some(rt) => {
-                    rt.spawn(async move {
-                        loop {
-                            let n = m.changed.notified();
-                            tokio::pin!(n);
-                            n.as_mut().enable();
-                            if !m.covered(&blocks) {
-                                return drop(blocks);
-                            }
-                            // Bounded: every lease ends by its TTL at the latest.
-                            let _ = tokio::time::timeout(m.config().ttl, n).await;
-                        }
-                    });
-                }
-                // No runtime to wait on: keep the blocks out of the allocator until restart.
-                None => std::mem::forget(blocks),
-            }
-        }));
-    }
-
-    fn covered(&self, blocks: &crate::pool::ReleasedBlocks) -> bool {
-        use crate::pool::layout::BLOCK;
-        blocks.runs().iter().any(|&(s, l)| self.keys.covers(s * BLOCK, (s + l) * BLOCK))
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Install the remote-key transport (once).
-    pub fn set_remote(&self, remote: Arc<dyn RemoteKeys>) {
-        let _ = self.remote.set(remote);
-    }
-
-    /// The lease's TCP keys are dead: tell the remote-key transport too.
-    fn remote_ended(&self, id: u64) {
-        if let Some(r) = self.remote.get() {
-            r.lease_ended(id);
-        }
-    }
-
-    /// The key table (for the data plane).
+    /// The key table (for the TCP data plane).
     pub fn keys(&self) -> &Arc<KeyTable> {
         &self.keys
+    }
+
+    /// The shutdown gate its tasks hold.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// The configuration.
@@ -335,6 +364,10 @@ impl LeaseManager {
     /// their next renewal; recalls already running keep their deadline.
     pub fn set_config(&self, cfg: LeaseConfig) {
         *self.cfg.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    fn retry_after(&self) -> LeaseError {
+        LeaseError::Breaking { retry_after_ms: self.config().break_timeout.as_millis() as u64 / 2 + 1 }
     }
 
     async fn wait_changed_until(&self, deadline: Instant, mut done: impl FnMut(&Inner) -> bool) -> bool {
@@ -351,9 +384,59 @@ impl LeaseManager {
         }
     }
 
-    /// Grant a lease on `[offset, offset + len)` of `object` to `session`.
+    /// Grant a lease and have `req.transport` make its keys, in a task this manager owns.
+    /// The returned handle gives the lease back if dropped; dropping *this future* also gives
+    /// it back (the task finishes either way, so no half-made binding or pin is left).
+    pub async fn grant(self: &Arc<Self>, req: GrantRequest) -> Result<GrantHandle, LeaseError> {
+        if !self.sessions.is_live(req.session) {
+            return Err(LeaseError::SessionNotFound);
+        }
+        req.transport.check(req.session)?;
+        let guard = self.gate.enter(Work::Grant).map_err(|_| LeaseError::ShuttingDown)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let m = self.clone();
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                // If the requester is gone, the handle is dropped with the message: released.
+                let _ = tx.send(m.grant_owned(req).await);
+            }
+            .in_current_span(),
+        );
+        rx.await.unwrap_or(Err(LeaseError::ShuttingDown))
+    }
+
+    async fn grant_owned(self: &Arc<Self>, req: GrantRequest) -> Result<GrantHandle, LeaseError> {
+        let g = self.acquire(req.session, req.object, req.offset, req.len, req.mode).await?;
+        let id = g.id;
+        let mut handle = GrantHandle { mgr: self.clone(), session: req.session, grant: Some(g) };
+        lease_failpoint!("grant.installed");
+        let kind = req.transport.kind();
+        if kind != TransportKind::Tcp {
+            {
+                let mut inner = self.lock();
+                let l = inner.leases.get_mut(&id).filter(|l| l.state.live()).ok_or(DmaError::Ended)?;
+                l.transport = Some(req.transport.clone());
+            }
+            let g = handle.grant();
+            let segments =
+                g.segments.iter().map(|s| (s.object_offset, s.len, s.target.map(|(p, _)| p))).collect::<Vec<_>>();
+            let bind = BindRequest { lease: id, session: req.session, mode: req.mode, segments };
+            let remote = req.transport.clone().bind(bind).await?;
+            lease_failpoint!("grant.bound");
+            let g = handle.grant.as_mut().expect("present");
+            g.transport = kind;
+            for (s, r) in g.segments.iter_mut().zip(remote) {
+                s.remote = r;
+            }
+        }
+        Ok(handle)
+    }
+
+    /// Grant a lease on `[offset, offset + len)` of `object` to `session`, with keys for the
+    /// TCP data plane only.
     pub async fn acquire(
-        &self,
+        self: &Arc<Self>,
         session: SessionId,
         object: ObjectKey,
         offset: u64,
@@ -369,327 +452,235 @@ impl LeaseManager {
         let end = offset.checked_add(len).ok_or(LeaseError::Invalid("offset + length overflows"))?;
         let deadline = Instant::now() + self.config().break_timeout;
         loop {
-            let free = |i: &Inner| !i.markers.iter().any(|m| m.1 == object && overlaps((m.2, m.3), (offset, end)));
-            if !self.wait_changed_until(deadline, free).await {
-                return Err(LeaseError::Breaking {
-                    retry_after_ms: self.config().break_timeout.as_millis() as u64 / 2 + 1,
-                });
+            let free = |i: &Inner| !i.marked(&object, offset, end);
+            if !free(&self.lock()) {
+                let _ = crate::failpoint!("grant.waiting");
+                if !self.wait_changed_until(deadline, free).await {
+                    return Err(self.retry_after());
+                }
             }
-            let epoch = self.lock().epochs.get(&object).copied().unwrap_or(0);
+            // Allocate (read-write) and note the object's layout epoch; then, under the
+            // metadata lock, read the segments and install the keys in one step.
             let k = object.clone();
-            // One trip to a blocking thread: check the range, allocate holes (read-write), and
-            // read the layout.
-            let segs = self
+            let expect = self
                 .blocking(move |p| {
                     let size = p.stat(&k.namespace, &k.name)?.size;
                     if end > size {
                         return Err(ObjError::OutOfRange { offset, len, size, hint: "; resize the object first" });
                     }
-                    if mode == Mode::ReadWrite {
-                        p.allocate(&k.namespace, &k.name, offset, len)?;
+                    match mode {
+                        Mode::ReadWrite => p.allocate(&k.namespace, &k.name, offset, len).map(Some),
+                        Mode::Read => Ok(None),
                     }
-                    p.segments(&k.namespace, &k.name, offset, len)
                 })
                 .await??;
-            let mut g = self.lock();
-            if g.shutting_down {
-                return Err(LeaseError::ShuttingDown);
-            }
-            if g.epochs.get(&object).copied().unwrap_or(0) != epoch || !free(&g) {
-                drop(g);
-                // A layout change ran meanwhile: compute the segments again — within the same
+            lease_failpoint!("grant.allocated");
+            let (k, this) = (object.clone(), self.clone());
+            let installed = self
+                .blocking(move |p| {
+                    // Lock order: pool metadata, then leases, then keys (the release hook, called
+                    // under the metadata write lock, takes them in the same order).
+                    p.with_segments(&k.namespace, &k.name, offset, len, |id, epoch, segs| {
+                        this.install_locked(Install { session, object: &k, id, epoch, offset, end, mode, expect }, segs)
+                    })
+                })
+                .await??;
+            match installed? {
+                Some(g) => return Ok(g),
+                // A layout change ran meanwhile: compute the segments again, within the same
                 // bound, so a stream of recalls cannot keep a grant spinning.
-                if Instant::now() >= deadline {
-                    return Err(LeaseError::Breaking {
-                        retry_after_ms: self.config().break_timeout.as_millis() as u64 / 2 + 1,
-                    });
-                }
-                continue;
+                None if Instant::now() >= deadline => return Err(self.retry_after()),
+                None => continue,
             }
-            if !self.sessions.is_live(session) {
-                return Err(LeaseError::SessionNotFound);
-            }
-            let id = g.next_id;
-            g.next_id += 1;
-            let generation = g.next_generation;
-            g.next_generation += 1;
-            let pins = Arc::new(Pins::default());
-            let mut segments = Vec::with_capacity(segs.len());
-            let mut entries = Vec::new();
-            for s in segs {
-                let target = s.pool_offset.map(|p| {
-                    let key = keys::random_key();
-                    let e = keys::KeyEntry {
-                        lease: id,
-                        session,
-                        generation,
-                        pool_lo: p,
-                        pool_hi: p + s.len,
-                        mode,
-                        pins: pins.clone(),
-                    };
-                    entries.push((key, e));
-                    (p, key)
-                });
-                segments.push(GrantSegment { object_offset: s.offset, len: s.len, target });
-            }
-            let key_list = entries.iter().map(|e| e.0).collect();
-            self.keys.insert(entries);
-            g.leases.insert(
-                id,
-                Lease {
-                    session,
-                    object: object.clone(),
-                    lo: offset,
-                    hi: end,
-                    mode,
-                    generation,
-                    state: State::Active,
-                    expires: Instant::now() + self.config().ttl,
-                    keys: key_list,
-                    pins,
-                },
-            );
-            info!(lease = id, session = %session, object = %object, offset, len, generation, "lease granted");
-            return Ok(Grant { id, generation, mode, ttl: self.config().ttl, segments });
         }
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> T + Send + 'static) -> Result<T, LeaseError> {
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || f(&pool)).await.map_err(|_| LeaseError::ShuttingDown)
+    /// Install a lease over `segs`, the object's current layout (the caller holds the pool's
+    /// metadata lock). `Ok(None)`: a recall began, or the layout changed since the range was
+    /// allocated; the caller retries.
+    fn install_locked(&self, a: Install<'_>, segs: &[crate::pool::Segment]) -> Result<Option<Grant>, LeaseError> {
+        let mut g = self.lock();
+        if g.shutting_down {
+            return Err(LeaseError::ShuttingDown);
+        }
+        if g.marked(a.object, a.offset, a.end) {
+            return Ok(None);
+        }
+        // Second line of defence: the layout this grant allocated is still the layout.
+        if a.expect.is_some_and(|e| e != (a.id, a.epoch)) {
+            return Ok(None);
+        }
+        if !self.sessions.is_live(a.session) {
+            return Err(LeaseError::SessionNotFound);
+        }
+        let id = g.next_id;
+        g.next_id += 1;
+        let generation = g.next_generation;
+        g.next_generation += 1;
+        let pins = Arc::new(Pins::default());
+        let mut segments = Vec::with_capacity(segs.len());
+        let mut entries = Vec::new();
+        let mut keyed = Vec::new();
+        for s in segs {
+            let target = s.pool_offset.map(|p| {
+                let key = keys::random_key();
+                let e = keys::KeyEntry {
+                    lease: id,
+                    session: a.session,
+                    generation,
+                    pool_lo: p,
+                    pool_hi: p + s.len,
+                    mode: a.mode,
+                    pins: pins.clone(),
+                };
+                entries.push((key, e));
+                keyed.push((s.offset, s.len, p));
+                (p, key)
+            });
+            segments.push(GrantSegment { object_offset: s.offset, len: s.len, target, remote: None });
+        }
+        let key_list = entries.iter().map(|e| e.0).collect();
+        self.keys.insert(entries);
+        for &(_, len, p) in &keyed {
+            g.undrained.insert(id, p, p + len);
+        }
+        let granted_after_marker = g.next_marker - 1;
+        let ttl = self.config().ttl;
+        g.leases.insert(
+            id,
+            Lease {
+                session: a.session,
+                object: a.object.clone(),
+                object_id: a.id,
+                lo: a.offset,
+                hi: a.end,
+                mode: a.mode,
+                generation,
+                state: State::Active,
+                expires: Instant::now() + ttl,
+                keys: key_list,
+                segs: keyed,
+                pins,
+                granted_after_marker,
+                transport: None,
+            },
+        );
+        info!(lease = id, session = %a.session, object = %a.object, offset = a.offset, len = a.end - a.offset, generation, "lease granted");
+        Ok(Some(Grant { id, generation, mode: a.mode, ttl, transport: TransportKind::Tcp, segments }))
     }
 
-    fn owned(&self, g: &Inner, session: SessionId, id: u64) -> Result<(), LeaseError> {
-        match g.leases.get(&id) {
-            Some(l) if l.session == session => Ok(()),
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> T + Send + 'static) -> Result<T, LeaseError> {
+        let guard = self.gate.enter(Work::PoolJob).map_err(|_| LeaseError::ShuttingDown)?;
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&pool)
+        })
+        .await
+        .map_err(|_| LeaseError::ShuttingDown)
+    }
+
+    fn owned<'a>(&self, g: &'a mut Inner, session: SessionId, id: u64) -> Result<&'a mut Lease, LeaseError> {
+        match g.leases.get_mut(&id) {
+            Some(l) if l.session == session => Ok(l),
             _ => Err(LeaseError::NotFound(id)),
         }
     }
 
     /// Push the expiry out by the TTL.
     pub fn renew(&self, session: SessionId, id: u64) -> Result<Duration, LeaseError> {
+        let ttl = self.config().ttl;
         let mut g = self.lock();
-        self.owned(&g, session, id)?;
-        let l = g.leases.get_mut(&id).expect("checked");
+        let l = self.owned(&mut g, session, id)?;
         if !l.state.live() {
             return Err(LeaseError::NotActive(id));
         }
-        l.expires = Instant::now() + self.config().ttl;
-        Ok(self.config().ttl)
+        l.expires = Instant::now() + ttl;
+        Ok(ttl)
     }
 
     /// The holder returns the lease: its keys stop working now; it drains in the background.
     pub fn release(self: &Arc<Self>, session: SessionId, id: u64) -> Result<(), LeaseError> {
         let mut g = self.lock();
-        self.owned(&g, session, id)?;
-        let l = g.leases.get_mut(&id).expect("checked");
+        let l = self.owned(&mut g, session, id)?;
         if !l.state.live() {
             return Err(LeaseError::NotActive(id));
         }
-        self.end_locked(l, State::Released);
+        let transport = self.end_locked(l, State::Released);
         drop(g);
-        self.remote_ended(id);
-        self.changed.notify_waiters();
-        self.spawn_drain(id);
+        self.ended(id, transport);
         info!(lease = id, "lease released");
         Ok(())
     }
 
-    /// Kill the lease's keys and set its final state (caller holds the lock).
-    fn end_locked(&self, l: &mut Lease, state: State) {
-        self.keys.remove(&l.keys);
-        l.state = state;
+    /// Pin a live lease of `session` for as long as the guard is held (a transport whose keys
+    /// work without asking the daemon holds one such pin while they may work).
+    pub fn pin_lease(&self, session: SessionId, id: u64) -> Result<PinGuard, Refusal> {
+        let g = self.lock();
+        let l = g.leases.get(&id).ok_or(Refusal::UnknownKey)?;
+        if l.session != session {
+            return Err(Refusal::WrongSession);
+        }
+        if !l.state.live() {
+            return Err(Refusal::Revoked);
+        }
+        Ok(l.pins.pin(id))
     }
 
-    /// Revoke at once: keys dead, holder told. Drains in the background.
-    fn revoke(self: &Arc<Self>, id: u64, reason: &str) {
+    /// Pin a live lease of `session` and map `[offset, offset + len)` of its object range to
+    /// pool ranges (FLUSH over a transport that names leases, not keys). The range must lie
+    /// inside keyed segments.
+    pub fn pin_range(
+        &self,
+        session: SessionId,
+        id: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(PinGuard, Vec<(u64, u64)>), Refusal> {
+        let g = self.lock();
+        let l = g.leases.get(&id).ok_or(Refusal::UnknownKey)?;
+        if l.session != session {
+            return Err(Refusal::WrongSession);
+        }
+        if !l.state.live() {
+            return Err(Refusal::Revoked);
+        }
+        let end = offset.checked_add(len).ok_or(Refusal::OutOfRange)?;
+        let mut out = Vec::new();
+        let mut covered = 0;
+        for &(o, n, p) in &l.segs {
+            let (lo, hi) = (offset.max(o), end.min(o + n));
+            if lo < hi {
+                out.push((p + (lo - o), hi - lo));
+                covered += hi - lo;
+            }
+        }
+        if covered != len {
+            return Err(Refusal::OutOfRange);
+        }
+        Ok((l.pins.pin(id), out))
+    }
+
+    /// A transport could not prove a lease's keys dead: the lease never drains, and blocks
+    /// it covered are never given to anyone (until the pool is opened again). A layout change
+    /// waiting for it goes ahead; the release hook quarantines the freed blocks.
+    pub fn quarantine(self: &Arc<Self>, id: u64, why: &str) {
         let mut g = self.lock();
         let Some(l) = g.leases.get_mut(&id) else { return };
-        if !l.state.live() {
-            return;
-        }
-        self.end_locked(l, State::Revoked);
-        let (session, generation) = (l.session, l.generation);
+        let transport = if l.state.live() { self.end_locked(l, State::Quarantined) } else { None };
+        l.state = State::Quarantined;
+        let blocks: u64 = l.segs.iter().map(|s| s.1.div_ceil(crate::pool::layout::BLOCK)).sum();
         drop(g);
-        self.remote_ended(id);
+        crate::metrics::METRICS.quarantined_leases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        error!(
+            lease = id,
+            why,
+            blocks,
+            "lease quarantined: its keys could not be proven dead; the blocks it covers will not be reused until restart"
+        );
         self.changed.notify_waiters();
-        let ev =
-            pb::session_event::Kind::LeaseRevoked(pb::LeaseRevoked { lease_id: id, generation, reason: reason.into() });
-        self.sessions.notify(session, event(ev));
-        METRICS.revokes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        warn!(lease = id, session = %session, reason, "lease revoked");
-        self.spawn_drain(id);
-    }
-
-    fn spawn_drain(self: &Arc<Self>, id: u64) {
-        let m = self.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { m.drain(id).await });
-        }
-    }
-
-    /// Wait (bounded) until the lease has no operation in flight, then mark it drained and
-    /// forget it.
-    async fn drain(&self, id: u64) -> bool {
-        let Some(pins) = self.lock().leases.get(&id).map(|l| l.pins.clone()) else { return true };
-        let t0 = Instant::now();
-        let ok = tokio::time::timeout(self.config().drain_timeout, pins.drained()).await.is_ok();
-        METRICS.drain.observe(t0.elapsed());
-        if ok {
-            self.lock().leases.remove(&id);
-            self.changed.notify_waiters();
-        } else {
-            warn!(lease = id, pins = pins.count(), "lease did not drain within the drain timeout");
-        }
-        ok
-    }
-
-    /// Move an active lease to BREAKING and ask its holder to return it.
-    fn send_recall(&self, id: u64, l: &mut Lease, reason: &str) {
-        if l.state != State::Active {
-            return;
-        }
-        l.state = State::Breaking;
-        let ev = pb::session_event::Kind::LeaseRecall(pb::LeaseRecall {
-            lease_id: id,
-            generation: l.generation,
-            reason: reason.into(),
-            deadline_ms: self.config().break_timeout.as_millis() as u64,
-        });
-        self.sessions.notify(l.session, event(ev));
-        METRICS.recalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        info!(lease = id, session = %l.session, reason, "lease recalled");
-    }
-
-    /// Revoke every lease of a session (the session ended).
-    pub fn revoke_session(self: &Arc<Self>, session: SessionId) {
-        let ids: Vec<u64> = self
-            .lock()
-            .leases
-            .iter()
-            .filter(|(_, l)| l.session == session && l.state.live())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            self.revoke(id, "the session ended");
-        }
-    }
-
-    /// Recall every live lease overlapping `[lo, hi)` of object `object_id`, revoke what is not
-    /// returned by the break deadline, and wait for all of them to drain. The returned guard
-    /// keeps new grants off the range until the caller has changed the layout.
-    pub async fn recall(
-        self: &Arc<Self>,
-        object: &ObjectKey,
-        lo: u64,
-        hi: u64,
-        reason: &str,
-    ) -> Result<BreakGuard, LeaseError> {
-        let (guard, targets) = {
-            let mut g = self.lock();
-            let marker = g.next_marker;
-            g.next_marker += 1;
-            g.markers.push((marker, object.clone(), lo, hi));
-            *g.epochs.entry(object.clone()).or_insert(0) += 1;
-            let mut targets = Vec::new();
-            for (id, l) in g.leases.iter_mut() {
-                if l.object == *object && overlaps((l.lo, l.hi), (lo, hi)) {
-                    targets.push(*id);
-                    self.send_recall(*id, l, reason);
-                }
-            }
-            (BreakGuard { mgr: self.clone(), marker }, targets)
-        };
-        self.break_and_drain(&targets).await?;
-        Ok(guard)
-    }
-
-    /// Wait for `targets` to be returned until the break deadline, revoke the rest, drain all.
-    async fn break_and_drain(self: &Arc<Self>, targets: &[u64]) -> Result<(), LeaseError> {
-        if targets.is_empty() {
-            return Ok(());
-        }
-        let t0 = Instant::now();
-        let r = self.break_and_drain_inner(targets).await;
-        METRICS.recall_drained.observe(t0.elapsed());
-        r
-    }
-
-    async fn break_and_drain_inner(self: &Arc<Self>, targets: &[u64]) -> Result<(), LeaseError> {
-        let deadline = Instant::now() + self.config().break_timeout;
-        let returned = |i: &Inner| targets.iter().all(|id| i.leases.get(id).is_none_or(|l| !l.state.live()));
-        if !self.wait_changed_until(deadline, returned).await {
-            for &id in targets {
-                self.revoke(id, "not returned before the break deadline");
-            }
-        }
-        for &id in targets {
-            let pins = self.lock().leases.get(&id).map(|l| l.pins.clone());
-            if let Some(p) = pins
-                && tokio::time::timeout(self.config().drain_timeout, p.drained()).await.is_err()
-            {
-                return Err(LeaseError::DrainTimeout(id));
-            }
-            if let Some(l) = self.lock().leases.get_mut(&id) {
-                l.state = State::Drained;
-            }
-        }
-        Ok(())
-    }
-
-    /// Administrator revoke: recall one lease (or revoke it at once) and wait for its drain.
-    /// Only this lease is affected, not others on the same range.
-    pub async fn admin_revoke(self: &Arc<Self>, id: u64, immediate: bool) -> Result<(), LeaseError> {
-        {
-            let mut g = self.lock();
-            let l = g.leases.get_mut(&id).ok_or(LeaseError::NotFound(id))?;
-            if !immediate {
-                self.send_recall(id, l, "recalled by an administrator");
-            }
-        }
-        if immediate {
-            self.revoke(id, "revoked by an administrator");
-        }
-        self.break_and_drain(&[id]).await
-    }
-
-    /// Recall every lease (shutdown): holders get the break timeout, then revoke and drain.
-    pub async fn recall_all(self: &Arc<Self>) {
-        let targets: Vec<u64> = {
-            let mut g = self.lock();
-            g.shutting_down = true;
-            let mut t = Vec::new();
-            for (id, l) in g.leases.iter_mut().filter(|(_, l)| l.state.live()) {
-                self.send_recall(*id, l, "the daemon is shutting down");
-                t.push(*id);
-            }
-            t
-        };
-        if let Err(e) = self.break_and_drain(&targets).await {
-            warn!(error = %e, "shutdown drain incomplete");
-        }
-    }
-
-    /// Revoke leases whose TTL passed without renewal. Returns how many.
-    pub fn expire(self: &Arc<Self>) -> usize {
-        let now = Instant::now();
-        let stale: Vec<u64> =
-            self.lock().leases.iter().filter(|(_, l)| l.state.live() && l.expires < now).map(|(id, _)| *id).collect();
-        for &id in &stale {
-            self.revoke(id, "not renewed within the lease TTL");
-        }
-        stale.len()
-    }
-
-    /// Expire leases every quarter TTL until `cancel`.
-    pub async fn reap(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(self.config().ttl / 4);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => { self.expire(); }
-            }
+        if let Some(t) = transport {
+            t.lease_ended(id);
         }
     }
 
@@ -721,6 +712,19 @@ impl LeaseManager {
         v.sort_by_key(|l| l.id);
         v
     }
+}
+
+/// The arguments of one key installation.
+struct Install<'a> {
+    session: SessionId,
+    object: &'a ObjectKey,
+    id: u64,
+    epoch: u64,
+    offset: u64,
+    end: u64,
+    mode: Mode,
+    /// `(object id, layout epoch)` seen when the range was allocated.
+    expect: Option<(u64, u64)>,
 }
 
 #[cfg(test)]

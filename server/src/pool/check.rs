@@ -137,9 +137,11 @@ impl Pool {
             r.free_blocks = al.free_blocks();
             let dram_free = lock(&self.alloc).free_blocks();
             let held = self.held.load(std::sync::atomic::Ordering::Relaxed);
-            if dram_free + held != r.free_blocks {
+            let quarantined = self.quarantined.load(std::sync::atomic::Ordering::Relaxed);
+            if dram_free + held + quarantined != r.free_blocks {
                 r.problems.push(format!(
-                    "free space disagrees: media says {} blocks free, memory has {dram_free} free + {held} held",
+                    "free space disagrees: media says {} blocks free, memory has {dram_free} free + {held} held + \
+                     {quarantined} quarantined",
                     r.free_blocks
                 ));
             }

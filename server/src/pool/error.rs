@@ -117,6 +117,9 @@ pub enum ObjError {
         /// Which limit was hit.
         detail: String,
     },
+    /// The pool was closed (the daemon is shutting down).
+    #[error("the pool is closed: the daemon is shutting down")]
+    Closed,
 }
 
 impl ObjError {

@@ -78,6 +78,9 @@ pub struct PoolStats {
     pub used_blocks: u64,
     /// Blocks released by objects but held back (e.g. until DMA drains).
     pub held_blocks: u64,
+    /// Blocks kept out of the allocator for good (until the pool is opened again), because a
+    /// device's access to them could not be proven stopped.
+    pub quarantined_blocks: u64,
     /// Free space.
     pub free: FreeStats,
     /// Share of free space not available as 2 MiB-aligned runs.
@@ -110,6 +113,7 @@ pub struct ReleasedBlocks {
     runs: Vec<Run>,
     alloc: Arc<Mutex<Allocator>>,
     held: Arc<AtomicU64>,
+    quarantined: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ReleasedBlocks {
@@ -124,9 +128,23 @@ impl ReleasedBlocks {
         &self.runs
     }
 
+    /// Blocks in these runs.
+    pub fn blocks(&self) -> u64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+
     /// Return the blocks to the allocator now.
     pub fn free(self) {
         drop(self)
+    }
+
+    /// Never return these blocks to the allocator (until the pool is opened again): a device
+    /// may still write to them. Counted in [`PoolStats::quarantined_blocks`].
+    pub fn quarantine(mut self) {
+        let n = self.blocks();
+        self.runs.clear();
+        self.held.fetch_sub(n, Ordering::Relaxed);
+        self.quarantined.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -153,6 +171,9 @@ pub(crate) struct Obj {
     pub size: u64,
     pub created_ns: u64,
     pub map: ExtentMap,
+    /// Bumped by every change that takes blocks away (DRAM only: a grant compares it before
+    /// and after reading the layout).
+    pub epoch: u64,
 }
 
 pub(crate) struct Meta {
@@ -175,7 +196,10 @@ pub struct Pool {
     meta: RwLock<Meta>,
     alloc: Arc<Mutex<Allocator>>,
     held: Arc<AtomicU64>,
+    quarantined: Arc<AtomicU64>,
     hook: RwLock<ReleaseHook>,
+    /// Set by [`Pool::close_shared`]: no change is accepted after it.
+    closed: std::sync::atomic::AtomicBool,
     recovered: Recovered,
     previous_clean: bool,
 }
@@ -277,7 +301,7 @@ impl Pool {
         for o in a.objects {
             names.insert(name_key(&o.rec.ns, &o.rec.name), o.slot);
             objects[o.slot as usize] =
-                Some(Obj { id: o.rec.id, size: o.rec.size, created_ns: o.rec.created_ns, map: o.map });
+                Some(Obj { id: o.rec.id, size: o.rec.size, created_ns: o.rec.created_ns, map: o.map, epoch: 0 });
         }
         let previous_clean = hdr.clean;
         let mut meta = Meta {
@@ -303,7 +327,9 @@ impl Pool {
             meta: RwLock::new(meta),
             alloc: Arc::new(Mutex::new(allocator)),
             held: Arc::new(AtomicU64::new(0)),
+            quarantined: Arc::new(AtomicU64::new(0)),
             hook: RwLock::new(Arc::new(drop)),
+            closed: false.into(),
             recovered,
             previous_clean,
         };
@@ -335,7 +361,16 @@ impl Pool {
     /// flag (on an `msync` pool, the whole mapping is synced; on DAX a store fence suffices
     /// because nothing is lost while the machine keeps power).
     pub fn close(self) {
+        self.close_shared();
+    }
+
+    /// [`close`](Self::close) through a shared reference: whoever else still holds the pool
+    /// gets [`ObjError::Closed`] from every change from now on (reads keep working). Idempotent.
+    pub fn close_shared(&self) {
         let mut meta = self.write_meta();
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         if self.media.persistence() == Persistence::Msync {
             self.media.flush(0, self.media.len());
         }
@@ -352,16 +387,23 @@ impl Pool {
         let meta = self.read_meta();
         let free = lock(&self.alloc).stats();
         let held = self.held.load(Ordering::Relaxed);
+        let quarantined = self.quarantined.load(Ordering::Relaxed);
         let geo = &self.sb.geo;
         PoolStats {
             objects: meta.names.len() as u64,
             extents: meta.live_ext,
             data_blocks: geo.data_blocks,
-            used_blocks: geo.data_blocks - free.free_blocks - held,
+            used_blocks: geo.data_blocks - free.free_blocks - held - quarantined,
             held_blocks: held,
+            quarantined_blocks: quarantined,
             fragmentation: free.fragmentation(),
             free,
         }
+    }
+
+    /// Free runs of the allocator, `(first block, count)` (for audits).
+    pub fn free_runs(&self) -> Vec<Run> {
+        lock(&self.alloc).free_runs().collect()
     }
 
     /// Replace the release hook (see [`ReleasedBlocks`]).
@@ -387,13 +429,33 @@ impl Pool {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The metadata write lock, unless the pool was closed (checked under the lock, which
+    /// [`Pool::close_shared`] also takes).
+    pub(crate) fn write_meta_open(&self) -> Result<std::sync::RwLockWriteGuard<'_, Meta>, ObjError> {
+        let meta = self.write_meta();
+        if self.is_closed() {
+            return Err(ObjError::Closed);
+        }
+        Ok(meta)
+    }
+
+    /// Whether [`Pool::close_shared`] ran.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     pub(crate) fn release(&self, runs: Vec<Run>) {
         if runs.is_empty() {
             return;
         }
         let n: u64 = runs.iter().map(|r| r.1).sum();
         self.held.fetch_add(n, Ordering::Relaxed);
-        let blocks = ReleasedBlocks { runs, alloc: self.alloc.clone(), held: self.held.clone() };
+        let blocks = ReleasedBlocks {
+            runs,
+            alloc: self.alloc.clone(),
+            held: self.held.clone(),
+            quarantined: self.quarantined.clone(),
+        };
         let hook = self.hook.read().unwrap_or_else(|e| e.into_inner()).clone();
         hook(blocks);
     }

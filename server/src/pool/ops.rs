@@ -112,9 +112,12 @@ fn stat_of(o: &Obj, ns: &str, name: &str) -> ObjectStat {
 
 impl Pool {
     fn commit(&self, meta: &mut Meta, txn: &Txn) {
+        // Tests pause, delay or crash (`exit`) the process on either side of a commit.
+        let _ = crate::failpoint_blocking!("journal.before_commit");
         // Every operation bounds its transaction before building it (max extents per object
         // and the allocation batch are derived from the journal size), so this cannot fail.
         meta.journal.commit(self.media.as_ref(), txn).expect("transaction sized within the journal");
+        let _ = crate::failpoint_blocking!("journal.after_commit");
     }
 
     fn put_hdr(&self, txn: &mut Txn, meta: &Meta) {
@@ -128,7 +131,7 @@ impl Pool {
             return Err(ObjError::InvalidArgument("size larger than 2^60 bytes"));
         }
         let geo = &self.sb.geo;
-        let mut meta = self.write_meta();
+        let mut meta = self.write_meta_open()?;
         if meta.names.contains_key(&key) {
             return Err(ObjError::AlreadyExists { ns: ns.into(), name: name.into() });
         }
@@ -140,7 +143,7 @@ impl Pool {
             meta.objects.push(None);
             (meta.hdr.obj_hwm - 1) as u32
         });
-        let obj = Obj { id: meta.hdr.next_object_id, size, created_ns: now_ns(), map: ExtentMap::default() };
+        let obj = Obj { id: meta.hdr.next_object_id, size, created_ns: now_ns(), map: ExtentMap::default(), epoch: 0 };
         meta.hdr.next_object_id += 1;
         let mut txn = Txn::new();
         put_obj(&mut txn, geo, slot, &obj, ns, name);
@@ -201,7 +204,7 @@ impl Pool {
             return Err(ObjError::InvalidArgument("size larger than 2^60 bytes"));
         }
         let geo = &self.sb.geo;
-        let mut meta = self.write_meta();
+        let mut meta = self.write_meta_open()?;
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
         let mut obj = meta.objects[slot as usize].take().expect("live");
         let mut txn = Txn::new();
@@ -214,6 +217,9 @@ impl Pool {
             {
                 txn.zero(pb * BLOCK + new_size % BLOCK, BLOCK - new_size % BLOCK);
             }
+        }
+        if new_size < obj.size {
+            obj.epoch += 1;
         }
         obj.size = new_size;
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
@@ -232,7 +238,7 @@ impl Pool {
         if len == 0 {
             return Err(ObjError::InvalidArgument("punch length must be at least 1"));
         }
-        let mut meta = self.write_meta();
+        let mut meta = self.write_meta_open()?;
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
         let size = meta.objects[slot as usize].as_ref().expect("live").size;
         let end = end_of(offset, len, size)?;
@@ -275,6 +281,7 @@ impl Pool {
             }
         }
         obj.map = trial;
+        obj.epoch += 1;
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
         self.commit(&mut meta, &txn);
         meta.objects[slot as usize] = Some(obj);
@@ -286,7 +293,7 @@ impl Pool {
     pub fn delete(&self, ns: &str, name: &str) -> Result<(), ObjError> {
         let key = validate(ns, name)?;
         let geo = &self.sb.geo;
-        let mut meta = self.write_meta();
+        let mut meta = self.write_meta_open()?;
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
         let mut obj = meta.objects[slot as usize].take().expect("live");
         let removal = obj.map.remove_range(0, u64::MAX);
@@ -331,16 +338,21 @@ impl Pool {
     /// 2 MiB or more come 2 MiB-aligned where free space allows. Newly allocated blocks read
     /// zero. A very fragmented allocation may take several transactions; a crash between them
     /// leaves some holes allocated (they still read zero), never a torn object.
-    pub fn allocate(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(), ObjError> {
+    ///
+    /// Returns the object's id and layout epoch, for a caller that reads the layout later and
+    /// must know whether blocks were taken away meanwhile.
+    pub fn allocate(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(u64, u64), ObjError> {
         let key = validate(ns, name)?;
-        let mut meta = self.write_meta();
+        let mut meta = self.write_meta_open()?;
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
         let size = meta.objects[slot as usize].as_ref().expect("live").size;
         let end = end_of(offset, len, size)?;
         if end > size {
             return Err(ObjError::range(offset, len, size, "; resize the object first"));
         }
-        self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))
+        self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))?;
+        let o = meta.objects[slot as usize].as_ref().expect("live");
+        Ok((o.id, o.epoch))
     }
 
     fn fill_holes(&self, meta: &mut Meta, slot: u32, ns: &str, name: &str, lo: u64, hi: u64) -> Result<(), ObjError> {
@@ -438,6 +450,9 @@ impl Pool {
     pub fn write(&self, ns: &str, name: &str, offset: u64, data: &[u8], persist: bool) -> Result<(), ObjError> {
         let key = validate(ns, name)?;
         let len = data.len() as u64;
+        if self.is_closed() {
+            return Err(ObjError::Closed);
+        }
         {
             let meta = self.read_meta();
             let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
@@ -451,7 +466,7 @@ impl Pool {
                 return Ok(());
             }
         }
-        let mut meta = self.write_meta();
+        let mut meta = self.write_meta_open()?;
         // Re-validate: the object may have changed between the two locks.
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
         let size = meta.objects[slot as usize].as_ref().expect("live").size;
@@ -511,6 +526,43 @@ impl Pool {
             return Err(ObjError::range(offset, len, obj.size, ""));
         }
         Ok(segments_of(obj, offset, len))
+    }
+
+    /// [`segments`](Self::segments), then `f` on them while the metadata lock is still held:
+    /// no layout change can come between computing the segments and whatever `f` installs
+    /// (the lease layer installs keys there). `f` also gets the object's id and layout epoch.
+    /// `f` must not call back into the pool.
+    pub fn with_segments<R>(
+        &self,
+        ns: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(u64, u64, &[Segment]) -> R,
+    ) -> Result<R, ObjError> {
+        let key = validate(ns, name)?;
+        let meta = self.read_meta();
+        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let obj = meta.objects[slot as usize].as_ref().expect("live");
+        let end = end_of(offset, len, obj.size)?;
+        if end > obj.size {
+            return Err(ObjError::range(offset, len, obj.size, "; resize the object first"));
+        }
+        Ok(f(obj.id, obj.epoch, &segments_of(obj, offset, len)))
+    }
+
+    /// Every allocated run of every object: `(pool block, blocks, object id, file block)`,
+    /// sorted by pool block. For audits (the lease layer checks its keys against it).
+    pub fn owners(&self) -> Vec<(u64, u64, u64, u64)> {
+        let meta = self.read_meta();
+        let mut v: Vec<(u64, u64, u64, u64)> = meta
+            .objects
+            .iter()
+            .flatten()
+            .flat_map(|o| o.map.extents().iter().map(|e| (e.pool_block, e.nblocks as u64, o.id, e.file_block)))
+            .collect();
+        v.sort_unstable();
+        v
     }
 }
 

@@ -9,10 +9,15 @@
 //! for one client. The client then moves bytes with one-sided RDMA READ and WRITE, and asks
 //! for persistence with a FLUSH message (see `docs/data-plane.md`).
 //!
-//! Revocation follows the lease manager: when a lease ends, its keys are invalidated
-//! (LOCAL_INV of the window, then deregistration of the region). If the invalidation is not
-//! confirmed within the bound, the client's queue pair is moved to the error state (fenced).
-//! The lease holds a pin until this is done, so its blocks are not reused before it.
+//! Revocation follows the lease manager: when a lease ends, its keys are invalidated (LOCAL_INV
+//! of each window, then deallocation of the windows and deregistration of the regions, every
+//! step checked). If an invalidation is not confirmed within the bound, the client's queue pair
+//! is fenced (moved to the error state) and its outstanding requests flushed. The binding holds
+//! a pin on the lease until all of this succeeded; if any step fails, the pin is kept for good
+//! and the lease quarantined, so the blocks it covered are never reused (see `transport.rs`).
+//!
+//! Keys are made in the grant's owned task ([`crate::lease::LeaseManager::grant`]), so a
+//! cancelled Acquire cannot leave a binding or a pin behind.
 //!
 //! Built without the `rdma` feature, or on a host without an RDMA device, the daemon says so
 //! once and serves TCP only; `Pool.Info` reports why.
@@ -27,7 +32,9 @@ use std::sync::Arc;
 use rdax_proto::model::SessionId;
 
 use crate::config::Config;
-use crate::lease::{Grant, LeaseManager};
+use crate::dma::{BindRequest, BoxFuture, DmaError, RemoteKey, Transport, TransportKind};
+use crate::gate::Gate;
+use crate::lease::LeaseManager;
 use crate::pool::Pool;
 use crate::session::SessionManager;
 
@@ -46,49 +53,11 @@ pub struct RdmaStatus {
     pub device: String,
 }
 
-/// The remote address and key of one leased segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteKey {
-    /// Address for RDMA READ/WRITE.
-    pub addr: u64,
-    /// rkey.
-    pub rkey: u32,
-}
-
-/// Why RDMA keys could not be given.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RdmaError {
-    /// No RDMA here.
-    #[error("this daemon serves no RDMA: {0}")]
-    Unavailable(String),
-    /// The session has not connected over RDMA.
-    #[error("session {0} has no RDMA connection: connect to {1} with rdma_cm and send HELLO first")]
-    NotConnected(SessionId, String),
-    /// A verb failed.
-    #[error("binding the lease's RDMA keys failed: {0}")]
-    Bind(String),
-    /// The lease ended meanwhile.
-    #[error("the lease ended while its RDMA keys were being made")]
-    Ended,
-}
-
-impl From<RdmaError> for tonic::Status {
-    fn from(e: RdmaError) -> Self {
-        match e {
-            RdmaError::Unavailable(_) | RdmaError::NotConnected(..) => {
-                tonic::Status::failed_precondition(e.to_string())
-            }
-            RdmaError::Bind(_) => tonic::Status::unavailable(e.to_string()),
-            RdmaError::Ended => tonic::Status::aborted(e.to_string()),
-        }
-    }
-}
-
 /// The daemon's RDMA transport (or the reason there is none).
 pub struct Rdma {
     status: RdmaStatus,
     #[cfg(feature = "rdma")]
-    transport: Option<Arc<transport::Transport>>,
+    transport: Option<Arc<transport::RdmaTransport>>,
 }
 
 impl std::fmt::Debug for Rdma {
@@ -112,18 +81,20 @@ impl Rdma {
         pool: Arc<Pool>,
         leases: Arc<LeaseManager>,
         sessions: Arc<SessionManager>,
+        gate: Gate,
     ) -> Arc<Rdma> {
         let crate::config::RdmaListen::At(addr) = cfg.rdma_listen else {
             return Rdma::off("off", "rdma.listen is off".into());
         };
         #[cfg(feature = "rdma")]
         {
-            match transport::Transport::start(cfg, addr, pool, leases, sessions).await {
+            match transport::RdmaTransport::start(cfg, addr, pool, leases, sessions, gate).await {
                 Ok((t, status)) => {
                     tracing::info!(endpoint = %status.endpoint, device = %status.device, keys = status.keys, "RDMA transport serving");
                     Arc::new(Rdma { status, transport: Some(t) })
                 }
                 Err(why) => {
+                    let why = why.to_string();
                     tracing::warn!("RDMA unavailable: {why}; serving the TCP data plane only");
                     Rdma::off("unavailable", why)
                 }
@@ -131,7 +102,7 @@ impl Rdma {
         }
         #[cfg(not(feature = "rdma"))]
         {
-            let _ = (addr, pool, leases, sessions);
+            let _ = (addr, pool, leases, sessions, gate);
             tracing::info!(
                 "RDMA off: this rdaxd was built without the `rdma` feature; serving the TCP data plane only"
             );
@@ -144,21 +115,46 @@ impl Rdma {
         &self.status
     }
 
-    /// Make RDMA keys for a fresh grant, one per segment (`None` for holes).
-    pub async fn bind(&self, session: SessionId, grant: &Grant) -> Result<Vec<Option<RemoteKey>>, RdmaError> {
-        #[cfg(feature = "rdma")]
-        if let Some(t) = &self.transport {
-            return t.bind(session, grant).await;
-        }
-        let _ = (session, grant);
-        Err(RdmaError::Unavailable(self.status.detail.clone()))
-    }
-
     /// Close every RDMA connection (shutdown).
     pub fn shutdown(&self) {
         #[cfg(feature = "rdma")]
         if let Some(t) = &self.transport {
             t.shutdown();
         }
+    }
+}
+
+/// The RDMA transport as the lease manager sees it (or, without one, a transport that says why
+/// it cannot make keys).
+impl Transport for Rdma {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+
+    fn check(&self, session: SessionId) -> Result<(), DmaError> {
+        #[cfg(feature = "rdma")]
+        if let Some(t) = &self.transport {
+            return t.check(session).map(drop);
+        }
+        let _ = session;
+        Err(DmaError::Unavailable(self.status.detail.clone()))
+    }
+
+    fn bind(self: Arc<Self>, req: BindRequest) -> BoxFuture<Result<Vec<Option<RemoteKey>>, DmaError>> {
+        #[cfg(feature = "rdma")]
+        if let Some(t) = self.transport.clone() {
+            return Box::pin(async move { t.bind(req).await });
+        }
+        let _ = req;
+        let detail = self.status.detail.clone();
+        Box::pin(async move { Err(DmaError::Unavailable(detail)) })
+    }
+
+    fn lease_ended(&self, lease: u64) {
+        #[cfg(feature = "rdma")]
+        if let Some(t) = &self.transport {
+            t.end(lease, "the lease ended");
+        }
+        let _ = lease;
     }
 }

@@ -9,7 +9,10 @@ use rdax_verbs::{Conn, Wr};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::transport::Transport;
+use super::transport::RdmaTransport;
+use crate::dma::{self, HelloRefusal};
+use crate::gate::Work;
+use crate::lease::Refusal;
 
 /// A client connection.
 pub(super) struct Peer {
@@ -38,9 +41,9 @@ impl Peer {
     }
 
     /// Move the queue pair to the error state: no remote access is served on it any more.
-    pub(super) fn fence(&self, why: &str) {
+    pub(super) fn fence(&self, why: &str) -> Result<(), rdax_verbs::Error> {
         warn!(qp = self.conn.qp_num(), session = ?self.session(), why, "RDMA queue pair fenced");
-        self.conn.fence();
+        self.conn.fence()
     }
 
     async fn send(&self, m: Msg) -> bool {
@@ -48,7 +51,11 @@ impl Peer {
     }
 
     /// Serve the connection's messages until it closes.
-    pub(super) async fn serve(self: Arc<Self>, t: Arc<Transport>, mut inbox: mpsc::UnboundedReceiver<rdax_verbs::Msg>) {
+    pub(super) async fn serve(
+        self: Arc<Self>,
+        t: Arc<RdmaTransport>,
+        mut inbox: mpsc::UnboundedReceiver<rdax_verbs::Msg>,
+    ) {
         // Requests arrive as receives nobody else polls for: keep completion events on.
         let armed = self.conn.hold_armed();
         loop {
@@ -65,36 +72,23 @@ impl Peer {
             };
             match (m.op, self.session()) {
                 (Op::Hello, None) => {
-                    let sid = SessionId(m.session);
-                    let status = if t.sessions().is_live(sid) {
-                        let _ = self.session.set(sid);
-                        t.register(sid, &self);
-                        Status::Ok
-                    } else {
-                        Status::BadSession
+                    let status = match dma::hello(t.sessions(), t.gate(), m.session) {
+                        Ok(sid) => {
+                            let _ = self.session.set(sid);
+                            t.register(sid, &self);
+                            Status::Ok
+                        }
+                        Err(HelloRefusal::BadSession) => Status::BadSession,
+                        Err(HelloRefusal::ShuttingDown) => Status::ShuttingDown,
                     };
                     let ok = self.send(m.reply(Op::HelloReply, status)).await;
                     if status != Status::Ok || !ok {
                         break;
                     }
-                    debug!(session = %sid, qp = self.conn.qp_num(), "RDMA HELLO accepted");
+                    debug!(session = ?self.session(), qp = self.conn.qp_num(), "RDMA HELLO accepted");
                 }
                 (Op::Flush, Some(sid)) => {
-                    let status = match t.flush_ranges(sid, m.lease, m.offset, m.len) {
-                        Ok(ranges) => {
-                            let media = t.pool().media().clone();
-                            let done = tokio::task::spawn_blocking(move || {
-                                for (off, len) in ranges {
-                                    media.flush(off, len);
-                                }
-                                media.drain();
-                            })
-                            .await;
-                            crate::metrics::METRICS.rdma_flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if done.is_ok() { Status::Ok } else { Status::ShuttingDown }
-                        }
-                        Err(s) => s,
-                    };
+                    let status = flush(&t, sid, &m).await;
                     if !self.send(m.reply(Op::FlushReply, status)).await {
                         break;
                     }
@@ -113,4 +107,19 @@ impl Peer {
         self.close("the connection ended");
         t.forget(&self);
     }
+}
+
+/// FLUSH: persist `[offset, +len)` of a lease's object range, with the lease pinned.
+async fn flush(t: &RdmaTransport, session: rdax_proto::model::SessionId, m: &Msg) -> Status {
+    let Ok(_op) = t.gate().enter(Work::DataOp) else { return Status::ShuttingDown };
+    let (pin, ranges) = match t.leases().pin_range(session, m.lease, m.offset, m.len) {
+        Ok(x) => x,
+        Err(Refusal::WrongSession) => return Status::WrongSession,
+        Err(Refusal::Revoked) => return Status::Revoked,
+        Err(Refusal::OutOfRange) => return Status::OutOfRange,
+        Err(_) => return Status::UnknownKey,
+    };
+    let done = dma::persist(t.pool().media(), t.gate(), ranges, pin).await;
+    crate::metrics::METRICS.rdma_flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if done.is_ok() { Status::Ok } else { Status::ShuttingDown }
 }

@@ -1,4 +1,16 @@
 //! The rdma_cm listener, per-session connections, and the per-lease keys.
+//!
+//! Teardown is checked at every step. A lease's keys die in this order: LOCAL_INV of each
+//! window (bounded; on failure or timeout the client's queue pair is fenced), deallocation of
+//! the windows, deregistration of the regions; only then is the binding's pin on the lease
+//! dropped, so the lease drains (and its blocks change hands) after the NIC can no longer
+//! reach them. If a step fails — a fence, a deallocation, a deregistration — the daemon
+//! cannot prove the keys dead: it keeps the pin for good, quarantines the lease (the blocks it
+//! covered are never reused until restart), logs at ERROR and closes the client's connection
+//! so that its queue pair is destroyed. A window bind that times out keeps its window and
+//! region alive until the work request completes or is flushed (the queue pair is fenced to
+//! force that); if even that does not come, they are leaked on purpose and the lease is
+//! quarantined.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,30 +20,28 @@ use std::time::{Duration, Instant};
 use rdax_proto::model::SessionId;
 use rdax_verbs::{Access, EventChannel, Mr, Mw, Pd, event};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::RdmaStatus;
 use super::peer::Peer;
-use super::{RdmaError, RdmaStatus, RemoteKey};
 use crate::config::{Config, RdmaKeys};
+use crate::dma::{BindRequest, DmaError, RemoteKey};
+use crate::gate::Gate;
 use crate::lease::keys::PinGuard;
-use crate::lease::{Grant, LeaseManager, Mode, RemoteKeys};
+use crate::lease::{LeaseManager, Mode};
 use crate::pool::Pool;
 use crate::pool::media::PoolMode;
 use crate::session::SessionManager;
 
 /// The keys of one segment.
 struct SegKey {
-    /// Declared first: the window is invalidated/deallocated before its region goes.
     mw: Option<Mw>,
-    _mr: Mr,
+    mr: Mr,
 }
 
 /// The RDMA keys of one lease.
 struct Binding {
-    session: SessionId,
     peer: Arc<Peer>,
-    /// (object offset, length, pool offset) of each keyed segment, for FLUSH.
-    segments: Vec<(u64, u64, u64)>,
     keys: Vec<SegKey>,
     /// Keys made (false while the binder is still working).
     bound: bool,
@@ -41,11 +51,73 @@ struct Binding {
     pin: Option<PinGuard>,
 }
 
+/// Why RDMA cannot be served (a sentence for the log and `Pool.Info`).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    /// No device, or no rdma-core.
+    #[error("{0}")]
+    NoDevice(String),
+    /// rdma_cm failed.
+    #[error("rdma_cm: {0}")]
+    Cm(rdax_verbs::Error),
+    /// Binding or listening failed.
+    #[error("rdma.listen {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: rdax_verbs::Error,
+    },
+    /// The address belongs to no RDMA device.
+    #[error(
+        "rdma.listen {addr} is not an address of an RDMA netdev (devices here: {devices}); set rdma.listen to \
+         the address of the netdev an RDMA device is bound to"
+    )]
+    NotRdmaNetdev {
+        /// The address.
+        addr: SocketAddr,
+        /// Devices seen.
+        devices: String,
+    },
+    /// An fs-DAX pool without ODP.
+    #[error("{0}")]
+    FsDax(String),
+    /// The simulated test medium.
+    #[error("the pool is simulated in memory (tests only)")]
+    Simulated,
+    /// Not mapped memory.
+    #[error("the pool is not mapped memory")]
+    NotMapped,
+    /// A verb failed while probing.
+    #[error("{0}")]
+    Verbs(rdax_verbs::Error),
+    /// The pool cannot be registered.
+    #[error("the pool {path} cannot be registered with {device}: {source}")]
+    Register {
+        /// Pool path.
+        path: String,
+        /// Device.
+        device: String,
+        /// Why.
+        source: rdax_verbs::Error,
+    },
+}
+
+/// A binder's failure.
+enum MakeError {
+    /// Nothing the device may still use is left over: end the binding normally (the keys
+    /// made so far are invalidated like any others).
+    Failed(Vec<SegKey>, rdax_verbs::Error),
+    /// A work request may still use a window or region that had to be leaked: quarantine.
+    Stuck(Vec<SegKey>, rdax_verbs::Error),
+}
+
 /// The serving transport.
-pub(super) struct Transport {
+pub(super) struct RdmaTransport {
     pool: Arc<Pool>,
     leases: Arc<LeaseManager>,
     sessions: Arc<SessionManager>,
+    gate: Gate,
     windows: bool,
     /// Register regions on demand (fs-DAX with an ODP device).
     on_demand: bool,
@@ -59,9 +131,9 @@ pub(super) struct Transport {
     stop: CancellationToken,
 }
 
-impl std::fmt::Debug for Transport {
+impl std::fmt::Debug for RdmaTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("endpoint", &self.endpoint).finish_non_exhaustive()
+        f.debug_struct("RdmaTransport").field("endpoint", &self.endpoint).finish_non_exhaustive()
     }
 }
 
@@ -75,54 +147,50 @@ fn fsdax_refusal(path: &str, device: &str) -> String {
     )
 }
 
-impl Transport {
-    /// Listen on `addr` and check that the pool can be registered. `Err` is a sentence for
-    /// the log and `Pool.Info`.
+impl RdmaTransport {
+    /// Listen on `addr` and check that the pool can be registered.
     pub(super) async fn start(
         cfg: &Config,
         addr: SocketAddr,
         pool: Arc<Pool>,
         leases: Arc<LeaseManager>,
         sessions: Arc<SessionManager>,
-    ) -> Result<(Arc<Transport>, RdmaStatus), String> {
-        let devices = rdax_verbs::devices().map_err(|e| e.0)?;
-        let ch = EventChannel::new().map_err(|e| format!("rdma_cm: {e}"))?;
-        let listener = ch.create_id().map_err(|e| format!("rdma_cm: {e}"))?;
-        listener.bind(addr).map_err(|e| format!("rdma.listen {addr}: {e}"))?;
+        gate: Gate,
+    ) -> Result<(Arc<RdmaTransport>, RdmaStatus), StartError> {
+        let devices = rdax_verbs::devices().map_err(|e| StartError::NoDevice(e.0))?;
+        let ch = EventChannel::new().map_err(StartError::Cm)?;
+        let listener = ch.create_id().map_err(StartError::Cm)?;
+        listener.bind(addr).map_err(|source| StartError::Listen { addr, source })?;
         let ctx = listener.context();
         if ctx.is_null() {
             let names: Vec<_> = devices.iter().map(|d| d.name.as_str()).collect();
-            return Err(format!(
-                "rdma.listen {addr} is not an address of an RDMA netdev (devices here: {}); set rdma.listen to \
-                 the address of the netdev an RDMA device is bound to",
-                names.join(", ")
-            ));
+            return Err(StartError::NotRdmaNetdev { addr, devices: names.join(", ") });
         }
         // SAFETY: rdma_cm keeps the device context open for the process lifetime.
         let caps = unsafe { rdax_verbs::query(ctx) };
         let media = pool.media().clone();
         let path = pool.info().path.map(|p| p.display().to_string()).unwrap_or_default();
         let on_demand = match media.mode() {
-            PoolMode::FsDax if !caps.odp_rc => return Err(fsdax_refusal(&path, &caps.name)),
+            PoolMode::FsDax if !caps.odp_rc => return Err(StartError::FsDax(fsdax_refusal(&path, &caps.name))),
             PoolMode::FsDax => true,
-            PoolMode::Simulated => return Err("the pool is simulated in memory (tests only)".into()),
+            PoolMode::Simulated => return Err(StartError::Simulated),
             PoolMode::DeviceDax | PoolMode::File => false,
         };
         // Prove that the pool can be registered: one block, at once released.
         // SAFETY: as above.
-        let pd = unsafe { Pd::alloc(ctx) }.map_err(|e| e.to_string())?;
-        let probe = media.dma_addr(0, 4096).ok_or("the pool is not mapped memory")?;
+        let pd = unsafe { Pd::alloc(ctx) }.map_err(StartError::Verbs)?;
+        let probe = media.dma_addr(0, 4096).ok_or(StartError::NotMapped)?;
         let mut access = Access::LOCAL_WRITE;
         if on_demand {
             access = access | Access::ON_DEMAND;
         }
         // SAFETY: the pool mapping outlives the region, dropped at once.
         match unsafe { pd.register(probe as *mut u8, 4096, access) } {
-            Ok(mr) => drop(mr),
+            Ok(mr) => mr.deregister().map_err(StartError::Verbs)?,
             Err(e) if media.mode() == PoolMode::FsDax => {
-                return Err(format!("{} ({e})", fsdax_refusal(&path, &caps.name)));
+                return Err(StartError::FsDax(format!("{} ({e})", fsdax_refusal(&path, &caps.name))));
             }
-            Err(e) => return Err(format!("the pool {path} cannot be registered with {}: {e}", caps.name)),
+            Err(source) => return Err(StartError::Register { path, device: caps.name.clone(), source }),
         }
         drop(pd);
         let windows = match cfg.rdma_keys {
@@ -133,7 +201,7 @@ impl Transport {
             }
             _ => false,
         };
-        listener.listen(128).map_err(|e| format!("rdma.listen {addr}: {e}"))?;
+        listener.listen(128).map_err(|source| StartError::Listen { addr, source })?;
         let endpoint = SocketAddr::new(addr.ip(), listener.port()).to_string();
         let status = RdmaStatus {
             state: "serving",
@@ -142,10 +210,11 @@ impl Transport {
             keys: if windows { "memory-window" } else { "memory-region" },
             device: caps.name.clone(),
         };
-        let t = Arc::new(Transport {
+        let t = Arc::new(RdmaTransport {
             pool,
             leases: leases.clone(),
             sessions: sessions.clone(),
+            gate,
             windows,
             on_demand,
             endpoint,
@@ -155,7 +224,6 @@ impl Transport {
             bindings: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
         });
-        leases.set_remote(Arc::new(Hook(Arc::downgrade(&t))));
         let weak = Arc::downgrade(&t);
         sessions.on_close(Arc::new(move |sid, _| {
             if let Some(t) = weak.upgrade() {
@@ -167,6 +235,16 @@ impl Transport {
         }));
         tokio::spawn(t.clone().listen(ch, listener));
         Ok((t, status))
+    }
+
+    /// Leases (for FLUSH, which names a lease and an object range).
+    pub(super) fn leases(&self) -> &Arc<LeaseManager> {
+        &self.leases
+    }
+
+    /// The shutdown gate (HELLO and FLUSH).
+    pub(super) fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// The pool (for FLUSH).
@@ -287,108 +365,68 @@ impl Transport {
         }
     }
 
-    /// FLUSH: the pool ranges of `[offset, offset+len)` of a lease held by `session`.
-    pub(super) fn flush_ranges(
-        &self,
-        session: SessionId,
-        lease: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<(u64, u64)>, rdax_proto::dataplane::Status> {
-        use rdax_proto::dataplane::Status;
-        let m = self.bindings.lock().expect("bindings");
-        let b = m.get(&lease).ok_or(Status::UnknownKey)?;
-        if b.session != session {
-            return Err(Status::WrongSession);
-        }
-        if b.ended {
-            return Err(Status::Revoked);
-        }
-        let end = offset.checked_add(len).ok_or(Status::OutOfRange)?;
-        let mut out = Vec::new();
-        let mut covered = 0;
-        for &(o, l, p) in &b.segments {
-            let (lo, hi) = (offset.max(o), end.min(o + l));
-            if lo < hi {
-                out.push((p + (lo - o), hi - lo));
-                covered += hi - lo;
-            }
-        }
-        // Holes of a read lease have no keys; a flush must lie inside written segments.
-        if covered != len {
-            return Err(Status::OutOfRange);
-        }
-        Ok(out)
+    /// Whether `session` has an RDMA connection to bind keys on.
+    pub(super) fn check(&self, session: SessionId) -> Result<Arc<Peer>, DmaError> {
+        let peer = self.by_session.lock().expect("peers").get(&session).cloned();
+        peer.filter(|p| !p.conn.is_closed())
+            .ok_or_else(|| DmaError::NotConnected { session, endpoint: self.endpoint.clone() })
     }
 
-    pub(super) async fn bind(
-        self: &Arc<Self>,
-        session: SessionId,
-        grant: &Grant,
-    ) -> Result<Vec<Option<RemoteKey>>, RdmaError> {
-        let peer = self.by_session.lock().expect("peers").get(&session).cloned();
-        let Some(peer) = peer.filter(|p| !p.conn.is_closed()) else {
-            return Err(RdmaError::NotConnected(session, self.endpoint.clone()));
-        };
-        let keyed: Vec<_> =
-            grant.segments.iter().filter_map(|s| s.target.map(|(p, k)| (s.object_offset, s.len, p, k))).collect();
+    /// Make the keys of a fresh grant (called from the grant's owned task).
+    pub(super) async fn bind(self: &Arc<Self>, req: BindRequest) -> Result<Vec<Option<RemoteKey>>, DmaError> {
+        let peer = self.check(req.session)?;
+        let keyed: Vec<(u64, u64)> = req.segments.iter().filter_map(|s| s.2.map(|p| (p, s.1))).collect();
         if keyed.is_empty() {
-            return Ok(vec![None; grant.segments.len()]);
+            return Ok(vec![None; req.segments.len()]);
         }
-        let (_, _, p0, k0) = keyed[0];
-        let pin = self.leases.keys().pin(&k0, session, grant.generation, p0, 1, false).map_err(|_| RdmaError::Ended)?;
+        let lease = req.lease;
+        let pin = self.leases.pin_lease(req.session, lease).map_err(|_| DmaError::Ended)?;
         self.bindings.lock().expect("bindings").insert(
-            grant.id,
-            Binding {
-                session,
-                peer: peer.clone(),
-                segments: keyed.iter().map(|&(o, l, p, _)| (o, l, p)).collect(),
-                keys: Vec::new(),
-                bound: false,
-                ended: false,
-                pin: Some(pin),
-            },
+            lease,
+            Binding { peer: peer.clone(), keys: Vec::new(), bound: false, ended: false, pin: Some(pin) },
         );
         let t0 = Instant::now();
-        let made = self.make_keys(&peer, grant.mode, &keyed).await;
-        let (keys, remote) = match made {
+        let (keys, remote) = match self.make_keys(&peer, req.mode, &keyed).await {
             Ok(x) => x,
-            Err(e) => {
-                if let Some(b) = self.bindings.lock().expect("bindings").get_mut(&grant.id) {
-                    b.bound = true;
-                }
-                self.end(grant.id, "binding failed");
-                return Err(RdmaError::Bind(e.to_string()));
+            Err(MakeError::Failed(keys, e)) => {
+                self.finish_binding(lease, keys);
+                self.end(lease, "binding failed");
+                return Err(DmaError::Bind(e.to_string()));
+            }
+            Err(MakeError::Stuck(keys, e)) => {
+                self.finish_binding(lease, keys);
+                self.stuck(lease, &format!("a memory-window bind neither completed nor flushed: {e}"));
+                return Err(DmaError::Bind(e.to_string()));
             }
         };
-        let still_live = self.leases.keys().pin(&k0, session, grant.generation, p0, 1, false).is_ok();
-        {
-            let mut m = self.bindings.lock().expect("bindings");
-            let b = m.get_mut(&grant.id).expect("inserted above; only `end` removes, after `bound`");
-            b.keys = keys;
-            b.bound = true;
-            if !b.ended && still_live {
-                crate::metrics::METRICS.rdma_keys.fetch_add(remote.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                debug!(
-                    lease = grant.id,
-                    segments = remote.len(),
-                    us = t0.elapsed().as_micros() as u64,
-                    "RDMA keys bound"
-                );
-                let mut it = remote.into_iter();
-                return Ok(grant.segments.iter().map(|s| s.target.and_then(|_| it.next())).collect());
-            }
+        // The lease may have ended while the keys were made: then they die at once.
+        let still_live = self.leases.pin_lease(req.session, lease).is_ok();
+        let ended = self.finish_binding(lease, keys);
+        if ended || !still_live {
+            self.end(lease, "the lease ended while binding");
+            return Err(DmaError::Ended);
         }
-        self.end(grant.id, "the lease ended while binding");
-        Err(RdmaError::Ended)
+        crate::metrics::METRICS.rdma_keys.fetch_add(remote.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        debug!(lease, segments = remote.len(), us = t0.elapsed().as_micros() as u64, "RDMA keys bound");
+        let mut it = remote.into_iter();
+        Ok(req.segments.iter().map(|s| s.2.and_then(|_| it.next())).collect())
+    }
+
+    /// The binder is done: store its keys. Returns whether the lease ended meanwhile.
+    fn finish_binding(&self, lease: u64, keys: Vec<SegKey>) -> bool {
+        let mut m = self.bindings.lock().expect("bindings");
+        let b = m.get_mut(&lease).expect("inserted by the binder; only `end` removes, after `bound`");
+        b.keys = keys;
+        b.bound = true;
+        b.ended
     }
 
     async fn make_keys(
         &self,
         peer: &Arc<Peer>,
         mode: Mode,
-        keyed: &[(u64, u64, u64, crate::lease::keys::Key)],
-    ) -> Result<(Vec<SegKey>, Vec<RemoteKey>), rdax_verbs::Error> {
+        keyed: &[(u64, u64)],
+    ) -> Result<(Vec<SegKey>, Vec<RemoteKey>), MakeError> {
         let remote_rights =
             if mode == Mode::ReadWrite { Access::REMOTE_READ | Access::REMOTE_WRITE } else { Access::REMOTE_READ };
         let mut mr_access = Access::LOCAL_WRITE;
@@ -402,22 +440,65 @@ impl Transport {
         }
         let media = self.pool.media();
         let (mut keys, mut remote) = (Vec::new(), Vec::new());
-        for &(_, len, pool_off, _) in keyed {
+        for &(pool_off, len) in keyed {
             let addr = media.dma_addr(pool_off, len).expect("checked at start: the pool is mapped");
+            if crate::failpoint!("rdma.bind") {
+                return Err(MakeError::Failed(keys, rdax_verbs::Error::Cm("injected bind failure".into())));
+            }
             // SAFETY: the range is inside the pool mapping, which outlives every connection;
             // the lease's pin keeps its blocks from reuse until this region is gone.
-            let mr = unsafe { peer.conn.pd().register(addr as *mut u8, len as usize, mr_access) }?;
-            if self.windows {
-                let mut mw = peer.conn.pd().alloc_mw()?;
-                let bind = peer.conn.bind_mw(&mut mw, &mr, addr as u64, len, remote_rights);
-                let rkey = tokio::time::timeout(self.op_timeout, bind)
-                    .await
-                    .map_err(|_| rdax_verbs::Error::Timeout("a memory-window bind"))??;
-                remote.push(RemoteKey { addr: addr as u64, rkey });
-                keys.push(SegKey { mw: Some(mw), _mr: mr });
-            } else {
+            let mr = match unsafe { peer.conn.pd().register(addr as *mut u8, len as usize, mr_access) } {
+                Ok(mr) => mr,
+                Err(e) => return Err(MakeError::Failed(keys, e)),
+            };
+            if !self.windows {
                 remote.push(RemoteKey { addr: addr as u64, rkey: mr.rkey() });
-                keys.push(SegKey { mw: None, _mr: mr });
+                keys.push(SegKey { mw: None, mr });
+                continue;
+            }
+            let mut mw = match peer.conn.pd().alloc_mw() {
+                Ok(mw) => mw,
+                Err(e) => {
+                    keys.push(SegKey { mw: None, mr });
+                    return Err(MakeError::Failed(keys, e));
+                }
+            };
+            // `None`: the bind neither completed nor was flushed.
+            let r = {
+                let bind = peer.conn.bind_mw(&mut mw, &mr, addr as u64, len, remote_rights);
+                tokio::pin!(bind);
+                match tokio::time::timeout(self.op_timeout, &mut bind).await {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        // The work request still names the window and the region: they must
+                        // outlive it. Fence the queue pair so that it is flushed, and wait.
+                        warn!(
+                            qp = peer.conn.qp_num(),
+                            "a memory-window bind timed out: fencing the client's queue pair"
+                        );
+                        self.fence(peer, "a memory-window bind timed out");
+                        match tokio::time::timeout(self.op_timeout, &mut bind).await {
+                            Ok(_) => Some(Err(rdax_verbs::Error::Timeout("a memory-window bind"))),
+                            Err(_) => None,
+                        }
+                    }
+                }
+            };
+            let Some(r) = r else {
+                // The device may still use them: leak them on purpose.
+                std::mem::forget(mw);
+                std::mem::forget(mr);
+                return Err(MakeError::Stuck(keys, rdax_verbs::Error::Timeout("a memory-window bind")));
+            };
+            match r {
+                Ok(rkey) => {
+                    remote.push(RemoteKey { addr: addr as u64, rkey });
+                    keys.push(SegKey { mw: Some(mw), mr });
+                }
+                Err(e) => {
+                    keys.push(SegKey { mw: Some(mw), mr });
+                    return Err(MakeError::Failed(keys, e));
+                }
             }
         }
         Ok((keys, remote))
@@ -425,7 +506,7 @@ impl Transport {
 
     /// The lease ended: invalidate its keys (unless its binder is still at work, which then
     /// does it), then let it drain.
-    fn end(self: &Arc<Self>, lease: u64, why: &'static str) {
+    pub(super) fn end(self: &Arc<Self>, lease: u64, why: &'static str) {
         let b = {
             let mut m = self.bindings.lock().expect("bindings");
             let Some(b) = m.get_mut(&lease) else { return };
@@ -439,47 +520,111 @@ impl Transport {
         tokio::spawn(async move { t.invalidate(lease, b, why).await });
     }
 
-    async fn invalidate(&self, lease: u64, mut b: Binding, why: &'static str) {
+    /// Move the client's queue pair to the error state. `false` if that failed (the caller
+    /// then cannot prove the keys dead).
+    fn fence(&self, peer: &Peer, why: &str) -> bool {
+        crate::metrics::METRICS.rdma_fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if crate::failpoint_blocking!("rdma.fence") {
+            error!(qp = peer.conn.qp_num(), why, "fencing the client's queue pair failed (injected)");
+            return false;
+        }
+        match peer.fence(why) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(qp = peer.conn.qp_num(), why, error = %e, "fencing the client's queue pair failed");
+                false
+            }
+        }
+    }
+
+    async fn invalidate(self: Arc<Self>, lease: u64, mut b: Binding, why: &'static str) {
         let t0 = Instant::now();
         let bound = (self.op_timeout / 2).max(Duration::from_millis(100));
         // `fenced`: this invalidation had to fence; `closed`: the queue pair was already
-        // closed, errored or fenced, and serves no remote access any more.
+        // closed, errored or fenced, and serves no remote access any more (a type-2 window is
+        // usable from its own queue pair only).
         let (mut fenced, mut closed) = (false, false);
+        let mut failure: Option<String> = None;
         for k in &b.keys {
             let Some(mw) = &k.mw else { continue };
             if b.peer.conn.is_closed() {
                 closed = true;
                 break;
             }
-            match tokio::time::timeout(bound, b.peer.conn.local_inv(mw.rkey())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    warn!(lease, error = %e, "invalidation of an RDMA key failed: fencing the client's queue pair");
-                    b.peer.fence("invalidation failed");
-                    fenced = true;
-                    break;
-                }
-                Err(_) => {
-                    warn!(
-                        lease,
-                        "invalidation of an RDMA key was not confirmed in time: fencing the client's queue pair"
-                    );
-                    b.peer.fence("invalidation timed out");
-                    fenced = true;
-                    break;
+            let r = if crate::failpoint!("rdma.invalidate") {
+                Ok(Err(rdax_verbs::Error::Cm("injected invalidation failure".into())))
+            } else {
+                tokio::time::timeout(bound, b.peer.conn.local_inv(mw.rkey())).await
+            };
+            let why_fence = match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("invalidation failed: {e}"),
+                Err(_) => "invalidation was not confirmed in time".to_string(),
+            };
+            warn!(lease, why = %why_fence, "fencing the client's queue pair");
+            fenced = true;
+            if !self.fence(&b.peer, &why_fence) {
+                failure = Some(format!("{why_fence}, and the fence failed"));
+            }
+            break;
+        }
+        // Deallocate the windows, then deregister the regions (rxe waits for responder copies
+        // that still hold a region), each step checked.
+        for k in std::mem::take(&mut b.keys) {
+            let SegKey { mw, mr } = k;
+            if let Some(mw) = mw {
+                let r = if crate::failpoint_blocking!("rdma.dealloc") {
+                    std::mem::forget(mw);
+                    Err("injected".to_string())
+                } else {
+                    mw.dealloc().map_err(|e| e.to_string())
+                };
+                if let Err(e) = r {
+                    // A window still allocated keeps its region busy: leave the region too.
+                    std::mem::forget(mr);
+                    failure.get_or_insert(format!("deallocating a memory window failed: {e}"));
+                    continue;
                 }
             }
+            let r = if crate::failpoint_blocking!("rdma.dereg") {
+                std::mem::forget(mr);
+                Err("injected".to_string())
+            } else {
+                mr.deregister().map_err(|e| e.to_string())
+            };
+            if let Err(e) = r {
+                failure.get_or_insert(format!("deregistering a memory region failed: {e}"));
+            }
         }
-        // Deallocate windows, then deregister regions (rxe waits for responder copies that
-        // still hold the region), and only then let the lease drain.
-        drop(std::mem::take(&mut b.keys));
-        drop(b.pin.take());
         let m = &crate::metrics::METRICS;
         m.rdma_invalidations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if fenced {
-            m.rdma_fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(f) = failure {
+            std::mem::forget(b.pin.take());
+            self.stuck_peer(lease, &b.peer, &f);
+            return;
         }
+        drop(b.pin.take());
         info!(lease, why, fenced, qp_closed = closed, us = t0.elapsed().as_micros() as u64, "RDMA keys invalidated");
+    }
+
+    /// A binder could not tear down: quarantine the lease (its pin is never dropped).
+    fn stuck(self: &Arc<Self>, lease: u64, why: &str) {
+        let b = self.bindings.lock().expect("bindings").remove(&lease);
+        if let Some(mut b) = b {
+            std::mem::forget(b.pin.take());
+            // Keys made before the stuck one are still bound: leave them allocated as well.
+            std::mem::forget(std::mem::take(&mut b.keys));
+            self.stuck_peer(lease, &b.peer, why);
+        }
+    }
+
+    /// Quarantine `lease` and close the client's connection, so that its queue pair is
+    /// destroyed once the last reference goes; the protection domain and whatever could not
+    /// be released stay allocated until the process exits.
+    fn stuck_peer(self: &Arc<Self>, lease: u64, peer: &Arc<Peer>, why: &str) {
+        self.leases.quarantine(lease, why);
+        peer.close("its RDMA keys could not be proven dead");
+        self.forget(peer);
     }
 
     pub(super) fn shutdown(&self) {
@@ -487,17 +632,6 @@ impl Transport {
         let peers: Vec<_> = self.by_id.lock().expect("peers").values().cloned().collect();
         for p in peers {
             p.close("the daemon is shutting down");
-        }
-    }
-}
-
-/// The lease manager's view of the transport.
-struct Hook(std::sync::Weak<Transport>);
-
-impl RemoteKeys for Hook {
-    fn lease_ended(&self, lease: u64) {
-        if let Some(t) = self.0.upgrade() {
-            t.end(lease, "the lease ended");
         }
     }
 }
