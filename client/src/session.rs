@@ -109,6 +109,32 @@ async fn attach(
     }
 }
 
+/// A grant not yet handed to the caller: dropped, it gives the lease back.
+struct Undelivered {
+    grant: Option<pb::LeaseGrant>,
+    client: Client,
+    session_id: String,
+}
+
+impl Undelivered {
+    fn take(mut self) -> pb::LeaseGrant {
+        self.grant.take().expect("present until taken")
+    }
+}
+
+impl Drop for Undelivered {
+    fn drop(&mut self) {
+        let Some(g) = self.grant.take() else { return };
+        let (client, session_id) = (self.client.clone(), self.session_id.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut c = client.leases.clone();
+                let _ = c.release(client.request(pb::ReleaseRequest { session_id, lease_id: g.lease_id })).await;
+            });
+        }
+    }
+}
+
 impl Session {
     pub(crate) async fn open(client: Client, opts: SessionOptions) -> Result<Self> {
         let open = pb::OpenSession { client_name: opts.client_name.clone(), resume_session_id: String::new() };
@@ -234,21 +260,29 @@ impl Session {
         };
         let link = self.rdma_link().await?;
         let transport = if link.is_some() { pb::Transport::Rdma } else { pb::Transport::Tcp };
-        let grant = self
-            .client
-            .retry(|| {
-                let mut c = self.client.leases.clone();
-                let r = self.client.request(pb::AcquireRequest {
-                    session_id: self.id.clone(),
-                    object: Some((&object).into()),
-                    offset,
-                    length: len,
-                    mode: pb_mode as i32,
-                    transport: transport as i32,
-                });
-                async move { c.acquire(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+        // The RPC runs in a task of its own and hands the grant over in a guard: if this
+        // future is dropped (a caller's timeout), the grant that still arrives is released at
+        // once instead of lingering until its TTL.
+        let (tx, rx) = oneshot::channel();
+        let (client, session_id, req_object) = (self.client.clone(), self.id.clone(), pb::ObjectRef::from(&object));
+        tokio::spawn(async move {
+            let r = client
+                .retry(|| {
+                    let mut c = client.leases.clone();
+                    let r = client.request(pb::AcquireRequest {
+                        session_id: session_id.clone(),
+                        object: Some(req_object.clone()),
+                        offset,
+                        length: len,
+                        mode: pb_mode as i32,
+                        transport: transport as i32,
+                    });
+                    async move { c.acquire(r).await.map(|r| r.into_inner()) }
+                })
+                .await;
+            let _ = tx.send(r.map(|g| Undelivered { grant: Some(g), client, session_id }));
+        });
+        let grant = rx.await.map_err(|_| Error::new(ErrorKind::Protocol, "the acquire task ended"))??.take();
         let endpoint = grant
             .data_endpoints
             .first()

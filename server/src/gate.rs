@@ -109,6 +109,11 @@ impl Gate {
         self.0.total.load(Ordering::Acquire)
     }
 
+    /// Guards of one kind held now.
+    pub fn count(&self, kind: Work) -> usize {
+        self.0.by_kind[kind as usize].load(Ordering::Acquire)
+    }
+
     /// What is inside, e.g. `2 grpc requests, 1 pool jobs`.
     pub fn describe(&self) -> String {
         let parts: Vec<String> = KINDS

@@ -67,6 +67,7 @@ async fn cooperative_recall_returns_the_lease_and_the_truncate_completes() {
 async fn an_unresponsive_holder_is_revoked_at_the_deadline() {
     let dir = tmp();
     let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "700"]);
+    d.allow("not returned before the break deadline");
     let a = client(&d).await;
     let mut sa = a
         .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
@@ -152,6 +153,7 @@ async fn dma_held_mid_copy_drains_before_blocks_are_reused() {
         &["--lease-break-timeout-ms", "400"],
         &[("RDAX_FAILPOINTS", "dataplane.write.mid_copy=sleep(300)")],
     );
+    d.allow("not returned before the break deadline");
     let c = client(&d).await;
     let sa = c
         .open_session_with(SessionOptions { client_name: "A".into(), ignore_recalls: true, ..Default::default() })
@@ -212,51 +214,79 @@ async fn dma_held_mid_copy_drains_before_blocks_are_reused() {
     lc.write_persist(0, b"C").await.unwrap();
 }
 
+/// The daemon's `Testing` service (testing builds).
+#[cfg(feature = "testing")]
+async fn testing(d: &Daemon) -> rdax_proto::testing_pb::testing_client::TestingClient<tonic::transport::Channel> {
+    rdax_proto::testing_pb::testing_client::TestingClient::connect(d.endpoint.clone()).await.unwrap()
+}
+
+#[cfg(feature = "testing")]
+async fn failpoint(d: &Daemon, name: &str, action: &str) {
+    let req = rdax_proto::testing_pb::SetFailpointRequest { name: name.into(), action: action.into() };
+    testing(d).await.set_failpoint(req).await.unwrap();
+}
+
+#[cfg(feature = "testing")]
+async fn paused_at(d: &Daemon, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = testing(d).await.list_failpoints(rdax_proto::testing_pb::ListFailpointsRequest {}).await.unwrap();
+        if list.into_inner().failpoints.iter().any(|f| f.name == name && f.paused > 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing paused at {name}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(feature = "testing")]
 #[tokio::test(flavor = "multi_thread")]
 async fn no_grant_overlaps_a_range_while_it_is_recalled() {
     let dir = tmp();
     let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "800"]);
+    d.allow("not returned before the break deadline");
     let c = client(&d).await;
     let sa = c
         .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
         .await
         .unwrap();
     c.object("ns", "x").unwrap().create(MIB).await.unwrap();
-    let _held = sa.acquire("ns", "x", 0, MIB, LeaseMode::Read).await.unwrap();
-    // The holder ignores the recall, so the truncate cannot finish before the 800 ms deadline:
-    // any grant returned sooner after the truncate started was given during the recall.
+    let held = sa.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    // Hold the truncate just before its layout change, after the recall and revocation, so
+    // that the range stays marked for as long as the test needs.
+    failpoint(&d, "layout.before_change", "pause").await;
     let t_start = Instant::now();
     let truncating = {
         let c = c.clone();
-        tokio::spawn(async move {
-            c.object("ns", "x").unwrap().resize(4096).await.unwrap();
-            Instant::now()
-        })
+        tokio::spawn(async move { c.object("ns", "x").unwrap().resize(4096).await.map(|s| s.size) })
     };
-    // Wait until the recall is under way (the held lease is breaking).
+    let sb = c.open_session("B").await.unwrap();
+    // While the holder is being recalled: outside the range, granted at once.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !c.leases(None).await.unwrap().iter().any(|l| l.state == "breaking") {
         assert!(Instant::now() < deadline, "recall did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let sb = c.open_session("B").await.unwrap();
-    // Outside the recalled range [4096, end): granted at once, recall or not.
     let t = Instant::now();
     sb.acquire("ns", "x", 0, 4096, LeaseMode::Read).await.unwrap();
     assert!(t.elapsed() < Duration::from_millis(500), "an unrelated range must not wait ({:?})", t.elapsed());
-    // Overlapping it: held until the layout change is done, and then the range is gone.
-    let got = sb.acquire("ns", "x", 0, 8192, LeaseMode::Read).await;
-    let waited = t_start.elapsed();
-    let truncated_at = truncating.await.unwrap();
-    assert!(truncated_at - t_start >= Duration::from_millis(750), "the deaf holder holds the truncate to the deadline");
-    let e = got.expect_err("the range no longer exists after the truncate");
-    assert!(matches!(e.kind(), ErrorKind::OutOfRange | ErrorKind::Unavailable), "{e}");
-    if e.kind() == ErrorKind::OutOfRange {
-        assert!(
-            waited >= Duration::from_millis(750),
-            "answered {waited:?} after the recall began, before its deadline"
-        );
-    }
+    // Overlapping it: waits its whole bound (the break timeout) and fails with Unavailable.
+    let t = Instant::now();
+    let e = sb.acquire("ns", "x", 0, 8192, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(750), "refused after {:?}, before its bound", t.elapsed());
+    // The truncate waits at the failpoint: by now the deaf holder was revoked at its deadline.
+    paused_at(&d, "layout.before_change").await;
+    assert!(t_start.elapsed() >= Duration::from_millis(750), "the deaf holder holds the truncate to the deadline");
+    assert!(!truncating.is_finished());
+    let (pool, key) = held.segments()[0].target.unwrap();
+    let (mut raw, _) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    assert_eq!(raw.op(Op::Read, key, held.generation(), pool, &[], 8).await, Status::Revoked);
+    failpoint(&d, "layout.before_change", "off").await;
+    assert_eq!(truncating.await.unwrap().unwrap(), 4096);
+    // After the change the range is gone.
+    let e = sb.acquire("ns", "x", 0, 8192, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -278,7 +308,13 @@ async fn a_lost_session_loses_its_leases() {
     }
     let (_, st) = Raw::connect(&d.data, bytes).await;
     assert_eq!(st, Status::BadSession);
-    let _ = (pool, key, g);
+    // The lost session's key is dead: presented on another session's connection, it is
+    // refused as revoked (a live key would be refused as belonging to another session).
+    let other = c.open_session("other").await.unwrap();
+    let (mut raw, st) = Raw::connect(&d.data, session_bytes(&other)).await;
+    assert_eq!(st, Status::Ok);
+    assert_eq!(raw.op(Op::Write, key, g, pool, &[7; 8], 8).await, Status::Revoked);
+    assert_eq!(raw.op(Op::Read, key, g, pool, &[], 8).await, Status::Revoked);
 }
 
 #[test]
@@ -334,4 +370,43 @@ async fn shutdown_recalls_held_leases_and_exits_cleanly() {
     assert!(d.log().contains("closed pool cleanly"), "{}", d.log());
     let out = common::rdaxctl().args(["fsck", d.pool_path().to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn a_stopped_client_cannot_keep_the_pool_open_at_shutdown() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "300", "--shutdown-timeout-ms", "2000"]);
+    d.allow("not returned before the break deadline");
+    assert!(d.ctl(&["create", "ns/x", "--size", "1M"]).status.success());
+    let mut hold = common::rdaxctl()
+        .args(["--endpoint", &d.endpoint, "lease", "hold", "ns/x", "--rw"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::poll(Duration::from_secs(20), "the held lease to be listed", || {
+        let out = d.ctl(&["--json", "lease", "list"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (!v.as_array()?.is_empty()).then_some(())
+    });
+    // The holder stops responding (its process is stopped, its connections stay open).
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(hold.id() as i32, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    let took = t0.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(hold.id() as i32, libc::SIGCONT) };
+    let _ = hold.kill();
+    let _ = hold.wait();
+    assert!(st.success(), "exit {st}\n{}", d.log());
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}\n{}", d.log());
+    let log = d.log();
+    assert!(log.contains("closed pool cleanly"), "{log}");
+    assert!(!log.contains("leaving it for recovery"), "{log}");
+    let d2 = Daemon::start(dir.path(), &[]);
+    d2.allow("not returned before the break deadline"); // the same log file
+    let out = d2.ctl(&["--json", "info"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["previous_shutdown_clean"], true, "{v}");
 }

@@ -56,6 +56,7 @@ fn ready_status_watchdog_reload_and_stopping() {
         &["--config", cfg.to_str().unwrap()],
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000"), ("RDAX_LOG_LEVEL", "unset")],
     );
+    d.allow("not returned before the break deadline");
     let info = |tok: &str| {
         write_token(&dir.path().join("client-token"), tok);
         d_ctl(&d, &["--token-file", dir.path().join("client-token").to_str().unwrap(), "info"])

@@ -12,7 +12,17 @@
 //!   in blocks that changed hands (every object is compared in full, periodically);
 //! * invariant 3 — a lease whose range was changed has dead keys on the wire (`REVOKED`);
 //! * invariant 2 is checked by `leases.rs` (grants during a recall); here grants that meet a
-//!   recall must fail with `Unavailable` or come after it.
+//!   recall must fail with `Unavailable` or come after it, and the daemon's own audit
+//!   (`Testing.Audit`: every undrained key covers blocks its object still owns, no grant over
+//!   a marked range) must find nothing after every race.
+//!
+//! Clients are impatient too: a third of the layout changes and a quarter of the acquires run
+//! under a random client deadline (the RPC is dropped mid-way, as a gRPC deadline or a
+//! disconnect does). A cancelled change still runs to the end on the daemon; the test then
+//! repeats it without a deadline (every change here is idempotent) and waits until no layout
+//! change is running, so the model stays exact. A cancelled acquire must leave no lease.
+//! Every object, including those created over reused blocks, is compared with the model
+//! byte for byte: a tagged byte where the model has none is a foreign byte.
 //!
 //! `RDAX_TORTURE_RACES` sets the count (default 1,000); `RDAX_TORTURE_SEED` the seed.
 
@@ -26,6 +36,7 @@ use std::time::Duration;
 use common::{Daemon, Raw, client};
 use rdax_client::{ErrorKind, LeaseMode, Session, SessionOptions};
 use rdax_proto::dataplane::{Op, Status};
+use rdax_proto::testing_pb::{AuditRequest, testing_client::TestingClient};
 use rdaxd::pool::rng::SplitMix64;
 
 const NAMES: [&str; 4] = ["o0", "o1", "o2", "o3"];
@@ -66,6 +77,8 @@ async fn run(seed: u64, races: u64) {
         &["--lease-break-timeout-ms", "10", "--session-ttl-ms", "5000"],
         &[("RDAX_FAILPOINTS", "dataplane.write.mid_copy=sleep(15)")],
     );
+    // Half the holders ignore recalls: revoking them is the point.
+    d.allow("not returned before the break deadline");
     let c = client(&d).await;
     let mut rng = SplitMix64::new(seed);
     let mut model: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
@@ -73,7 +86,10 @@ async fn run(seed: u64, races: u64) {
     for i in 0..4 {
         holders.push(holder(&c, i).await);
     }
-    let mut stats = [0u64; 4]; // writes acknowledged, writes refused, keys checked dead, full checks
+    let mut testing = TestingClient::connect(d.endpoint.clone()).await.unwrap();
+    // writes acknowledged, writes refused, keys checked dead, content checks, changes cancelled,
+    // acquires cancelled, bytes compared
+    let mut stats = [0u64; 7];
     for race in 0..races {
         let ctx = format!("seed {seed} race {race}");
         let name = NAMES[rng.below(NAMES.len() as u64) as usize];
@@ -87,7 +103,20 @@ async fn run(seed: u64, races: u64) {
         let hi = rng.below(holders.len() as u64) as usize;
         let lo_off = rng.below(size);
         let len = 1 + rng.below((size - lo_off).min(64 << 10));
-        let lease = match holders[hi].session.acquire("t", name, lo_off, len, LeaseMode::ReadWrite).await {
+        let acquire = holders[hi].session.acquire("t", name, lo_off, len, LeaseMode::ReadWrite);
+        let lease = if rng.below(4) == 0 {
+            // An impatient client: the grant may be made and then dropped with the RPC.
+            match tokio::time::timeout(Duration::from_micros(rng.below(3_000)), acquire).await {
+                Ok(r) => r,
+                Err(_) => {
+                    stats[5] += 1;
+                    continue;
+                }
+            }
+        } else {
+            acquire.await
+        };
+        let lease = match lease {
             Ok(l) => l,
             Err(e) if e.kind() == ErrorKind::Unavailable => continue,
             Err(e) => panic!("{ctx}: acquire: {e}"),
@@ -110,8 +139,9 @@ async fn run(seed: u64, races: u64) {
         };
         // Start the change somewhere inside the write's 15 ms hold (or just before it).
         let delay = Duration::from_micros(rng.below(16_000));
-        let (wres, cres) = tokio::join!(lease.write(w_off, &data), async {
-            tokio::time::sleep(delay).await;
+        let layout = !matches!(change, Change::Evict | Change::Nothing);
+        let deadline = (layout && rng.below(3) == 0).then(|| Duration::from_micros(rng.below(20_000)));
+        let apply = || async {
             match change {
                 Change::Shrink(s) | Change::Grow(s) => obj.resize(s).await.map(drop),
                 Change::Punch(o, l) => obj.punch_hole(o, l).await,
@@ -119,9 +149,40 @@ async fn run(seed: u64, races: u64) {
                 Change::Evict => c.evict_session(holders[hi].session.id(), "torture").await,
                 Change::Nothing => Ok(()),
             }
+        };
+        let (wres, cres) = tokio::join!(lease.write(w_off, &data), async {
+            tokio::time::sleep(delay).await;
+            match deadline {
+                Some(dl) => tokio::time::timeout(dl, apply()).await.ok(),
+                None => Some(apply().await),
+            }
         });
-        if let Err(e) = &cres {
-            panic!("{ctx}: change {change:?}: {e}");
+        match cres {
+            Some(Ok(())) => {}
+            Some(Err(e)) => panic!("{ctx}: change {change:?}: {e}"),
+            None => {
+                // Cancelled: the daemon finishes it anyway. Repeat it (idempotent) and wait until
+                // no layout change runs, so that the model below is exact.
+                stats[4] += 1;
+                match apply().await {
+                    Ok(()) => {}
+                    Err(e) if matches!(change, Change::Delete) && e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => panic!("{ctx}: repeated change {change:?}: {e}"),
+                }
+                let t0 = std::time::Instant::now();
+                loop {
+                    let a = testing.audit(AuditRequest {}).await.unwrap().into_inner();
+                    if a.layout_changes == 0 {
+                        break;
+                    }
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(20),
+                        "{ctx}: a layout change never finished ({})",
+                        a.inside
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
         }
         let detail = format!(
             "change {change:?}, write [{w_off}, +{w_len}) tag {tag} -> {:?}, lease [{lo_off}, +{len}) in {} segments, holder deaf={}",
@@ -205,13 +266,35 @@ async fn run(seed: u64, races: u64) {
         } else {
             model.get_key_value(name).map(|(k, _)| *k).into_iter().collect()
         };
+        let audit = testing.audit(AuditRequest {}).await.unwrap().into_inner();
+        assert!(audit.problems.is_empty(), "{ctx}: the daemon's audit: {:?}", audit.problems);
+        if race % 25 == 24 {
+            // No lease outlives its race: returned, revoked, or (a cancelled acquire) given back.
+            let t0 = std::time::Instant::now();
+            loop {
+                let live: Vec<_> = c
+                    .leases(None)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter(|l| l.state == "active" || l.state == "breaking")
+                    .collect();
+                if live.is_empty() {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(10), "{ctx}: leases left behind: {live:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         for n in check {
             let got = c.object("t", n).unwrap().read(0, 0).await.unwrap();
             let want = &model[n];
+            stats[6] += got.len() as u64;
             if got != *want {
                 let at = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+                let foreign = got.iter().zip(want.iter()).filter(|(a, b)| a != b).count();
                 panic!(
-                    "{ctx}: {n} differs from the model at byte {at} (len {} vs {}): found {:?}",
+                    "{ctx}: {n} differs from the model at byte {at} (len {} vs {}, {foreign} foreign bytes): found {:?}",
                     got.len(),
                     want.len(),
                     got.get(at)
@@ -221,8 +304,9 @@ async fn run(seed: u64, races: u64) {
         }
     }
     println!(
-        "torture: {races} races (seed {seed}): {} writes acknowledged, {} refused, {} recalled keys checked dead, {} content checks",
-        stats[0], stats[1], stats[2], stats[3]
+        "torture: {races} races (seed {seed}): {} writes acknowledged, {} refused, {} recalled keys checked dead, \
+         {} layout changes and {} acquires cancelled by client deadlines, {} content checks over {} bytes, 0 foreign bytes",
+        stats[0], stats[1], stats[2], stats[4], stats[5], stats[3], stats[6]
     );
 }
 

@@ -44,7 +44,12 @@ impl Testing for TestingService {
         api(async {
             let leases = self.0.leases.clone();
             let problems = self.0.blocking(move |_| leases.audit()).await?;
-            Ok(Response::new(tpb::AuditResponse { problems }))
+            let gate = &self.0.gate;
+            Ok(Response::new(tpb::AuditResponse {
+                problems,
+                layout_changes: gate.count(crate::gate::Work::LayoutChange) as u64,
+                inside: gate.describe(),
+            }))
         })
         .await
     }

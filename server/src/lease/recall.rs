@@ -61,8 +61,11 @@ impl LeaseManager {
         self.spawn_drain(id);
     }
 
-    /// Revoke at once: keys dead, holder told. Drains in the background.
-    pub(super) fn revoke(self: &Arc<Self>, id: u64, reason: &str) {
+    /// Revoke at once: keys dead, holder told. Drains in the background. `notable`: the
+    /// holder did not do its part (returned nothing by the deadline, stopped renewing), which
+    /// is logged at WARN; a revocation that follows from what someone asked for (a session
+    /// that ended, an administrator) is INFO.
+    pub(super) fn revoke(self: &Arc<Self>, id: u64, reason: &str, notable: bool) {
         let mut g = self.lock();
         let Some(l) = g.leases.get_mut(&id) else { return };
         if !l.state.live() {
@@ -76,7 +79,11 @@ impl LeaseManager {
             pb::session_event::Kind::LeaseRevoked(pb::LeaseRevoked { lease_id: id, generation, reason: reason.into() });
         self.sessions.notify(session, event(ev));
         METRICS.revokes.fetch_add(1, Relaxed);
-        warn!(lease = id, session = %session, reason, "lease revoked");
+        if notable {
+            warn!(lease = id, session = %session, reason, "lease revoked");
+        } else {
+            info!(lease = id, session = %session, reason, "lease revoked");
+        }
     }
 
     fn spawn_drain(self: &Arc<Self>, id: u64) {
@@ -143,7 +150,7 @@ impl LeaseManager {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            self.revoke(id, "the session ended");
+            self.revoke(id, "the session ended", false);
         }
     }
 
@@ -227,7 +234,7 @@ impl LeaseManager {
         let returned = |i: &Inner| targets.iter().all(|id| i.leases.get(id).is_none_or(|l| !l.state.live()));
         if !self.wait_changed_until(deadline, returned).await {
             for &id in targets {
-                self.revoke(id, "not returned before the break deadline");
+                self.revoke(id, "not returned before the break deadline", true);
             }
         }
         lease_failpoint!("recall.revoked");
@@ -301,7 +308,7 @@ impl LeaseManager {
             async move {
                 let _guard = guard;
                 if immediate {
-                    m.revoke(id, "revoked by an administrator");
+                    m.revoke(id, "revoked by an administrator", false);
                 } else if let Some(l) = m.lock().leases.get_mut(&id) {
                     m.send_recall(id, l, "recalled by an administrator");
                 }
@@ -341,7 +348,7 @@ impl LeaseManager {
         let stale: Vec<u64> =
             self.lock().leases.iter().filter(|(_, l)| l.state.live() && l.expires < now).map(|(id, _)| *id).collect();
         for &id in &stale {
-            self.revoke(id, "not renewed within the lease TTL");
+            self.revoke(id, "not renewed within the lease TTL", true);
         }
         stale.len()
     }

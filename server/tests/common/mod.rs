@@ -22,7 +22,14 @@ pub struct Daemon {
     pub envs: Vec<(String, String)>,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    /// WARN/ERROR messages this test expects (substrings), beyond [`ALWAYS_ALLOWED`].
+    allowed: std::sync::Mutex<Vec<String>>,
 }
+
+/// WARN/ERROR lines any test may produce: none so far. A test that provokes a warning on
+/// purpose says so with [`Daemon::allow`]; any other WARN or ERROR line in the daemon's log
+/// fails the test when the `Daemon` is dropped (neon's `allowed_errors`).
+pub const ALWAYS_ALLOWED: &[&str] = &[];
 
 /// Poll `f` every few milliseconds until it returns `Some` or `deadline` passes.
 pub fn poll<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -81,6 +88,7 @@ impl Daemon {
             envs,
             dir: dir.to_path_buf(),
             args,
+            allowed: Default::default(),
         };
         d.spawn();
         d
@@ -139,6 +147,27 @@ impl Daemon {
         st
     }
 
+    /// Expect WARN/ERROR lines containing `pattern`.
+    pub fn allow(&self, pattern: &str) -> &Self {
+        self.allowed.lock().unwrap().push(pattern.to_string());
+        self
+    }
+
+    /// WARN and ERROR lines of the log that no allow-list entry covers.
+    pub fn unexpected_log_lines(&self) -> Vec<String> {
+        let allowed = self.allowed.lock().unwrap();
+        self.log()
+            .lines()
+            .filter(|l| {
+                let level = l.split_whitespace().nth(1).unwrap_or_default();
+                (level == "WARN" || level == "ERROR")
+                    && !ALWAYS_ALLOWED.iter().any(|a| l.contains(a))
+                    && !allowed.iter().any(|a| l.contains(a.as_str()))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("rdaxd.log")).unwrap_or_default()
     }
@@ -169,6 +198,10 @@ impl Drop for Daemon {
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let bad = self.unexpected_log_lines();
+            assert!(bad.is_empty(), "unexpected WARN/ERROR lines in the daemon's log:\n{}", bad.join("\n"));
         }
     }
 }

@@ -1,0 +1,192 @@
+//! Cancellation at every await point, against the real daemon (needs the `testing` feature).
+//!
+//! For each step of a layout change (resize, punch, delete) and of a grant, a failpoint pauses
+//! the daemon there; the client then abandons its RPC (the future is dropped, so tonic sends
+//! RST_STREAM and the daemon drops the handler). The test waits until the daemon has really
+//! dropped the handler (no request is left in its gate but the test's own audit), then checks
+//! what invariants 1–3 need: a grant over the range waits for the change, no key covers a
+//! freed block (the daemon's audit), the change itself happens, and an abandoned grant leaves
+//! no lease.
+#![cfg(feature = "testing")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, client};
+use rdax_client::{ErrorKind, LeaseMode, SessionOptions};
+use rdax_proto::pb;
+use rdax_proto::testing_pb::{self as tpb, testing_client::TestingClient};
+
+const MIB: u64 = 1 << 20;
+const STEPS: [&str; 5] = ["recall.sent", "recall.revoked", "recall.drained", "layout.before_change", "layout.changed"];
+
+struct Testing(TestingClient<tonic::transport::Channel>);
+
+impl Testing {
+    async fn new(d: &Daemon) -> Self {
+        Testing(TestingClient::connect(d.endpoint.clone()).await.unwrap())
+    }
+
+    async fn set(&mut self, name: &str, action: &str) {
+        let req = tpb::SetFailpointRequest { name: name.into(), action: action.into() };
+        self.0.set_failpoint(req).await.unwrap();
+    }
+
+    async fn point(&mut self, name: &str) -> tpb::Failpoint {
+        let list = self.0.list_failpoints(tpb::ListFailpointsRequest {}).await.unwrap().into_inner();
+        list.failpoints.into_iter().find(|f| f.name == name).unwrap_or_default()
+    }
+
+    async fn until(&mut self, what: &str, mut f: impl FnMut(&tpb::AuditResponse) -> bool) -> tpb::AuditResponse {
+        let t0 = Instant::now();
+        loop {
+            let a = self.0.audit(tpb::AuditRequest {}).await.unwrap().into_inner();
+            if f(&a) {
+                return a;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {what}: {a:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn paused_at(&mut self, name: &str) {
+        let t0 = Instant::now();
+        while self.point(name).await.paused == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "nothing paused at {name}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The abandoned handler is gone: no request is in the gate (the Testing service is not
+    /// gated, so the audit itself does not count).
+    async fn handler_dropped(&mut self) {
+        self.until("the daemon to drop the abandoned handler", |a| !a.inside.contains("grpc requests")).await;
+    }
+
+    async fn clean(&mut self, ctx: &str) {
+        let a = self.0.audit(tpb::AuditRequest {}).await.unwrap().into_inner();
+        assert!(a.problems.is_empty(), "{ctx}: {:?}", a.problems);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_change_abandoned_at_any_step_still_holds_off_grants_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "200"]);
+    d.allow("not returned before the break deadline");
+    let c = client(&d).await;
+    let mut t = Testing::new(&d).await;
+    let deaf = c
+        .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
+        .await
+        .unwrap();
+    for (n, (step, op)) in STEPS.iter().flat_map(|s| ["resize", "punch", "delete"].map(|o| (*s, o))).enumerate() {
+        let ctx = format!("{op} abandoned at {step}");
+        let name = format!("o{n}");
+        let obj = c.object("ns", &name).unwrap();
+        obj.create(MIB).await.unwrap();
+        let held = deaf.acquire("ns", &name, 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+        held.write(0, &[0xD1; 4096]).await.unwrap();
+        t.set(step, "pause").await;
+        let o2 = obj.clone();
+        let call = tokio::spawn(async move {
+            match op {
+                "resize" => o2.resize(4096).await.map(drop),
+                "punch" => o2.punch_hole(4096, MIB - 4096).await,
+                _ => o2.delete().await,
+            }
+        });
+        t.paused_at(step).await;
+        call.abort();
+        let _ = call.await;
+        t.handler_dropped().await;
+        // The range is still marked: a grant over it waits.
+        let waiting = t.point("grant.waiting").await.hits;
+        let name2 = name.clone();
+        let s2 = c.open_session("grantee").await.unwrap();
+        let grant = tokio::spawn(async move { s2.acquire("ns", &name2, 0, MIB, LeaseMode::ReadWrite).await.map(drop) });
+        let t0 = Instant::now();
+        while t.point("grant.waiting").await.hits == waiting {
+            assert!(!grant.is_finished(), "{ctx}: a grant was made over a breaking range");
+            assert!(t0.elapsed() < Duration::from_secs(20), "{ctx}: the grant never waited");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(!grant.is_finished(), "{ctx}: a grant was made over a breaking range");
+        t.clean(&ctx).await;
+        t.set(step, "off").await;
+        // The change ran to the end although its requester is gone.
+        t.until("the change to finish", |a| a.layout_changes == 0).await;
+        let r = grant.await.unwrap();
+        match op {
+            "resize" => {
+                assert_eq!(obj.stat().await.unwrap().size, 4096, "{ctx}");
+                assert!(matches!(r, Err(ref e) if e.kind() == ErrorKind::OutOfRange), "{ctx}: {r:?}");
+            }
+            "punch" => {
+                assert_eq!(obj.stat().await.unwrap().allocated_bytes, if r.is_ok() { MIB } else { 4096 }, "{ctx}");
+                assert_eq!(obj.read(0, 4096).await.unwrap(), vec![0xD1; 4096], "{ctx}: the unpunched block");
+            }
+            _ => assert_eq!(obj.stat().await.unwrap_err().kind(), ErrorKind::NotFound, "{ctx}"),
+        }
+        t.clean(&ctx).await;
+        // The deaf holder's key is dead (revoked at the break deadline, or by the release here).
+        assert_eq!(held.write(0, &[1]).await.unwrap_err().kind(), ErrorKind::Revoked, "{ctx}");
+        let _ = held.release().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_abandoned_at_any_step_leaves_no_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let c = client(&d).await;
+    let mut t = Testing::new(&d).await;
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let s = c.open_session("abandoner").await.unwrap();
+    for step in ["grant.allocated", "grant.installed"] {
+        t.set(step, "pause").await;
+        // The raw RPC (the SDK's acquire finishes its RPC in a task of its own).
+        let mut raw = pb::leases_client::LeasesClient::connect(d.endpoint.clone()).await.unwrap();
+        let req = pb::AcquireRequest {
+            session_id: s.id().to_string(),
+            object: Some(pb::ObjectRef { namespace: "ns".into(), name: "x".into() }),
+            offset: 0,
+            length: MIB,
+            mode: pb::LeaseMode::ReadWrite as i32,
+            transport: pb::Transport::Tcp as i32,
+        };
+        let call = tokio::spawn(async move { raw.acquire(req).await });
+        t.paused_at(step).await;
+        call.abort();
+        let _ = call.await;
+        t.handler_dropped().await;
+        t.set(step, "off").await;
+        // The owned grant task finishes, finds nobody to hand the grant to, and gives it back.
+        let t0 = Instant::now();
+        while !c.leases(None).await.unwrap().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{step}: the abandoned grant was not given back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        t.clean(step).await;
+        assert!(d.log().contains("grant not delivered"), "{step}: {}", d.log());
+        // Nothing is left to drain: a truncate goes through without a recall.
+        let t0 = Instant::now();
+        c.object("ns", "x").unwrap().resize(MIB).await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{step}");
+    }
+    // The SDK's own acquire, abandoned by its caller, also leaves nothing.
+    t.set("grant.installed", "pause").await;
+    let s = std::sync::Arc::new(s);
+    let s2 = s.clone();
+    let call = tokio::spawn(async move { s2.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.map(drop) });
+    t.paused_at("grant.installed").await;
+    call.abort();
+    let _ = call.await;
+    t.set("grant.installed", "off").await;
+    let t0 = Instant::now();
+    while !c.leases(None).await.unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the SDK did not give back a grant its caller abandoned");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
