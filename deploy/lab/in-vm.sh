@@ -5,7 +5,9 @@
 set -uo pipefail
 kind=$1 testbin=$2 out=$3
 root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=$root/target/release
+# Release binaries without failpoints (rdma-lab.sh keeps them aside); the tests' own rdaxd is
+# the `testing` build next to the test binary.
+bin=$root/target/lab-bin
 S=10.77.0.1 C=10.77.0.2
 export RDAX_LAB_SERVER_IP=$S RDAX_LAB_CLIENT_IP=$C RUST_BACKTRACE=1
 fail=0

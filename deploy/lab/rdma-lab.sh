@@ -21,7 +21,11 @@ fi
 lap "building (release, --features rdma)"
 feats=rdaxd/rdma,rdaxctl/rdma
 cargo build --release -p rdaxd -p rdaxctl -p rdax-verbs --features "$feats"
-testbin=$(cargo test --release -p rdaxd --features rdaxd/rdma --test rdma_lab --no-run --message-format=json 2>/dev/null \
+# The bench runs the release binaries as users get them; keep them aside, because the test
+# binary below is built with `testing` (failpoints), which rebuilds target/release/rdaxd.
+mkdir -p target/lab-bin
+cp target/release/rdaxd target/release/rdaxctl target/release/rdax-rdma-probe target/lab-bin/
+testbin=$(cargo test --release -p rdaxd --features rdaxd/rdma,rdaxd/testing --test rdma_lab --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*rdma_lab[^"]*\)".*/\1/p' | tail -1)
 [ -x "$testbin" ] || { echo "rdma-lab: could not build the rdma_lab test binary" >&2; exit 2; }
 rm -rf "$out"; mkdir -p "$out"

@@ -375,21 +375,35 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Why a size did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// No number in front.
+    #[error("`{0}` is not a size (examples: 4096, 64M, 1G)")]
+    NotASize(String),
+    /// A unit other than K, M, G, T.
+    #[error("unknown size unit `{0}` (use K, M, G or T)")]
+    Unit(String),
+    /// More than 2^64 - 1 bytes.
+    #[error("`{0}` does not fit in 64 bits")]
+    TooLarge(String),
+}
+
 /// Parse a size: `4096`, `64K`, `512MiB`, `1G`, `2TiB` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 4096, 64M, 1G)"))?;
+    let n: u64 = num.parse().map_err(|_| SizeError::NotASize(s.to_string()))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        other => return Err(format!("unknown size unit `{other}` (use K, M, G or T)")),
+        other => return Err(SizeError::Unit(other.to_string())),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` does not fit in 64 bits"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 /// Read and parse a config file, collecting unknown keys.

@@ -291,9 +291,12 @@ pub async fn run_with_reload(
     sessions.shutdown();
     stop_serving.cancel();
     timed("close connections", close_connections(&mut server, &cut)).await;
-    reaper.abort();
-    lease_reaper.abort();
-    watchdog.abort();
+    // Background loops watch the root token (cancelled above) and end by themselves.
+    for (what, task) in [("session reaper", reaper), ("lease reaper", lease_reaper), ("watchdog", watchdog)] {
+        if tokio::time::timeout(Duration::from_secs(1), task).await.is_err() {
+            warn!(task = what, "a background task did not stop within 1 s");
+        }
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
     let clean = timed("close the pool", close_pool(pool, CLOSE_BOUND)).await;
     info!(elapsed = ?t0.elapsed(), clean, "shutdown finished");
@@ -328,10 +331,8 @@ async fn close_connections(
     cut.cancel();
     match tokio::time::timeout(Duration::from_secs(5), &mut *server).await {
         Ok(r) => report_server(r),
-        Err(_) => {
-            warn!("the gRPC server did not stop after its connections were cut");
-            server.abort();
-        }
+        // Its connections cannot reach the pool any more (closed next); let it be.
+        Err(_) => warn!("the gRPC server did not stop within 5 s after its connections were cut"),
     }
 }
 

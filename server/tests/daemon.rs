@@ -418,3 +418,42 @@ fn the_example_config_documents_only_real_keys() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A crash just before or just after a journal commit (failpoint `exit`): the next start
+/// recovers, and the change is either fully absent or fully there (invariant 4).
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_on_either_side_of_a_journal_commit_recovers_atomically() {
+    for (point, code, present) in [("journal.before_commit", 42, false), ("journal.after_commit", 43, true)] {
+        let dir = tmp();
+        let mut d = Daemon::start(dir.path(), &[]);
+        let c = client(&d).await;
+        let a = c.object("ns", "a").unwrap();
+        a.create(1 << 20).await.unwrap();
+        a.write(0, vec![0xAB; 1 << 20], true).await.unwrap();
+        common::Testing::new(&d).await.set(point, &format!("exit({code})")).await;
+        // The delete of `a` crashes the daemon mid-way.
+        assert!(a.delete().await.is_err(), "{point}: the request cannot be acknowledged");
+        let st = d.signal_and_wait(0, Duration::from_secs(20));
+        assert_eq!(st.code(), Some(code), "{point}: {}", d.log());
+        drop(c);
+        let mut d = Daemon::start(dir.path(), &[]);
+        let c = client(&d).await;
+        let info = c.info().await.unwrap();
+        assert!(!info.previous_shutdown_clean, "{point}");
+        match c.object("ns", "a").unwrap().read(0, 0).await {
+            Ok(bytes) => {
+                assert!(!present, "{point}: the committed delete was lost");
+                assert!(bytes == vec![0xAB; 1 << 20], "{point}: the object survived, but not whole");
+            }
+            Err(e) => {
+                assert!(present, "{point}: an uncommitted delete took effect ({e})");
+                assert_eq!(e.kind(), ErrorKind::NotFound, "{point}: {e}");
+            }
+        }
+        drop(c);
+        let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+        assert!(st.success(), "{point}: {}", d.log());
+        fsck_clean(&d);
+    }
+}

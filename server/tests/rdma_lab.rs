@@ -147,6 +147,7 @@ async fn devdax_cooperative_recall() {
 async fn devdax_revoked_unresponsive_client_gets_remote_access_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = devdax_daemon(dir.path(), &["--lease-break-timeout-ms", "1000"]);
+    d.allow("not returned before the break deadline");
     let c = client(&d).await;
     let obj = c.object("lab", "revoke").unwrap();
     obj.create(1 << 20).await.unwrap();
@@ -196,6 +197,7 @@ async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
     let _ = std::fs::remove_file(&pool);
     let rdma = format!("{}:0", env("RDAX_LAB_SERVER_IP"));
     let d = Daemon::start(dir.path(), &["--pool", &pool, "--rdma-listen", &rdma, "--allow-no-token"]);
+    d.allow("RDMA unavailable");
     let c = client(&d).await;
     let info = c.info().await.unwrap();
     assert_eq!(info.mode, "fs-dax");
@@ -304,4 +306,141 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     let w = Wr::Write { laddr: buf.addr(), lkey: buf.lkey(), len: 4096, raddr: seg.rdma_addr, rkey: seg.rkey };
     let e = conn.exec(w, Some(buf.clone())).await.unwrap_err();
     assert!(e.is_remote_access(), "{e}");
+}
+
+/// A client that abandons an RDMA `Acquire` while its window is being bound leaves no binding
+/// and no pin: the grant is given back when the binder finishes, and a truncate of the range
+/// then completes at once (a leaked pin would hold it to the drain timeout).
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
+async fn devdax_a_cancelled_rdma_acquire_leaves_no_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = devdax_daemon(dir.path(), &["--lease-break-timeout-ms", "60000"]);
+    let c = client(&d).await;
+    let mut t = Testing::new(&d).await;
+    let obj = c.object("lab", "cancel").unwrap();
+    obj.create(8 << 20).await.unwrap();
+    let s = rdma_session(&c, "abandoner", false).await;
+    // Make the session's RDMA connection (the SDK connects on its first acquire).
+    s.acquire("lab", "cancel", 0, 4096, LeaseMode::Read).await.unwrap().release().await.unwrap();
+    let invalidations = d.metric("rdax_rdma_invalidations_total");
+    t.set("rdma.bind", "pause").await;
+    let mut raw = rdax_proto::pb::leases_client::LeasesClient::connect(d.endpoint.clone()).await.unwrap();
+    let req = rdax_proto::pb::AcquireRequest {
+        session_id: s.id().to_string(),
+        object: Some(rdax_proto::pb::ObjectRef { namespace: "lab".into(), name: "cancel".into() }),
+        offset: 0,
+        length: 8 << 20,
+        mode: rdax_proto::pb::LeaseMode::ReadWrite as i32,
+        transport: rdax_proto::pb::Transport::Rdma as i32,
+    };
+    let call = tokio::spawn(async move { raw.acquire(req).await });
+    t.paused_at("rdma.bind").await;
+    call.abort();
+    let _ = call.await;
+    t.handler_dropped().await;
+    t.set("rdma.bind", "off").await;
+    poll(Duration::from_secs(30), "the abandoned grant to be given back and drained", || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let c = c.clone();
+        std::thread::spawn(move || rt.block_on(async { c.leases(None).await.unwrap().is_empty() }))
+            .join()
+            .unwrap()
+            .then_some(())
+    });
+    assert!(d.metric("rdax_rdma_invalidations_total") > invalidations, "the keys made for it were invalidated");
+    assert!(d.log().contains("grant not delivered"), "{}", d.log());
+    t.clean("after the cancelled acquire").await;
+    let t0 = std::time::Instant::now();
+    obj.resize(4096).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the truncate waited {:?}: something still pins the range",
+        t0.elapsed()
+    );
+    // The session's RDMA connection still serves a fresh lease.
+    obj.resize(8 << 20).await.unwrap();
+    let l = s.acquire("lab", "cancel", 0, 1 << 20, LeaseMode::ReadWrite).await.unwrap();
+    let data = pattern(1 << 20, 9);
+    l.write_persist(0, &data).await.unwrap();
+    assert!(obj.read(0, 1 << 20).await.unwrap() == data);
+}
+
+/// Teardown failures injected at each step of the RDMA key teardown: where the daemon cannot
+/// prove the keys dead (a failed fence, deallocation or deregistration), the lease is
+/// quarantined and its blocks are never reused; a failed invalidation alone is covered by the
+/// fence and drains normally.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
+async fn devdax_failed_teardown_quarantines_the_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = devdax_daemon(dir.path(), &[]);
+    for a in [
+        "lease quarantined",
+        "quarantining them until restart",
+        "fencing the client's queue pair",
+        "RDMA queue pair fenced",
+    ] {
+        d.allow(a);
+    }
+    let c = client(&d).await;
+    let mut t = Testing::new(&d).await;
+    let cases: [(&str, &[&str], bool); 4] = [
+        ("invalidation fails, the fence works", &["rdma.invalidate"], false),
+        ("invalidation and fence fail", &["rdma.invalidate", "rdma.fence"], true),
+        ("deallocating a window fails", &["rdma.dealloc"], true),
+        ("deregistering a region fails", &["rdma.dereg"], true),
+    ];
+    let mut quarantined: Vec<(u64, u64)> = Vec::new();
+    for (i, (what, points, quarantines)) in cases.into_iter().enumerate() {
+        let name = format!("q{i}");
+        let obj = c.object("lab", &name).unwrap();
+        obj.create(1 << 20).await.unwrap();
+        let s = rdma_session(&c, &name, false).await;
+        let l = s.acquire("lab", &name, 0, 1 << 20, LeaseMode::ReadWrite).await.unwrap();
+        l.write_persist(0, &pattern(1 << 20, i as u8)).await.unwrap();
+        let ranges: Vec<(u64, u64)> = l.segments().iter().map(|g| (g.target.unwrap().0, g.len)).collect();
+        for p in points {
+            t.set(p, "1*return").await;
+        }
+        let id = l.id();
+        l.release().await.unwrap();
+        let want = if quarantines { "quarantined" } else { "gone" };
+        poll(Duration::from_secs(30), &format!("{what}: the lease to be {want}"), || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let c = c.clone();
+            let list = std::thread::spawn(move || rt.block_on(async { c.leases(None).await.unwrap() })).join().unwrap();
+            let me = list.iter().find(|x| x.lease_id == id);
+            match (quarantines, me) {
+                (true, Some(x)) if x.state == "quarantined" => Some(()),
+                (false, None) => Some(()),
+                _ => None,
+            }
+        });
+        // The delete goes ahead either way; a quarantined lease's blocks stay out of use.
+        obj.delete().await.unwrap();
+        if quarantines {
+            quarantined.extend(&ranges);
+        }
+        let st = c.stats().await.unwrap();
+        let want_blocks: u64 = quarantined.iter().map(|r| r.1 / 4096).sum();
+        assert_eq!(st.quarantined_blocks, want_blocks, "{what}: {st:?}");
+        assert_eq!(d.metric("rdax_pool_bytes{state=\"quarantined\"}"), (want_blocks * 4096) as f64, "{what}");
+        t.clean(what).await;
+    }
+    // Hand every free block to a new object: none of them may be a quarantined one.
+    let free = c.stats().await.unwrap().free_blocks * 4096;
+    let fill = c.object("lab", "fill").unwrap();
+    fill.create(free).await.unwrap();
+    let s = c.open_session("filler").await.unwrap();
+    let l = s.acquire("lab", "fill", 0, free, LeaseMode::ReadWrite).await.unwrap();
+    for g in l.segments() {
+        let (p, n) = (g.target.unwrap().0, g.len);
+        for &(q, m) in &quarantined {
+            assert!(p + n <= q || q + m <= p, "a quarantined block [{q}, +{m}) was handed out again at [{p}, +{n})");
+        }
+    }
+    assert_eq!(d.metric("rdax_lease_quarantined_total"), 3.0);
 }

@@ -97,6 +97,20 @@ pub enum GeometryError {
         /// Extent slots asked for.
         extents: u64,
     },
+    /// Decoded fields disagree with each other.
+    #[error("geometry fields are inconsistent with each other")]
+    Inconsistent,
+    /// The pool claims more bytes than its region has.
+    #[error("pool claims {claimed} bytes but the region has {region}")]
+    LargerThanRegion {
+        /// What the superblock says.
+        claimed: u64,
+        /// What the region has.
+        region: u64,
+    },
+    /// A format version that never existed.
+    #[error("format version 0")]
+    VersionZero,
 }
 
 impl Geometry {
@@ -150,17 +164,16 @@ impl Geometry {
     }
 
     /// Checks a decoded geometry against the size of the medium it came from.
-    pub fn sane(&self, media_len: u64) -> Result<(), String> {
+    pub fn sane(&self, media_len: u64) -> Result<(), GeometryError> {
         let expect = Self::compute(
             self.pool_size,
             FormatOptions { max_objects: Some(self.objtab_slots), max_extents: Some(self.exttab_slots) },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         if expect != *self {
-            return Err("geometry fields are inconsistent with each other".into());
+            return Err(GeometryError::Inconsistent);
         }
         if self.pool_size > media_len {
-            return Err(format!("pool claims {} bytes but the region has {media_len}", self.pool_size));
+            return Err(GeometryError::LargerThanRegion { claimed: self.pool_size, region: media_len });
         }
         Ok(())
     }
@@ -191,7 +204,7 @@ pub enum SuperblockError {
     /// Checksum mismatch.
     Checksum,
     /// Fields that cannot be right.
-    Geometry(String),
+    Geometry(GeometryError),
 }
 
 impl Superblock {
@@ -247,7 +260,7 @@ impl Superblock {
             return Err(SuperblockError::NewerVersion(version));
         }
         if version == 0 {
-            return Err(SuperblockError::Geometry("format version 0".into()));
+            return Err(SuperblockError::Geometry(GeometryError::VersionZero));
         }
         let f = |i: usize| get_u64(b, 32 + 8 * i);
         let geo = Geometry {

@@ -254,3 +254,58 @@ impl Raw {
         st
     }
 }
+
+#[cfg(feature = "testing")]
+use rdax_proto::testing_pb::{self as tpb, testing_client::TestingClient};
+
+/// The daemon's test-only `Testing` service (failpoints, audits), in `testing` builds.
+#[cfg(feature = "testing")]
+pub struct Testing(pub TestingClient<tonic::transport::Channel>);
+
+#[cfg(feature = "testing")]
+impl Testing {
+    pub async fn new(d: &Daemon) -> Self {
+        Testing(TestingClient::connect(d.endpoint.clone()).await.unwrap())
+    }
+
+    pub async fn set(&mut self, name: &str, action: &str) {
+        let req = tpb::SetFailpointRequest { name: name.into(), action: action.into() };
+        self.0.set_failpoint(req).await.unwrap();
+    }
+
+    pub async fn point(&mut self, name: &str) -> tpb::Failpoint {
+        let list = self.0.list_failpoints(tpb::ListFailpointsRequest {}).await.unwrap().into_inner();
+        list.failpoints.into_iter().find(|f| f.name == name).unwrap_or_default()
+    }
+
+    pub async fn until(&mut self, what: &str, mut f: impl FnMut(&tpb::AuditResponse) -> bool) -> tpb::AuditResponse {
+        let t0 = Instant::now();
+        loop {
+            let a = self.0.audit(tpb::AuditRequest {}).await.unwrap().into_inner();
+            if f(&a) {
+                return a;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {what}: {a:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    pub async fn paused_at(&mut self, name: &str) {
+        let t0 = Instant::now();
+        while self.point(name).await.paused == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "nothing paused at {name}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The abandoned handler is gone: no request is in the gate (the Testing service is not
+    /// gated, so the audit itself does not count).
+    pub async fn handler_dropped(&mut self) {
+        self.until("the daemon to drop the abandoned handler", |a| !a.inside.contains("grpc requests")).await;
+    }
+
+    pub async fn clean(&mut self, ctx: &str) {
+        let a = self.0.audit(tpb::AuditRequest {}).await.unwrap().into_inner();
+        assert!(a.problems.is_empty(), "{ctx}: {:?}", a.problems);
+    }
+}
