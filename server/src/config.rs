@@ -95,7 +95,7 @@ pub struct Args {
     /// Time a holder has to return a recalled lease [lease.break_timeout_ms] (default 5000).
     #[arg(long, env = "RDAX_LEASE_BREAK_TIMEOUT_MS")]
     pub lease_break_timeout_ms: Option<u64>,
-    /// Bound on a graceful shutdown [shutdown.timeout_ms] (default 10000).
+    /// Bound on finishing in-flight work at shutdown, from the signal [shutdown.timeout_ms] (default 10000).
     #[arg(long, env = "RDAX_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<u64>,
     /// Log format: text or json [log.format] (default text).

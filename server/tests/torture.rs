@@ -99,6 +99,12 @@ async fn run(seed: u64, races: u64) {
             obj.create(size).await.unwrap();
             model.insert(name, vec![0; size as usize]);
         }
+        if model[name].is_empty() {
+            // Truncated to nothing by an earlier race: grow it back (sparse) to have a range.
+            let size = 4096 + rng.below(MAX);
+            obj.resize(size).await.unwrap();
+            model.get_mut(name).unwrap().resize(size as usize, 0);
+        }
         let size = model[name].len() as u64;
         let hi = rng.below(holders.len() as u64) as usize;
         let lo_off = rng.below(size);

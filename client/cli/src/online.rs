@@ -109,12 +109,13 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             let s = client.stats().await?;
             let v = json!({
                 "objects": s.objects, "extents": s.extents, "data_blocks": s.data_blocks, "used_blocks": s.used_blocks,
-                "held_blocks": s.held_blocks, "free_blocks": s.free_blocks, "free_extents": s.free_extents,
+                "held_blocks": s.held_blocks, "quarantined_blocks": s.quarantined_blocks,
+                "free_blocks": s.free_blocks, "free_extents": s.free_extents,
                 "largest_free_blocks": s.largest_free_blocks, "free_huge_runs": s.free_huge_runs,
                 "fragmentation": s.fragmentation, "sessions": s.sessions,
             });
             emit(json, &v, || {
-                format!(
+                let mut text = format!(
                     "objects        {} ({} extents)\nused           {} of {}\nfree           {} in {} extents (largest {}), {} free 2 MiB runs\nfragmentation  {:.1} %\nsessions       {}",
                     s.objects,
                     s.extents,
@@ -126,7 +127,18 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                     s.free_huge_runs,
                     s.fragmentation * 100.0,
                     s.sessions
-                )
+                );
+                if s.held_blocks > 0 {
+                    text +=
+                        &format!("\nheld           {} (freed, waiting for DMA to drain)", human(s.held_blocks * 4096));
+                }
+                if s.quarantined_blocks > 0 {
+                    text += &format!(
+                        "\nquarantined    {} (an RDMA teardown failed; reused only after a restart)",
+                        human(s.quarantined_blocks * 4096)
+                    );
+                }
+                text
             });
         }
         Cmd::Create { object, size } => {
