@@ -14,8 +14,8 @@ fn status_error(s: Status) -> Error {
         Status::Revoked | Status::UnknownKey | Status::StaleGeneration => ErrorKind::Revoked,
         Status::WrongSession | Status::Mode => ErrorKind::PermissionDenied,
         Status::OutOfRange => ErrorKind::OutOfRange,
-        Status::BadSession => ErrorKind::NotFound,
         Status::ShuttingDown => ErrorKind::Unavailable,
+        Status::StorageFailed => ErrorKind::Other,
         _ => ErrorKind::Protocol,
     };
     Error::new(kind, format!("data plane refused the operation: {s:?}"))
@@ -47,8 +47,15 @@ impl DataConn {
         self.s.read_exact(&mut b).await?;
         let (rid, status, len) =
             wire::decode_response(&b).ok_or_else(|| Error::new(ErrorKind::Protocol, "bad data-plane response"))?;
-        if rid != id {
+        // A connection-level notice (the session ended, the daemon is stopping) may come
+        // instead of the reply, with request id 0: the daemon closes the connection after it.
+        if rid != id && !(rid == 0 && status.closes()) {
             return Err(Error::new(ErrorKind::Protocol, format!("response {rid} for request {id}")));
+        }
+        if status == Status::BadSession {
+            // The data plane only serves leases: a session that ended (before this connection's
+            // HELLO, or under it) took every lease it held with it.
+            return Err(Error::new(ErrorKind::Revoked, "the session ended: its leases were revoked"));
         }
         if status != Status::Ok {
             return Err(status_error(status));
@@ -94,12 +101,25 @@ impl DataConn {
     }
 }
 
+/// A pooled connection older than this is not reused: the daemon closes data-plane
+/// connections idle for `dataplane.idle_timeout_ms` (default 120 s), and one it closed while
+/// pooled would fail the next operation.
+const POOLED_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Idle connections to one data-plane endpoint for one session.
 #[derive(Debug)]
 pub(crate) struct ConnPool {
     addr: String,
     session: [u8; 16],
-    idle: Mutex<Vec<DataConn>>,
+    idle: Mutex<Vec<(DataConn, std::time::Instant)>>,
+}
+
+impl DataConn {
+    /// Still open, with nothing unread (a closed connection reads EOF at once).
+    fn usable(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
 }
 
 impl ConnPool {
@@ -108,10 +128,13 @@ impl ConnPool {
     }
 
     pub async fn get(&self) -> Result<DataConn> {
-        let c = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match c {
-            Some(c) => Ok(c),
-            None => DataConn::connect(&self.addr, self.session).await,
+        loop {
+            let c = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match c {
+                Some((c, since)) if since.elapsed() < POOLED_MAX_IDLE && c.usable() => return Ok(c),
+                Some(_) => continue, // stale or closed by the daemon: drop it
+                None => return DataConn::connect(&self.addr, self.session).await,
+            }
         }
     }
 
@@ -119,7 +142,7 @@ impl ConnPool {
     pub fn put(&self, c: DataConn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < 16 {
-            idle.push(c);
+            idle.push((c, std::time::Instant::now()));
         }
     }
 }

@@ -56,6 +56,9 @@ pub enum Status {
     Version = 11,
     /// The daemon is shutting down; the connection is closed.
     ShuttingDown = 12,
+    /// The pool's storage failed while persisting: the data may not be durable, and the
+    /// daemon accepts no change until it is restarted. The connection stays open.
+    StorageFailed = 13,
 }
 
 impl Status {
@@ -76,6 +79,7 @@ impl Status {
             10 => TooLarge,
             11 => Version,
             12 => ShuttingDown,
+            13 => StorageFailed,
             _ => return None,
         })
     }
@@ -188,9 +192,9 @@ mod tests {
         let read_with_flag = Request { op: Op::Read, ..r };
         assert_eq!(Request::decode(&read_with_flag.encode()), None);
         assert_eq!(decode_response(&response(5, Status::Revoked, 0)), Some((5, Status::Revoked, 0)));
-        for s in 0..=12 {
+        for s in 0..=13 {
             assert_eq!(Status::from_u8(s).map(|x| x as u8), Some(s));
         }
-        assert_eq!(Status::from_u8(13), None);
+        assert_eq!(Status::from_u8(14), None);
     }
 }

@@ -35,7 +35,7 @@ Config keys without a flag:
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
-    /default.pool (1 GiB, sparse) and listens on 127.0.0.1:7400 without a token.";
+    /default.pool (1 GiB, allocated on disk) and listens on 127.0.0.1:7400 without a token.";
 
 /// rdaxd — serve persistent memory to remote clients by direct memory access.
 #[derive(clap::Parser, Debug, Default, Clone)]
@@ -74,6 +74,27 @@ pub struct Args {
     /// Most concurrent streams per connection [limits.max_concurrent_streams] (default 256).
     #[arg(long, env = "RDAX_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u32>,
+    /// Most open gRPC connections; more wait in the backlog [limits.max_grpc_connections] (default 1024).
+    #[arg(long, env = "RDAX_MAX_GRPC_CONNECTIONS")]
+    pub max_grpc_connections: Option<usize>,
+    /// Most open data-plane connections [limits.max_data_connections] (default 1024).
+    #[arg(long, env = "RDAX_MAX_DATA_CONNECTIONS")]
+    pub max_data_connections: Option<usize>,
+    /// Most live leases of one session [limits.max_leases_per_session] (default 4096).
+    #[arg(long, env = "RDAX_MAX_LEASES_PER_SESSION")]
+    pub max_leases_per_session: Option<usize>,
+    /// Most leases in the daemon, live or draining [limits.max_leases] (default 65536).
+    #[arg(long, env = "RDAX_MAX_LEASES")]
+    pub max_leases: Option<usize>,
+    /// Most segments (keys) in one lease [limits.max_segments_per_lease] (default 4096).
+    #[arg(long, env = "RDAX_MAX_SEGMENTS_PER_LEASE")]
+    pub max_segments_per_lease: Option<usize>,
+    /// A gRPC connection with no request in progress for this long is closed [grpc.idle_timeout_ms] (default 60000).
+    #[arg(long, env = "RDAX_GRPC_IDLE_TIMEOUT_MS")]
+    pub grpc_idle_timeout_ms: Option<u64>,
+    /// A data-plane connection with no operation for this long is closed [dataplane.idle_timeout_ms] (default 120000).
+    #[arg(long, env = "RDAX_DATA_IDLE_TIMEOUT_MS")]
+    pub data_idle_timeout_ms: Option<u64>,
     /// TCP data-plane listen address [dataplane.listen] (default 127.0.0.1:7401; port 0 picks one).
     #[arg(long, env = "RDAX_DATA_LISTEN")]
     pub data_listen: Option<SocketAddr>,
@@ -220,6 +241,8 @@ pub struct DataplaneSection {
     pub listen: Option<SocketAddr>,
     /// Operation timeout.
     pub op_timeout_ms: Option<u64>,
+    /// Idle timeout.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// `[lease]`.
@@ -250,6 +273,8 @@ pub struct PoolSection {
 pub struct GrpcSection {
     /// Listen address.
     pub listen: Option<SocketAddr>,
+    /// Idle timeout.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// `[auth]`.
@@ -282,6 +307,16 @@ pub struct LimitsSection {
     pub max_message_bytes: Option<usize>,
     /// Most streams per connection.
     pub max_concurrent_streams: Option<u32>,
+    /// Most gRPC connections.
+    pub max_grpc_connections: Option<usize>,
+    /// Most data-plane connections.
+    pub max_data_connections: Option<usize>,
+    /// Most live leases per session.
+    pub max_leases_per_session: Option<usize>,
+    /// Most leases in all.
+    pub max_leases: Option<usize>,
+    /// Most segments per lease.
+    pub max_segments_per_lease: Option<usize>,
 }
 
 /// `[log]`.
@@ -302,6 +337,30 @@ pub struct ShutdownSection {
     pub timeout_ms: Option<u64>,
 }
 
+/// A secret string: usable as `&str`, never shown by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -313,8 +372,8 @@ pub struct Config {
     pub create_pool: bool,
     /// gRPC address.
     pub listen: SocketAddr,
-    /// Bearer token, if any.
-    pub token: Option<String>,
+    /// Bearer token, if any (its `Debug` shows no secret, so `check-config` can print this).
+    pub token: Option<Secret>,
     /// Session TTL.
     pub session_ttl: Duration,
     /// Most sessions.
@@ -323,6 +382,16 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Most streams per connection.
     pub max_concurrent_streams: u32,
+    /// Most gRPC connections.
+    pub max_grpc_connections: usize,
+    /// Most data-plane connections.
+    pub max_data_connections: usize,
+    /// Lease caps.
+    pub lease_limits: crate::lease::LeaseLimits,
+    /// gRPC idle timeout.
+    pub grpc_idle_timeout: Duration,
+    /// Data-plane idle timeout.
+    pub data_idle_timeout: Duration,
     /// Default bytes per streamed read chunk.
     pub read_chunk_bytes: usize,
     /// Bound on graceful shutdown.
@@ -335,6 +404,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// RDMA listener.
     pub rdma_listen: RdmaListen,
+    /// `rdma.listen` named an address (not `auto`): failing to serve RDMA is then a warning,
+    /// not the expected outcome on a host without RDMA.
+    pub rdma_explicit: bool,
     /// RDMA key kind.
     pub rdma_keys: RdmaKeys,
     /// Lease TTL.
@@ -469,8 +541,25 @@ impl Config {
         }
         let max_sessions = args.max_sessions.or(file.limits.max_sessions).unwrap_or(1024);
         let max_concurrent_streams = args.max_concurrent_streams.or(file.limits.max_concurrent_streams).unwrap_or(256);
-        if max_sessions == 0 || max_concurrent_streams == 0 {
-            return Err(invalid("limits must be at least 1".into()));
+        let max_grpc_connections = args.max_grpc_connections.or(file.limits.max_grpc_connections).unwrap_or(1024);
+        let max_data_connections = args.max_data_connections.or(file.limits.max_data_connections).unwrap_or(1024);
+        let lease_limits = crate::lease::LeaseLimits {
+            per_session: args.max_leases_per_session.or(file.limits.max_leases_per_session).unwrap_or(4096),
+            total: args.max_leases.or(file.limits.max_leases).unwrap_or(65_536),
+            segments: args.max_segments_per_lease.or(file.limits.max_segments_per_lease).unwrap_or(4096),
+        };
+        for (name, v) in [
+            ("limits.max_sessions", max_sessions),
+            ("limits.max_concurrent_streams", max_concurrent_streams as usize),
+            ("limits.max_grpc_connections", max_grpc_connections),
+            ("limits.max_data_connections", max_data_connections),
+            ("limits.max_leases_per_session", lease_limits.per_session),
+            ("limits.max_leases", lease_limits.total),
+            ("limits.max_segments_per_lease", lease_limits.segments),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("{name} must be at least 1")));
+            }
         }
         let shutdown_ms = args.shutdown_timeout_ms.or(file.shutdown.timeout_ms).unwrap_or(10_000);
         let data_listen = args
@@ -516,13 +605,23 @@ impl Config {
         let op_ms = args.data_op_timeout_ms.or(file.dataplane.op_timeout_ms).unwrap_or(10_000);
         let lease_ttl_ms = args.lease_ttl_ms.or(file.lease.ttl_ms).unwrap_or(30_000);
         let break_ms = args.lease_break_timeout_ms.or(file.lease.break_timeout_ms).unwrap_or(5_000);
-        for (name, v) in
-            [("dataplane.op_timeout_ms", op_ms), ("lease.ttl_ms", lease_ttl_ms), ("lease.break_timeout_ms", break_ms)]
-        {
+        let grpc_idle_ms = args.grpc_idle_timeout_ms.or(file.grpc.idle_timeout_ms).unwrap_or(60_000);
+        let data_idle_ms = args.data_idle_timeout_ms.or(file.dataplane.idle_timeout_ms).unwrap_or(120_000);
+        for (name, v) in [
+            ("dataplane.op_timeout_ms", op_ms),
+            ("lease.ttl_ms", lease_ttl_ms),
+            ("lease.break_timeout_ms", break_ms),
+            ("grpc.idle_timeout_ms", grpc_idle_ms),
+            ("dataplane.idle_timeout_ms", data_idle_ms),
+        ] {
             if !(10..=3_600_000).contains(&v) {
                 return Err(invalid(format!("{name} must be between 10 and 3600000, not {v}")));
             }
         }
+        let log_level = args.log_level.clone().or(file.log.level.clone()).unwrap_or_else(|| "info".into());
+        // The same check the daemon's log setup makes, so that check-config catches it.
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| invalid(format!("log.level `{log_level}` is not a valid filter: {e}")))?;
         Ok(Self {
             pool_path,
             pool_size,
@@ -533,6 +632,11 @@ impl Config {
             max_sessions,
             max_message_bytes,
             max_concurrent_streams,
+            max_grpc_connections,
+            max_data_connections,
+            lease_limits,
+            grpc_idle_timeout: Duration::from_millis(grpc_idle_ms),
+            data_idle_timeout: Duration::from_millis(data_idle_ms),
             // Leave room for the message envelope inside the message limit.
             read_chunk_bytes: (max_message_bytes - 4096).min(1 << 20),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
@@ -540,11 +644,12 @@ impl Config {
             data_op_timeout: Duration::from_millis(op_ms),
             metrics_listen,
             rdma_listen,
+            rdma_explicit: !matches!(rdma.as_str(), "auto" | "off"),
             rdma_keys: args.rdma_keys.or(file.rdma.keys).unwrap_or_default(),
             lease_ttl: Duration::from_millis(lease_ttl_ms),
             lease_break_timeout: Duration::from_millis(break_ms),
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),
-            log_level: args.log_level.clone().or(file.log.level.clone()).unwrap_or_else(|| "info".into()),
+            log_level,
             ports_file: args.ports_file.clone().or(file.ports_file.clone()),
             unknown_keys,
         })
@@ -556,15 +661,15 @@ impl Config {
     }
 }
 
-fn resolve_token(args: &Args, file: &ConfigFile) -> Result<Option<String>, ConfigError> {
+fn resolve_token(args: &Args, file: &ConfigFile) -> Result<Option<Secret>, ConfigError> {
     let inline = std::env::var("RDAX_TOKEN").ok().filter(|t| !t.is_empty()).or(file.auth.token.clone());
     let token_file = args.token_file.clone().or(file.auth.token_file.clone());
     match (inline, token_file) {
         (Some(_), Some(_)) => Err(ConfigError::Invalid(
             "set either auth.token (or RDAX_TOKEN) or auth.token_file (or --token-file), not both".into(),
         )),
-        (Some(t), None) => Ok(Some(check_token(t)?)),
-        (None, Some(p)) => Ok(Some(read_token_file(&p)?)),
+        (Some(t), None) => Ok(Some(Secret(check_token(t)?))),
+        (None, Some(p)) => Ok(Some(Secret(read_token_file(&p)?))),
         (None, None) => Ok(None),
     }
 }
@@ -632,8 +737,15 @@ mod tests {
         std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = Config::resolve(&args).unwrap();
         assert_eq!(c.token.as_deref(), Some("0123456789abcdef0123"));
+        // What check-config prints shows no secret.
+        let shown = format!("{c:#?}");
+        assert!(!shown.contains("0123456789abcdef0123") && shown.contains("<redacted>"), "{shown}");
         let args = Args::parse_from(["rdaxd", "--session-ttl-ms", "5", "--state-dir", "/tmp/x"]);
         assert!(Config::resolve(&args).is_err());
+        // A log filter the daemon would refuse at start is refused here already.
+        let args = Args::parse_from(["rdaxd", "--log-level", "rdaxd=loud", "--state-dir", "/tmp/x"]);
+        let e = Config::resolve(&args).unwrap_err().to_string();
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

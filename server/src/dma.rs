@@ -136,17 +136,27 @@ pub fn hello(sessions: &SessionManager, gate: &Gate, credential: [u8; 16]) -> Re
     Ok(session)
 }
 
+/// Why a persist did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PersistError {
+    /// The runtime is shutting down.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// The storage reported an error (latched: the pool accepts no change any more).
+    #[error("the pool's storage failed: {0}")]
+    Storage(String),
+}
+
 /// The one persist path: make pool ranges durable (cache-line write-back and a fence on DAX,
 /// `msync` otherwise) on a blocking thread, with the lease pinned until done, so neither a
 /// CLWB loop over megabytes nor an `msync` stalls the async runtime. The caller holds an
 /// admitted data-plane operation's place in the gate; the persist counts as part of it.
-/// Fails only if the blocking pool is gone (the runtime is shutting down).
 pub async fn persist(
     media: &Arc<dyn Media>,
     gate: &Gate,
     ranges: Vec<(u64, u64)>,
     pin: PinGuard,
-) -> Result<(), HelloRefusal> {
+) -> Result<(), PersistError> {
     let guard = gate.join(Work::PoolJob);
     let media = media.clone();
     tokio::task::spawn_blocking(move || {
@@ -155,7 +165,8 @@ pub async fn persist(
             media.flush(off, len);
         }
         media.drain();
+        media.failure().map_or(Ok(()), |f| Err(PersistError::Storage(f.detail)))
     })
     .await
-    .map_err(|_| HelloRefusal::ShuttingDown)
+    .map_err(|_| PersistError::ShuttingDown)?
 }

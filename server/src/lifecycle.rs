@@ -38,11 +38,54 @@ use sd_notify::NotifyState;
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
-/// Open the configured pool, creating the pool file on first start when allowed.
+/// The marker that records that a pool file was created here: `<pool>.created`.
+fn created_marker(pool: &Path) -> std::path::PathBuf {
+    let mut name = pool.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".created");
+    pool.with_file_name(name)
+}
+
+/// Write `body` to `path` crash-safely: temp file, fsync, rename, fsync the directory.
+fn write_durably(path: &Path, body: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(body).with_context(|| format!("write {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename {} into place", tmp.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Open the configured pool, creating the pool file on the first start only: once a pool was
+/// served from that path (a marker beside it, `<pool>.created`, says so), a missing pool is an
+/// error, never a silent fresh start. Device-DAX pools have no marker (a device does not
+/// vanish into an empty pool).
 pub fn open_pool(cfg: &Config) -> anyhow::Result<Pool> {
     let path = &cfg.pool_path;
+    let marker = created_marker(path);
     if path.exists() {
-        return Pool::open(path, OpenOptions::default()).with_context(|| format!("open pool {}", path.display()));
+        let opts = OpenOptions { allocate: true, ..Default::default() };
+        let pool = Pool::open(path, opts).with_context(|| format!("open pool {}", path.display()))?;
+        // A pool made by `rdaxctl mkpool` (or before markers existed) gets its marker now.
+        if path.is_file() && !marker.exists() {
+            record_pool(&marker, &pool)?;
+        }
+        return Ok(pool);
+    }
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        anyhow::bail!(
+            "pool {} is missing, but a pool was created there before ({}: {}). Restore the file, or, to \
+             start over with an empty pool on purpose, remove {} (rdaxd then creates a new pool) or create \
+             one with `rdaxctl mkpool {} --size SIZE`",
+            path.display(),
+            marker.display(),
+            text.trim(),
+            marker.display(),
+            path.display()
+        );
     }
     if !cfg.create_pool {
         anyhow::bail!(
@@ -53,9 +96,16 @@ pub fn open_pool(cfg: &Config) -> anyhow::Result<Pool> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create state directory {}", dir.display()))?;
     }
-    info!(path = %path.display(), size = cfg.pool_size, "creating pool (first start)");
-    Pool::create(path, cfg.pool_size, CreateOptions::default())
-        .with_context(|| format!("create pool {}", path.display()))
+    info!(path = %path.display(), size = cfg.pool_size, disk_bytes = cfg.pool_size, "creating pool (first start): the file is allocated in full on disk");
+    let pool = Pool::create(path, cfg.pool_size, CreateOptions::default())
+        .with_context(|| format!("create pool {}", path.display()))?;
+    record_pool(&marker, &pool)?;
+    Ok(pool)
+}
+
+fn record_pool(marker: &Path, pool: &Pool) -> anyhow::Result<()> {
+    let body = format!("pool uuid {}, recorded at unix time {}\n", pool.info().uuid, crate::pool::now_unix_secs());
+    write_durably(marker, body.as_bytes()).with_context(|| format!("record the pool in {}", marker.display()))
 }
 
 /// Write the bound addresses as JSON, atomically (temp file, then rename).
@@ -104,6 +154,7 @@ fn lease_config(cfg: &Config) -> LeaseConfig {
         break_timeout: cfg.lease_break_timeout,
         // In-flight operations are bounded by the op timeout (per socket wait); allow two.
         drain_timeout: cfg.data_op_timeout * 2 + Duration::from_secs(1),
+        limits: cfg.lease_limits,
     }
 }
 
@@ -126,8 +177,9 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         warn!(key = %k, "unknown config key ignored");
     }
     live.sessions.set_ttl(new.session_ttl);
-    live.leases.set_config(lease_config(new));
+    live.leases.set_config(lease_config(new)); // timings and lease caps
     live.dataplane.op_timeout_ms.store(new.data_op_timeout.as_millis() as u64, Relaxed);
+    live.dataplane.idle_timeout_ms.store(new.data_idle_timeout.as_millis() as u64, Relaxed);
     live.shutdown_ms.store(new.shutdown_timeout.as_millis() as u64, Relaxed);
     let restart_only = new.listen != old.listen
         || new.data_listen != old.data_listen
@@ -138,6 +190,9 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.max_sessions != old.max_sessions
         || new.max_message_bytes != old.max_message_bytes
         || new.max_concurrent_streams != old.max_concurrent_streams
+        || new.max_grpc_connections != old.max_grpc_connections
+        || new.max_data_connections != old.max_data_connections
+        || new.grpc_idle_timeout != old.grpc_idle_timeout
         || new.log_format != old.log_format;
     if restart_only {
         warn!("changed addresses, pool, limits or log format take effect only after a restart");
@@ -189,11 +244,12 @@ pub async fn run_with_reload(
         sessions: sessions.clone(),
         media: pool.media().clone(),
         op_timeout_ms: (cfg.data_op_timeout.as_millis() as u64).into(),
+        idle_timeout_ms: (cfg.data_idle_timeout.as_millis() as u64).into(),
         gate: gate.clone(),
     });
     let rdma = crate::rdma::Rdma::start(&cfg, pool.clone(), leases.clone(), sessions.clone(), gate.clone()).await;
     let data_stop = CancellationToken::new();
-    let data_task = tokio::spawn(dataplane.clone().serve(data_listener, data_stop.clone()));
+    let data_task = tokio::spawn(dataplane.clone().serve(data_listener, cfg.max_data_connections, data_stop.clone()));
     let metrics_local = match cfg.metrics_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
@@ -230,7 +286,10 @@ pub async fn run_with_reload(
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .layer(grpc::layer::GateLayer::new(gate.clone(), root.clone()))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener, cut.clone()), stop_serving.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            incoming(listener, cfg.max_grpc_connections, cfg.grpc_idle_timeout, cut.clone()),
+            stop_serving.clone().cancelled_owned(),
+        );
     let mut server = tokio::spawn(server);
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     if let Some(p) = &cfg.ports_file {
@@ -299,6 +358,10 @@ pub async fn run_with_reload(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
     let clean = timed("close the pool", close_pool(pool, CLOSE_BOUND)).await;
+    if let Some(p) = &cfg.ports_file {
+        // Nothing listens there any more.
+        let _ = std::fs::remove_file(p);
+    }
     info!(elapsed = ?t0.elapsed(), clean, "shutdown finished");
     if !clean {
         anyhow::bail!("close the pool cleanly within {CLOSE_BOUND:?}: it is left for recovery at the next start");
@@ -344,22 +407,30 @@ fn report_server(r: Result<Result<(), tonic::transport::Error>, tokio::task::Joi
     }
 }
 
-/// Accepted gRPC connections with `TCP_NODELAY`, each cuttable by `cut` (see [`crate::net`]).
+/// Accepted gRPC connections, at most `cap` open (see [`crate::net::Acceptor`]), each with
+/// `TCP_NODELAY`, an idle timeout, and cuttable by `cut` (see [`crate::net::Cuttable`]).
 /// tonic's own `tcp_nodelay` only applies when it binds the socket itself, and with Nagle on,
 /// small messages such as lease recalls and unary replies wait ~40 ms for delayed ACKs.
 fn incoming(
     listener: TcpListener,
+    cap: usize,
+    idle: Duration,
     cut: CancellationToken,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<crate::net::Cuttable>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |r| {
-        r.map(|s| {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut acceptor = crate::net::Acceptor::new(listener, cap, "grpc");
+        let stop = cut.clone();
+        while let Some((s, _peer, permit)) = acceptor.accept(&stop).await {
             if let Err(e) = s.set_nodelay(true) {
-                warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
             }
-            crate::net::Cuttable::new(s, cut.clone())
-        })
-    })
+            if tx.send(Ok(crate::net::Cuttable::new(s, cut.clone(), idle, Some(permit)))).await.is_err() {
+                return; // the server stopped
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Close the pool (persist, mark clean) on a blocking thread, bounded. Returns whether it was

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::lease::LeaseManager;
 use crate::pool::Pool;
@@ -245,13 +245,12 @@ pub async fn serve(
     leases: Arc<LeaseManager>,
     cancel: CancellationToken,
 ) {
-    loop {
-        let (mut s, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(e) => { warn!(error = %e, "metrics accept failed"); continue; } },
-        };
+    // Scrapers are few: a small cap, so that a flood of connections costs little.
+    let mut acceptor = crate::net::Acceptor::new(listener, 16, "metrics");
+    while let Some((mut s, _, permit)) = acceptor.accept(&cancel).await {
         let (p, se, l) = (pool.clone(), sessions.clone(), leases.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             // Read the request head (a client may send it in pieces), bounded in size and time.
             let mut req = [0u8; 1024];
             let mut n = 0;
@@ -279,8 +278,12 @@ pub async fn serve(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body.as_bytes()).await;
+            // A scraper that stops reading is dropped after a bound, like one that never asks.
+            let send = async {
+                s.write_all(head.as_bytes()).await?;
+                s.write_all(body.as_bytes()).await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), send).await;
             debug!("metrics scraped");
         });
     }

@@ -1,23 +1,153 @@
-//! Accepted connections that shutdown can cut.
+//! Listeners and connections with bounds: a connection cap taken before `accept`, back-off on
+//! accept errors, and, for gRPC, an idle timeout and a cut at shutdown.
 //!
-//! tonic runs every accepted connection in a task of its own, which stopping the server does
-//! not end: a client that stopped reading (SIGSTOP, a dead host) would keep its connection —
-//! and the handlers and pool references behind it — alive. Every accepted gRPC stream is
-//! wrapped in a [`Cuttable`]: once its token is cancelled, reads and writes fail, hyper drops
-//! the connection, and what it held goes with it.
+//! * [`Acceptor`] takes a permit of its listener's cap *before* accepting (mini-redis's
+//!   pattern), so at the cap new connections wait in the kernel's backlog instead of costing a
+//!   file descriptor; the permit lives as long as the connection. Accept errors (EMFILE,
+//!   ENFILE, ENOBUFS) back off 10 ms → 20 ms → … → 5 s instead of spinning, and are logged
+//!   once per back-off step, not once per attempt. (The style guide's 1 → 64 s is for servers
+//!   that can afford to stop accepting for a minute; a storage daemon's clients cannot.)
+//! * tonic runs every accepted connection in a task of its own, which stopping the server does
+//!   not end: a client that stopped reading (SIGSTOP, a dead host) would keep its connection —
+//!   and the handlers and pool references behind it — alive. Every accepted gRPC stream is a
+//!   [`Cuttable`]: once its token is cancelled, reads and writes fail, hyper drops the
+//!   connection, and what it held goes with it. It is also closed after `grpc.idle_timeout_ms`
+//!   with no request in progress (the request gate counts them, streamed replies included).
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::{info, warn};
 
-/// A TCP stream whose I/O fails once `cut` is cancelled.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A listener with a connection cap and accept back-off.
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    cap: usize,
+    what: &'static str,
+    backoff: Duration,
+    at_cap_logged: bool,
+}
+
+impl Acceptor {
+    /// Bound `listener` to `cap` open connections; `what` names it in logs.
+    pub fn new(listener: TcpListener, cap: usize, what: &'static str) -> Self {
+        Self { listener, permits: Arc::new(Semaphore::new(cap)), cap, what, backoff: BACKOFF_MIN, at_cap_logged: false }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.cap - self.permits.available_permits()
+    }
+
+    /// The next connection and the permit it holds, or `None` once `cancel` fires.
+    pub async fn accept(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        loop {
+            if self.permits.available_permits() == 0 && !self.at_cap_logged {
+                info!(
+                    listener = self.what,
+                    cap = self.cap,
+                    "at the connection cap: new connections wait until one closes"
+                );
+                self.at_cap_logged = true;
+            }
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                p = self.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
+            let r = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = self.listener.accept() => r,
+            };
+            match r {
+                Ok((s, peer)) => {
+                    self.backoff = BACKOFF_MIN;
+                    if self.permits.available_permits() > 0 {
+                        self.at_cap_logged = false;
+                    }
+                    return Some((s, peer, permit));
+                }
+                Err(e) => {
+                    drop(permit);
+                    if self.backoff == BACKOFF_MIN || self.backoff == BACKOFF_MAX {
+                        warn!(listener = self.what, error = %e, backoff = ?self.backoff, "accept failed; backing off");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// What a gRPC connection is doing, shared by its stream and the request gate.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Requests in progress, including streamed replies still being sent.
+    active: AtomicUsize,
+    /// Bumped whenever a request ends, so an idle timer knows to start over.
+    ended: AtomicUsize,
+}
+
+impl ConnState {
+    /// Count a request until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// A request in progress on a connection.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<ConnState>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::AcqRel);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connect info every gRPC request carries (in its extensions).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Addresses, as tonic's own TCP info.
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    /// The connection's request count.
+    pub state: Arc<ConnState>,
+}
+
+/// A TCP stream whose I/O fails once `cut` is cancelled, or once it has had no request in
+/// progress for its idle timeout.
 pub struct Cuttable {
     inner: TcpStream,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    state: Arc<ConnState>,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    /// `ConnState::ended` when the timer was last armed, and whether it was idle then.
+    armed_at: (usize, bool),
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Cuttable {
@@ -27,16 +157,41 @@ impl std::fmt::Debug for Cuttable {
 }
 
 impl Cuttable {
-    /// Wrap `inner`; cancelling `cut` ends it.
-    pub fn new(inner: TcpStream, cut: CancellationToken) -> Self {
-        Self { inner, cut: Box::pin(cut.cancelled_owned()) }
+    /// Wrap `inner`; cancelling `cut` ends it, and so do `idle` without requests. The permit
+    /// (of the listener's cap) is released with the connection.
+    pub fn new(inner: TcpStream, cut: CancellationToken, idle: Duration, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            inner,
+            cut: Box::pin(cut.cancelled_owned()),
+            state: Arc::default(),
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            armed_at: (0, true),
+            _permit: permit,
+        }
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.cut.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed by shutdown")),
-            Poll::Pending => Ok(()),
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed by shutdown"));
         }
+        // The timer runs from the moment the connection became idle: re-arm it whenever that
+        // moment changed (a request started or ended since it was armed).
+        let now_state = (self.state.ended.load(Ordering::Acquire), self.state.active.load(Ordering::Acquire) == 0);
+        if now_state != self.armed_at {
+            self.armed_at = now_state;
+            let d = self.idle;
+            self.idle_timer.as_mut().reset(Instant::now() + d);
+        }
+        if self.idle_timer.as_mut().poll(cx).is_ready() {
+            if self.armed_at.1 {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed"));
+            }
+            let d = self.idle;
+            self.idle_timer.as_mut().reset(Instant::now() + d);
+            let _ = self.idle_timer.as_mut().poll(cx);
+        }
+        Ok(())
     }
 }
 
@@ -77,10 +232,10 @@ impl AsyncWrite for Cuttable {
 }
 
 impl tonic::transport::server::Connected for Cuttable {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        ConnInfo { tcp: self.inner.connect_info(), state: self.state.clone() }
     }
 }
 
@@ -89,14 +244,19 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (client, s)
+    }
+
     #[tokio::test]
     async fn a_cut_ends_a_pending_read() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
+        let (mut client, s) = pair().await;
         let cut = CancellationToken::new();
-        let mut c = Cuttable::new(s, cut.clone());
+        let mut c = Cuttable::new(s, cut.clone(), Duration::from_secs(3600), None);
         client.write_all(b"x").await.unwrap();
         let mut b = [0u8; 1];
         c.read_exact(&mut b).await.unwrap();
@@ -106,5 +266,38 @@ mod tests {
         cut.cancel();
         let e = reader.await.unwrap().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_means_no_request_in_progress_for_the_timeout() {
+        let (_client, s) = pair().await;
+        let mut c = Cuttable::new(s, CancellationToken::new(), Duration::from_secs(10), None);
+        let state = c.state.clone();
+        let busy = state.begin();
+        let mut b = [0u8; 1];
+        // A request in progress keeps the connection however long it takes.
+        assert!(tokio::time::timeout(Duration::from_secs(25), c.read(&mut b)).await.is_err());
+        drop(busy);
+        let t0 = Instant::now();
+        let e = c.read(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t0.elapsed(), Duration::from_secs(10), "closed one idle timeout after the last request");
+    }
+
+    #[tokio::test]
+    async fn the_cap_is_taken_before_accept() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut a = Acceptor::new(l, 1, "test");
+        let cancel = CancellationToken::new();
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let (_s1, _, p1) = a.accept(&cancel).await.unwrap();
+        assert_eq!(a.open(), 1);
+        let _c2 = TcpStream::connect(addr).await.unwrap(); // waits in the backlog
+        let second = tokio::time::timeout(Duration::from_millis(100), a.accept(&cancel)).await;
+        assert!(second.is_err(), "at the cap nothing more is accepted");
+        drop(p1);
+        let (_s2, _, _p2) = a.accept(&cancel).await.unwrap();
+        assert_eq!(a.open(), 1);
     }
 }

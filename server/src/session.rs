@@ -74,6 +74,8 @@ struct Entry {
     last_seen: Instant,
     /// The attached stream: its generation, event sender and stop token.
     stream: Option<(u64, EventSender, CancellationToken)>,
+    /// Cancelled when the session ends (its data-plane connections close with it).
+    ended: CancellationToken,
 }
 
 /// A snapshot of one session, for administrators.
@@ -171,6 +173,7 @@ impl SessionManager {
             opened: SystemTime::now(),
             last_seen: Instant::now(),
             stream: Some((generation, tx, stop)),
+            ended: CancellationToken::new(),
         };
         s.insert(id, entry);
         info!(session = %id, peer = ?peer, "session opened");
@@ -219,6 +222,11 @@ impl SessionManager {
         }
     }
 
+    /// A token cancelled when the session ends; `None` if it already has.
+    pub fn ended_token(&self, id: SessionId) -> Option<CancellationToken> {
+        self.lock().get(&id).map(|e| e.ended.clone())
+    }
+
     /// Whether the session exists.
     pub fn is_live(&self, id: SessionId) -> bool {
         self.lock().contains_key(&id)
@@ -233,6 +241,7 @@ impl SessionManager {
     /// End a session: tell the client, stop its stream, run the close hooks.
     pub fn end(&self, id: SessionId, reason: EndReason) -> Result<(), SessionError> {
         let entry = self.lock().remove(&id).ok_or(SessionError::NotFound)?;
+        entry.ended.cancel();
         if let Some((_, tx, stop)) = entry.stream {
             let closing = pb::session_event::Kind::Closing(pb::SessionClosing { reason: reason.as_str().into() });
             let _ = tx.try_send(Ok(pb::SessionEvent { kind: Some(closing) }));

@@ -457,3 +457,36 @@ async fn a_crash_on_either_side_of_a_journal_commit_recovers_atomically() {
         fsck_clean(&d);
     }
 }
+
+#[test]
+fn a_deleted_pool_is_not_silently_replaced() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), &[]);
+    assert!(d.ctl(&["create", "ns/kept", "--size", "4096"]).status.success());
+    let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    assert!(st.success());
+    let pool = d.pool_path();
+    let marker = dir.path().join("default.pool.created");
+    assert!(marker.exists(), "the first start records the pool it created");
+    assert!(!dir.path().join("ports.json").exists(), "the ports file goes with the daemon");
+    std::fs::remove_file(&pool).unwrap();
+    // The next start refuses, naming the file and how to start over on purpose.
+    let mut child = std::process::Command::new(common::rdaxd_bin())
+        .args(["--state-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--pool-size", "64M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = poll(Duration::from_secs(30), "rdaxd to refuse", || child.try_wait().unwrap());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!st.success(), "{err}");
+    assert!(err.contains("is missing, but a pool was created there before"), "{err}");
+    assert!(err.contains(marker.to_str().unwrap()) && err.contains("rdaxctl mkpool"), "{err}");
+    assert!(!pool.exists(), "nothing was created");
+    // Removing the marker is the way to start over with an empty pool.
+    std::fs::remove_file(&marker).unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    assert_eq!(d.ctl(&["stat", "ns/kept"]).status.code(), Some(3), "a new, empty pool");
+}

@@ -21,6 +21,8 @@ pub(crate) fn mkpool(
         overwrite: force,
         format: FormatOptions { max_objects, max_extents },
         force_cache_flush: false,
+        // Allocated in full: a sparse pool would fault its mapping when the filesystem fills.
+        sparse: false,
     };
     let pool = Pool::create(path, size, opts).map_err(|e| Failure::local(e.into()))?;
     let info = pool.info();

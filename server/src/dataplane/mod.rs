@@ -18,9 +18,11 @@ use rdax_proto::model::SessionId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
-use crate::dma::{self, BindRequest, BoxFuture, DmaError, HelloRefusal, RemoteKey, Transport, TransportKind};
+use crate::dma::{
+    self, BindRequest, BoxFuture, DmaError, HelloRefusal, PersistError, RemoteKey, Transport, TransportKind,
+};
 use crate::gate::{Gate, Work};
 use crate::lease::{KeyTable, Refusal};
 use crate::metrics::{DpOp, METRICS};
@@ -38,6 +40,8 @@ pub struct DataPlane {
     pub media: Arc<dyn Media>,
     /// Bound on each socket wait within an operation, in milliseconds (reloadable).
     pub op_timeout_ms: std::sync::atomic::AtomicU64,
+    /// A connection with no operation for this long is closed, in milliseconds (reloadable).
+    pub idle_timeout_ms: std::sync::atomic::AtomicU64,
     /// Every operation holds a place in it.
     pub gate: Gate,
 }
@@ -82,20 +86,15 @@ fn refusal_status(r: Refusal) -> Status {
 type Res = std::io::Result<()>;
 
 impl DataPlane {
-    /// Accept connections until `cancel`.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken) {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => { warn!(error = %e, "data-plane accept failed"); continue; }
-                },
-            };
+    /// Accept connections until `cancel`, at most `cap` at a time.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, cap: usize, cancel: CancellationToken) {
+        let mut acceptor = crate::net::Acceptor::new(listener, cap, "data plane");
+        while let Some((stream, peer, permit)) = acceptor.accept(&cancel).await {
             let dp = self.clone();
             let c = cancel.clone();
             tokio::spawn(
                 async move {
+                    let _permit = permit;
                     let _ = stream.set_nodelay(true);
                     match dp.connection(stream, c).await {
                         Ok(()) => debug!("data-plane connection closed"),
@@ -128,11 +127,22 @@ impl DataPlane {
             Err(HelloRefusal::BadSession) => return reply_close(&mut s, hello.id, Status::BadSession).await,
             Err(HelloRefusal::ShuttingDown) => return reply_close(&mut s, hello.id, Status::ShuttingDown).await,
         };
+        // The connection lives as long as its session (and closes when the session ends).
+        let Some(session_ended) = self.sessions.ended_token(session) else {
+            return reply_close(&mut s, hello.id, Status::BadSession).await;
+        };
         s.write_all(&wire::response(hello.id, Status::Ok, 0)).await?;
         debug!(session = %session, "data-plane connection bound");
         loop {
+            let idle = Duration::from_millis(self.idle_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
             tokio::select! {
                 _ = cancel.cancelled() => return reply_close(&mut s, 0, Status::ShuttingDown).await,
+                _ = session_ended.cancelled() => return reply_close(&mut s, 0, Status::BadSession).await,
+                _ = tokio::time::sleep(idle) => {
+                    debug!(idle = ?idle, "idle data-plane connection closed");
+                    let _ = s.shutdown().await;
+                    return Ok(());
+                }
                 r = s.read_exact(&mut hdr) => {
                     if let Err(e) = r {
                         return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
@@ -215,8 +225,12 @@ impl DataPlane {
             }
         }
         if r.flags & wire::FLAG_PERSIST != 0 {
-            if dma::persist(&self.media, &self.gate, vec![(r.offset, r.len as u64)], pin).await.is_err() {
-                return reply_close(s, r.id, Status::ShuttingDown).await;
+            match dma::persist(&self.media, &self.gate, vec![(r.offset, r.len as u64)], pin).await {
+                Ok(()) => {}
+                Err(PersistError::Storage(_)) => {
+                    return s.write_all(&wire::response(r.id, Status::StorageFailed, 0)).await;
+                }
+                Err(PersistError::ShuttingDown) => return reply_close(s, r.id, Status::ShuttingDown).await,
             }
         } else {
             drop(pin);
@@ -232,7 +246,8 @@ impl DataPlane {
                     METRICS.dp(DpOp::Flush, r.len as u64);
                     Status::Ok
                 }
-                Err(_) => Status::ShuttingDown,
+                Err(PersistError::Storage(_)) => Status::StorageFailed,
+                Err(PersistError::ShuttingDown) => Status::ShuttingDown,
             },
             Err(e) => refusal_status(e),
         };

@@ -1,5 +1,7 @@
-//! The request gate: every rdax RPC holds a [`GateGuard`] while its handler runs, so shutdown
-//! waits for in-flight requests and refuses new ones with `Unavailable`.
+//! The request gate: every rdax RPC holds a place in the shutdown gate while its handler runs,
+//! so shutdown waits for in-flight requests and refuses new ones with `Unavailable`. The layer
+//! also counts each request on its connection until its reply (a stream included) has been
+//! sent, which is what the connection's idle timeout looks at (see [`crate::net`]).
 //!
 //! A tower layer around every service rather than a line in each handler, so that no handler
 //! can forget it. Health and reflection pass untouched (probes must keep working while the
@@ -64,22 +66,63 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // Every request counts on its connection until its reply is done.
+        let conn = req.extensions().get::<crate::net::ConnInfo>().cloned();
+        let active = conn.map(|c| {
+            // tonic's `remote_addr()` reads its own TCP info.
+            req.extensions_mut().insert(c.tcp.clone());
+            c.state.begin()
+        });
         let path = req.uri().path();
         if !path.starts_with("/rdax.v1.") {
-            return Box::pin(self.inner.call(req));
+            let fut = self.inner.call(req);
+            return Box::pin(async move { fut.await.map(|r| counted(r, active)) });
         }
         let refuse = self.draining.is_cancelled() && !WHILE_DRAINING.contains(&path);
         let guard = if refuse { None } else { self.gate.enter(Work::Request).ok() };
         let Some(guard) = guard else {
             let status = tonic::Status::from(ApiError::ShuttingDown);
-            return Box::pin(async move { Ok(status.into_http()) });
+            return Box::pin(async move { Ok(counted(status.into_http(), active)) });
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let r = fut.await;
             drop(guard);
-            r
+            r.map(|r| counted(r, active))
         })
+    }
+}
+
+/// Keep `active` until the reply's body has been sent (or dropped).
+fn counted(r: http::Response<Body>, active: Option<crate::net::ActiveGuard>) -> http::Response<Body> {
+    match active {
+        None => r,
+        Some(a) => r.map(|b| Body::new(Counted { inner: b, _active: a })),
+    }
+}
+
+struct Counted {
+    inner: Body,
+    _active: crate::net::ActiveGuard,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

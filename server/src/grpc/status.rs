@@ -75,6 +75,8 @@ fn obj_code(e: &ObjError) -> Code {
             Code::ResourceExhausted
         }
         ObjError::Closed => Code::Unavailable,
+        ObjError::Storage { no_space: true, .. } => Code::ResourceExhausted,
+        ObjError::Storage { no_space: false, .. } => Code::Unavailable,
     }
 }
 
@@ -86,6 +88,7 @@ fn lease_code(e: &LeaseError) -> Code {
         L::Breaking { .. } | L::DrainTimeout(_) | L::ShuttingDown => Code::Unavailable,
         L::Invalid(_) => Code::InvalidArgument,
         L::Injected(_) => Code::Internal,
+        L::Limit { .. } => Code::ResourceExhausted,
         L::Pool(o) => obj_code(o),
         L::Dma(d) => dma_code(d),
     }

@@ -54,6 +54,25 @@ pub struct LeaseConfig {
     pub break_timeout: Duration,
     /// Bound on waiting for in-flight operations after revoke.
     pub drain_timeout: Duration,
+    /// Caps.
+    pub limits: LeaseLimits,
+}
+
+/// Caps on leases (invariant 8: memory per session and per lease is bounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseLimits {
+    /// Live leases of one session (`limits.max_leases_per_session`).
+    pub per_session: usize,
+    /// Leases in the daemon, live or still draining (`limits.max_leases`).
+    pub total: usize,
+    /// Segments, and so keys, in one lease (`limits.max_segments_per_lease`).
+    pub segments: usize,
+}
+
+impl Default for LeaseLimits {
+    fn default() -> Self {
+        Self { per_session: 4096, total: 65_536, segments: 4096 }
+    }
 }
 
 /// Lease states.
@@ -122,6 +141,16 @@ pub enum LeaseError {
     /// A failure injected by a test (failpoint).
     #[error("injected failure at {0}")]
     Injected(&'static str),
+    /// A cap was reached.
+    #[error("{what}: the limit is {cap} ({key})")]
+    Limit {
+        /// What is at its limit.
+        what: &'static str,
+        /// The cap.
+        cap: usize,
+        /// Its config key.
+        key: &'static str,
+    },
     /// The pool refused.
     #[error(transparent)]
     Pool(#[from] ObjError),
@@ -239,6 +268,8 @@ struct Inner {
     markers: Vec<Marker>,
     /// Pool ranges of every lease that has not drained.
     undrained: hold::RangeIndex,
+    /// Live leases per session (for the per-session cap).
+    live_by_session: HashMap<SessionId, usize>,
     next_id: u64,
     next_generation: u64,
     next_marker: u64,
@@ -513,6 +544,20 @@ impl LeaseManager {
         if !self.sessions.is_live(a.session) {
             return Err(LeaseError::SessionNotFound);
         }
+        let limits = self.config().limits;
+        if g.live_by_session.get(&a.session).copied().unwrap_or(0) >= limits.per_session {
+            let what = "the session holds as many leases as it may";
+            return Err(LeaseError::Limit { what, cap: limits.per_session, key: "limits.max_leases_per_session" });
+        }
+        if g.leases.len() >= limits.total {
+            let what = "the daemon holds as many leases as it may";
+            return Err(LeaseError::Limit { what, cap: limits.total, key: "limits.max_leases" });
+        }
+        if segs.len() > limits.segments {
+            let what = "the range is in more pieces than one lease may have; lease a smaller range";
+            return Err(LeaseError::Limit { what, cap: limits.segments, key: "limits.max_segments_per_lease" });
+        }
+        *g.live_by_session.entry(a.session).or_default() += 1;
         let id = g.next_id;
         g.next_id += 1;
         let generation = g.next_generation;
@@ -606,7 +651,7 @@ impl LeaseManager {
         if !l.state.live() {
             return Err(LeaseError::NotActive(id));
         }
-        let transport = self.end_locked(l, State::Released);
+        let transport = self.end_locked(&mut g, id, State::Released);
         drop(g);
         self.ended(id, transport);
         info!(lease = id, "lease released");
@@ -666,8 +711,10 @@ impl LeaseManager {
     /// waiting for it goes ahead; the release hook quarantines the freed blocks.
     pub fn quarantine(self: &Arc<Self>, id: u64, why: &str) {
         let mut g = self.lock();
-        let Some(l) = g.leases.get_mut(&id) else { return };
-        let transport = if l.state.live() { self.end_locked(l, State::Quarantined) } else { None };
+        let Some(l) = g.leases.get(&id) else { return };
+        let live = l.state.live();
+        let transport = if live { self.end_locked(&mut g, id, State::Quarantined) } else { None };
+        let l = g.leases.get_mut(&id).expect("present");
         l.state = State::Quarantined;
         let blocks: u64 = l.segs.iter().map(|s| s.1.div_ceil(crate::pool::layout::BLOCK)).sum();
         drop(g);

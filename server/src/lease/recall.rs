@@ -46,10 +46,19 @@ impl Drop for BreakGuard {
 impl LeaseManager {
     /// Kill the lease's keys and set its final state (caller holds the lock). Returns the
     /// transport to tell, once the lock is dropped.
-    pub(super) fn end_locked(&self, l: &mut Lease, state: State) -> Option<Arc<dyn Transport>> {
+    pub(super) fn end_locked(&self, g: &mut Inner, id: u64, state: State) -> Option<Arc<dyn Transport>> {
+        let l = g.leases.get_mut(&id)?;
         self.keys.remove(&l.keys);
+        let (was_live, session) = (l.state.live(), l.session);
         l.state = state;
-        l.transport.clone()
+        let transport = l.transport.clone();
+        if was_live && let Some(n) = g.live_by_session.get_mut(&session) {
+            *n -= 1;
+            if *n == 0 {
+                g.live_by_session.remove(&session);
+            }
+        }
+        transport
     }
 
     /// After `end_locked`, without the lock: tell the transport, wake waiters, drain.
@@ -67,12 +76,12 @@ impl LeaseManager {
     /// that ended, an administrator) is INFO.
     pub(super) fn revoke(self: &Arc<Self>, id: u64, reason: &str, notable: bool) {
         let mut g = self.lock();
-        let Some(l) = g.leases.get_mut(&id) else { return };
+        let Some(l) = g.leases.get(&id) else { return };
         if !l.state.live() {
             return;
         }
-        let transport = self.end_locked(l, State::Revoked);
         let (session, generation) = (l.session, l.generation);
+        let transport = self.end_locked(&mut g, id, State::Revoked);
         drop(g);
         self.ended(id, transport);
         let ev =

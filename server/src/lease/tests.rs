@@ -21,7 +21,12 @@ fn fixture() -> Fx {
         pool.create_object("ns", name, 1 << 20).unwrap();
     }
     let sessions = Arc::new(SessionManager::new(Duration::from_secs(3600), 16));
-    let cfg = LeaseConfig { ttl: TTL, break_timeout: BREAK, drain_timeout: Duration::from_secs(20) };
+    let cfg = LeaseConfig {
+        ttl: TTL,
+        break_timeout: BREAK,
+        drain_timeout: Duration::from_secs(20),
+        limits: LeaseLimits { per_session: 3, total: 5, segments: 4096 },
+    };
     let leases = LeaseManager::new(pool.clone(), sessions.clone(), cfg, Gate::default());
     Fx { leases, sessions, pool }
 }
@@ -173,6 +178,32 @@ async fn a_grant_behind_an_unreturned_lease_comes_only_after_its_revocation() {
     assert!(st.iter().all(|l| l.id != deaf.id || l.state == State::Drained || l.state == State::Revoked), "{st:?}");
     assert!(g.generation > deaf.generation);
     change.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_caps_are_enforced_and_counted_down_when_leases_end() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, _ra) = session(&fx);
+    let (b, _rb) = session(&fx);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(fx.leases.acquire(a, key("ns", "x"), i * 4096, 4096, Mode::Read).await.unwrap());
+    }
+    let e = fx.leases.acquire(a, key("ns", "x"), 0, 1, Mode::Read).await.unwrap_err();
+    assert!(matches!(e, LeaseError::Limit { key: "limits.max_leases_per_session", cap: 3, .. }), "{e}");
+    assert!(e.to_string().contains("limits.max_leases_per_session"), "{e}");
+    // Another session may still lease, up to the daemon's total.
+    fx.leases.acquire(b, key("ns", "y"), 0, 1, Mode::Read).await.unwrap();
+    fx.leases.acquire(b, key("ns", "y"), 0, 1, Mode::Read).await.unwrap();
+    let e = fx.leases.acquire(b, key("ns", "y"), 0, 1, Mode::Read).await.unwrap_err();
+    assert!(matches!(e, LeaseError::Limit { key: "limits.max_leases", cap: 5, .. }), "{e}");
+    // A released lease frees its place once it drained.
+    fx.leases.release(a, held[0].id).unwrap();
+    until("the released lease to drain", || fx.leases.list(None).len() == 4).await;
+    fx.leases.acquire(a, key("ns", "x"), 0, 1, Mode::Read).await.unwrap();
+    let e = fx.leases.acquire(b, key("ns", "y"), 0, 1, Mode::Read).await.unwrap_err();
+    assert!(matches!(e, LeaseError::Limit { key: "limits.max_leases", .. }), "the total is full again: {e}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 
 use super::journal::{self, Journal};
 use super::layout::Superblock;
-use super::media::Media;
 use super::media::mapped::{MappedMedia, Region};
 use super::media::overlay::OverlayMedia;
+use super::media::pread::PreadMedia;
+use super::media::{Media, PoolMode};
 use super::{OpenError, Pool, lock, read_meta_header, read_superblock, scan};
 
 /// The outcome of a check.
@@ -56,9 +57,19 @@ impl CheckReport {
 
 /// Check the pool at `path` without modifying it. `Err` means there is no pool to check
 /// (unreadable path, not an rdax pool, or a newer format); damage is reported in `Ok`.
+///
+/// A regular file is read with `pread` (a truncated or hostile image, or a hole on a full
+/// tmpfs, must not be able to SIGBUS the checker); a device-DAX device, which has no `read`,
+/// through a read-only shared mapping.
 pub fn check_path(path: &Path) -> Result<CheckReport, OpenError> {
-    let m = MappedMedia::map(path, Region::ReadOnly, false)?;
-    let overlay = OverlayMedia::new(std::sync::Arc::new(m));
+    let is_file = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false);
+    let base: std::sync::Arc<dyn Media> = if is_file {
+        let mode = if MappedMedia::is_fsdax_file(path) { PoolMode::FsDax } else { PoolMode::File };
+        std::sync::Arc::new(PreadMedia::open(path, mode)?)
+    } else {
+        std::sync::Arc::new(MappedMedia::map(path, Region::ReadOnly, false)?)
+    };
+    let overlay = OverlayMedia::new(base);
     check_media(&overlay, Some(path))
 }
 

@@ -120,6 +120,16 @@ pub enum ObjError {
     /// The pool was closed (the daemon is shutting down).
     #[error("the pool is closed: the daemon is shutting down")]
     Closed,
+    /// The storage under the pool reported an error while persisting: what was written since
+    /// the last successful persist may not be durable, and no further change is accepted
+    /// until the daemon is restarted (recovery then starts from what the storage holds).
+    #[error("the pool's storage failed ({detail}); no change is accepted until rdaxd is restarted")]
+    Storage {
+        /// What failed.
+        detail: String,
+        /// The storage ran out of space (ENOSPC or a quota).
+        no_space: bool,
+    },
 }
 
 impl ObjError {

@@ -216,10 +216,15 @@ fn inspect(media: &dyn Media, geo: &Geometry) -> Result<(u64, Option<Vec<Rec>>),
 }
 
 fn decode(body: &[u8], nrec: u32, geo: &Geometry) -> Result<Vec<Rec>, String> {
+    // Every record takes at least its header: a count beyond that is damage, not a reason to
+    // reserve memory for 2^32 records.
+    if nrec as u64 > body.len() as u64 / REC_HDR {
+        return Err(format!("{nrec} records cannot fit in {} bytes", body.len()));
+    }
     let mut recs = Vec::with_capacity(nrec as usize);
     let mut at = 0usize;
     for i in 0..nrec {
-        let h = body.get(at..at + REC_HDR as usize).ok_or(format!("record {i} truncated"))?;
+        let h = body.get(at..at.saturating_add(REC_HDR as usize)).ok_or(format!("record {i} truncated"))?;
         let kind = u32::from_le_bytes(h[0..4].try_into().expect("4"));
         let len = u32::from_le_bytes(h[4..8].try_into().expect("4")) as u64;
         let off = u64::from_le_bytes(h[8..16].try_into().expect("8"));
@@ -230,9 +235,10 @@ fn decode(body: &[u8], nrec: u32, geo: &Geometry) -> Result<Vec<Rec>, String> {
         match kind {
             KIND_WRITE => {
                 let padded = len.div_ceil(8) as usize * 8;
-                let data = body.get(at..at + len as usize).ok_or(format!("record {i} payload truncated"))?;
+                let data =
+                    body.get(at..at.saturating_add(len as usize)).ok_or(format!("record {i} payload truncated"))?;
                 recs.push(Rec::Write { off, data: data.to_vec() });
-                at += padded;
+                at = at.saturating_add(padded);
             }
             KIND_ZERO => recs.push(Rec::Zero { off, len }),
             k => return Err(format!("record {i} has unknown kind {k}")),
@@ -345,5 +351,18 @@ mod tests {
         m.write_u64_atomic(geo.journal_off, (j.seq() << 1) | 1);
         m.write(geo.journal_off + RECS, &[0xFF; 16]);
         assert!(Journal::recover(&m, &geo).is_err());
+    }
+
+    #[test]
+    fn a_crafted_record_count_is_damage_not_an_allocation() {
+        let geo = Geometry::compute(64 << 20, Default::default()).unwrap();
+        let e = decode(&[0u8; 64], u32::MAX, &geo).unwrap_err();
+        assert!(e.contains("cannot fit"), "{e}");
+        // A record whose length points past the body is truncated, not a panic.
+        let mut body = vec![0u8; 32];
+        body[0..4].copy_from_slice(&KIND_WRITE.to_le_bytes());
+        body[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        body[8..16].copy_from_slice(&geo.meta_off.to_le_bytes());
+        assert!(decode(&body, 1, &geo).is_err());
     }
 }

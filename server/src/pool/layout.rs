@@ -127,11 +127,14 @@ impl Geometry {
         let meta_off = BLOCK;
         let journal_off = 2 * BLOCK;
         let objtab_off = journal_off + journal_len;
-        let exttab_off = objtab_off + (objects * OBJ_SLOT).div_ceil(BLOCK) * BLOCK;
-        let meta_end = exttab_off + (extents * EXT_SLOT).div_ceil(BLOCK) * BLOCK;
+        // Checked throughout: a crafted superblock can ask for any table size.
+        let no_room = GeometryError::NoRoom { size, objects, extents };
+        let table = |n: u64, slot: u64| n.checked_mul(slot).map(|b| b.div_ceil(BLOCK) * BLOCK);
+        let exttab_off = table(objects, OBJ_SLOT).and_then(|b| objtab_off.checked_add(b)).ok_or(no_room.clone())?;
+        let meta_end = table(extents, EXT_SLOT).and_then(|b| exttab_off.checked_add(b)).ok_or(no_room.clone())?;
         let data_off = meta_end.div_ceil(HUGE_BLOCKS * BLOCK) * (HUGE_BLOCKS * BLOCK);
-        if objects == 0 || extents == 0 || data_off + HUGE_BLOCKS * BLOCK > pool_size {
-            return Err(GeometryError::NoRoom { size, objects, extents });
+        if objects == 0 || extents == 0 || data_off.checked_add(HUGE_BLOCKS * BLOCK).is_none_or(|e| e > pool_size) {
+            return Err(no_room);
         }
         Ok(Self {
             pool_size,
@@ -509,5 +512,15 @@ mod tests {
         assert!(matches!(ExtSlot::decode(&torn, 10), SlotState::Damaged(_)));
         let h = MetaHeader { next_object_id: 2, obj_hwm: 1, ext_hwm: 3, data_hwm: 900, clean: true };
         assert_eq!(MetaHeader::decode(&h.encode()), Some(h));
+    }
+
+    #[test]
+    fn crafted_table_sizes_are_refused_not_overflowed() {
+        for (o, e) in
+            [(u64::MAX, 4096), (4096, u64::MAX), (u64::MAX / OBJ_SLOT + 1, 4096), (u64::MAX / 2, u64::MAX / 2)]
+        {
+            let r = Geometry::compute(1 << 30, FormatOptions { max_objects: Some(o), max_extents: Some(e) });
+            assert!(matches!(r, Err(GeometryError::NoRoom { .. })), "{o} {e}: {r:?}");
+        }
     }
 }

@@ -93,6 +93,9 @@ pub struct OpenOptions {
     /// Use CPU cache flushes instead of `msync` on an ordinary file. **Not durable** there:
     /// for benchmarks that measure the DAX code path on machines without pmem.
     pub force_cache_flush: bool,
+    /// Allocate the blocks of a sparse pool file before mapping it (the daemon does; a sparse
+    /// pool would fault its mapping with SIGBUS when the filesystem fills).
+    pub allocate: bool,
 }
 
 /// Options for creating a pool.
@@ -104,6 +107,9 @@ pub struct CreateOptions {
     pub format: FormatOptions,
     /// As in [`OpenOptions`].
     pub force_cache_flush: bool,
+    /// Leave a pool file sparse instead of allocating its blocks: only for benchmarks of pools
+    /// larger than the disk (a full filesystem can then fault the mapping with SIGBUS).
+    pub sparse: bool,
 }
 
 /// Blocks an object no longer references. Returned to the allocator when dropped or when
@@ -216,6 +222,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
@@ -224,7 +235,8 @@ impl Pool {
     /// Create a pool at `path` (a new file of `size` bytes, or a whole device-DAX device).
     pub fn create(path: &Path, size: u64, opts: CreateOptions) -> Result<Self, OpenError> {
         Geometry::compute(size, opts.format).map_err(|source| OpenError::Geometry { path: path.into(), source })?;
-        let m = MappedMedia::map(path, Region::Create { size, overwrite: opts.overwrite }, opts.force_cache_flush)?;
+        let region = Region::Create { size, overwrite: opts.overwrite, sparse: opts.sparse };
+        let m = MappedMedia::map(path, region, opts.force_cache_flush)?;
         let fresh = m.fresh_zero();
         if m.mode() == PoolMode::DeviceDax && !opts.overwrite {
             let mut b = [0u8; 8];
@@ -238,6 +250,9 @@ impl Pool {
 
     /// Open the pool at `path`, replaying the journal.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self, OpenError> {
+        if opts.allocate {
+            media::mapped::allocate_file(path)?;
+        }
         let m = MappedMedia::map(path, Region::Open, opts.force_cache_flush)?;
         Self::open_media(Arc::new(m), Some(path))
     }
@@ -375,6 +390,11 @@ impl Pool {
             self.media.flush(0, self.media.len());
         }
         self.media.drain();
+        if let Some(e) = self.storage_failed() {
+            // Not clean: the next start recovers from what the storage holds.
+            tracing::error!(error = %e, "the pool is left for recovery at the next start");
+            return;
+        }
         meta.hdr.clean = true;
         let mut txn = journal::Txn::new();
         txn.write(self.sb.geo.meta_off, &meta.hdr.encode());
@@ -436,7 +456,17 @@ impl Pool {
         if self.is_closed() {
             return Err(ObjError::Closed);
         }
+        self.storage_ok()?;
         Ok(meta)
+    }
+
+    /// The storage failure that stopped the pool, if any (see [`ObjError::Storage`]).
+    pub fn storage_failed(&self) -> Option<ObjError> {
+        self.media.failure().map(|f| ObjError::Storage { detail: f.detail, no_space: f.no_space })
+    }
+
+    pub(crate) fn storage_ok(&self) -> Result<(), ObjError> {
+        self.storage_failed().map_or(Ok(()), Err)
     }
 
     /// Whether [`Pool::close_shared`] ran.

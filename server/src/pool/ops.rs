@@ -111,13 +111,17 @@ fn stat_of(o: &Obj, ns: &str, name: &str) -> ObjectStat {
 }
 
 impl Pool {
-    fn commit(&self, meta: &mut Meta, txn: &Txn) {
+    /// Commit `txn`. Fails only when the storage reported an error while persisting it (then
+    /// the pool refuses every further change, see [`Pool::storage_failed`]), and the caller
+    /// leaves DRAM as it was.
+    fn commit(&self, meta: &mut Meta, txn: &Txn) -> Result<(), ObjError> {
         // Tests pause, delay or crash (`exit`) the process on either side of a commit.
         let _ = crate::failpoint_blocking!("journal.before_commit");
         // Every operation bounds its transaction before building it (max extents per object
         // and the allocation batch are derived from the journal size), so this cannot fail.
         meta.journal.commit(self.media.as_ref(), txn).expect("transaction sized within the journal");
         let _ = crate::failpoint_blocking!("journal.after_commit");
+        self.storage_ok()
     }
 
     fn put_hdr(&self, txn: &mut Txn, meta: &Meta) {
@@ -148,7 +152,7 @@ impl Pool {
         let mut txn = Txn::new();
         put_obj(&mut txn, geo, slot, &obj, ns, name);
         self.put_hdr(&mut txn, &meta);
-        self.commit(&mut meta, &txn);
+        self.commit(&mut meta, &txn)?;
         let st = stat_of(&obj, ns, name);
         meta.objects[slot as usize] = Some(obj);
         meta.names.insert(key, slot);
@@ -224,7 +228,10 @@ impl Pool {
         obj.size = new_size;
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
         put_obj(&mut txn, geo, slot, &obj, ns, name);
-        self.commit(&mut meta, &txn);
+        if let Err(e) = self.commit(&mut meta, &txn) {
+            meta.objects[slot as usize] = Some(obj);
+            return Err(e);
+        }
         let st = stat_of(&obj, ns, name);
         meta.objects[slot as usize] = Some(obj);
         self.finish_removal(&mut meta, removal);
@@ -283,8 +290,9 @@ impl Pool {
         obj.map = trial;
         obj.epoch += 1;
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
-        self.commit(&mut meta, &txn);
+        let r = self.commit(&mut meta, &txn);
         meta.objects[slot as usize] = Some(obj);
+        r?;
         self.finish_removal(&mut meta, removal);
         Ok(())
     }
@@ -300,7 +308,10 @@ impl Pool {
         let mut txn = Txn::new();
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
         txn.zero(geo.obj_slot_off(slot as u64), OBJ_SLOT);
-        self.commit(&mut meta, &txn);
+        if let Err(e) = self.commit(&mut meta, &txn) {
+            meta.objects[slot as usize] = Some(obj);
+            return Err(e);
+        }
         meta.names.remove(&key);
         meta.free_obj.push(slot);
         self.finish_removal(&mut meta, removal);
@@ -399,7 +410,10 @@ impl Pool {
                 meta.hdr.data_hwm = meta.hdr.data_hwm.max(p + n);
             }
             self.put_hdr(&mut txn, meta);
-            self.commit(meta, &txn);
+            if let Err(e) = self.commit(meta, &txn) {
+                meta.objects[slot as usize] = Some(obj);
+                return Err(e);
+            }
         }
         let _ = (ns, name);
         meta.objects[slot as usize] = Some(obj);
@@ -463,7 +477,7 @@ impl Pool {
             }
             if obj.map.holes(offset / BLOCK, end.div_ceil(BLOCK)).is_empty() {
                 self.copy_in(obj, offset, data, persist);
-                return Ok(());
+                return if persist { self.storage_ok() } else { Ok(()) };
             }
         }
         let mut meta = self.write_meta_open()?;
@@ -476,7 +490,7 @@ impl Pool {
         }
         self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))?;
         self.copy_in(meta.objects[slot as usize].as_ref().expect("live"), offset, data, persist);
-        Ok(())
+        if persist { self.storage_ok() } else { Ok(()) }
     }
 
     fn copy_in(&self, obj: &Obj, offset: u64, data: &[u8], persist: bool) {
@@ -512,7 +526,7 @@ impl Pool {
             }
         }
         self.media.drain();
-        Ok(())
+        self.storage_ok()
     }
 
     /// The physical layout of `[offset, offset + len)`: pool byte ranges and holes, in order.

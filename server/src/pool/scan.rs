@@ -11,6 +11,7 @@ use super::alloc::{Allocator, Run};
 use super::extmap::{Ext, ExtentMap};
 use super::layout::{BLOCK, EXT_SLOT, ExtSlot, Geometry, MetaHeader, OBJ_SLOT, ObjSlot, SlotState};
 use super::media::Media;
+use super::ops::MAX_OBJECT_SIZE;
 
 /// An object as found on media.
 #[derive(Debug)]
@@ -80,6 +81,14 @@ pub fn analyze(media: &dyn Media, geo: &Geometry, hdr: &MetaHeader, thorough: bo
                 }
                 SlotState::Live(e) => {
                     let end = e.pool_block.checked_add(e.nblocks as u64);
+                    let file_end = e.file_block.checked_add(e.nblocks as u64);
+                    if file_end.is_none_or(|x| x > MAX_OBJECT_SIZE / BLOCK) {
+                        a.problems.push(format!(
+                            "extent slot {slot}: logical blocks [{}, +{}) reach past the largest object size",
+                            e.file_block, e.nblocks
+                        ));
+                        continue;
+                    }
                     if e.pool_block < geo.data_start || end.is_none_or(|x| x > hdr.data_hwm) {
                         a.problems.push(format!(
                             "extent slot {slot}: blocks [{}, +{}) are outside the allocated data area",
@@ -175,6 +184,14 @@ fn scan_objects(
                     a.problems.push(format!("object slot {slot} is in use above the high-water mark {}", hdr.obj_hwm))
                 }
                 SlotState::Live(rec) => {
+                    if rec.size > MAX_OBJECT_SIZE {
+                        a.problems.push(format!(
+                            "object {}: size {} exceeds the largest object size {MAX_OBJECT_SIZE}",
+                            name_of(&rec),
+                            rec.size
+                        ));
+                        continue;
+                    }
                     if rec.id >= hdr.next_object_id {
                         a.problems.push(format!("object {}: id {} was never handed out", name_of(&rec), rec.id));
                     }

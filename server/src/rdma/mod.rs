@@ -95,7 +95,13 @@ impl Rdma {
                 }
                 Err(why) => {
                     let why = why.to_string();
-                    tracing::warn!("RDMA unavailable: {why}; serving the TCP data plane only");
+                    // With `rdma.listen = auto` this is the normal outcome on a host without
+                    // RDMA; an address the operator named deserves a warning.
+                    if cfg.rdma_explicit {
+                        tracing::warn!("RDMA unavailable: {why}; serving the TCP data plane only");
+                    } else {
+                        tracing::info!("RDMA unavailable: {why}; serving the TCP data plane only");
+                    }
                     Rdma::off("unavailable", why)
                 }
             }

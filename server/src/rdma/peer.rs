@@ -121,5 +121,9 @@ async fn flush(t: &RdmaTransport, session: rdax_proto::model::SessionId, m: &Msg
     };
     let done = dma::persist(t.pool().media(), t.gate(), ranges, pin).await;
     crate::metrics::METRICS.rdma_flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if done.is_ok() { Status::Ok } else { Status::ShuttingDown }
+    match done {
+        Ok(()) => Status::Ok,
+        Err(dma::PersistError::Storage(_)) => Status::StorageFailed,
+        Err(dma::PersistError::ShuttingDown) => Status::ShuttingDown,
+    }
 }

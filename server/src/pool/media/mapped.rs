@@ -40,6 +40,9 @@ pub enum Region {
         size: u64,
         /// Replace an existing file.
         overwrite: bool,
+        /// Leave the file sparse instead of allocating its blocks (benchmarks of pools larger
+        /// than the disk; a full filesystem can then fault the mapping).
+        sparse: bool,
     },
     /// Map shared but read-only (`PROT_READ`): offline checks, which replay the journal into
     /// an [`super::overlay::OverlayMedia`] instead of the pool. (`MAP_PRIVATE` would be simpler,
@@ -74,6 +77,20 @@ pub enum MapError {
         /// What was found instead.
         detail: String,
     },
+    /// The filesystem has no room for the pool's blocks.
+    #[error(
+        "{path}: not enough free space to allocate {needed} bytes for the pool ({free} bytes free on its \
+         filesystem); free space or put the pool on a larger filesystem (a pool file is fully allocated so that \
+         a full disk can never fault its mapping)"
+    )]
+    NoSpace {
+        /// The region path.
+        path: PathBuf,
+        /// Bytes that had to be allocated.
+        needed: u64,
+        /// Bytes free on the filesystem.
+        free: u64,
+    },
     /// The filesystem says the file is DAX but refuses `MAP_SYNC`.
     #[error(
         "{path}: the filesystem reports the file as DAX but refuses mmap(MAP_SYNC) ({source}); \
@@ -99,6 +116,8 @@ pub struct MappedMedia {
     fresh_zero: bool,
     /// False for a [`Region::ReadOnly`] mapping: stores are a bug and are refused loudly.
     writable: bool,
+    /// The first failed `msync`.
+    failed: std::sync::OnceLock<super::StorageFailure>,
     _file: File,
 }
 
@@ -187,7 +206,12 @@ impl MappedMedia {
         file: File,
     ) -> Self {
         let writable = persistence != Persistence::None;
-        Self { base, len, mode, persistence, fresh_zero, writable, _file: file }
+        Self { base, len, mode, persistence, fresh_zero, writable, failed: std::sync::OnceLock::new(), _file: file }
+    }
+
+    /// Whether `path` is a file on a DAX filesystem (statx says so).
+    pub fn is_fsdax_file(path: &Path) -> bool {
+        statx_says_dax(path)
     }
 
     /// True when this region was created from nothing (all bytes zero).
@@ -229,7 +253,7 @@ fn open_file(path: &Path, region: Region) -> Result<(File, bool), MapError> {
             let f = OpenOptions::new().read(true).open(path).map_err(io_err("open the pool"))?;
             Ok((f, false))
         }
-        Region::Create { size, overwrite } => {
+        Region::Create { size, overwrite, sparse } => {
             if let Ok(m) = std::fs::metadata(path)
                 && m.file_type().is_char_device()
             {
@@ -251,9 +275,103 @@ fn open_file(path: &Path, region: Region) -> Result<(File, bool), MapError> {
                 }
             })?;
             f.set_len(size).map_err(io_err("size the pool file"))?;
+            if sparse {
+                return Ok((f, true));
+            }
+            if let Err(e) = allocate(path, &f, 0, size) {
+                drop(f);
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
             Ok((f, true))
         }
     }
+}
+
+fn free_bytes(file: &File) -> u64 {
+    rustix::fs::fstatvfs(file).map_or(0, |v| v.f_bavail.saturating_mul(v.f_frsize))
+}
+
+/// Give `[off, off + len)` of the file real blocks (reading zero), so that no store through
+/// the mapping can ever need the filesystem to find room: on a full filesystem such a store
+/// would fault with SIGBUS. Falls back to writing zeros where `fallocate` is not supported.
+fn allocate(path: &Path, file: &File, off: u64, len: u64) -> Result<(), MapError> {
+    use rustix::fs::FallocateFlags;
+    let no_space = || MapError::NoSpace { path: path.to_path_buf(), needed: len, free: free_bytes(file) };
+    // Refuse up front: a fallocate that cannot succeed may fill the filesystem before failing.
+    if free_bytes(file) < len {
+        return Err(no_space());
+    }
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), off, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => Err(no_space()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = off;
+            while at < off + len {
+                let n = ((off + len - at) as usize).min(zeros.len());
+                match file.write_all_at(&zeros[..n], at) {
+                    Ok(()) => at += n as u64,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(no_space()),
+                    Err(source) => {
+                        return Err(MapError::Io {
+                            path: path.to_path_buf(),
+                            op: "write zeros into the pool file",
+                            source,
+                        });
+                    }
+                }
+            }
+            file.sync_all().map_err(|source| MapError::Io {
+                path: path.to_path_buf(),
+                op: "fsync the pool file",
+                source,
+            })
+        }
+        Err(e) => Err(MapError::Io { path: path.to_path_buf(), op: "allocate the pool file", source: e.into() }),
+    }
+}
+
+/// A pool file without all its blocks (made sparse by an older rdax, or copied without them)
+/// gets them allocated before it is mapped (the daemon does this on open), with progress in
+/// the log; without room, this fails. (The block count decides: SEEK_HOLE reports ext4's
+/// allocated-but-unwritten extents as holes.)
+pub fn allocate_file(path: &Path) -> Result<(), MapError> {
+    let io = |op| {
+        let path = path.to_path_buf();
+        move |source| MapError::Io { path, op, source }
+    };
+    let meta = std::fs::metadata(path).map_err(io("stat the pool"))?;
+    if !meta.is_file() {
+        return Ok(()); // a device has no holes
+    }
+    let file = OpenOptions::new().write(true).open(path).map_err(io("open the pool"))?;
+    allocate_holes(path, &file, meta.len())
+}
+
+fn allocate_holes(path: &Path, file: &File, size: u64) -> Result<(), MapError> {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    if allocated >= size {
+        return Ok(());
+    }
+    let missing = size - allocated;
+    tracing::info!(path = %path.display(), bytes = missing, "the pool file is sparse: allocating its blocks on disk");
+    if free_bytes(file) < missing {
+        return Err(MapError::NoSpace { path: path.to_path_buf(), needed: missing, free: free_bytes(file) });
+    }
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(1 << 30);
+        allocate(path, file, at, n)?;
+        at += n;
+        if at < size {
+            tracing::info!(path = %path.display(), done = at, total = size, "allocating the pool file");
+        }
+    }
+    tracing::info!(path = %path.display(), bytes = missing, "the pool file is fully allocated");
+    Ok(())
 }
 
 /// Size and alignment of a device-DAX character device, from sysfs.
@@ -422,9 +540,16 @@ impl Media for MappedMedia {
                     )
                 };
                 if let Err(e) = r {
-                    // A failed msync means the data may not be durable: that is not something
-                    // the pool can continue from (like fsync errors in databases).
-                    panic!("msync failed, cannot guarantee durability: {e}");
+                    // The data may not be durable, and (as with fsync errors in databases) a
+                    // retry would not tell: latch the failure; the pool refuses every further
+                    // change and is not marked clean.
+                    let f = super::StorageFailure {
+                        detail: format!("msync: {e}"),
+                        no_space: e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT,
+                    };
+                    if self.failed.set(f).is_ok() {
+                        tracing::error!(error = %e, "msync of the pool failed: durability can no longer be promised; refusing changes until restart");
+                    }
                 }
             }
             Persistence::None | Persistence::Simulated => {}
@@ -439,6 +564,10 @@ impl Media for MappedMedia {
 
     fn dma_addr(&self, off: u64, len: u64) -> Option<usize> {
         Some(self.ptr(off, len) as usize)
+    }
+
+    fn failure(&self) -> Option<super::StorageFailure> {
+        self.failed.get().cloned()
     }
 
     fn mode(&self) -> PoolMode {
@@ -461,7 +590,7 @@ mod tests {
     fn ordinary_file_maps_as_file_mode_with_msync_and_is_2mib_aligned() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pool");
-        let m = MappedMedia::map(&p, Region::Create { size: 4 << 20, overwrite: false }, false).unwrap();
+        let m = MappedMedia::map(&p, Region::Create { size: 4 << 20, overwrite: false, sparse: false }, false).unwrap();
         assert_eq!(m.mode(), PoolMode::File);
         assert_eq!(m.persistence(), Persistence::Msync);
         assert!(m.fresh_zero());
@@ -476,11 +605,30 @@ mod tests {
     }
 
     #[test]
+    fn pool_files_are_fully_allocated_and_holes_are_filled_on_open() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pool");
+        let m = MappedMedia::map(&p, Region::Create { size: 8 << 20, overwrite: false, sparse: false }, false).unwrap();
+        drop(m);
+        let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert!(allocated(&p) >= 8 << 20, "created pool files own their blocks ({} allocated)", allocated(&p));
+        // A sparse file (as older rdax made them) gets its blocks allocated when opened.
+        let sparse = dir.path().join("sparse");
+        std::fs::File::create(&sparse).unwrap().set_len(8 << 20).unwrap();
+        assert!(allocated(&sparse) < 8 << 20);
+        allocate_file(&sparse).unwrap();
+        assert!(allocated(&sparse) >= 8 << 20, "every hole was allocated");
+        drop(MappedMedia::map(&sparse, Region::Open, false).unwrap());
+    }
+
+    #[test]
     fn create_refuses_an_existing_file_without_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pool");
         std::fs::write(&p, b"precious").unwrap();
-        let e = MappedMedia::map(&p, Region::Create { size: 4 << 20, overwrite: false }, false).unwrap_err();
+        let e =
+            MappedMedia::map(&p, Region::Create { size: 4 << 20, overwrite: false, sparse: false }, false).unwrap_err();
         assert!(matches!(e, MapError::Exists { .. }), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"precious");
     }
@@ -489,7 +637,7 @@ mod tests {
     fn a_read_only_mapping_reads_and_refuses_stores() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pool");
-        let m = MappedMedia::map(&p, Region::Create { size: 1 << 20, overwrite: false }, false).unwrap();
+        let m = MappedMedia::map(&p, Region::Create { size: 1 << 20, overwrite: false, sparse: false }, false).unwrap();
         m.write(8, b"abc");
         m.persist(8, 3);
         drop(m);
@@ -512,7 +660,7 @@ mod tests {
     fn forced_cache_flush_uses_the_cpu_method() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("pool");
-        let m = MappedMedia::map(&p, Region::Create { size: 1 << 20, overwrite: false }, true).unwrap();
+        let m = MappedMedia::map(&p, Region::Create { size: 1 << 20, overwrite: false, sparse: false }, true).unwrap();
         assert_eq!(m.persistence(), flush::detect());
         m.fill(100, 5000, 0xAB);
         m.persist(100, 5000);

@@ -9,6 +9,7 @@
 pub mod flush;
 pub mod mapped;
 pub mod overlay;
+pub mod pread;
 pub mod sim;
 
 use serde::Serialize;
@@ -112,6 +113,11 @@ pub trait Media: Send + Sync + 'static {
         let _ = (off, len);
         None
     }
+    /// The first error the storage reported while persisting, if any. Latched: once a
+    /// persist failed, durability of anything written since cannot be promised.
+    fn failure(&self) -> Option<StorageFailure> {
+        None
+    }
     /// The region kind.
     fn mode(&self) -> PoolMode;
     /// The persistence method.
@@ -122,6 +128,15 @@ pub trait Media: Send + Sync + 'static {
         self.read(off, &mut b);
         u64::from_le_bytes(b)
     }
+}
+
+/// A persist the storage could not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageFailure {
+    /// What failed, e.g. `msync: No space left on device`.
+    pub detail: String,
+    /// Out of space (ENOSPC, EDQUOT).
+    pub no_space: bool,
 }
 
 /// Panics unless `[off, off + len)` lies inside a medium of `size` bytes.
