@@ -98,6 +98,12 @@ impl Status {
     }
 }
 
+/// The request id of a header that may not decode (it sits at the same place in every
+/// header), for the reply to a malformed request.
+pub fn request_id(b: &[u8; REQ_LEN]) -> u32 {
+    u32::from_le_bytes(b[4..8].try_into().expect("4"))
+}
+
 /// A request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {

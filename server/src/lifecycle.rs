@@ -291,7 +291,10 @@ pub async fn run_with_reload(
             stop_serving.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    // The daemon as a whole ("") and each of its services by name.
+    for svc in HEALTH_SERVICES {
+        health.set_service_status(svc, tonic_health::ServingStatus::Serving).await;
+    }
     if let Some(p) = &cfg.ports_file {
         write_ports_file(p, local, data_local, metrics_local, &rdma.status().endpoint)?;
     }
@@ -335,7 +338,9 @@ pub async fn run_with_reload(
     info!(timeout = ?bound, "shutdown started");
     systemd::notify(&[NotifyState::Stopping, NotifyState::Status("shutting down: recalling leases, draining")]);
     reloader.abort();
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    for svc in HEALTH_SERVICES {
+        health.set_service_status(svc, tonic_health::ServingStatus::NotServing).await;
+    }
     // New requests get Unavailable from here on; background loops stop.
     root.cancel();
     timed("recall leases", leases.recall_all()).await;
@@ -368,6 +373,10 @@ pub async fn run_with_reload(
     }
     Ok(())
 }
+
+/// Names the health service answers for.
+const HEALTH_SERVICES: [&str; 6] =
+    ["", "rdax.v1.Pool", "rdax.v1.Objects", "rdax.v1.Sessions", "rdax.v1.Leases", "rdax.v1.Admin"];
 
 /// How long closing the pool may take once everything else stopped.
 const CLOSE_BOUND: Duration = Duration::from_secs(20);

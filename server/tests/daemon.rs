@@ -53,6 +53,10 @@ async fn health_serves_and_reflection_lists_the_services() {
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let r = h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    for svc in ["rdax.v1.Pool", "rdax.v1.Objects", "rdax.v1.Sessions", "rdax.v1.Leases", "rdax.v1.Admin"] {
+        let r = h.check(tonic_health::pb::HealthCheckRequest { service: svc.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{svc}");
+    }
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,

@@ -130,9 +130,22 @@ async fn every_forbidden_operation_is_refused_and_the_daemon_stays_up() {
         .unwrap();
     assert_eq!(Raw(s).status(3).await, Status::NoHello);
     let mut junk = [0xFFu8; wire::REQ_LEN];
-    junk[4..8].copy_from_slice(&0u32.to_le_bytes());
+    junk[4..8].copy_from_slice(&9u32.to_le_bytes());
     b.0.write_all(&junk).await.unwrap();
-    assert_eq!(b.status(0).await, Status::Malformed);
+    assert_eq!(b.status(9).await, Status::Malformed, "the reply echoes the malformed header's request id");
+    // A HELLO with its unused fields set is not a HELLO of ours.
+    let mut s = tokio::net::TcpStream::connect(&d.data).await.unwrap();
+    let hello = Request {
+        op: Op::Hello,
+        flags: 0,
+        id: 5,
+        key: session_bytes(&sa),
+        generation: wire::VERSION,
+        offset: 1,
+        len: 0,
+    };
+    s.write_all(&hello.encode()).await.unwrap();
+    assert_eq!(Raw(s).status(5).await, Status::Malformed);
     let (mut big, _) = Raw::connect(&d.data, session_bytes(&sa)).await;
     let r = Request { op: Op::Read, flags: 0, id: 4, key, generation: g, offset: pool, len: wire::MAX_OP_LEN + 1 };
     big.0.write_all(&r.encode()).await.unwrap();
@@ -409,4 +422,86 @@ fn a_stopped_client_cannot_keep_the_pool_open_at_shutdown() {
     let out = d2.ctl(&["--json", "info"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["previous_shutdown_clean"], true, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_steady_writer_is_served_and_a_stalled_one_is_cut() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--data-op-timeout-ms", "300"]);
+    let c = client(&d).await;
+    let sa = c.open_session("slow").await.unwrap();
+    c.object("ns", "x").unwrap().create(4 * MIB).await.unwrap();
+    let l = sa.acquire("ns", "x", 0, 4 * MIB, LeaseMode::ReadWrite).await.unwrap();
+    let (pool, key) = l.segments()[0].target.unwrap();
+    assert_eq!(l.segments()[0].len, 4 * MIB, "one segment");
+    // 4 MiB in 256 KiB pieces every 100 ms: 1.6 s in all, far above the 300 ms op timeout,
+    // but no wait is longer than it and the rate is well above 1 MiB/s.
+    let (mut raw, _) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    let r = Request { op: Op::Write, flags: 0, id: 11, key, generation: l.generation(), offset: pool, len: 4 << 20 };
+    raw.0.write_all(&r.encode()).await.unwrap();
+    let t0 = Instant::now();
+    for i in 0..16u8 {
+        raw.0.write_all(&vec![i; 256 << 10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(raw.status(11).await, Status::Ok, "a steady writer is not cut off");
+    assert!(t0.elapsed() > Duration::from_millis(1500));
+    assert_eq!(c.object("ns", "x").unwrap().read(15 * (256 << 10), 4).await.unwrap(), vec![15; 4]);
+    // One that stops mid-payload loses its connection after the op timeout, and its pin.
+    let (mut raw, _) = Raw::connect(&d.data, session_bytes(&sa)).await;
+    let r = Request { op: Op::Write, flags: 0, id: 12, key, generation: l.generation(), offset: pool, len: 1 << 20 };
+    raw.0.write_all(&r.encode()).await.unwrap();
+    raw.0.write_all(&[7; 4096]).await.unwrap();
+    let mut b = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut raw.0, &mut b)).await;
+    assert!(matches!(got, Ok(Ok(0)) | Ok(Err(_))), "the stalled connection was closed: {got:?}");
+    common::poll(Duration::from_secs(10), "the pin to be released", || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let c = c.clone();
+        let pins =
+            std::thread::spawn(move || rt.block_on(async { c.leases(None).await.unwrap()[0].pins })).join().unwrap();
+        (pins == 0).then_some(())
+    });
+}
+
+#[test]
+fn hold_session_reports_recalls_and_stays_up() {
+    use std::io::BufRead;
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    assert!(d.ctl(&["create", "ns/x", "--size", "1M"]).status.success());
+    let mut hold = common::rdaxctl()
+        .args(["--endpoint", &d.endpoint, "--json", "hold-session", "--name", "verbs-client"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(hold.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let sid = first["session_id"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(client(&d));
+    // Another program holds a lease for that session, as a verbs client would.
+    let g = rt.block_on(c.acquire_raw(&sid, "ns", "x", 0, MIB, LeaseMode::Read, false)).unwrap();
+    for round in 0..2 {
+        // A truncate recalls it: hold-session prints the recall, and stays up.
+        let c2 = c.clone();
+        let truncate =
+            rt.spawn(async move { c2.object("ns", "x").unwrap().resize(if round == 0 { 4096 } else { 0 }).await });
+        let ev: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(ev["event"], "lease_recalled", "{ev}");
+        assert_eq!(
+            ev["lease_id"].as_u64(),
+            Some(if round == 0 { g.lease_id } else { ev["lease_id"].as_u64().unwrap() })
+        );
+        rt.block_on(c.release_lease(&sid, ev["lease_id"].as_u64().unwrap())).unwrap();
+        rt.block_on(truncate).unwrap().unwrap();
+        assert!(hold.try_wait().unwrap().is_none(), "hold-session exited on a recall");
+        if round == 0 {
+            rt.block_on(c.object("ns", "x").unwrap().resize(MIB)).unwrap();
+            rt.block_on(c.acquire_raw(&sid, "ns", "x", 0, MIB, LeaseMode::Read, false)).unwrap();
+        }
+    }
+    assert!(rt.block_on(c.sessions()).unwrap().iter().any(|s| s.session_id == sid), "the session lives on");
+    let _ = hold.kill();
+    let _ = hold.wait();
 }

@@ -198,7 +198,10 @@ enum Cmd {
         /// Session id.
         session_id: String,
     },
-    /// Open a session and keep it alive until interrupted (for demos and tests).
+    /// Open a session and keep it alive until interrupted (for demos, tests, and programs that
+    /// move bytes themselves). Recalls and revocations of the session's leases are printed as
+    /// JSON lines (`{"event": "lease_recalled", "lease_id": …, "reason": …}`); it exits when the
+    /// session ends.
     HoldSession {
         /// Label shown to administrators.
         #[arg(long, default_value = "rdaxctl")]

@@ -211,15 +211,35 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Cmd::HoldSession { name } => {
             let mut s = client.open_session(name).await?;
-            emit(json, &json!({"session_id": s.id(), "ttl_ms": s.ttl().as_millis() as u64}), || {
-                format!("session {} open (ttl {:?}); Ctrl-C to close", s.id(), s.ttl())
-            });
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => { s.close().await?; }
-                n = s.next_notice() => {
-                    let why = match n { Some(SessionNotice::Ended(r)) => r, Some(SessionNotice::Lost(r)) => r, _ => "ended".into() };
-                    return Err(Failure::from(anyhow::anyhow!("session ended: {why}")));
-                }
+            // One JSON line (not pretty-printed): what follows is one line per event too.
+            let opened = json!({"event": "session_opened", "session_id": s.id(), "ttl_ms": s.ttl().as_millis() as u64});
+            if json {
+                println!("{opened}");
+            } else {
+                println!("session {} open (ttl {:?}); Ctrl-C to close", s.id(), s.ttl());
+            }
+            // Stay up across recalls of the session's leases (a program of its own may hold
+            // them, e.g. a verbs client keyed by `lease hold --session`): print each notice as
+            // a JSON line for it to act on, and end only with the session.
+            loop {
+                let n = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => { s.close().await?; return Ok(()); }
+                    n = s.next_notice() => n,
+                };
+                let why = match n {
+                    Some(SessionNotice::LeaseRecalled { lease_id, reason }) => {
+                        println!("{}", json!({"event": "lease_recalled", "lease_id": lease_id, "reason": reason}));
+                        continue;
+                    }
+                    Some(SessionNotice::LeaseRevoked { lease_id, reason }) => {
+                        println!("{}", json!({"event": "lease_revoked", "lease_id": lease_id, "reason": reason}));
+                        continue;
+                    }
+                    Some(SessionNotice::Ended(r)) | Some(SessionNotice::Lost(r)) => r,
+                    Some(_) => continue,
+                    None => "ended".into(),
+                };
+                return Err(Failure::from(anyhow::anyhow!("session ended: {why}")));
             }
         }
         Cmd::Lease { cmd } => lease(cli, &client, cmd, json).await?,

@@ -7,23 +7,32 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+/// Wait for the socket, at most `stall` (no byte moved for that long: the peer stalled).
+async fn progress(stall: Duration, ready: impl std::future::Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(stall, ready)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stalled mid-operation"))?
+}
 
 /// An address inside the mapped pool, carried across `.await` points.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolAddr(pub usize);
 
-/// Receive exactly `len` bytes from `s` into `addr..addr + len`.
+/// Receive exactly `len` bytes from `s` into `addr..addr + len`; fails if no byte arrives for
+/// `stall`.
 ///
 /// # Safety
 /// `addr..addr + len` must be inside a live mapping for the duration of the call, and the
 /// caller must hold a pin that keeps the range from being reused.
-pub async unsafe fn recv_exact(s: &TcpStream, addr: PoolAddr, len: usize) -> io::Result<()> {
+pub async unsafe fn recv_exact(s: &TcpStream, addr: PoolAddr, len: usize, stall: Duration) -> io::Result<()> {
     let mut done = 0;
     while done < len {
-        s.readable().await?;
+        progress(stall, s.readable()).await?;
         let r = s.try_io(Interest::READABLE, || {
             // SAFETY: the destination is inside the caller's pinned mapping (function contract);
             // the kernel writes at most `len - done` bytes there.
@@ -40,14 +49,15 @@ pub async unsafe fn recv_exact(s: &TcpStream, addr: PoolAddr, len: usize) -> io:
     Ok(())
 }
 
-/// Send exactly `len` bytes from `addr..addr + len` to `s`.
+/// Send exactly `len` bytes from `addr..addr + len` to `s`; fails if no byte leaves for
+/// `stall`.
 ///
 /// # Safety
 /// As for [`recv_exact`].
-pub async unsafe fn send_exact(s: &TcpStream, addr: PoolAddr, len: usize) -> io::Result<()> {
+pub async unsafe fn send_exact(s: &TcpStream, addr: PoolAddr, len: usize, stall: Duration) -> io::Result<()> {
     let mut done = 0;
     while done < len {
-        s.writable().await?;
+        progress(stall, s.writable()).await?;
         let r = s.try_io(Interest::WRITABLE, || {
             // SAFETY: the source is inside the caller's pinned mapping (function contract);
             // MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
@@ -88,8 +98,8 @@ mod tests {
         let a = PoolAddr(buf.as_mut_ptr() as usize);
         // SAFETY: `buf` outlives both calls and is not otherwise accessed meanwhile.
         unsafe {
-            recv_exact(&s, a, buf.len()).await.unwrap();
-            send_exact(&s, a, buf.len()).await.unwrap();
+            recv_exact(&s, a, buf.len(), Duration::from_secs(10)).await.unwrap();
+            send_exact(&s, a, buf.len(), Duration::from_secs(10)).await.unwrap();
         }
         assert_eq!(buf, data);
         assert_eq!(peer.await.unwrap(), data);

@@ -85,6 +85,9 @@ fn refusal_status(r: Refusal) -> Status {
 
 type Res = std::io::Result<()>;
 
+/// The slowest average rate a payload may move at, beyond the first op timeout (bytes/s).
+pub const MIN_RATE: u64 = 1 << 20;
+
 impl DataPlane {
     /// Accept connections until `cancel`, at most `cap` at a time.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, cap: usize, cancel: CancellationToken) {
@@ -106,18 +109,43 @@ impl DataPlane {
         }
     }
 
+    fn stall(&self) -> Duration {
+        Duration::from_millis(self.op_timeout_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A wait for a small, fixed amount of data (a header): bounded by the op timeout.
     async fn bounded<T>(&self, f: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
-        tokio::time::timeout(Duration::from_millis(self.op_timeout_ms.load(std::sync::atomic::Ordering::Relaxed)), f)
+        tokio::time::timeout(self.stall(), f)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "data-plane operation timed out"))?
+    }
+
+    /// A payload transfer of `len` bytes: each socket wait is bounded by the op timeout (inside
+    /// `f`), and the whole transfer by the op timeout plus `len` at [`MIN_RATE`], so a peer
+    /// that trickles cannot hold a pin for ever, and a slow but steady one is not cut off.
+    async fn transfer<T>(
+        &self,
+        len: usize,
+        f: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        let bound = self.stall() + Duration::from_secs_f64(len as f64 / MIN_RATE as f64);
+        tokio::time::timeout(bound, f).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "data-plane transfer below the minimum rate")
+        })?
     }
 
     async fn connection(&self, mut s: TcpStream, cancel: CancellationToken) -> Res {
         let mut hdr = [0u8; REQ_LEN];
         self.bounded(s.read_exact(&mut hdr)).await?;
-        let Some(hello) = Request::decode(&hdr) else { return reply_close(&mut s, 0, Status::Malformed).await };
+        let Some(hello) = Request::decode(&hdr) else {
+            return reply_close(&mut s, wire::request_id(&hdr), Status::Malformed).await;
+        };
         if hello.op != Op::Hello {
             return reply_close(&mut s, hello.id, Status::NoHello).await;
+        }
+        if hello.offset != 0 || hello.len != 0 {
+            // The documented HELLO has these zero; anything else is not one of our clients.
+            return reply_close(&mut s, hello.id, Status::Malformed).await;
         }
         if hello.generation != wire::VERSION {
             return reply_close(&mut s, hello.id, Status::Version).await;
@@ -149,7 +177,9 @@ impl DataPlane {
                     }
                 }
             }
-            let Some(req) = Request::decode(&hdr) else { return reply_close(&mut s, 0, Status::Malformed).await };
+            let Some(req) = Request::decode(&hdr) else {
+                return reply_close(&mut s, wire::request_id(&hdr), Status::Malformed).await;
+            };
             if req.len > wire::MAX_OP_LEN {
                 return reply_close(&mut s, req.id, Status::TooLarge).await;
             }
@@ -173,13 +203,17 @@ impl DataPlane {
         s.write_all(&wire::response(r.id, Status::Ok, r.len)).await?;
         let addr = self.media.dma_addr(r.offset, r.len as u64);
         match addr {
-            // SAFETY: the range lies inside the key's segment, which is inside the mapping, and
-            // `pin` keeps it from being revoked-and-reused until the copy is done.
-            Some(a) => self.bounded(unsafe { io::send_exact(s, io::PoolAddr(a), r.len as usize) }).await?,
+            Some(a) => {
+                let len = r.len as usize;
+                // SAFETY: the range lies inside the key's segment, which is inside the mapping,
+                // and `pin` keeps it from being revoked-and-reused until the copy is done.
+                let send = unsafe { io::send_exact(s, io::PoolAddr(a), len, self.stall()) };
+                self.transfer(len, send).await?
+            }
             None => {
                 let mut buf = vec![0u8; r.len as usize];
                 self.media.read(r.offset, &mut buf);
-                self.bounded(s.write_all(&buf)).await?;
+                self.transfer(buf.len(), s.write_all(&buf)).await?;
             }
         }
         drop(pin);
@@ -196,7 +230,7 @@ impl DataPlane {
                 let mut sink = vec![0u8; (left as usize).min(1 << 20)];
                 while left > 0 {
                     let n = (left as usize).min(sink.len());
-                    self.bounded(s.read_exact(&mut sink[..n])).await?;
+                    self.transfer(n, s.read_exact(&mut sink[..n])).await?;
                     left -= n as u64;
                 }
                 return s.write_all(&wire::response(r.id, refusal_status(e), 0)).await;
@@ -209,18 +243,20 @@ impl DataPlane {
                 // hold a WRITE mid-copy with its pin held (the kernel's `bio_delay` idea).
                 let half = if cfg!(feature = "testing") { len / 2 } else { len };
                 // SAFETY: as in `read`; the pin covers both halves and anything between them.
-                self.bounded(unsafe { io::recv_exact(s, io::PoolAddr(a), half) }).await?;
+                self.transfer(half, unsafe { io::recv_exact(s, io::PoolAddr(a), half, self.stall()) }).await?;
                 if crate::failpoint!("dataplane.write.mid_copy") {
                     return Err(std::io::Error::other("injected failure mid-copy"));
                 }
                 if half < len {
+                    let rest = len - half;
                     // SAFETY: as above, second half of the same pinned range.
-                    self.bounded(unsafe { io::recv_exact(s, io::PoolAddr(a + half), len - half) }).await?;
+                    let recv = unsafe { io::recv_exact(s, io::PoolAddr(a + half), rest, self.stall()) };
+                    self.transfer(rest, recv).await?;
                 }
             }
             None => {
                 let mut buf = vec![0u8; len];
-                self.bounded(s.read_exact(&mut buf)).await?;
+                self.transfer(len, s.read_exact(&mut buf)).await?;
                 self.media.write(r.offset, &buf);
             }
         }

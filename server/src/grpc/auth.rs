@@ -38,7 +38,9 @@ impl Interceptor for Auth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = self.token.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(req) };
         let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match got.and_then(|v| v.strip_prefix("Bearer ")) {
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
+        let token = got.and_then(|v| v.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+        match token.map(|(_, t)| t) {
             Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
             Some(_) => Err(ApiError::Unauthenticated("invalid bearer token").into()),
             None => Err(ApiError::Unauthenticated(
@@ -65,6 +67,7 @@ mod tests {
     fn tokens_are_checked() {
         let mut a = Auth::new(Some("0123456789abcdef"));
         assert!(a.call(req(Some("Bearer 0123456789abcdef"))).is_ok());
+        assert!(a.call(req(Some("bearer 0123456789abcdef"))).is_ok(), "the scheme is case-insensitive");
         for bad in [None, Some("Bearer 0123456789abcdeF"), Some("Bearer "), Some("0123456789abcdef"), Some("Basic x")] {
             assert_eq!(a.call(req(bad)).unwrap_err().code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
