@@ -10,7 +10,7 @@
 //! the runtime and is dropped with its future (a client deadline cancels it like any other
 //! await); the blocking form, for pool code on blocking threads, uses a condition variable.
 //!
-//! An action is `off`, `pause` (until the failpoint is set to something else), `sleep(MS)`,
+//! An action is `off`, `pause` (until the failpoint is set again), `sleep(MS)`,
 //! `return` (the site fails with its own error), `panic` or `exit(CODE)`, optionally prefixed
 //! `N*` to fire N times and then turn off. Set them with [`set`] (the test-only `Testing` gRPC
 //! service does), or at startup from `RDAX_FAILPOINTS="name=action;name=action"` (read only
@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 pub enum Action {
     /// Nothing.
     Off,
-    /// Wait until the failpoint is set to another action.
+    /// Wait until the failpoint is set again (to anything).
     Pause,
     /// Wait this long.
     Sleep(Duration),
@@ -106,6 +106,9 @@ struct Entry {
     hits: u64,
     /// Callers waiting in `pause` right now.
     paused: u64,
+    /// Bumped by every `set` (and `reset`): a pause lasts until the failpoint is set again,
+    /// also when its firing count has run out meanwhile.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -140,6 +143,7 @@ pub fn set(name: &str, spec: &str) -> Result<(), BadSpec> {
     let mut p = points();
     let e = p.entry(name.to_string()).or_default();
     e.spec = (spec.action != Action::Off).then_some(spec);
+    e.generation += 1;
     drop(p);
     REGISTRY.changed.notify_waiters();
     REGISTRY.changed_sync.notify_all();
@@ -175,18 +179,20 @@ pub fn reset() {
     points().retain(|_, e| {
         e.spec = None;
         e.hits = 0;
+        e.generation += 1;
         e.paused > 0
     });
     REGISTRY.changed.notify_waiters();
     REGISTRY.changed_sync.notify_all();
 }
 
-/// Count a hit and take the action to run now (consuming one firing).
-fn take(name: &str) -> Action {
+/// Count a hit and take the action to run now (consuming one firing), with the generation a
+/// pause waits to change.
+fn take(name: &str) -> (Action, u64) {
     let mut p = points();
     let e = p.entry(name.to_string()).or_default();
     e.hits += 1;
-    let Some(spec) = e.spec.as_mut() else { return Action::Off };
+    let Some(spec) = e.spec.as_mut() else { return (Action::Off, 0) };
     let action = spec.action;
     if let Some(n) = spec.count.as_mut() {
         *n -= 1;
@@ -197,11 +203,11 @@ fn take(name: &str) -> Action {
     if action == Action::Pause {
         e.paused += 1;
     }
-    action
+    (action, e.generation)
 }
 
-fn still_paused(name: &str) -> bool {
-    points().get(name).and_then(|e| e.spec).is_some_and(|s| s.action == Action::Pause)
+fn still_paused(name: &str, generation: u64) -> bool {
+    points().get(name).is_some_and(|e| e.generation == generation)
 }
 
 fn unpause(name: &str) {
@@ -232,7 +238,7 @@ fn terminal(name: &str, action: Action) {
 /// Reach failpoint `name` from async code. Returns whether the site must fail. A pause or
 /// sleep is an ordinary await: dropping the future ends it.
 pub async fn hit(name: &str) -> bool {
-    let action = take(name);
+    let (action, generation) = take(name);
     match action {
         Action::Off => false,
         Action::Return => true,
@@ -246,7 +252,7 @@ pub async fn hit(name: &str) -> bool {
                 let n = REGISTRY.changed.notified();
                 tokio::pin!(n);
                 n.as_mut().enable();
-                if !still_paused(name) {
+                if !still_paused(name, generation) {
                     return false;
                 }
                 n.await;
@@ -261,7 +267,7 @@ pub async fn hit(name: &str) -> bool {
 
 /// Reach failpoint `name` from blocking code (pool work on a blocking thread).
 pub fn hit_blocking(name: &str) -> bool {
-    let action = take(name);
+    let (action, generation) = take(name);
     match action {
         Action::Off => false,
         Action::Return => true,
@@ -272,7 +278,7 @@ pub fn hit_blocking(name: &str) -> bool {
         Action::Pause => {
             let _unpause = Unpause(name);
             let mut p = points();
-            while p.get(name).and_then(|e| e.spec).is_some_and(|s| s.action == Action::Pause) {
+            while p.get(name).is_some_and(|e| e.generation == generation) {
                 p = REGISTRY.changed_sync.wait(p).unwrap_or_else(|e| e.into_inner());
             }
             false
@@ -320,6 +326,16 @@ mod tests {
         assert!(!waiter.is_finished());
         set("t.pause", "off").unwrap();
         assert!(!waiter.await.unwrap(), "a pause does not make the site fail");
+        // A counted pause still holds its caller until the failpoint is set again.
+        set("t.once", "1*pause").unwrap();
+        let once = tokio::spawn(hit("t.once"));
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!once.is_finished(), "1*pause holds its caller");
+        assert!(!hit("t.once").await, "and fires only once");
+        set("t.once", "off").unwrap();
+        assert!(!once.await.unwrap());
         set("t.ret", "2*return").unwrap();
         assert!(hit("t.ret").await);
         assert!(hit_blocking("t.ret"));

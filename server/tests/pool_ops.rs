@@ -290,3 +290,65 @@ fn clean_close_is_remembered_and_a_drop_is_not() {
     assert!(pool.info().previous_shutdown_clean);
     assert_eq!(pool.stat("ns", "o").unwrap().size, 10);
 }
+
+#[test]
+fn a_large_allocation_zeroes_reused_blocks_outside_the_lock() {
+    let (_d, _p, pool) = new_pool(96 << 20);
+    // Leave an earlier owner's bytes in 40 MiB of blocks.
+    pool.create_object("ns", "old", 40 << 20).unwrap();
+    pool.write("ns", "old", 0, &vec![0xAB; 40 << 20], true).unwrap();
+    pool.delete("ns", "old").unwrap();
+    // A large allocation (zeroed with no lock held) reuses them and reads zero.
+    pool.create_object("ns", "new", 40 << 20).unwrap();
+    let pool = std::sync::Arc::new(pool);
+    let p2 = pool.clone();
+    // Meanwhile other requests go on (they would wait for the whole zeroing otherwise).
+    let other = std::thread::spawn(move || {
+        for i in 0..50 {
+            p2.create_object("ns", &format!("side{i}"), 4096).unwrap();
+        }
+    });
+    let (id, _) = pool.allocate("ns", "new", 0, 40 << 20).unwrap();
+    other.join().unwrap();
+    assert_eq!(pool.stat("ns", "new").unwrap().id, id);
+    assert_eq!(pool.stat("ns", "new").unwrap().allocated_bytes, 40 << 20);
+    let mut buf = vec![1u8; 40 << 20];
+    pool.read("ns", "new", 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "an earlier owner's bytes showed through");
+    assert_clean(&pool);
+    // An object that changes while its blocks are zeroed gets them installed only if its holes
+    // are still the same; either way the pool stays consistent.
+    pool.create_object("ns", "racy", 32 << 20).unwrap();
+    let p3 = pool.clone();
+    let t = std::thread::spawn(move || p3.allocate("ns", "racy", 0, 32 << 20).map(drop));
+    let _ = pool.allocate("ns", "racy", 0, 32 << 20);
+    t.join().unwrap().unwrap();
+    assert_eq!(pool.stat("ns", "racy").unwrap().allocated_bytes, 32 << 20);
+    assert_clean(&pool);
+}
+
+/// While a large allocation zeroes its blocks, the metadata lock is free: a create completes
+/// with the zeroing paused (failpoint), which would deadlock if the lock were held.
+#[cfg(feature = "testing")]
+#[test]
+fn other_requests_proceed_while_a_large_allocation_zeroes() {
+    let (_d, _p, pool) = new_pool(96 << 20);
+    pool.create_object("ns", "big", 48 << 20).unwrap();
+    let pool = std::sync::Arc::new(pool);
+    rdaxd::failpoint::set("pool.zero_unlocked", "1*pause").unwrap();
+    let p2 = pool.clone();
+    let alloc = std::thread::spawn(move || p2.allocate("ns", "big", 0, 48 << 20).map(drop));
+    let paused = || rdaxd::failpoint::list().iter().any(|f| f.name == "pool.zero_unlocked" && f.paused > 0);
+    let t0 = std::time::Instant::now();
+    while !paused() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the allocation never reached its zeroing");
+        std::thread::yield_now();
+    }
+    // The lock is free: this returns while the allocation is paused mid-way.
+    pool.create_object("ns", "meanwhile", 4096).unwrap();
+    pool.stat("ns", "big").unwrap();
+    rdaxd::failpoint::set("pool.zero_unlocked", "off").unwrap();
+    alloc.join().unwrap().unwrap();
+    assert_eq!(pool.stat("ns", "big").unwrap().allocated_bytes, 48 << 20);
+    assert_clean(&pool);
+}

@@ -12,6 +12,9 @@ use super::{Meta, Obj, Pool, lock, name_key, now_ns};
 /// Largest object size (keeps every byte-offset computation far from overflow).
 pub const MAX_OBJECT_SIZE: u64 = 1 << 60;
 
+/// Allocations larger than this zero their blocks without holding the metadata lock.
+const ZERO_UNLOCKED_ABOVE: u64 = 16 << 20;
+
 /// What `stat` reports.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ObjectStat {
@@ -350,49 +353,93 @@ impl Pool {
     /// zero. A very fragmented allocation may take several transactions; a crash between them
     /// leaves some holes allocated (they still read zero), never a torn object.
     ///
+    /// A large allocation zeroes its blocks with no lock held (they belong to nobody while it
+    /// does), so other requests — and the watchdog — are not stalled for the seconds that
+    /// zeroing gigabytes takes; the blocks are installed afterwards if the object is unchanged.
+    ///
     /// Returns the object's id and layout epoch, for a caller that reads the layout later and
     /// must know whether blocks were taken away meanwhile.
     pub fn allocate(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(u64, u64), ObjError> {
         let key = validate(ns, name)?;
-        let mut meta = self.write_meta_open()?;
-        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        let size = meta.objects[slot as usize].as_ref().expect("live").size;
-        let end = end_of(offset, len, size)?;
-        if end > size {
-            return Err(ObjError::range(offset, len, size, "; resize the object first"));
+        for attempt in 0.. {
+            let mut meta = self.write_meta_open()?;
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            let o = meta.objects[slot as usize].as_ref().expect("live");
+            let end = end_of(offset, len, o.size)?;
+            if end > o.size {
+                return Err(ObjError::range(offset, len, o.size, "; resize the object first"));
+            }
+            let (lo, hi, id) = (offset / BLOCK, end.div_ceil(BLOCK), o.id);
+            let holes = o.map.holes(lo, hi);
+            let total: u64 = holes.iter().map(|h| h.1).sum();
+            // Small, or contended twice already: zero under the lock, as one step.
+            if total * BLOCK <= ZERO_UNLOCKED_ABOVE || attempt >= 2 {
+                self.fill_holes(&mut meta, slot, ns, name, lo, hi)?;
+                let o = meta.objects[slot as usize].as_ref().expect("live");
+                return Ok((o.id, o.epoch));
+            }
+            let runs =
+                lock(&self.alloc).alloc(total).map_err(|e| ObjError::NoSpace { needed: e.needed, free: e.free })?;
+            let hwm = meta.hdr.data_hwm;
+            drop(meta);
+            let _ = crate::failpoint_blocking!("pool.zero_unlocked");
+            self.zero_runs(&runs, hwm);
+            let mut meta = match self.write_meta_open() {
+                Ok(m) => m,
+                Err(e) => {
+                    self.give_back(&runs);
+                    return Err(e);
+                }
+            };
+            let same = meta.lookup(&key).and_then(|s| meta.objects[s as usize].as_ref().map(|o| (s, o)));
+            match same {
+                Some((slot, o)) if o.id == id && o.map.holes(lo, hi) == holes => {
+                    self.install_runs(&mut meta, slot, &holes, runs)?;
+                    let o = meta.objects[slot as usize].as_ref().expect("live");
+                    return Ok((o.id, o.epoch));
+                }
+                // The object changed while we zeroed: give the blocks back and start over.
+                _ => self.give_back(&runs),
+            }
         }
-        self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))?;
-        let o = meta.objects[slot as usize].as_ref().expect("live");
-        Ok((o.id, o.epoch))
+        unreachable!("the loop returns")
     }
 
     fn fill_holes(&self, meta: &mut Meta, slot: u32, ns: &str, name: &str, lo: u64, hi: u64) -> Result<(), ObjError> {
-        let geo = &self.sb.geo;
         let holes = meta.objects[slot as usize].as_ref().expect("live").map.holes(lo, hi);
         let total: u64 = holes.iter().map(|h| h.1).sum();
         if total == 0 {
             return Ok(());
         }
         let runs = lock(&self.alloc).alloc(total).map_err(|e| ObjError::NoSpace { needed: e.needed, free: e.free })?;
-        let pieces = lay_out(&holes, &runs);
+        self.zero_runs(&runs, meta.hdr.data_hwm);
+        let _ = (ns, name);
+        self.install_runs(meta, slot, &holes, runs)
+    }
+
+    fn give_back(&self, runs: &[Run]) {
+        let mut a = lock(&self.alloc);
+        runs.iter().for_each(|&(s, l)| a.free(s, l));
+    }
+
+    /// Make zeroed `runs` the blocks of `holes` of the object in `slot` (the caller holds the
+    /// metadata lock). On failure the runs go back to the allocator.
+    fn install_runs(&self, meta: &mut Meta, slot: u32, holes: &[Run], runs: Vec<Run>) -> Result<(), ObjError> {
+        let geo = &self.sb.geo;
+        let pieces = lay_out(holes, &runs);
         let obj_exts = meta.objects[slot as usize].as_ref().expect("live").map.len() as u64;
-        let give_back = |runs: &[Run]| {
-            let mut a = lock(&self.alloc);
-            runs.iter().for_each(|&(s, l)| a.free(s, l));
-        };
         if obj_exts + pieces.len() as u64 > geo.max_extents_per_object {
-            give_back(&runs);
+            self.give_back(&runs);
             return Err(ObjError::TooFragmented {
                 detail: format!("the object would exceed {} extents", geo.max_extents_per_object),
             });
         }
         if pieces.len() as u64 > meta.ext_slots_available(geo) {
-            give_back(&runs);
+            self.give_back(&runs);
             return Err(ObjError::TooFragmented {
                 detail: format!("the pool's {} extent records are used up", geo.exttab_slots),
             });
         }
-        self.zero_new_blocks(meta, &runs);
         let batch = ((Journal::capacity(geo.journal_len) - 1024) / 64) as usize;
         let mut obj = meta.objects[slot as usize].take().expect("live");
         for chunk in pieces.chunks(batch) {
@@ -415,19 +462,18 @@ impl Pool {
                 return Err(e);
             }
         }
-        let _ = (ns, name);
         meta.objects[slot as usize] = Some(obj);
         Ok(())
     }
 
     /// Blocks taken from the allocator may hold an earlier owner's bytes: zero them (durably)
-    /// before any extent points at them. Blocks never used since a zero-filled format are
-    /// skipped.
-    fn zero_new_blocks(&self, meta: &Meta, runs: &[Run]) {
+    /// before any extent points at them. Blocks at or above `hwm` (the data high-water mark
+    /// when they were taken) were never used since a zero-filled format and are skipped.
+    fn zero_runs(&self, runs: &[Run], hwm: u64) {
         let virgin_ok = self.sb.flags & FLAG_VIRGIN_ZERO != 0;
         let m = self.media.as_ref();
         for &(s, l) in runs {
-            let dirty_end = if virgin_ok { (s + l).min(meta.hdr.data_hwm) } else { s + l };
+            let dirty_end = if virgin_ok { (s + l).min(hwm) } else { s + l };
             if dirty_end > s {
                 m.fill(s * BLOCK, (dirty_end - s) * BLOCK, 0);
                 m.flush(s * BLOCK, (dirty_end - s) * BLOCK);
