@@ -14,6 +14,11 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// Bound on any one RDMA work request's completion: past it the connection is fenced (the
+/// request is flushed, its buffer kept until then) and the call fails. RC retries normally
+/// turn a dead peer into an error long before.
+const OP_BOUND: Duration = Duration::from_secs(30);
+
 /// Bytes per staging buffer (an RDMA operation moves at most this much).
 pub(crate) const CHUNK: usize = 256 << 10;
 /// Staging buffers per session (operations in flight).
@@ -139,7 +144,7 @@ impl RdmaLink {
         self.replies.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
         // The reply is a receive: keep completion events on until it is here.
         let _armed = self.conn.hold_armed();
-        if let Err(e) = self.conn.exec(Wr::Send(m.encode()), None).await {
+        if let Err(e) = self.conn.exec_within(Wr::Send(m.encode()), None, OP_BOUND, "a SEND to the daemon").await {
             self.replies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             return Err(verbs_err("RDMA SEND", e));
         }
@@ -167,7 +172,7 @@ impl RdmaLink {
         // SAFETY: the buffer is ours (taken from the free list) and no request uses it.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr(0), src.len()) };
         let wr = Wr::Write { laddr: b.addr(), lkey: b.lkey(), len: src.len() as u32, raddr, rkey };
-        let r = self.conn.exec(wr, Some(b.clone())).await;
+        let r = self.conn.exec_within(wr, Some(b.clone()), OP_BOUND, "an RDMA operation").await;
         self.give_back(b);
         r.map_err(|e| verbs_err("RDMA WRITE", e))
     }
@@ -177,7 +182,7 @@ impl RdmaLink {
         debug_assert!(dst.len() <= CHUNK);
         let (_p, b) = self.buffer().await?;
         let wr = Wr::Read { laddr: b.addr(), lkey: b.lkey(), len: dst.len() as u32, raddr, rkey };
-        let r = self.conn.exec(wr, Some(b.clone())).await;
+        let r = self.conn.exec_within(wr, Some(b.clone()), OP_BOUND, "an RDMA operation").await;
         if r.is_ok() {
             // SAFETY: the READ completed into the buffer; nothing else uses it.
             unsafe { std::ptr::copy_nonoverlapping(b.ptr(0), dst.as_mut_ptr(), dst.len()) };
@@ -211,7 +216,10 @@ impl RdmaLink {
             Wr::Read { laddr, lkey, len, raddr, rkey }
         };
         let keep: Arc<dyn std::any::Any + Send + Sync> = buf.clone();
-        self.conn.exec(wr, Some(keep)).await.map_err(|e| verbs_err(if write { "RDMA WRITE" } else { "RDMA READ" }, e))
+        self.conn
+            .exec_within(wr, Some(keep), OP_BOUND, "an RDMA operation")
+            .await
+            .map_err(|e| verbs_err(if write { "RDMA WRITE" } else { "RDMA READ" }, e))
     }
 
     /// Ask the daemon to persist `[offset, offset+len)` of a lease (GPSPM-style).

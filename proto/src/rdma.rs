@@ -99,6 +99,23 @@ impl Msg {
         b
     }
 
+    /// The error reply to a frame that does not decode: MALFORMED, with the request id read
+    /// from where every frame has it, and the reply opcode the frame's op asked for (FLUSH_REPLY
+    /// when it names none).
+    pub fn malformed_reply(b: &[u8; MSG_LEN]) -> Msg {
+        let req_id = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        let op = if b[5] == Op::Hello as u8 { Op::HelloReply } else { Op::FlushReply };
+        Msg::request(op, req_id).reply(op, Status::Malformed)
+    }
+
+    /// The reply opcode for a request opcode.
+    pub fn reply_op(op: Op) -> Op {
+        match op {
+            Op::Hello | Op::HelloReply => Op::HelloReply,
+            Op::Flush | Op::FlushReply => Op::FlushReply,
+        }
+    }
+
     /// Decode.
     pub fn decode(b: &[u8; MSG_LEN]) -> Result<Msg, FrameError> {
         if b[0..4] != MAGIC {

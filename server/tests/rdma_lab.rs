@@ -308,6 +308,77 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     assert!(e.is_remote_access(), "{e}");
 }
 
+/// The RDMA listener's edges: a peer that never says HELLO is closed after the op timeout; a
+/// frame with a bad magic gets a MALFORMED reply; a second HELLO is answered with HELLO_REPLY
+/// MALFORMED; FLUSH of a released lease is REVOKED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
+async fn devdax_rdma_peers_are_bounded_and_answered() {
+    use rdax_proto::dataplane::Status;
+    use rdax_proto::rdma::{Msg, Op};
+    use rdax_verbs::{Conn, EventChannel, Pd, Wr, event};
+    use std::net::SocketAddr;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = devdax_daemon(dir.path(), &["--data-op-timeout-ms", "1500"]);
+    let c = client(&d).await;
+    c.object("lab", "edges").unwrap().create(1 << 20).await.unwrap();
+    let s = c.open_session("edges").await.unwrap();
+    let sid: rdax_proto::model::SessionId = s.id().parse().unwrap();
+    let ep: SocketAddr = c.info().await.unwrap().rdma.unwrap().endpoint.parse().unwrap();
+    let t = Duration::from_secs(10);
+    let connect = async || {
+        let ch = EventChannel::new().unwrap();
+        let id = ch.create_id().unwrap();
+        id.resolve_addr(Some(SocketAddr::new(env("RDAX_LAB_CLIENT_IP").parse().unwrap(), 0)), ep, 5000).unwrap();
+        drop(ch.expect(event::ADDR_RESOLVED, t, "address").await.unwrap());
+        id.resolve_route(5000).unwrap();
+        drop(ch.expect(event::ROUTE_RESOLVED, t, "route").await.unwrap());
+        // SAFETY: rdma_cm keeps the device context open for the process.
+        let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
+        let (conn, inbox) = Conn::create(id, pd).unwrap();
+        tokio::spawn(conn.clone().drive());
+        conn.connect().unwrap();
+        drop(ch.expect(event::ESTABLISHED, t, "established").await.unwrap());
+        (ch, conn, inbox)
+    };
+    // 1. Silent: no HELLO. The daemon disconnects it after the op timeout.
+    let (ch, _conn, _inbox) = connect().await;
+    let t0 = std::time::Instant::now();
+    let ev = ch.expect(event::DISCONNECTED, Duration::from_secs(20), "the daemon to drop a silent peer").await.unwrap();
+    drop(ev);
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "dropped after {:?}, before the HELLO deadline", t0.elapsed());
+    // 2. A bad magic: MALFORMED, with the request id, then the connection ends.
+    let (_ch, conn, mut inbox) = connect().await;
+    let _armed = conn.hold_armed();
+    let mut junk = Msg::request(Op::Hello, 42).encode();
+    junk[0] = b'X';
+    conn.exec(Wr::Send(junk), None).await.unwrap();
+    let r = Msg::decode(&tokio::time::timeout(t, inbox.recv()).await.unwrap().unwrap()).unwrap();
+    assert_eq!((r.op, r.status, r.req_id), (Op::HelloReply, Status::Malformed, 42));
+    drop(_armed);
+    // 3. HELLO, a lease, its release; FLUSH of it is REVOKED; a second HELLO is refused.
+    let (_ch, conn, mut inbox) = connect().await;
+    let _armed = conn.hold_armed();
+    let mut call = async |m: Msg| {
+        conn.exec(Wr::Send(m.encode()), None).await.unwrap();
+        Msg::decode(&tokio::time::timeout(t, inbox.recv()).await.unwrap().unwrap()).unwrap()
+    };
+    let mut hello = Msg::request(Op::Hello, 1);
+    hello.session = sid.0;
+    assert_eq!(call(hello).await.status, Status::Ok);
+    let g = c.acquire_raw(s.id(), "lab", "edges", 0, 1 << 20, LeaseMode::ReadWrite, true).await.unwrap();
+    c.release_lease(s.id(), g.lease_id).await.unwrap();
+    let mut flush = Msg::request(Op::Flush, 2);
+    (flush.lease, flush.offset, flush.len) = (g.lease_id, 0, 4096);
+    let r = call(flush).await;
+    assert_eq!((r.op, r.status), (Op::FlushReply, Status::Revoked));
+    let mut again = Msg::request(Op::Hello, 3);
+    again.session = sid.0;
+    let r = call(again).await;
+    assert_eq!((r.op, r.status, r.req_id), (Op::HelloReply, Status::Malformed, 3));
+}
+
 /// A client that abandons an RDMA `Acquire` while its window is being bound leaves no binding
 /// and no pin: the grant is given back when the binder finishes, and a truncate of the range
 /// then completes at once (a leaked pin would hold it to the drain timeout).

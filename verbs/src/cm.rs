@@ -308,6 +308,13 @@ impl CmId {
         check(unsafe { sys::rdma_resolve_route(self.raw(), timeout_ms) }, "rdma_resolve_route")
     }
 
+    /// Refuse a connection request (before any QP or PD is made for it); the peer gets
+    /// REJECTED. Dropping the id afterwards destroys it.
+    pub fn reject(&self) {
+        // SAFETY: a connection-request id; an error only means the peer is already gone.
+        unsafe { sys::rdma_reject(self.raw(), std::ptr::null(), 0) };
+    }
+
     /// Disconnect (idempotent from rdax's point of view).
     pub fn disconnect(&self) {
         // SAFETY: a live id; an error only means it was not connected.
@@ -332,7 +339,7 @@ pub(crate) fn conn_param(depth: u8) -> sys::rdma_conn_param {
         initiator_depth: depth,
         flow_control: 0,
         retry_count: 7,
-        rnr_retry_count: 7,
+        rnr_retry_count: crate::conn::RNR_RETRY,
         srq: 0,
         qp_num: 0,
     }

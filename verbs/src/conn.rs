@@ -2,8 +2,11 @@
 //! completions delivered on the tokio reactor.
 //!
 //! Every send-queue work request is signalled; its completion resolves the future that
-//! posted it. Received messages (fixed [`MSG_LEN`]-byte frames) go to an inbox channel and
-//! their buffer is posted again. Closing moves the QP to the error state: the device then
+//! posted it. Received messages (fixed [`MSG_LEN`]-byte frames) go to an inbox channel as
+//! [`Received`] values; a receive buffer is posted again only when its message has been
+//! handled (the `Received` is dropped), so the peer has at most [`RECV_SLOTS`] messages in
+//! flight — credits — and the inbox can never grow beyond that. A peer that sends more gets
+//! RNR NAKs, retried a bounded number of times ([`RNR_RETRY`]), then its connection breaks. Closing moves the QP to the error state: the device then
 //! flushes every outstanding request, so nothing waits forever and no DMA targets a buffer
 //! after its future has returned.
 
@@ -61,6 +64,42 @@ struct Pending {
     _keep: Option<Arc<dyn Any + Send + Sync>>,
 }
 
+/// A received message. Dropping it gives its receive buffer back to the peer (a credit).
+#[derive(Debug)]
+pub struct Received {
+    /// The frame.
+    pub msg: Msg,
+    _credit: Credit,
+}
+
+impl std::ops::Deref for Received {
+    type Target = Msg;
+    fn deref(&self) -> &Msg {
+        &self.msg
+    }
+}
+
+#[derive(Debug)]
+struct Credit {
+    conn: std::sync::Weak<Conn>,
+    slot: usize,
+}
+
+impl Drop for Credit {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.upgrade()
+            && !c.closed.load(Ordering::Acquire)
+            && c.post_recv(self.slot).is_err()
+        {
+            let _ = c.fence();
+        }
+    }
+}
+
+/// RNR retries before a sender whose peer has no receive posted gets an error (7 would be
+/// "forever").
+pub const RNR_RETRY: u8 = 6;
+
 /// A send-queue request as plain data (addresses as integers), so that futures holding it
 /// stay `Send`.
 #[derive(Debug, Clone, Copy)]
@@ -78,7 +117,9 @@ pub struct Conn {
     ch: NonNull<sys::ibv_comp_channel>,
     pd: Arc<Pd>,
     recv: RegBuf,
-    inbox: mpsc::UnboundedSender<Msg>,
+    inbox: mpsc::UnboundedSender<Received>,
+    /// This connection, for the credits its messages carry.
+    me: std::sync::OnceLock<std::sync::Weak<Conn>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next: AtomicU64,
     sq: Arc<Semaphore>,
@@ -138,7 +179,7 @@ pub enum Wr {
 
 impl Conn {
     /// Create the QP for `id` (resolved or a connection request) in `pd`.
-    pub fn create(id: CmId, pd: Arc<Pd>) -> Result<(Arc<Conn>, mpsc::UnboundedReceiver<Msg>)> {
+    pub fn create(id: CmId, pd: Arc<Pd>) -> Result<(Arc<Conn>, mpsc::UnboundedReceiver<Received>)> {
         let ctx = pd.context();
         // SAFETY: an open context.
         let ch = NonNull::new(unsafe { sys::ibv_create_comp_channel(ctx) })
@@ -173,6 +214,7 @@ impl Conn {
             pd,
             recv,
             inbox: tx,
+            me: std::sync::OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             sq: Arc::new(Semaphore::new(SEND_DEPTH as usize)),
@@ -209,7 +251,9 @@ impl Conn {
         }
         // SAFETY: a live CQ.
         check(unsafe { sys::ibv_req_notify_cq(cq.as_ptr(), 0) }, "ibv_req_notify_cq")?;
-        Ok((Arc::new(c), rx))
+        let c = Arc::new(c);
+        let _ = c.me.set(Arc::downgrade(&c));
+        Ok((c, rx))
     }
 
     fn qp(&self) -> *mut sys::ibv_qp {
@@ -267,6 +311,26 @@ impl Conn {
         let mut p = conn_param(RD_ATOMIC);
         // SAFETY: a route-resolved id with its QP.
         check(unsafe { sys::rdma_connect(self.id.raw(), &mut p) }, "rdma_connect")
+    }
+
+    /// [`exec`](Self::exec), bounded: if the completion does not come within `bound`, the
+    /// connection is fenced (so the request is flushed; `keep` lives until then) and this
+    /// fails with [`Error::Timeout`].
+    pub async fn exec_within(
+        &self,
+        wr: Wr,
+        keep: Option<Arc<dyn Any + Send + Sync>>,
+        bound: Duration,
+        what: &'static str,
+    ) -> Result<()> {
+        match tokio::time::timeout(bound, self.exec(wr, keep)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.mark_closed(&format!("{what} did not complete within {bound:?}"));
+                let _ = self.fence();
+                Err(Error::Timeout(what))
+            }
+        }
     }
 
     /// Post one work request and wait for its completion. `keep` is held until the device
@@ -544,10 +608,9 @@ impl Conn {
                         unsafe {
                             std::ptr::copy_nonoverlapping(self.recv.ptr(slot * MSG_LEN), m.as_mut_ptr(), MSG_LEN)
                         };
-                        let _ = self.inbox.send(m);
-                        if !self.closed.load(Ordering::Acquire) && self.post_recv(slot).is_err() {
-                            let _ = self.fence();
-                        }
+                        // The buffer is posted again when the message has been handled.
+                        let credit = Credit { conn: self.me.get().cloned().unwrap_or_default(), slot };
+                        let _ = self.inbox.send(Received { msg: m, _credit: credit });
                     }
                     continue;
                 }

@@ -277,6 +277,12 @@ struct Inner {
 }
 
 impl Inner {
+    /// Why a lease id not in the table is refused: ids only grow, so one below the next id was
+    /// granted once and has ended (and drained).
+    fn gone(&self, id: u64) -> Refusal {
+        if id > 0 && id < self.next_id { Refusal::Revoked } else { Refusal::UnknownKey }
+    }
+
     fn marked(&self, object: &ObjectKey, lo: u64, hi: u64) -> bool {
         self.markers.iter().any(|m| m.object == *object && overlaps((m.lo, m.hi), (lo, hi)))
     }
@@ -662,7 +668,7 @@ impl LeaseManager {
     /// work without asking the daemon holds one such pin while they may work).
     pub fn pin_lease(&self, session: SessionId, id: u64) -> Result<PinGuard, Refusal> {
         let g = self.lock();
-        let l = g.leases.get(&id).ok_or(Refusal::UnknownKey)?;
+        let l = g.leases.get(&id).ok_or_else(|| g.gone(id))?;
         if l.session != session {
             return Err(Refusal::WrongSession);
         }
@@ -683,7 +689,7 @@ impl LeaseManager {
         len: u64,
     ) -> Result<(PinGuard, Vec<(u64, u64)>), Refusal> {
         let g = self.lock();
-        let l = g.leases.get(&id).ok_or(Refusal::UnknownKey)?;
+        let l = g.leases.get(&id).ok_or_else(|| g.gone(id))?;
         if l.session != session {
             return Err(Refusal::WrongSession);
         }

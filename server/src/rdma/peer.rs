@@ -46,27 +46,43 @@ impl Peer {
         self.conn.fence()
     }
 
-    async fn send(&self, m: Msg) -> bool {
-        self.conn.exec(Wr::Send(m.encode()), None).await.is_ok()
+    /// Reply, bounded: a client that never posts a receive cannot hold this task (the
+    /// connection is fenced at the bound).
+    async fn send(&self, m: Msg, bound: std::time::Duration) -> bool {
+        self.conn.exec_within(Wr::Send(m.encode()), None, bound, "a reply SEND").await.is_ok()
     }
 
     /// Serve the connection's messages until it closes.
     pub(super) async fn serve(
         self: Arc<Self>,
         t: Arc<RdmaTransport>,
-        mut inbox: mpsc::UnboundedReceiver<rdax_verbs::Msg>,
+        mut inbox: mpsc::UnboundedReceiver<rdax_verbs::Received>,
     ) {
         // Requests arrive as receives nobody else polls for: keep completion events on.
         let armed = self.conn.hold_armed();
+        let bound = t.op_timeout();
         loop {
+            // A connection must say HELLO within the op timeout; after that it may idle.
+            let hello_due = async {
+                if self.session().is_some() {
+                    std::future::pending::<()>().await
+                }
+                tokio::time::sleep(bound).await
+            };
+            // `raw` holds its receive buffer (the peer's credit) until handled below.
             let raw = tokio::select! {
                 m = inbox.recv() => match m { Some(m) => m, None => break },
                 _ = self.conn.wait_closed() => break,
+                _ = hello_due => {
+                    info!(qp = self.conn.qp_num(), "no RDMA HELLO within the op timeout; closing");
+                    break;
+                }
             };
             let m = match Msg::decode(&raw) {
                 Ok(m) => m,
                 Err(e) => {
-                    warn!(qp = self.conn.qp_num(), error = %e, "malformed RDMA message; closing");
+                    info!(qp = self.conn.qp_num(), error = %e, "malformed RDMA message; replying MALFORMED and closing");
+                    let _ = self.send(Msg::malformed_reply(&raw), bound).await;
                     break;
                 }
             };
@@ -81,7 +97,7 @@ impl Peer {
                         Err(HelloRefusal::BadSession) => Status::BadSession,
                         Err(HelloRefusal::ShuttingDown) => Status::ShuttingDown,
                     };
-                    let ok = self.send(m.reply(Op::HelloReply, status)).await;
+                    let ok = self.send(m.reply(Op::HelloReply, status), bound).await;
                     if status != Status::Ok || !ok {
                         break;
                     }
@@ -89,16 +105,17 @@ impl Peer {
                 }
                 (Op::Flush, Some(sid)) => {
                     let status = flush(&t, sid, &m).await;
-                    if !self.send(m.reply(Op::FlushReply, status)).await {
+                    if !self.send(m.reply(Op::FlushReply, status), bound).await {
                         break;
                     }
                 }
                 (Op::Flush, None) => {
-                    let _ = self.send(m.reply(Op::FlushReply, Status::NoHello)).await;
+                    let _ = self.send(m.reply(Op::FlushReply, Status::NoHello), bound).await;
                     break;
                 }
                 _ => {
-                    let _ = self.send(m.reply(m.op, Status::Malformed)).await;
+                    // A second HELLO, or a reply opcode sent to the daemon.
+                    let _ = self.send(m.reply(Msg::reply_op(m.op), Status::Malformed), bound).await;
                     break;
                 }
             }

@@ -129,7 +129,12 @@ pub(super) struct RdmaTransport {
     by_id: Mutex<HashMap<usize, Arc<Peer>>>,
     bindings: Mutex<HashMap<u64, Binding>>,
     stop: CancellationToken,
+    /// The connection cap was hit (logged once per episode).
+    at_cap: std::sync::atomic::AtomicBool,
 }
+
+/// RDMA connections (queue pairs) at once; connect requests beyond it are rejected.
+pub(super) const MAX_CONNECTIONS: usize = 1024;
 
 impl std::fmt::Debug for RdmaTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +228,7 @@ impl RdmaTransport {
             by_id: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
+            at_cap: false.into(),
         });
         let weak = Arc::downgrade(&t);
         sessions.on_close(Arc::new(move |sid, _| {
@@ -255,6 +261,11 @@ impl RdmaTransport {
     /// Sessions (for HELLO).
     pub(super) fn sessions(&self) -> &Arc<SessionManager> {
         &self.sessions
+    }
+
+    /// The bound on a peer's HELLO and on every reply.
+    pub(super) fn op_timeout(&self) -> Duration {
+        self.op_timeout
     }
 
     async fn listen(self: Arc<Self>, ch: Arc<EventChannel>, listener: rdax_verbs::CmId) {
@@ -301,6 +312,20 @@ impl RdmaTransport {
     }
 
     fn accept(self: Arc<Self>, cm: rdax_verbs::CmId) {
+        // A cap before anything is allocated for the request: a connect flood costs no QP,
+        // CQ or PD beyond the cap (and a peer that never says HELLO is reaped, see `Peer`).
+        let open = self.by_id.lock().expect("peers").len();
+        if open >= MAX_CONNECTIONS {
+            cm.reject();
+            if !self.at_cap.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                info!(
+                    cap = MAX_CONNECTIONS,
+                    "RDMA connection cap reached: rejecting connect requests until one closes"
+                );
+            }
+            return;
+        }
+        self.at_cap.store(false, std::sync::atomic::Ordering::Relaxed);
         // One protection domain per client connection: its regions and windows are usable
         // from its queue pair only.
         // SAFETY: the request id's context is the listener's device, open for the process.
