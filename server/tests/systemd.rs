@@ -37,6 +37,10 @@ impl Notify {
     }
 }
 
+/// The watchdog test checks ping spacing; it must not share the machine with the load test
+/// in this binary, or a 2-core CI runner starves the liveness probe.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn write_token(path: &std::path::Path, token: &str) {
     std::fs::write(path, token).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -44,6 +48,7 @@ fn write_token(path: &std::path::Path, token: &str) {
 
 #[test]
 fn ready_status_watchdog_reload_and_stopping() {
+    let _serial = SERIAL.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let notify = Notify(UnixDatagram::bind(&sock_path).unwrap());
@@ -54,7 +59,7 @@ fn ready_status_watchdog_reload_and_stopping() {
     let mut d = Daemon::start_env(
         dir.path(),
         &["--config", cfg.to_str().unwrap()],
-        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000"), ("RDAX_LOG_LEVEL", "unset")],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "2000000"), ("RDAX_LOG_LEVEL", "unset")],
     );
     d.allow("not returned before the break deadline");
     let info = |tok: &str| {
@@ -66,10 +71,11 @@ fn ready_status_watchdog_reload_and_stopping() {
     assert!(info("first-token-0123456789"), "gRPC must serve when READY=1 is sent");
     let status = seen.iter().find(|l| l.starts_with("STATUS=")).expect("STATUS with READY");
     assert!(status.contains("objects") && status.contains("sessions") && status.contains("leases"), "{status}");
-    // Watchdog pings at half of WATCHDOG_USEC (200 ms), from the liveness task.
+    // Watchdog pings at half of WATCHDOG_USEC (1 s), from the liveness task. No gap may
+    // reach WATCHDOG_USEC: that is when systemd would kill the service.
     let mut pings = Vec::new();
     let t0 = Instant::now();
-    while pings.len() < 5 && t0.elapsed() < Duration::from_secs(10) {
+    while pings.len() < 5 && t0.elapsed() < Duration::from_secs(20) {
         if let Some(lines) = notify.next(Duration::from_secs(2))
             && lines.iter().any(|l| l == "WATCHDOG=1")
         {
@@ -79,7 +85,7 @@ fn ready_status_watchdog_reload_and_stopping() {
     assert_eq!(pings.len(), 5, "watchdog pings");
     for w in pings.windows(2) {
         let gap = w[1] - w[0];
-        assert!(gap >= Duration::from_millis(100) && gap <= Duration::from_millis(400), "ping gap {gap:?}");
+        assert!(gap >= Duration::from_millis(500) && gap < Duration::from_millis(2000), "ping gap {gap:?}");
     }
     // SIGHUP: new log level and new token, announced with RELOADING then READY.
     assert!(!d.log().contains("configuration reloaded"));
@@ -139,6 +145,7 @@ fn d_ctl(d: &Daemon, args: &[&str]) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_under_load_loses_nothing_acknowledged() {
+    let _serial = SERIAL.lock().await;
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(dir.path(), &["--pool-size", "256M"]);
