@@ -55,7 +55,14 @@ impl std::fmt::Debug for RdmaLink {
 
 impl RdmaLink {
     /// Connect to `endpoint` (from `source` when given) and bind the connection to `session`.
-    pub(crate) async fn connect(endpoint: &str, source: Option<IpAddr>, session: [u8; 16]) -> Result<Arc<RdmaLink>> {
+    /// Connect to the daemon's RDMA endpoint for session `id`, proving its `secret` in the
+    /// connect request and presenting it in HELLO.
+    pub(crate) async fn connect(
+        endpoint: &str,
+        source: Option<IpAddr>,
+        session_id: [u8; 16],
+        session: [u8; 16],
+    ) -> Result<Arc<RdmaLink>> {
         fn e(w: &'static str) -> impl Fn(rdax_verbs::Error) -> Error {
             move |x| Error::new(ErrorKind::Connect, format!("RDMA {w}: {x}"))
         }
@@ -73,7 +80,10 @@ impl RdmaLink {
         let pd = unsafe { Pd::alloc(id.context()) }.map_err(e("ibv_alloc_pd"))?;
         let (conn, mut inbox) = Conn::create(id, pd.clone()).map_err(e("queue pair"))?;
         tokio::spawn(conn.clone().drive());
-        conn.connect().map_err(e("rdma_connect"))?;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let proof = rdax_proto::rdma::ConnectProof::new(session_id, &session, now).encode();
+        conn.connect_with(&proof).map_err(e("rdma_connect"))?;
         if let Err(x) = ch.expect(event::ESTABLISHED, t, "connection").await {
             conn.close("the connection was not established");
             return Err(e("connect")(x));

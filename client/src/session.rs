@@ -78,6 +78,8 @@ pub enum SessionNotice {
 #[derive(Debug)]
 pub struct Session {
     id: String,
+    /// The data-plane credential (never logged; `Debug` redacts it).
+    secret: rdax_proto::model::SessionSecret,
     ttl: Duration,
     client: Client,
     registry: Registry,
@@ -144,6 +146,12 @@ impl Session {
         let (ntx, notices) = mpsc::channel(16);
         let (close_tx, close_rx) = oneshot::channel();
         let id = opened.session_id.clone();
+        let secret = rdax_proto::model::SessionSecret::from_hex(&opened.session_secret).map_err(|_| {
+            Error::new(
+                ErrorKind::Protocol,
+                "SessionOpened carried no session secret: the daemon is older than this client (data-plane protocol 1)",
+            )
+        })?;
         let registry: Registry = Arc::default();
         let ctx = Ctx {
             client: client.clone(),
@@ -157,6 +165,7 @@ impl Session {
         let task = tokio::spawn(keep_alive(ctx, interval, tx, events, close_rx));
         Ok(Self {
             id,
+            secret,
             ttl,
             client,
             registry,
@@ -171,6 +180,11 @@ impl Session {
     }
 
     fn session_bytes(&self) -> Result<[u8; 16]> {
+        Ok(self.secret.0)
+    }
+
+    #[cfg(feature = "rdma")]
+    fn id_bytes(&self) -> Result<[u8; 16]> {
         let id: rdax_proto::model::SessionId = self.id.parse()?;
         Ok(id.0)
     }
@@ -213,7 +227,8 @@ impl Session {
                 ),
             ))
         } else {
-            crate::rdma::RdmaLink::connect(&r.endpoint, self.opts.rdma_source, self.session_bytes()?).await
+            crate::rdma::RdmaLink::connect(&r.endpoint, self.opts.rdma_source, self.id_bytes()?, self.session_bytes()?)
+                .await
         };
         match made {
             Ok(l) => {
@@ -314,6 +329,12 @@ impl Session {
     /// The session id (a secret: it identifies this client to the data plane).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The session's secret: the credential its data-plane connections present in HELLO
+    /// (TCP and RDMA). The id is a public handle; this is not. Keep it out of logs and argv.
+    pub fn secret(&self) -> rdax_proto::model::SessionSecret {
+        self.secret
     }
 
     /// The daemon's TTL for this session.
@@ -452,7 +473,7 @@ async fn resume(client: &Client, id: &str, ttl: Duration) -> Result<(Outbound, t
         let open = pb::OpenSession { client_name: String::new(), resume_session_id: id.into() };
         match attach(client, open).await {
             Ok((tx, events, _)) => return Ok((tx, events)),
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(e),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) => return Err(e),
             Err(e) if tokio::time::Instant::now() + delay >= deadline => return Err(e),
             Err(_) => {
                 tokio::time::sleep(delay).await;

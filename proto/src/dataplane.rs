@@ -1,8 +1,9 @@
 //! The rdax TCP data-plane wire format (see `docs/data-plane.md`), shared by the daemon and
 //! the SDK. Little-endian throughout.
 
-/// Protocol version carried by HELLO.
-pub const VERSION: u64 = 1;
+/// Protocol version carried by HELLO. 2: HELLO presents the session *secret*
+/// (`SessionOpened.session_secret`), not the session id.
+pub const VERSION: u64 = 2;
 /// Bytes of a request header.
 pub const REQ_LEN: usize = 48;
 /// Bytes of a response header.

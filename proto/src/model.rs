@@ -304,6 +304,34 @@ impl std::str::FromStr for SessionId {
     }
 }
 
+/// A session's data-plane credential: 128 random bits, sent once in `SessionOpened` as 32
+/// hex digits and presented by TCP and RDMA HELLO. Unlike the session id it is never logged
+/// or listed: its `Debug` shows nothing of it, and it has no `Display`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionSecret(pub [u8; 16]);
+
+impl std::fmt::Debug for SessionSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSecret(<redacted>)")
+    }
+}
+
+impl SessionSecret {
+    /// The 32 hex digits, for the one place that must send or store them.
+    pub fn expose_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parse 32 hex digits.
+    pub fn from_hex(s: &str) -> Result<Self, ProtocolError> {
+        let id: SessionId = s
+            .trim()
+            .parse()
+            .map_err(|_| ProtocolError::Invalid { field: "session_secret", reason: "must be 32 hex digits" })?;
+        Ok(Self(id.0))
+    }
+}
+
 /// The first message of a session stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenSession {

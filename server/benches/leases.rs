@@ -6,78 +6,16 @@
 //! ```
 //! Under `cargo test` (no `--bench` flag) it runs a tiny smoke pass.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{pct, start};
 use rdax_client::{Client, ConnectOptions, LeaseMode, SessionOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-struct Daemon {
-    child: Child,
-    grpc: String,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start(extra: &[&str]) -> Daemon {
-    let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let dir = base.join(format!("rdax-bench-leases-{}-{}", std::process::id(), extra.len()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let ports = dir.join("ports.json");
-    let child = Command::new(env!("CARGO_BIN_EXE_rdaxd"))
-        .args([
-            "--state-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-        ])
-        .args([
-            "--ports-file",
-            ports.to_str().unwrap(),
-            "--pool-size",
-            "1G",
-            "--log-level",
-            "warn",
-            "--max-sessions",
-            "4096",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let grpc = loop {
-        if let Ok(t) = std::fs::read_to_string(&ports)
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
-        {
-            break v["grpc"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "rdaxd did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Daemon { child, grpc: format!("http://{grpc}"), dir }
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 /// A raw TCP peer that mimics the data plane's message sizes without a pool: for each
 /// 48-byte header (+ `req_payload` bytes) it answers 16 bytes (+ `resp_payload`). Payloads go

@@ -85,6 +85,16 @@ pub enum DmaError {
     /// The lease ended while its keys were being made.
     #[error("the lease ended while its RDMA keys were being made")]
     Ended,
+    /// A cap was reached.
+    #[error("{what}: the limit is {cap} ({key})")]
+    Limit {
+        /// What is at its limit.
+        what: &'static str,
+        /// The cap.
+        cap: u64,
+        /// Its config key.
+        key: &'static str,
+    },
 }
 
 /// A boxed future, for the object-safe trait.
@@ -125,15 +135,14 @@ pub enum HelloRefusal {
 /// it is bound to that session if the session is live and the daemon is not shutting down.
 /// A data plane may hold several connections per session (TCP) or one (RDMA: keys are bound
 /// to the queue pair, so the newest connection of a session replaces the older one).
+///
+/// The credential is the session's *secret* (`SessionOpened.session_secret`), never its id:
+/// ids are listed and logged.
 pub fn hello(sessions: &SessionManager, gate: &Gate, credential: [u8; 16]) -> Result<SessionId, HelloRefusal> {
     if gate.is_closed() {
         return Err(HelloRefusal::ShuttingDown);
     }
-    let session = SessionId(credential);
-    if !sessions.is_live(session) {
-        return Err(HelloRefusal::BadSession);
-    }
-    Ok(session)
+    sessions.by_secret(&rdax_proto::model::SessionSecret(credential)).ok_or(HelloRefusal::BadSession)
 }
 
 /// Why a persist did not happen.

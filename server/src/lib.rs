@@ -4,7 +4,8 @@
 //! mapping, on-media format, journal, allocator, objects), [`lease`] (layout leases, recall,
 //! drain), [`dma`] (what every data-plane transport shares), [`dataplane`] (TCP) and
 //! [`rdma`], [`gate`] (shutdown drains through it), [`config`], [`session`], [`grpc`] (the
-//! control plane and its one error-to-status mapping), [`lifecycle`] (startup, ordered
+//! control plane and its one error-to-status mapping), [`auth`] (principals, scopes, and the
+//! table of what each RPC needs), [`lifecycle`] (startup, ordered
 //! shutdown, signals) and [`logging`]. With the `testing` feature, [`failpoint`] too.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -35,6 +36,7 @@ macro_rules! failpoint_blocking {
     }};
 }
 
+pub mod auth;
 pub mod config;
 pub mod dataplane;
 pub mod dma;

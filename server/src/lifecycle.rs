@@ -154,7 +154,7 @@ fn lease_config(cfg: &Config) -> LeaseConfig {
         break_timeout: cfg.lease_break_timeout,
         // In-flight operations are bounded by the op timeout (per socket wait); allow two.
         drain_timeout: cfg.data_op_timeout * 2 + Duration::from_secs(1),
-        limits: cfg.lease_limits,
+        limits: cfg.limits.leases,
     }
 }
 
@@ -169,9 +169,11 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
             Err(e) => warn!(error = %format!("{e:#}"), "keeping the old log level"),
         }
     }
-    if new.token != old.token {
-        auth.set(new.token.as_deref());
-        info!(token_set = new.token.is_some(), "bearer token replaced");
+    if new.token != old.token || new.principals_file.is_some() || old.principals_file.is_some() {
+        let p = new.principals.clone();
+        let ended = live.sessions.end_removed_credentials(|h| p.knows(h));
+        info!(principals = p.names().len(), sessions_ended = ended, "credentials reloaded");
+        auth.set(p);
     }
     for k in &new.unknown_keys {
         warn!(key = %k, "unknown config key ignored");
@@ -187,11 +189,7 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.rdma_listen != old.rdma_listen
         || new.rdma_keys != old.rdma_keys
         || new.pool_path != old.pool_path
-        || new.max_sessions != old.max_sessions
-        || new.max_message_bytes != old.max_message_bytes
-        || new.max_concurrent_streams != old.max_concurrent_streams
-        || new.max_grpc_connections != old.max_grpc_connections
-        || new.max_data_connections != old.max_data_connections
+        || new.limits != old.limits
         || new.grpc_idle_timeout != old.grpc_idle_timeout
         || new.log_format != old.log_format;
     if restart_only {
@@ -231,7 +229,10 @@ pub async fn run_with_reload(
     }
     let root = CancellationToken::new();
     let gate = Gate::default();
-    let sessions = Arc::new(SessionManager::new(cfg.session_ttl, cfg.max_sessions));
+    let sessions = Arc::new(
+        SessionManager::new(cfg.session_ttl, cfg.limits.max_sessions)
+            .with_principal_cap(cfg.limits.max_sessions_per_principal),
+    );
     let reaper = tokio::spawn(sessions.clone().reap(root.child_token()));
     let leases = LeaseManager::new(pool.clone(), sessions.clone(), lease_config(&cfg), gate.clone());
     let lease_reaper = tokio::spawn(leases.clone().reap(root.child_token()));
@@ -249,18 +250,30 @@ pub async fn run_with_reload(
     });
     let rdma = crate::rdma::Rdma::start(&cfg, pool.clone(), leases.clone(), sessions.clone(), gate.clone()).await;
     let data_stop = CancellationToken::new();
-    let data_task = tokio::spawn(dataplane.clone().serve(data_listener, cfg.max_data_connections, data_stop.clone()));
+    let data_task = tokio::spawn(dataplane.clone().serve(
+        data_listener,
+        cfg.limits.max_data_connections,
+        cfg.limits.max_connections_per_source,
+        data_stop.clone(),
+    ));
+    let auth = grpc::Auth::new(cfg.principals.clone());
     let metrics_local = match cfg.metrics_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
             let a = l.local_addr().context("read the metrics address")?;
-            tokio::spawn(crate::metrics::serve(l, pool.clone(), sessions.clone(), leases.clone(), root.child_token()));
+            tokio::spawn(crate::metrics::serve(
+                l,
+                pool.clone(),
+                sessions.clone(),
+                leases.clone(),
+                auth.clone(),
+                root.child_token(),
+            ));
             info!(metrics = %a, "serving Prometheus metrics on /metrics");
             Some(a)
         }
         None => None,
     };
-    let auth = grpc::Auth::new(cfg.token.as_deref());
     let shared = Shared {
         auth: auth.clone(),
         pool: pool.clone(),
@@ -278,16 +291,22 @@ pub async fn run_with_reload(
     let stop_serving = CancellationToken::new();
     let cut = CancellationToken::new();
     let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(cfg.max_concurrent_streams))
+        .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         // Streamed writes send 1 MiB messages: the HTTP/2 default 64 KiB window would stall
         // every message on window updates.
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .layer(grpc::layer::GateLayer::new(gate.clone(), root.clone()))
+        .layer(grpc::layer::GateLayer::new(gate.clone(), root.clone(), auth.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            incoming(listener, cfg.max_grpc_connections, cfg.grpc_idle_timeout, cut.clone()),
+            incoming(
+                listener,
+                cfg.limits.max_grpc_connections,
+                cfg.limits.max_connections_per_source,
+                cfg.grpc_idle_timeout,
+                cut.clone(),
+            ),
             stop_serving.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);
@@ -423,12 +442,13 @@ fn report_server(r: Result<Result<(), tonic::transport::Error>, tokio::task::Joi
 fn incoming(
     listener: TcpListener,
     cap: usize,
+    per_source: usize,
     idle: Duration,
     cut: CancellationToken,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<crate::net::Cuttable>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
-        let mut acceptor = crate::net::Acceptor::new(listener, cap, "grpc");
+        let mut acceptor = crate::net::Acceptor::new(listener, cap, per_source, "grpc");
         let stop = cut.clone();
         while let Some((s, _peer, permit)) = acceptor.accept(&stop).await {
             if let Err(e) = s.set_nodelay(true) {

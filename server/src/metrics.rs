@@ -80,6 +80,8 @@ pub struct Metrics {
     pub revokes: AtomicU64,
     /// RDMA connections accepted.
     pub rdma_connections: AtomicU64,
+    /// RDMA connect requests rejected (no or bad proof of a session secret, over a cap).
+    pub rdma_rejected: AtomicU64,
     /// RDMA keys made (one per leased segment).
     pub rdma_keys: AtomicU64,
     /// Leases whose RDMA keys were invalidated.
@@ -195,6 +197,11 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
     );
     for (name, help, v) in [
         ("rdax_rdma_connections_total", "RDMA connections accepted.", &m.rdma_connections),
+        (
+            "rdax_rdma_connects_rejected_total",
+            "RDMA connect requests rejected before anything was allocated (no valid proof of a session secret, or over a cap).",
+            &m.rdma_rejected,
+        ),
         ("rdax_rdma_keys_total", "RDMA keys made (one per leased segment).", &m.rdma_keys),
         ("rdax_rdma_invalidations_total", "Leases whose RDMA keys were invalidated.", &m.rdma_invalidations),
         ("rdax_rdma_fences_total", "Client queue pairs fenced after an unconfirmed invalidation.", &m.rdma_fences),
@@ -237,18 +244,40 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
     out
 }
 
-/// Serve `GET /metrics` on `listener` until `cancel`.
+/// Whether the request head carries a bearer token that may scrape (always, when the
+/// principals file names no `[metrics]` tokens).
+fn scrape_allowed(head: &str, auth: &crate::grpc::Auth) -> bool {
+    let p = auth.principals();
+    if !p.metrics_protected() {
+        return true;
+    }
+    let token = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if !k.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let (scheme, t) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| t.trim().to_string())
+    });
+    token.is_some_and(|t| p.metrics_allowed(&t))
+}
+
+/// Serve `GET /metrics` on `listener` until `cancel`. With `[metrics] tokens` in the
+/// principals file, a scrape needs `Authorization: Bearer` with one of them (or any
+/// principal's token); otherwise 401.
 pub async fn serve(
     listener: TcpListener,
     pool: Arc<Pool>,
     sessions: Arc<SessionManager>,
     leases: Arc<LeaseManager>,
+    auth: crate::grpc::Auth,
     cancel: CancellationToken,
 ) {
-    // Scrapers are few: a small cap, so that a flood of connections costs little.
-    let mut acceptor = crate::net::Acceptor::new(listener, 16, "metrics");
+    // Scrapers are few: a small cap, so that a flood of connections costs little, and half
+    // of it per source, so that one host's flood leaves room for another scraper.
+    let mut acceptor = crate::net::Acceptor::new(listener, 16, 8, "metrics");
     while let Some((mut s, _, permit)) = acceptor.accept(&cancel).await {
-        let (p, se, l) = (pool.clone(), sessions.clone(), leases.clone());
+        let (p, se, l, auth) = (pool.clone(), sessions.clone(), leases.clone(), auth.clone());
         tokio::spawn(async move {
             let _permit = permit;
             // Read the request head (a client may send it in pieces), bounded in size and time.
@@ -266,7 +295,10 @@ pub async fn serve(
                 return;
             }
             let line = String::from_utf8_lossy(&req[..n]);
-            let (status, body) = if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
+            let is_metrics = line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?");
+            let (status, body) = if is_metrics && !scrape_allowed(&line, &auth) {
+                ("401 Unauthorized", "a metrics token is needed: Authorization: Bearer <token>\n".into())
+            } else if is_metrics {
                 match tokio::task::spawn_blocking(move || render(&p, &se, &l)).await {
                     Ok(b) => ("200 OK", b),
                     Err(_) => ("500 Internal Server Error", String::new()),

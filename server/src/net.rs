@@ -5,7 +5,9 @@
 //!   pattern), so at the cap new connections wait in the kernel's backlog instead of costing a
 //!   file descriptor; the permit lives as long as the connection. Accept errors (EMFILE,
 //!   ENFILE, ENOBUFS) back off 10 ms → 20 ms → … → 5 s instead of spinning, and are logged
-//!   once per back-off step, not once per attempt. (The style guide's 1 → 64 s is for servers
+//!   once per back-off step, not once per attempt. A second cap bounds the connections from
+//!   one source address (`limits.max_connections_per_source`): past it, a new connection is
+//!   closed as soon as it is accepted, so one host cannot take the whole listener. (The style guide's 1 → 64 s is for servers
 //!   that can afford to stop accepting for a minute; a storage daemon's clients cannot.)
 //! * tonic runs every accepted connection in a task of its own, which stopping the server does
 //!   not end: a client that stopped reading (SIGSTOP, a dead host) would keep its connection —
@@ -14,11 +16,12 @@
 //!   connection, and what it held goes with it. It is also closed after `grpc.idle_timeout_ms`
 //!   with no request in progress (the request gate counts them, streamed replies included).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,21 +35,87 @@ use tracing::{info, warn};
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// A listener with a connection cap and accept back-off.
+/// Open connections per source address.
+#[derive(Debug, Default)]
+struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+/// What an accepted connection holds of its listener's caps; dropped with the connection.
+#[derive(Debug)]
+pub struct Permit {
+    _cap: OwnedSemaphorePermit,
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut m = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A listener with a connection cap, a cap per source address, and accept back-off.
 #[derive(Debug)]
 pub struct Acceptor {
     listener: TcpListener,
     permits: Arc<Semaphore>,
     cap: usize,
+    per_source: usize,
+    sources: Arc<Sources>,
     what: &'static str,
     backoff: Duration,
     at_cap_logged: bool,
+    /// Connections refused for their source since the last log line about it.
+    source_refused: u64,
+    source_logged: Option<Instant>,
 }
 
 impl Acceptor {
-    /// Bound `listener` to `cap` open connections; `what` names it in logs.
-    pub fn new(listener: TcpListener, cap: usize, what: &'static str) -> Self {
-        Self { listener, permits: Arc::new(Semaphore::new(cap)), cap, what, backoff: BACKOFF_MIN, at_cap_logged: false }
+    /// Bound `listener` to `cap` open connections, `per_source` of them from one address;
+    /// `what` names it in logs.
+    pub fn new(listener: TcpListener, cap: usize, per_source: usize, what: &'static str) -> Self {
+        Self {
+            listener,
+            permits: Arc::new(Semaphore::new(cap)),
+            cap,
+            per_source: per_source.max(1),
+            sources: Arc::default(),
+            what,
+            backoff: BACKOFF_MIN,
+            at_cap_logged: false,
+            source_refused: 0,
+            source_logged: None,
+        }
+    }
+
+    /// Count `ip` in, unless it is at its cap.
+    fn admit(&mut self, ip: IpAddr) -> bool {
+        let mut m = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= self.per_source {
+            drop(m);
+            self.source_refused += 1;
+            // One line per minute at most, with the count since the last one.
+            if self.source_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                info!(
+                    listener = self.what,
+                    source = %ip,
+                    cap = self.per_source,
+                    refused = self.source_refused,
+                    "source at its connection cap (limits.max_connections_per_source): closing new connections from it"
+                );
+                self.source_logged = Some(Instant::now());
+                self.source_refused = 0;
+            }
+            return false;
+        }
+        *n += 1;
+        true
     }
 
     /// Connections open now.
@@ -55,10 +124,7 @@ impl Acceptor {
     }
 
     /// The next connection and the permit it holds, or `None` once `cancel` fires.
-    pub async fn accept(
-        &mut self,
-        cancel: &CancellationToken,
-    ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    pub async fn accept(&mut self, cancel: &CancellationToken) -> Option<(TcpStream, SocketAddr, Permit)> {
         loop {
             if self.permits.available_permits() == 0 && !self.at_cap_logged {
                 info!(
@@ -82,7 +148,12 @@ impl Acceptor {
                     if self.permits.available_permits() > 0 {
                         self.at_cap_logged = false;
                     }
-                    return Some((s, peer, permit));
+                    let ip = peer.ip().to_canonical();
+                    if !self.admit(ip) {
+                        drop(s); // closed at once; its permit goes back below
+                        continue;
+                    }
+                    return Some((s, peer, Permit { _cap: permit, sources: self.sources.clone(), ip }));
                 }
                 Err(e) => {
                     drop(permit);
@@ -147,7 +218,7 @@ pub struct Cuttable {
     idle_timer: Pin<Box<Sleep>>,
     /// `ConnState::ended` when the timer was last armed, and whether it was idle then.
     armed_at: (usize, bool),
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
 }
 
 impl std::fmt::Debug for Cuttable {
@@ -159,7 +230,7 @@ impl std::fmt::Debug for Cuttable {
 impl Cuttable {
     /// Wrap `inner`; cancelling `cut` ends it, and so do `idle` without requests. The permit
     /// (of the listener's cap) is released with the connection.
-    pub fn new(inner: TcpStream, cut: CancellationToken, idle: Duration, permit: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn new(inner: TcpStream, cut: CancellationToken, idle: Duration, permit: Option<Permit>) -> Self {
         Self {
             inner,
             cut: Box::pin(cut.cancelled_owned()),
@@ -288,7 +359,7 @@ mod tests {
     async fn the_cap_is_taken_before_accept() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let mut a = Acceptor::new(l, 1, "test");
+        let mut a = Acceptor::new(l, 1, 1, "test");
         let cancel = CancellationToken::new();
         let _c1 = TcpStream::connect(addr).await.unwrap();
         let (_s1, _, p1) = a.accept(&cancel).await.unwrap();
@@ -299,5 +370,33 @@ mod tests {
         drop(p1);
         let (_s2, _, _p2) = a.accept(&cancel).await.unwrap();
         assert_eq!(a.open(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_source_is_capped_and_its_slots_come_back() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut a = Acceptor::new(l, 8, 2, "test");
+        let cancel = CancellationToken::new();
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let _c2 = TcpStream::connect(addr).await.unwrap();
+        let (_s1, _, p1) = a.accept(&cancel).await.unwrap();
+        let (_s2, _, _p2) = a.accept(&cancel).await.unwrap();
+        // The third from 127.0.0.1 is accepted and closed at once, so the peer reads EOF.
+        let mut c3 = TcpStream::connect(addr).await.unwrap();
+        // From another loopback address, still admitted.
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let _c4 = other.connect(addr).await.unwrap();
+        let (_s4, peer, _p4) = a.accept(&cancel).await.unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.2");
+        let mut b = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        assert_eq!(c3.read(&mut b).await.unwrap(), 0, "the over-cap connection is closed");
+        assert_eq!(a.open(), 3);
+        drop(p1);
+        let _c5 = TcpStream::connect(addr).await.unwrap();
+        let (_s5, peer, _p5) = a.accept(&cancel).await.unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.1", "a closed connection gives its source slot back");
     }
 }

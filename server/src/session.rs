@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rdax_proto::model::SessionId;
+use rdax_proto::model::{SessionId, SessionSecret};
 use rdax_proto::pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -34,6 +34,8 @@ pub enum EndReason {
     Closed,
     /// The daemon is shutting down.
     Shutdown,
+    /// The credential it was opened with was removed (a reload).
+    CredentialRemoved,
 }
 
 impl EndReason {
@@ -43,6 +45,7 @@ impl EndReason {
             EndReason::Evicted => "evicted by an administrator",
             EndReason::Closed => "closed by the client",
             EndReason::Shutdown => "the daemon is shutting down",
+            EndReason::CredentialRemoved => "the credential it was opened with was removed",
         }
     }
 }
@@ -56,18 +59,54 @@ pub enum SessionError {
         /// The limit.
         max: usize,
     },
+    /// One principal's session cap.
+    #[error("principal `{principal}` has its maximum of {max} sessions (limits.max_sessions_per_principal)")]
+    TooManyForPrincipal {
+        /// Who.
+        principal: Arc<str>,
+        /// The limit.
+        max: usize,
+    },
     /// No such session (never existed, or ended).
     #[error("session not found (it may have expired)")]
     NotFound,
+    /// The session belongs to another principal.
+    #[error("session {session} belongs to another principal")]
+    NotYours {
+        /// The session.
+        session: SessionId,
+    },
     /// Shutting down: no new sessions.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+}
+
+/// Who opens a session: the principal, and the hash of the token it presented.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    /// The principal's name.
+    pub principal: Arc<str>,
+    /// SHA-256 of its token (`None` when no tokens are configured).
+    pub credential: Option<[u8; 32]>,
+}
+
+impl Owner {
+    /// An owner with no token (tests, and daemons without credentials).
+    pub fn anonymous() -> Owner {
+        Owner { principal: "anonymous".into(), credential: None }
+    }
 }
 
 /// Called with every session that ends.
 pub type CloseHook = Arc<dyn Fn(SessionId, EndReason) + Send + Sync>;
 
 struct Entry {
+    /// Who opened it; only they may act for it.
+    principal: Arc<str>,
+    /// SHA-256 of the token it was opened with (`None` without tokens): a reload that removes
+    /// the token ends the session.
+    credential: Option<[u8; 32]>,
+    secret: SessionSecret,
     client_name: String,
     peer: Option<SocketAddr>,
     opened: SystemTime,
@@ -83,6 +122,8 @@ struct Entry {
 pub struct SessionSummary {
     /// Id.
     pub id: SessionId,
+    /// Who opened it.
+    pub principal: Arc<str>,
     /// Client label.
     pub client_name: String,
     /// Peer address of the attached stream.
@@ -98,8 +139,11 @@ pub struct SessionSummary {
 /// All sessions of one daemon.
 pub struct SessionManager {
     sessions: Mutex<HashMap<SessionId, Entry>>,
+    /// Secret → session, for HELLO (lock order: `sessions` first).
+    by_secret: Mutex<HashMap<SessionSecret, SessionId>>,
     ttl_ms: std::sync::atomic::AtomicU64,
     max: usize,
+    max_per_principal: usize,
     next_gen: std::sync::atomic::AtomicU64,
     hooks: Mutex<Vec<CloseHook>>,
     shutting_down: std::sync::atomic::AtomicBool,
@@ -123,12 +167,24 @@ impl SessionManager {
     pub fn new(ttl: Duration, max: usize) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
+            by_secret: Mutex::new(HashMap::new()),
             ttl_ms: (ttl.as_millis() as u64).into(),
             max,
+            max_per_principal: max,
             next_gen: 1.into(),
             hooks: Mutex::new(Vec::new()),
             shutting_down: false.into(),
         }
+    }
+
+    /// Cap the sessions of one principal (`limits.max_sessions_per_principal`).
+    pub fn with_principal_cap(mut self, n: usize) -> Self {
+        self.max_per_principal = n;
+        self
+    }
+
+    fn secrets(&self) -> std::sync::MutexGuard<'_, HashMap<SessionSecret, SessionId>> {
+        self.by_secret.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Entry>> {
@@ -150,14 +206,16 @@ impl SessionManager {
         self.ttl_ms.store(ttl.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Open a session on a new stream. Returns its id and the stream generation.
+    /// Open a session for `owner` on a new stream. Returns its id, the stream generation and
+    /// the session's secret.
     pub fn open(
         &self,
+        owner: &Owner,
         client_name: String,
         peer: Option<SocketAddr>,
         tx: EventSender,
         stop: CancellationToken,
-    ) -> Result<(SessionId, u64), SessionError> {
+    ) -> Result<(SessionId, u64, SessionSecret), SessionError> {
         if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(SessionError::ShuttingDown);
         }
@@ -165,9 +223,19 @@ impl SessionManager {
         if s.len() >= self.max {
             return Err(SessionError::TooMany { max: self.max });
         }
+        if s.values().filter(|e| e.principal == owner.principal).count() >= self.max_per_principal {
+            return Err(SessionError::TooManyForPrincipal {
+                principal: owner.principal.clone(),
+                max: self.max_per_principal,
+            });
+        }
         let id = random_id();
+        let secret = SessionSecret(random_id().0);
         let generation = self.next_gen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = Entry {
+            principal: owner.principal.clone(),
+            credential: owner.credential,
+            secret,
             client_name,
             peer,
             opened: SystemTime::now(),
@@ -176,14 +244,52 @@ impl SessionManager {
             ended: CancellationToken::new(),
         };
         s.insert(id, entry);
-        info!(session = %id, peer = ?peer, "session opened");
-        Ok((id, generation))
+        self.secrets().insert(secret, id);
+        info!(session = %id, principal = %owner.principal, peer = ?peer, "session opened");
+        Ok((id, generation, secret))
+    }
+
+    /// The session whose secret this is (HELLO).
+    pub fn by_secret(&self, secret: &SessionSecret) -> Option<SessionId> {
+        self.secrets().get(secret).copied()
+    }
+
+    /// The session's secret (for the RDMA connect proof, which the daemon checks with it).
+    pub fn secret_of(&self, id: SessionId) -> Option<SessionSecret> {
+        self.lock().get(&id).map(|e| e.secret)
+    }
+
+    /// `Ok` if `principal` owns the session.
+    pub fn check_owner(&self, id: SessionId, principal: &str) -> Result<(), SessionError> {
+        match self.lock().get(&id) {
+            None => Err(SessionError::NotFound),
+            Some(e) if &*e.principal == principal => Ok(()),
+            Some(_) => Err(SessionError::NotYours { session: id }),
+        }
+    }
+
+    /// The session's principal.
+    pub fn owner(&self, id: SessionId) -> Option<Arc<str>> {
+        self.lock().get(&id).map(|e| e.principal.clone())
+    }
+
+    /// End every session opened with a token for which `still_valid` is false (a reload
+    /// removed it). Returns how many.
+    pub fn end_removed_credentials(&self, still_valid: impl Fn(&[u8; 32]) -> bool) -> usize {
+        let gone: Vec<SessionId> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.credential.is_some_and(|c| !still_valid(&c)))
+            .map(|(id, _)| *id)
+            .collect();
+        gone.iter().filter(|id| self.end(**id, EndReason::CredentialRemoved).is_ok()).count()
     }
 
     /// Attach a new stream to an existing session (the old stream, if any, is stopped).
     pub fn resume(
         &self,
         id: SessionId,
+        owner: &Owner,
         peer: Option<SocketAddr>,
         tx: EventSender,
         stop: CancellationToken,
@@ -193,6 +299,9 @@ impl SessionManager {
         }
         let mut s = self.lock();
         let e = s.get_mut(&id).ok_or(SessionError::NotFound)?;
+        if e.principal != owner.principal {
+            return Err(SessionError::NotYours { session: id });
+        }
         let generation = self.next_gen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some((_, _, old)) = e.stream.replace((generation, tx, stop)) {
             old.cancel();
@@ -241,6 +350,7 @@ impl SessionManager {
     /// End a session: tell the client, stop its stream, run the close hooks.
     pub fn end(&self, id: SessionId, reason: EndReason) -> Result<(), SessionError> {
         let entry = self.lock().remove(&id).ok_or(SessionError::NotFound)?;
+        self.secrets().remove(&entry.secret);
         entry.ended.cancel();
         if let Some((_, tx, stop)) = entry.stream {
             let closing = pb::session_event::Kind::Closing(pb::SessionClosing { reason: reason.as_str().into() });
@@ -291,6 +401,7 @@ impl SessionManager {
             .iter()
             .map(|(id, e)| SessionSummary {
                 id: *id,
+                principal: e.principal.clone(),
                 client_name: e.client_name.clone(),
                 peer: e.peer,
                 opened: e.opened,
@@ -333,7 +444,7 @@ mod tests {
         let cancel = CancellationToken::new();
         tokio::spawn(m.clone().reap(cancel.clone()));
         let (tx, mut rx, stop) = stream();
-        let (id, _) = m.open("a".into(), None, tx, stop.clone()).unwrap();
+        let (id, _, _) = m.open(&Owner::anonymous(), "a".into(), None, tx, stop.clone()).unwrap();
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(6)).await;
             m.touch(id).unwrap();
@@ -353,16 +464,22 @@ mod tests {
     async fn a_detached_session_can_be_resumed_within_its_ttl() {
         let m = SessionManager::new(Duration::from_secs(10), 8);
         let (tx, _rx, stop) = stream();
-        let (id, generation) = m.open("a".into(), None, tx, stop).unwrap();
+        let (id, generation, _) = m.open(&Owner::anonymous(), "a".into(), None, tx, stop).unwrap();
         m.detach(id, generation);
         tokio::time::sleep(Duration::from_secs(5)).await;
         let (tx2, _rx2, stop2) = stream();
-        let gen2 = m.resume(id, None, tx2, stop2).unwrap();
+        let other = Owner { principal: "mallory".into(), credential: None };
+        let (tx3, _rx3, stop3) = stream();
+        assert_eq!(m.resume(id, &other, None, tx3, stop3), Err(SessionError::NotYours { session: id }));
+        let gen2 = m.resume(id, &Owner::anonymous(), None, tx2, stop2).unwrap();
         m.detach(id, generation); // a stale detach must not drop the new stream
         assert!(m.list()[0].connected);
         m.detach(id, gen2);
         assert!(!m.list()[0].connected);
-        assert_eq!(m.resume(random_id(), None, stream().0, CancellationToken::new()), Err(SessionError::NotFound));
+        assert_eq!(
+            m.resume(random_id(), &Owner::anonymous(), None, stream().0, CancellationToken::new()),
+            Err(SessionError::NotFound)
+        );
     }
 
     #[tokio::test]
@@ -370,15 +487,41 @@ mod tests {
         let m = SessionManager::new(Duration::from_secs(10), 2);
         let (a, _ra, sa) = stream();
         let (b, _rb, sb) = stream();
-        m.open("a".into(), None, a, sa).unwrap();
-        m.open("b".into(), None, b, sb).unwrap();
+        let anon = Owner::anonymous();
+        m.open(&anon, "a".into(), None, a, sa).unwrap();
+        m.open(&anon, "b".into(), None, b, sb).unwrap();
         assert_eq!(
-            m.open("c".into(), None, stream().0, CancellationToken::new()),
-            Err(SessionError::TooMany { max: 2 })
+            m.open(&anon, "c".into(), None, stream().0, CancellationToken::new()).unwrap_err(),
+            SessionError::TooMany { max: 2 }
         );
         m.shutdown();
         assert!(m.is_empty());
-        assert_eq!(m.open("d".into(), None, stream().0, CancellationToken::new()), Err(SessionError::ShuttingDown));
+        assert_eq!(
+            m.open(&anon, "d".into(), None, stream().0, CancellationToken::new()).unwrap_err(),
+            SessionError::ShuttingDown
+        );
+    }
+
+    #[tokio::test]
+    async fn sessions_belong_to_their_principal_and_are_found_by_secret() {
+        let m = SessionManager::new(Duration::from_secs(10), 8).with_principal_cap(2);
+        let alice = Owner { principal: "alice".into(), credential: Some([1; 32]) };
+        let bob = Owner { principal: "bob".into(), credential: Some([2; 32]) };
+        let (id, _, secret) = m.open(&alice, "a".into(), None, stream().0, CancellationToken::new()).unwrap();
+        assert_eq!(m.by_secret(&secret), Some(id));
+        assert_eq!(m.by_secret(&SessionSecret(id.0)), None, "the id is no credential");
+        assert_ne!(secret.0, id.0);
+        assert_eq!(m.check_owner(id, "alice"), Ok(()));
+        assert_eq!(m.check_owner(id, "bob"), Err(SessionError::NotYours { session: id }));
+        assert_eq!(&*m.list()[0].principal, "alice");
+        m.open(&alice, "b".into(), None, stream().0, CancellationToken::new()).unwrap();
+        let e = m.open(&alice, "c".into(), None, stream().0, CancellationToken::new()).unwrap_err();
+        assert!(e.to_string().contains("limits.max_sessions_per_principal"), "{e}");
+        let (bobs, _, _) = m.open(&bob, "d".into(), None, stream().0, CancellationToken::new()).unwrap();
+        // A reload that removes alice's token ends her sessions, and only hers.
+        assert_eq!(m.end_removed_credentials(|h| *h == [2; 32]), 2);
+        assert!(m.is_live(bobs) && !m.is_live(id));
+        assert_eq!(m.by_secret(&secret), None, "an ended session's secret is forgotten");
     }
 
     #[test]

@@ -23,7 +23,7 @@ async fn next_notice(s: &mut rdax_client::Session) -> SessionNotice {
 }
 
 fn session_bytes(s: &rdax_client::Session) -> [u8; 16] {
-    s.id().parse::<rdax_proto::model::SessionId>().unwrap().0
+    s.secret().0
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -310,7 +310,7 @@ async fn a_lost_session_loses_its_leases() {
     let s = c.open_session("short").await.unwrap();
     c.object("ns", "x").unwrap().create(8192).await.unwrap();
     let l = s.acquire("ns", "x", 0, 8192, LeaseMode::ReadWrite).await.unwrap();
-    let bytes = s.id().parse::<rdax_proto::model::SessionId>().unwrap().0;
+    let bytes = s.secret().0;
     let (pool, key) = l.segments()[0].target.unwrap();
     let g = l.generation();
     drop(s); // keepalives stop

@@ -15,7 +15,7 @@ fn tmp() -> tempfile::TempDir {
 }
 
 fn session_bytes(s: &rdax_client::Session) -> [u8; 16] {
-    s.id().parse::<rdax_proto::model::SessionId>().unwrap().0
+    s.secret().0
 }
 
 /// Whether a raw TCP connection was closed by the peer within `bound`.
@@ -109,6 +109,70 @@ async fn a_session_cannot_take_leases_without_end() {
     // Others are unaffected.
     let other = c.open_session("other").await.unwrap();
     other.acquire("ns", "x", 0, 4096, LeaseMode::Read).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_source_cannot_take_a_listener_and_one_grant_cannot_allocate_without_bound() {
+    let dir = tmp();
+    let cfg = dir.path().join("rdaxd.toml");
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_connections_per_source = 2\nmax_alloc_bytes_per_request = \"1M\"\nmax_keys_per_session = 3\n",
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let c = client(&d).await;
+    let s = c.open_session("one-host").await.unwrap();
+    let sid = session_bytes(&s);
+    // The SDK's own connections count too; take what is left of the share from 127.0.0.1.
+    let mut mine = Vec::new();
+    let over = loop {
+        let mut t = std::net::TcpStream::connect(&d.data).unwrap();
+        if closed_within(&mut t, Duration::from_millis(300)) {
+            break t;
+        }
+        mine.push(t);
+        assert!(mine.len() <= 2, "more than 2 data-plane connections from one address");
+    };
+    drop(over);
+    // Another address still gets in and is served.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = other.connect(d.data.parse().unwrap()).await.unwrap();
+    let (_raw, st) = Raw::hello(stream, sid).await;
+    assert_eq!(st, Status::Ok, "a second source is not held back by the first");
+    // Closing one gives the slot back.
+    mine.pop();
+    common::poll(Duration::from_secs(10), "a freed per-source slot", || {
+        let mut t = std::net::TcpStream::connect(&d.data).unwrap();
+        (!closed_within(&mut t, Duration::from_millis(200))).then_some(())
+    });
+    // A read-write grant over 1 MiB + 4 KiB of holes is over the allocation cap.
+    c.object("ns", "big").unwrap().create(4 << 20).await.unwrap();
+    let e = s.acquire("ns", "big", 0, (1 << 20) + 4096, LeaseMode::ReadWrite).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("limits.max_alloc_bytes_per_request"), "{e}");
+    assert_eq!(c.stats().await.unwrap().used_blocks, 0, "the refused grant allocated nothing");
+    // Within it, granted. Then one-block leases, a key each, up to the session's 3 keys.
+    let l = s.acquire("ns", "big", 0, 1 << 20, LeaseMode::ReadWrite).await.unwrap();
+    let mut keys = l.segments().iter().filter(|g| g.target.is_some()).count();
+    let mut held = Vec::new();
+    let e = loop {
+        match s.acquire("ns", "big", held.len() as u64 * 4096, 4096, LeaseMode::Read).await {
+            Ok(x) => {
+                keys += 1;
+                held.push(x);
+            }
+            Err(e) => break e,
+        }
+        assert!(keys <= 3, "more keys than the cap");
+    };
+    assert_eq!(keys, 3);
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("limits.max_keys_per_session"), "{e}");
+    // Released keys count no more.
+    held.pop().unwrap().release().await.unwrap();
+    s.acquire("ns", "big", 0, 4096, LeaseMode::Read).await.unwrap();
 }
 
 /// Mount a tmpfs of `mb` MiB at `dir` (root only). `None` when this host cannot.

@@ -246,6 +246,8 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     // The session (kept alive by the SDK handle; any gRPC client could do this).
     let s = c.open_session("raw verbs").await.unwrap();
     let sid: rdax_proto::model::SessionId = s.id().parse().unwrap();
+    // The session's secret, as `rdaxctl hold-session --secret-file` would hand it over.
+    let secret = s.secret();
 
     // Connect with rdma_cm to the endpoint Pool.Info names.
     let ep: SocketAddr = c.info().await.unwrap().rdma.unwrap().endpoint.parse().unwrap();
@@ -260,7 +262,9 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
     let (conn, mut inbox) = Conn::create(id, pd.clone()).unwrap();
     tokio::spawn(conn.clone().drive());
-    conn.connect().unwrap();
+    // The connect request carries the proof of the secret (docs/data-plane.md).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    conn.connect_with(&rdax_proto::rdma::ConnectProof::new(sid.0, &secret.0, now).encode()).unwrap();
     drop(ch.expect(event::ESTABLISHED, t, "established").await.unwrap());
     let _armed = conn.hold_armed();
     let mut call = async |m: Msg| {
@@ -273,7 +277,7 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     let e = c.acquire_raw(s.id(), "lab", "raw", 0, 1 << 20, LeaseMode::ReadWrite, true).await.unwrap_err();
     assert!(e.to_string().contains("has no RDMA connection"), "{e}");
     let mut hello = Msg::request(Op::Hello, 1);
-    hello.session = sid.0;
+    hello.session = secret.0;
     let r = call(hello).await;
     assert_eq!((r.op, r.status, r.req_id), (Op::HelloReply, Status::Ok, 1));
 
@@ -308,9 +312,12 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     assert!(e.is_remote_access(), "{e}");
 }
 
-/// The RDMA listener's edges: a peer that never says HELLO is closed after the op timeout; a
-/// frame with a bad magic gets a MALFORMED reply; a second HELLO is answered with HELLO_REPLY
-/// MALFORMED; FLUSH of a released lease is REVOKED.
+/// The RDMA listener's edges: a connect request without a valid proof of a session secret
+/// (none, a wrong secret, a replay) is rejected before the daemon allocates a queue pair; a
+/// HELLO with the listed session id, or another session's secret, is BAD_SESSION; a peer that
+/// never says HELLO is closed after the op timeout; a frame with a bad magic gets a MALFORMED
+/// reply; a second HELLO is answered with HELLO_REPLY MALFORMED; FLUSH of a released lease is
+/// REVOKED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the RDMA lab VM (deploy/lab/rdma-lab.sh)"]
 async fn devdax_rdma_peers_are_bounded_and_answered() {
@@ -325,9 +332,12 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
     c.object("lab", "edges").unwrap().create(1 << 20).await.unwrap();
     let s = c.open_session("edges").await.unwrap();
     let sid: rdax_proto::model::SessionId = s.id().parse().unwrap();
+    let secret = s.secret();
     let ep: SocketAddr = c.info().await.unwrap().rdma.unwrap().endpoint.parse().unwrap();
     let t = Duration::from_secs(10);
-    let connect = async || {
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let proof = |id: [u8; 16], key: [u8; 16]| rdax_proto::rdma::ConnectProof::new(id, &key, now()).encode().to_vec();
+    let try_connect = async |private: Vec<u8>| {
         let ch = EventChannel::new().unwrap();
         let id = ch.create_id().unwrap();
         id.resolve_addr(Some(SocketAddr::new(env("RDAX_LAB_CLIENT_IP").parse().unwrap(), 0)), ep, 5000).unwrap();
@@ -338,10 +348,49 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
         let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
         let (conn, inbox) = Conn::create(id, pd).unwrap();
         tokio::spawn(conn.clone().drive());
-        conn.connect().unwrap();
-        drop(ch.expect(event::ESTABLISHED, t, "established").await.unwrap());
-        (ch, conn, inbox)
+        conn.connect_with(&private).unwrap();
+        let r = ch.expect(event::ESTABLISHED, t, "established").await.map(drop);
+        r.map(|()| (ch, conn, inbox))
     };
+    let connect = async || try_connect(proof(sid.0, secret.0)).await.unwrap();
+    // The daemon's queue pairs, as the kernel counts them.
+    let daemon_qps = || {
+        let out = std::process::Command::new("rdma").args(["resource", "show", "qp"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("comm rdaxd")).count()
+    };
+    // 0. No proof, a proof made with the listed id instead of the secret, a replayed proof:
+    //    each rejected, with no queue pair made for it.
+    let qps0 = daemon_qps();
+    let good = proof(sid.0, secret.0);
+    let (_ch, first, _inbox) = try_connect(good.clone()).await.unwrap();
+    for (what, private) in
+        [("no proof", Vec::new()), ("the id as the key", proof(sid.0, sid.0)), ("a replayed proof", good)]
+    {
+        let e = try_connect(private).await.err();
+        assert!(e.is_some_and(|e| e.to_string().contains("REJECTED")), "{what}: not rejected");
+    }
+    assert_eq!(d.metric("rdax_rdma_connects_rejected_total"), 3.0);
+    assert_eq!(daemon_qps(), qps0 + 1, "only the proven connection has a queue pair on the daemon");
+    // A proven connection presenting the listed id, or another session's secret, in HELLO.
+    {
+        let _armed = first.hold_armed();
+        let mut inbox = _inbox;
+        let mut hello = Msg::request(Op::Hello, 1);
+        hello.session = sid.0;
+        first.exec(Wr::Send(hello.encode()), None).await.unwrap();
+        let r = Msg::decode(&tokio::time::timeout(t, inbox.recv()).await.unwrap().unwrap()).unwrap();
+        assert_eq!((r.op, r.status), (Op::HelloReply, Status::BadSession), "the session id is no credential");
+    }
+    let other = c.open_session("other").await.unwrap();
+    {
+        let (_ch, conn, mut inbox) = connect().await;
+        let _armed = conn.hold_armed();
+        let mut hello = Msg::request(Op::Hello, 1);
+        hello.session = other.secret().0;
+        conn.exec(Wr::Send(hello.encode()), None).await.unwrap();
+        let r = Msg::decode(&tokio::time::timeout(t, inbox.recv()).await.unwrap().unwrap()).unwrap();
+        assert_eq!(r.status, Status::BadSession, "a connection proven for one session cannot HELLO as another");
+    }
     // 1. Silent: no HELLO. The daemon disconnects it after the op timeout.
     let (ch, _conn, _inbox) = connect().await;
     let t0 = std::time::Instant::now();
@@ -365,7 +414,7 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
         Msg::decode(&tokio::time::timeout(t, inbox.recv()).await.unwrap().unwrap()).unwrap()
     };
     let mut hello = Msg::request(Op::Hello, 1);
-    hello.session = sid.0;
+    hello.session = secret.0;
     assert_eq!(call(hello).await.status, Status::Ok);
     let g = c.acquire_raw(s.id(), "lab", "edges", 0, 1 << 20, LeaseMode::ReadWrite, true).await.unwrap();
     c.release_lease(s.id(), g.lease_id).await.unwrap();
@@ -374,7 +423,7 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
     let r = call(flush).await;
     assert_eq!((r.op, r.status), (Op::FlushReply, Status::Revoked));
     let mut again = Msg::request(Op::Hello, 3);
-    again.session = sid.0;
+    again.session = secret.0;
     let r = call(again).await;
     assert_eq!((r.op, r.status, r.req_id), (Op::HelloReply, Status::Malformed, 3));
 }

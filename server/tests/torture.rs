@@ -57,7 +57,7 @@ async fn holder(c: &rdax_client::Client, i: usize) -> Holder {
 }
 
 fn sid(s: &Session) -> [u8; 16] {
-    s.id().parse::<rdax_proto::model::SessionId>().unwrap().0
+    s.secret().0
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -185,6 +185,21 @@ impl CmEvent {
         // SAFETY: a live event.
         unsafe { (*self.ev.as_ptr()).id }
     }
+    /// The private data of a connection event (CONNECT_REQUEST: what the client sent with
+    /// `rdma_connect`), copied out. Over RoCE it may come padded with zeros.
+    pub fn private_data(&self) -> Vec<u8> {
+        // SAFETY: a live event; for connection events `param.conn` is the union's active
+        // member, and its data (`private_data_len` bytes) lives until the event is
+        // acknowledged, which is after this copy.
+        unsafe {
+            let p = &(*self.ev.as_ptr()).param.conn;
+            if p.private_data.is_null() {
+                return Vec::new();
+            }
+            std::slice::from_raw_parts(p.private_data as *const u8, usize::from(p.private_data_len)).to_vec()
+        }
+    }
+
     /// Take ownership of a CONNECT_REQUEST's new identifier.
     pub fn take_request(&self, ch: &Arc<EventChannel>) -> CmId {
         assert_eq!(self.kind(), event::CONNECT_REQUEST);
@@ -286,6 +301,27 @@ impl CmId {
         // SAFETY: both sockaddr_in and sockaddr_in6 start with family then port.
         let port = unsafe { (*(sa as *const libc::sockaddr as *const libc::sockaddr_in)).sin_port };
         u16::from_be(port)
+    }
+
+    /// The peer's IP address (of a connect request, or of a connected id), if it is IPv4 or
+    /// IPv6.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        // SAFETY: a live id; the address is inside it and read while it lives.
+        let sa = unsafe { sys::rdma_get_peer_addr(&*self.raw()) } as *const libc::sockaddr;
+        // SAFETY: the family tells which sockaddr the storage holds; both fit in it.
+        unsafe {
+            match i32::from((*sa).sa_family) {
+                libc::AF_INET => {
+                    let a = &*(sa as *const libc::sockaddr_in);
+                    Some(std::net::IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let a = &*(sa as *const libc::sockaddr_in6);
+                    Some(std::net::IpAddr::from(a.sin6_addr.s6_addr).to_canonical())
+                }
+                _ => None,
+            }
+        }
     }
 
     /// Start resolving `dst` (from `src` when given).

@@ -308,8 +308,18 @@ impl Conn {
 
     /// Connect (client side); ESTABLISHED arrives on the id's channel.
     pub fn connect(&self) -> Result<()> {
+        self.connect_with(&[])
+    }
+
+    /// Connect, sending `private` (at most 56 bytes for RC) with the request.
+    pub fn connect_with(&self, private: &[u8]) -> Result<()> {
+        assert!(private.len() <= 56, "RC connect private data is at most 56 bytes");
         let mut p = conn_param(RD_ATOMIC);
-        // SAFETY: a route-resolved id with its QP.
+        if !private.is_empty() {
+            p.private_data = private.as_ptr().cast();
+            p.private_data_len = private.len() as u8;
+        }
+        // SAFETY: a route-resolved id with its QP; `private` outlives the call, which copies it.
         check(unsafe { sys::rdma_connect(self.id.raw(), &mut p) }, "rdma_connect")
     }
 

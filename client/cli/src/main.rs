@@ -206,6 +206,13 @@ enum Cmd {
         /// Label shown to administrators.
         #[arg(long, default_value = "rdaxctl")]
         name: String,
+        /// Write the session's secret (its data-plane credential, 32 hex digits) to this
+        /// file, created with mode 0600; it must not exist yet.
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
+        /// Print the secret in the `session_opened` line (it is a credential: not for logs).
+        #[arg(long)]
+        print_secret: bool,
     },
     /// Leases: hold one (for demos and debugging), list, revoke.
     Lease {
@@ -217,10 +224,31 @@ enum Cmd {
     /// Data-plane bench through one lease (RDMA or TCP, per --transport): bandwidth with
     /// --depth operations in flight, or latency with --depth 1. Prints figures.
     LeaseBench(bench::LeaseBenchArgs),
+    /// Credentials for a principals file (`auth.principals_file`).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+/// `rdaxctl token ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum TokenCmd {
+    /// Make a new random token (256 bits) for principal NAME. Prints the token once, and the
+    /// lines to add to the principals file, which stores only the token's SHA-256. Offline: no
+    /// daemon is asked.
+    Create {
+        /// The principal's name.
+        name: String,
+        /// PREFIX:RIGHTS, e.g. `a/:write` (rights read, write or admin; write includes read,
+        /// admin both; the empty prefix `:admin` covers everything). Repeatable.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
     },
 }
 
@@ -243,8 +271,9 @@ pub(crate) enum LeaseCmd {
         #[arg(long)]
         rw: bool,
         /// Acquire for this existing session instead of opening one: for a program that made
-        /// the session's RDMA connection itself (its own verbs code, HELLO with this id) and
-        /// needs keys bound to its queue pair. With --transport rdma the keys are RDMA keys.
+        /// the session's RDMA connection itself (its own verbs code, HELLO with the secret
+        /// from `hold-session --secret-file`) and needs keys bound to its queue pair. With
+        /// --transport rdma the keys are RDMA keys. The session must be this principal's.
         #[arg(long)]
         session: Option<String>,
     },
@@ -272,6 +301,7 @@ fn main() -> ExitCode {
             offline::mkpool(path, *size, *force, *max_objects, *max_extents, json)
         }
         Cmd::Fsck { path } => offline::fsck(path, json),
+        Cmd::Token { cmd: TokenCmd::Create { name, scopes } } => offline::token_create(name, scopes, json),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 *shell,

@@ -1,4 +1,4 @@
-//! Offline pool tools: `mkpool` and `fsck`.
+//! Offline tools: `mkpool`, `fsck` and `token create`.
 
 use std::path::Path;
 
@@ -71,4 +71,39 @@ fn print_report(r: &CheckReport, json: bool) {
         }
         println!("{name}: DAMAGED ({} problems)", r.problems.len());
     }
+}
+
+/// `rdaxctl token create`: a new 256-bit token and the principals-file lines for it.
+pub(crate) fn token_create(name: &str, scopes: &[String], json: bool) -> Result<(), Failure> {
+    use rdaxd::auth::{Scope, hash_text};
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(|c| c.is_ascii_graphic() && c != b'"') {
+        return Err(Failure::local(anyhow::anyhow!(
+            "principal name `{name}`: 1 to 128 printable characters, no spaces or quotes"
+        )));
+    }
+    let parsed = scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::local(anyhow::anyhow!(e)))?;
+    let bits: String =
+        [rdaxd::session::random_id(), rdaxd::session::random_id()].iter().map(|r| r.to_string()).collect();
+    let token = format!("rdax-{bits}");
+    let hash = hash_text(&token);
+    let scope_list = parsed.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    let toml = format!("[[principal]]\nname = \"{name}\"\ntokens = [\"{hash}\"]\nscopes = [{scope_list}]\n");
+    let v = serde_json::json!({
+        "principal": name,
+        "token": token,
+        "token_hash": hash,
+        "scopes": parsed.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "principals_file_entry": toml,
+    });
+    crate::output::emit(json, &v, || {
+        format!(
+            "token for `{name}` (shown once: store it in a file of mode 0600 for --token-file):\n{token}\n\n\
+             add to the principals file (auth.principals_file), then reload rdaxd (SIGHUP):\n{toml}"
+        )
+    });
+    Ok(())
 }

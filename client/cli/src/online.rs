@@ -185,7 +185,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             let v: Vec<Value> = list
                 .iter()
                 .map(|s| {
-                    json!({"session_id": s.session_id, "client_name": s.client_name, "peer": s.peer,
+                    json!({"session_id": s.session_id, "principal": s.principal, "client_name": s.client_name, "peer": s.peer,
                        "opened_unix_ms": s.opened_unix_ms, "idle_ms": s.idle_ms, "connected": s.connected})
                 })
                 .collect();
@@ -193,8 +193,9 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                 list.iter()
                     .map(|s| {
                         format!(
-                            "{}  {:<16} {:<22} idle {:>6} ms{}",
+                            "{}  {:<12} {:<16} {:<22} idle {:>6} ms{}",
                             s.session_id,
+                            s.principal,
                             s.client_name,
                             s.peer,
                             s.idle_ms,
@@ -209,10 +210,17 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             client.evict_session(session_id, "rdaxctl evict").await?;
             emit(json, &json!({"evicted": session_id}), || format!("evicted {session_id}"));
         }
-        Cmd::HoldSession { name } => {
+        Cmd::HoldSession { name, secret_file, print_secret } => {
             let mut s = client.open_session(name).await?;
+            if let Some(path) = secret_file {
+                write_secret(path, &s.secret().expose_hex())?;
+            }
             // One JSON line (not pretty-printed): what follows is one line per event too.
-            let opened = json!({"event": "session_opened", "session_id": s.id(), "ttl_ms": s.ttl().as_millis() as u64});
+            let mut opened =
+                json!({"event": "session_opened", "session_id": s.id(), "ttl_ms": s.ttl().as_millis() as u64});
+            if *print_secret {
+                opened["session_secret"] = json!(s.secret().expose_hex());
+            }
             if json {
                 println!("{opened}");
             } else {
@@ -243,10 +251,29 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Lease { cmd } => lease(cli, &client, cmd, json).await?,
-        Cmd::Mkpool { .. } | Cmd::Fsck { .. } | Cmd::Completions { .. } | Cmd::Bench(_) | Cmd::LeaseBench(_) => {
+        Cmd::Mkpool { .. }
+        | Cmd::Fsck { .. }
+        | Cmd::Token { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Bench(_)
+        | Cmd::LeaseBench(_) => {
             unreachable!("handled in main")
         }
     }
+    Ok(())
+}
+
+/// Write a secret to a new file that only its owner can read.
+fn write_secret(path: &std::path::Path, hex: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {} (it must not exist yet)", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }
 

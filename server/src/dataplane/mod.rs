@@ -89,9 +89,16 @@ type Res = std::io::Result<()>;
 pub const MIN_RATE: u64 = 1 << 20;
 
 impl DataPlane {
-    /// Accept connections until `cancel`, at most `cap` at a time.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, cap: usize, cancel: CancellationToken) {
-        let mut acceptor = crate::net::Acceptor::new(listener, cap, "data plane");
+    /// Accept connections until `cancel`, at most `cap` at a time and `per_source` from one
+    /// address.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cap: usize,
+        per_source: usize,
+        cancel: CancellationToken,
+    ) {
+        let mut acceptor = crate::net::Acceptor::new(listener, cap, per_source, "data plane");
         while let Some((stream, peer, permit)) = acceptor.accept(&cancel).await {
             let dp = self.clone();
             let c = cancel.clone();

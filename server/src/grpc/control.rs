@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span};
 
-use super::Shared;
 use super::status::{ApiError, api};
+use super::{Shared, caller};
 use crate::session::EndReason;
 
 /// The `Pool` service.
@@ -99,6 +99,7 @@ impl Sessions for SessionsService {
     async fn open(&self, req: Request<Streaming<pb::SessionRequest>>) -> Result<Response<Self::OpenStream>, Status> {
         api(async {
             let peer = req.remote_addr();
+            let owner = caller(&req)?.owner();
             let mut inbound = req.into_inner();
             let ttl = self.0.sessions.ttl();
             let first = tokio::time::timeout(ttl, inbound.message())
@@ -112,14 +113,20 @@ impl Sessions for SessionsService {
             let (tx, rx) = mpsc::channel(64);
             let stop = self.0.draining.child_token();
             let sessions = &self.0.sessions;
-            let (id, generation) = match open.resume {
-                Some(id) => (id, sessions.resume(id, peer, tx.clone(), stop.clone())?),
-                None => sessions.open(open.client_name, peer, tx.clone(), stop.clone())?,
+            // The secret goes out once, with a new session; a resuming client has it.
+            let (id, generation, secret) = match open.resume {
+                Some(id) => (id, sessions.resume(id, &owner, peer, tx.clone(), stop.clone())?, None),
+                None => {
+                    let (id, generation, secret) =
+                        sessions.open(&owner, open.client_name, peer, tx.clone(), stop.clone())?;
+                    (id, generation, Some(secret))
+                }
             };
             let opened = pb::SessionOpened {
                 session_id: id.to_string(),
                 ttl_ms: ttl.as_millis() as u64,
                 keepalive_interval_ms: self.0.cfg.keepalive_interval().as_millis() as u64,
+                session_secret: secret.map(|s| s.expose_hex()).unwrap_or_default(),
             };
             let _ = tx.send(event(Event::Opened(opened))).await;
             let shared = self.0.clone();
@@ -189,6 +196,7 @@ impl Admin for AdminService {
                 .into_iter()
                 .map(|s| pb::SessionInfo {
                     session_id: s.id.to_string(),
+                    principal: s.principal.to_string(),
                     client_name: s.client_name,
                     peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
                     opened_unix_ms: s.opened.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),

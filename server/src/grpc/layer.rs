@@ -1,4 +1,6 @@
-//! The request gate: every rdax RPC holds a place in the shutdown gate while its handler runs,
+//! The request layer, in front of every service. It authenticates each rdax request and
+//! checks the authorization table ([`super::auth`]); a refused request never reaches a
+//! handler. Then the request gate: every rdax RPC holds a place in the shutdown gate while its handler runs,
 //! so shutdown waits for in-flight requests and refuses new ones with `Unavailable`. The layer
 //! also counts each request on its connection until its reply (a stream included) has been
 //! sent, which is what the connection's idle timeout looks at (see [`crate::net`]).
@@ -14,6 +16,7 @@ use std::task::{Context, Poll};
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
+use super::auth::Auth;
 use super::status::ApiError;
 use crate::gate::{Gate, Work};
 
@@ -25,12 +28,14 @@ const WHILE_DRAINING: &[&str] = &["/rdax.v1.Leases/Release"];
 pub struct GateLayer {
     gate: Gate,
     draining: CancellationToken,
+    auth: Auth,
 }
 
 impl GateLayer {
-    /// Requests enter `gate`; once `draining` is cancelled, new ones are refused.
-    pub fn new(gate: Gate, draining: CancellationToken) -> Self {
-        Self { gate, draining }
+    /// Requests are checked by `auth` and enter `gate`; once `draining` is cancelled, new
+    /// ones are refused.
+    pub fn new(gate: Gate, draining: CancellationToken, auth: Auth) -> Self {
+        Self { gate, draining, auth }
     }
 }
 
@@ -38,7 +43,7 @@ impl<S> tower_layer::Layer<S> for GateLayer {
     type Service = GateService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GateService { inner, gate: self.gate.clone(), draining: self.draining.clone() }
+        GateService { inner, gate: self.gate.clone(), draining: self.draining.clone(), auth: self.auth.clone() }
     }
 }
 
@@ -48,6 +53,7 @@ pub struct GateService<S> {
     inner: S,
     gate: Gate,
     draining: CancellationToken,
+    auth: Auth,
 }
 
 type BoxFut<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
@@ -74,7 +80,19 @@ where
             req.extensions_mut().insert(c.tcp.clone());
             c.state.begin()
         });
-        let path = req.uri().path();
+        let path = req.uri().path().to_string();
+        if path.starts_with("/rdax.") {
+            match self.auth.admit(&path, req.headers()) {
+                Ok(c) => {
+                    req.extensions_mut().insert(c);
+                }
+                Err(e) => {
+                    let status = tonic::Status::from(e);
+                    return Box::pin(async move { Ok(counted(status.into_http(), active)) });
+                }
+            }
+        }
+        let path = path.as_str();
         if !path.starts_with("/rdax.v1.") {
             let fut = self.inner.call(req);
             return Box::pin(async move { fut.await.map(|r| counted(r, active)) });

@@ -7,8 +7,9 @@ use tracing::{Instrument, info_span};
 
 use std::sync::Arc;
 
-use super::Shared;
 use super::status::{ApiError, api};
+use super::{Shared, caller};
+use crate::auth::Rights;
 use crate::dma::{Transport, TransportKind};
 use crate::lease::{GrantRequest, Mode};
 
@@ -31,11 +32,15 @@ pub struct LeasesService(pub Shared);
 impl Leases for LeasesService {
     async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::LeaseGrant>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = AcquireLease::try_from(req.into_inner())?;
             let mode = match r.access {
                 LeaseAccess::Read => Mode::Read,
                 LeaseAccess::ReadWrite => Mode::ReadWrite,
             };
+            let right = if mode == Mode::ReadWrite { Rights::WRITE } else { Rights::READ };
+            who.principal.require(right, &r.key.namespace, &r.key.name)?;
+            self.0.sessions.check_owner(r.session, who.name())?;
             let transport = if r.rdma { self.0.rdma.clone() as Arc<dyn Transport> } else { self.0.tcp.clone() };
             let span = info_span!("acquire", session = %r.session, object = %r.key, offset = r.range.offset);
             let req = GrantRequest {
@@ -81,8 +86,11 @@ impl Leases for LeasesService {
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = req.into_inner();
-            let ttl = self.0.leases.renew(session(&r.session_id)?, r.lease_id)?;
+            let sid = session(&r.session_id)?;
+            self.0.sessions.check_owner(sid, who.name())?;
+            let ttl = self.0.leases.renew(sid, r.lease_id)?;
             Ok(Response::new(pb::RenewResponse { expires_in_ms: ttl.as_millis() as u64 }))
         })
         .await
@@ -90,8 +98,11 @@ impl Leases for LeasesService {
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = req.into_inner();
-            self.0.leases.release(session(&r.session_id)?, r.lease_id)?;
+            let sid = session(&r.session_id)?;
+            self.0.sessions.check_owner(sid, who.name())?;
+            self.0.leases.release(sid, r.lease_id)?;
             Ok(Response::new(pb::ReleaseResponse {}))
         })
         .await
@@ -99,13 +110,21 @@ impl Leases for LeasesService {
 
     async fn list(&self, req: Request<pb::ListLeasesRequest>) -> Result<Response<pb::ListLeasesResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = req.into_inner();
             let filter = if r.session_id.is_empty() { None } else { Some(session(&r.session_id)?) };
+            if let Some(sid) = filter {
+                self.0.sessions.check_owner(sid, who.name())?;
+            }
+            // Without a session: an administrator sees every lease, anyone else their own.
+            let everything = who.principal.has_everywhere(Rights::ADMIN);
+            let sessions = &self.0.sessions;
             let leases = self
                 .0
                 .leases
                 .list(filter)
                 .into_iter()
+                .filter(|l| everything || sessions.owner(l.session).is_some_and(|o| &*o == who.name()))
                 .map(|l| pb::LeaseInfo {
                     lease_id: l.id,
                     session_id: l.session.to_string(),

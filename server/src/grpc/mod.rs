@@ -18,7 +18,7 @@ use rdax_proto::pb::{
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use auth::Auth;
+pub use auth::{Auth, Caller, caller};
 
 use crate::config::Config;
 use crate::gate::{Gate, Work};
@@ -40,7 +40,7 @@ pub struct Shared {
     pub tcp: Arc<dyn crate::dma::Transport>,
     /// The RDMA transport (or why there is none).
     pub rdma: Arc<crate::rdma::Rdma>,
-    /// The token check (shared, reloadable).
+    /// The credential check (shared, reloadable).
     pub auth: Auth,
     /// Configuration.
     pub cfg: Arc<Config>,
@@ -69,11 +69,11 @@ impl Shared {
     }
 }
 
-/// The rdax services, each behind the token check, plus health and reflection (open, so
-/// that probes and `grpcurl list` work without credentials; they reveal no data).
+/// The rdax services, plus health and reflection (open, so that probes and `grpcurl list`
+/// work without credentials; they reveal no data). The request layer in front of them all
+/// authenticates every rdax request (see [`layer`]).
 pub fn routes(shared: Shared) -> anyhow::Result<Routes> {
-    let auth = shared.auth.clone();
-    let max = shared.cfg.max_message_bytes;
+    let max = shared.cfg.limits.max_message_bytes;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(rdax_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -86,28 +86,15 @@ pub fn routes(shared: Shared) -> anyhow::Result<Routes> {
     routes = routes
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            PoolServer::new(control::PoolService(shared.clone())),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        .add_service(PoolServer::new(control::PoolService(shared.clone())))
+        .add_service(
             ObjectsServer::new(objects::ObjectsService(shared.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            SessionsServer::new(control::SessionsService(shared.clone())),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            LeasesServer::new(leases::LeasesService(shared.clone())),
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(control::AdminService(shared.clone())),
-            auth,
-        ));
+        )
+        .add_service(SessionsServer::new(control::SessionsService(shared.clone())))
+        .add_service(LeasesServer::new(leases::LeasesService(shared.clone())))
+        .add_service(AdminServer::new(control::AdminService(shared.clone())));
     #[cfg(feature = "testing")]
     {
         routes = routes.add_service(testing::service(shared));

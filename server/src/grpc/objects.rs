@@ -16,8 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span};
 
-use super::Shared;
 use super::status::{ApiError, api};
+use super::{Shared, caller};
+use crate::auth::Rights;
 use crate::gate::Work;
 use crate::pool::{ObjError, ObjectStat};
 
@@ -43,7 +44,9 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadChunk, Status>> + Sen
 impl Objects for ObjectsService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = CreateObject::try_from(req.into_inner())?;
+            who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("create", object = %r.key, size = r.size);
             let st = self
                 .0
@@ -57,7 +60,9 @@ impl Objects for ObjectsService {
 
     async fn stat(&self, req: Request<pb::StatRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
+            let who = caller(&req)?;
             let key = ObjectKey::try_from(req.into_inner().object)?;
+            who.principal.require(Rights::READ, &key.namespace, &key.name)?;
             let st = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??;
             Ok(Response::new(to_pb(st)))
         })
@@ -66,10 +71,20 @@ impl Objects for ObjectsService {
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = ListObjects::try_from(req.into_inner())?;
+            if !who.principal.allows_some_of(Rights::READ, &r.namespace) {
+                return Err(ApiError::PermissionDenied(format!(
+                    "principal `{}` has no `read` right on namespace `{}`",
+                    who.name(),
+                    r.namespace
+                )));
+            }
             let page = self.0.blocking(move |p| p.list(&r.namespace, r.after.as_deref(), r.limit as usize)).await??;
+            // Only what the principal may read (a scope may cover part of a namespace).
+            let visible = |o: &ObjectStat| who.principal.allows(Rights::READ, &o.namespace, &o.name);
             Ok(Response::new(pb::ListResponse {
-                objects: page.objects.into_iter().map(to_pb).collect(),
+                objects: page.objects.into_iter().filter(visible).map(to_pb).collect(),
                 next_after: page.next.unwrap_or_default(),
             }))
         })
@@ -78,7 +93,9 @@ impl Objects for ObjectsService {
 
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = ResizeObject::try_from(req.into_inner())?;
+            who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("resize", object = %r.key, size = r.size);
             // Shrinking takes blocks away: the leases past the new end are recalled first.
             let (key, size) = (r.key.clone(), r.size);
@@ -97,7 +114,9 @@ impl Objects for ObjectsService {
 
     async fn punch_hole(&self, req: Request<pb::PunchHoleRequest>) -> Result<Response<pb::PunchHoleResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = PunchHole::try_from(req.into_inner())?;
+            who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("punch_hole", object = %r.key, offset = r.range.offset, length = r.range.length);
             let (key, off, len) = (r.key.clone(), r.range.offset, r.range.length);
             let end = off.saturating_add(len);
@@ -115,7 +134,9 @@ impl Objects for ObjectsService {
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let key = ObjectKey::try_from(req.into_inner().object)?;
+            who.principal.require(Rights::WRITE, &key.namespace, &key.name)?;
             let span = info_span!("delete", object = %key);
             let k = key.clone();
             self.0
@@ -134,7 +155,9 @@ impl Objects for ObjectsService {
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = ReadObject::try_from(req.into_inner())?;
+            who.principal.require(Rights::READ, &r.key.namespace, &r.key.name)?;
             let key = r.key.clone();
             let size = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??.size;
             let end = match r.length {
@@ -195,9 +218,11 @@ impl Objects for ObjectsService {
 
     async fn write(&self, req: Request<Streaming<pb::WriteChunk>>) -> Result<Response<pb::WriteResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let mut inbound = req.into_inner();
             let first = inbound.message().await?.ok_or(ApiError::BadStream("empty write stream"))?;
             let start = WriteStart::try_from(first.header)?;
+            who.principal.require(Rights::WRITE, &start.key.namespace, &start.key.name)?;
             let span = info_span!("write", object = %start.key, offset = start.offset);
             // On DAX each chunk is stored with streaming stores and drained (cheap); on an msync
             // pool one msync over the whole range at the end is far cheaper than one per chunk.
@@ -259,7 +284,9 @@ impl Objects for ObjectsService {
 
     async fn flush(&self, req: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
         api(async {
+            let who = caller(&req)?;
             let r = FlushObject::try_from(req.into_inner())?;
+            who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             self.0
                 .blocking(move |p| {
                     let size = p.stat(&r.key.namespace, &r.key.name)?.size;

@@ -41,6 +41,9 @@ pub enum ApiError {
     /// A missing or bad credential.
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// An authenticated principal without the right.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A client that did not send in time.
     #[error("{0}")]
     TooSlow(&'static str),
@@ -59,6 +62,12 @@ impl From<GateClosed> for ApiError {
     }
 }
 
+impl From<crate::auth::Denied> for ApiError {
+    fn from(d: crate::auth::Denied) -> Self {
+        ApiError::PermissionDenied(d.to_string())
+    }
+}
+
 impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
         ApiError::Stream(s)
@@ -71,9 +80,10 @@ fn obj_code(e: &ObjError) -> Code {
         ObjError::NotFound { .. } => Code::NotFound,
         ObjError::AlreadyExists { .. } => Code::AlreadyExists,
         ObjError::OutOfRange { .. } => Code::OutOfRange,
-        ObjError::NoSpace { .. } | ObjError::TooManyObjects { .. } | ObjError::TooFragmented { .. } => {
-            Code::ResourceExhausted
-        }
+        ObjError::NoSpace { .. }
+        | ObjError::AllocCap { .. }
+        | ObjError::TooManyObjects { .. }
+        | ObjError::TooFragmented { .. } => Code::ResourceExhausted,
         ObjError::Closed => Code::Unavailable,
         ObjError::Storage { no_space: true, .. } => Code::ResourceExhausted,
         ObjError::Storage { no_space: false, .. } => Code::Unavailable,
@@ -99,6 +109,7 @@ fn dma_code(e: &DmaError) -> Code {
         DmaError::Unavailable(_) | DmaError::NotConnected { .. } => Code::FailedPrecondition,
         DmaError::Bind(_) => Code::Unavailable,
         DmaError::Ended => Code::Aborted,
+        DmaError::Limit { .. } => Code::ResourceExhausted,
     }
 }
 
@@ -110,14 +121,16 @@ impl ApiError {
             ApiError::Object(e) => obj_code(e),
             ApiError::Lease(e) => lease_code(e),
             ApiError::Session(e) => match e {
-                SessionError::TooMany { .. } => Code::ResourceExhausted,
+                SessionError::TooMany { .. } | SessionError::TooManyForPrincipal { .. } => Code::ResourceExhausted,
                 SessionError::NotFound => Code::NotFound,
+                SessionError::NotYours { .. } => Code::PermissionDenied,
                 SessionError::ShuttingDown => Code::Unavailable,
             },
             ApiError::Dma(e) => dma_code(e),
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::TooSlow(_) => Code::DeadlineExceeded,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Stream(s) => s.code(),
             ApiError::Internal(_) => Code::Internal,
         }
@@ -162,6 +175,7 @@ mod tests {
             (ObjError::AlreadyExists { ns: "n".into(), name: "o".into() }.into(), Code::AlreadyExists),
             (ObjError::OutOfRange { offset: 1, len: 2, size: 0, hint: "" }.into(), Code::OutOfRange),
             (ObjError::NoSpace { needed: 1, free: 0 }.into(), Code::ResourceExhausted),
+            (ObjError::AllocCap { needed: 2, cap: 1 }.into(), Code::ResourceExhausted),
             (ObjError::TooManyObjects { max: 1 }.into(), Code::ResourceExhausted),
             (ObjError::Closed.into(), Code::Unavailable),
             (SessionError::ShuttingDown.into(), Code::Unavailable),

@@ -6,8 +6,9 @@
 //! at once. If it finds an undrained lease (a path that forgot to recall — a bug, logged), it
 //! holds the blocks until that lease drains; if the lease was quarantined, the blocks are
 //! quarantined with it. The lookup is an interval index over the pool ranges of undrained
-//! leases, so the hook (which runs under the pool's metadata write lock) costs
-//! O(log n + overlaps), not O(leases).
+//! leases, O(log n + overlaps), and the hook runs after the pool has dropped its metadata
+//! lock (the blocks are in no object's map and not in the allocator meanwhile), so neither
+//! the lookup nor the lease lock it takes ever stalls other pool requests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

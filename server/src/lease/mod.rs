@@ -27,6 +27,7 @@
 
 mod hold;
 pub mod keys;
+mod limits;
 mod recall;
 
 use std::collections::HashMap;
@@ -39,6 +40,8 @@ use tokio::time::Instant;
 use tracing::{Instrument, error, info};
 
 pub use keys::{Key, KeyTable, Mode, PinGuard, Pins, Refusal};
+pub use limits::LeaseLimits;
+use limits::Usage;
 
 use crate::dma::{BindRequest, DmaError, RemoteKey, Transport, TransportKind};
 use crate::gate::{Gate, Work};
@@ -56,23 +59,6 @@ pub struct LeaseConfig {
     pub drain_timeout: Duration,
     /// Caps.
     pub limits: LeaseLimits,
-}
-
-/// Caps on leases (invariant 8: memory per session and per lease is bounded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseLimits {
-    /// Live leases of one session (`limits.max_leases_per_session`).
-    pub per_session: usize,
-    /// Leases in the daemon, live or still draining (`limits.max_leases`).
-    pub total: usize,
-    /// Segments, and so keys, in one lease (`limits.max_segments_per_lease`).
-    pub segments: usize,
-}
-
-impl Default for LeaseLimits {
-    fn default() -> Self {
-        Self { per_session: 4096, total: 65_536, segments: 4096 }
-    }
 }
 
 /// Lease states.
@@ -250,6 +236,8 @@ struct Lease {
     granted_after_marker: u64,
     /// The transport holding keys for it beyond the key table.
     transport: Option<Arc<dyn Transport>>,
+    /// The principal of its session (for the per-principal cap).
+    principal: Arc<str>,
 }
 
 struct Marker {
@@ -268,8 +256,10 @@ struct Inner {
     markers: Vec<Marker>,
     /// Pool ranges of every lease that has not drained.
     undrained: hold::RangeIndex,
-    /// Live leases per session (for the per-session cap).
-    live_by_session: HashMap<SessionId, usize>,
+    /// Live leases and their keys per session (for the per-session caps).
+    live_by_session: HashMap<SessionId, Usage>,
+    /// Live leases per principal.
+    live_by_principal: HashMap<Arc<str>, usize>,
     next_id: u64,
     next_generation: u64,
     next_marker: u64,
@@ -498,7 +488,7 @@ impl LeaseManager {
             }
             // Allocate (read-write) and note the object's layout epoch; then, under the
             // metadata lock, read the segments and install the keys in one step.
-            let k = object.clone();
+            let (k, cap) = (object.clone(), self.config().limits.alloc_per_request);
             let expect = self
                 .blocking(move |p| {
                     let size = p.stat(&k.namespace, &k.name)?.size;
@@ -506,7 +496,7 @@ impl LeaseManager {
                         return Err(ObjError::OutOfRange { offset, len, size, hint: "; resize the object first" });
                     }
                     match mode {
-                        Mode::ReadWrite => p.allocate(&k.namespace, &k.name, offset, len).map(Some),
+                        Mode::ReadWrite => p.allocate_capped(&k.namespace, &k.name, offset, len, cap).map(Some),
                         Mode::Read => Ok(None),
                     }
                 })
@@ -515,8 +505,8 @@ impl LeaseManager {
             let (k, this) = (object.clone(), self.clone());
             let installed = self
                 .blocking(move |p| {
-                    // Lock order: pool metadata, then leases, then keys (the release hook, called
-                    // under the metadata write lock, takes them in the same order).
+                    // Lock order: pool metadata, then leases, then keys. (The release hook takes
+                    // leases with no metadata lock held.)
                     p.with_segments(&k.namespace, &k.name, offset, len, |id, epoch, segs| {
                         this.install_locked(Install { session, object: &k, id, epoch, offset, end, mode, expect }, segs)
                     })
@@ -551,7 +541,8 @@ impl LeaseManager {
             return Err(LeaseError::SessionNotFound);
         }
         let limits = self.config().limits;
-        if g.live_by_session.get(&a.session).copied().unwrap_or(0) >= limits.per_session {
+        let used = g.live_by_session.get(&a.session).copied().unwrap_or_default();
+        if used.leases >= limits.per_session {
             let what = "the session holds as many leases as it may";
             return Err(LeaseError::Limit { what, cap: limits.per_session, key: "limits.max_leases_per_session" });
         }
@@ -563,7 +554,20 @@ impl LeaseManager {
             let what = "the range is in more pieces than one lease may have; lease a smaller range";
             return Err(LeaseError::Limit { what, cap: limits.segments, key: "limits.max_segments_per_lease" });
         }
-        *g.live_by_session.entry(a.session).or_default() += 1;
+        let principal = self.sessions.owner(a.session).ok_or(LeaseError::SessionNotFound)?;
+        if g.live_by_principal.get(&principal).copied().unwrap_or(0) >= limits.per_principal {
+            let what = "the principal's sessions hold as many leases as they may";
+            return Err(LeaseError::Limit { what, cap: limits.per_principal, key: "limits.max_leases_per_principal" });
+        }
+        let nkeys = segs.iter().filter(|s| s.pool_offset.is_some()).count();
+        if used.keys + nkeys > limits.keys_per_session {
+            let what = "the session's leases hold as many keys as they may; release some, or lease fewer pieces";
+            return Err(LeaseError::Limit { what, cap: limits.keys_per_session, key: "limits.max_keys_per_session" });
+        }
+        let u = g.live_by_session.entry(a.session).or_default();
+        u.leases += 1;
+        u.keys += nkeys;
+        *g.live_by_principal.entry(principal.clone()).or_default() += 1;
         let id = g.next_id;
         g.next_id += 1;
         let generation = g.next_generation;
@@ -614,6 +618,7 @@ impl LeaseManager {
                 pins,
                 granted_after_marker,
                 transport: None,
+                principal,
             },
         );
         info!(lease = id, session = %a.session, object = %a.object, offset = a.offset, len = a.end - a.offset, generation, "lease granted");

@@ -49,13 +49,21 @@ impl LeaseManager {
     pub(super) fn end_locked(&self, g: &mut Inner, id: u64, state: State) -> Option<Arc<dyn Transport>> {
         let l = g.leases.get_mut(&id)?;
         self.keys.remove(&l.keys);
-        let (was_live, session) = (l.state.live(), l.session);
+        let (was_live, session, nkeys) = (l.state.live(), l.session, l.keys.len());
         l.state = state;
         let transport = l.transport.clone();
-        if was_live && let Some(n) = g.live_by_session.get_mut(&session) {
+        let principal = l.principal.clone();
+        if was_live && let Some(u) = g.live_by_session.get_mut(&session) {
+            u.leases -= 1;
+            u.keys -= nkeys;
+            if u.leases == 0 {
+                g.live_by_session.remove(&session);
+            }
+        }
+        if was_live && let Some(n) = g.live_by_principal.get_mut(&principal) {
             *n -= 1;
             if *n == 0 {
-                g.live_by_session.remove(&session);
+                g.live_by_principal.remove(&principal);
             }
         }
         transport

@@ -25,7 +25,14 @@ fn fixture() -> Fx {
         ttl: TTL,
         break_timeout: BREAK,
         drain_timeout: Duration::from_secs(20),
-        limits: LeaseLimits { per_session: 3, total: 5, segments: 4096 },
+        limits: LeaseLimits {
+            per_session: 3,
+            total: 5,
+            segments: 4096,
+            keys_per_session: 4,
+            per_principal: 100,
+            alloc_per_request: 1 << 20,
+        },
     };
     let leases = LeaseManager::new(pool.clone(), sessions.clone(), cfg, Gate::default());
     Fx { leases, sessions, pool }
@@ -33,7 +40,8 @@ fn fixture() -> Fx {
 
 fn session(fx: &Fx) -> (SessionId, tokio::sync::mpsc::Receiver<Result<pb::SessionEvent, tonic::Status>>) {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let (id, _) = fx.sessions.open("t".into(), None, tx, CancellationToken::new()).unwrap();
+    let (id, _, _) =
+        fx.sessions.open(&crate::session::Owner::anonymous(), "t".into(), None, tx, CancellationToken::new()).unwrap();
     (id, rx)
 }
 
@@ -204,6 +212,48 @@ async fn lease_caps_are_enforced_and_counted_down_when_leases_end() {
     fx.leases.acquire(a, key("ns", "x"), 0, 1, Mode::Read).await.unwrap();
     let e = fx.leases.acquire(b, key("ns", "y"), 0, 1, Mode::Read).await.unwrap_err();
     assert!(matches!(e, LeaseError::Limit { key: "limits.max_leases", .. }), "the total is full again: {e}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sessions_keys_are_capped_across_its_leases() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, _ra) = session(&fx);
+    let (b, _rb) = session(&fx);
+    // Interleave allocations so that x's first two blocks are not adjacent in the pool: a
+    // lease over both then has two segments, and two keys.
+    for (name, off) in [("x", 0), ("y", 0), ("x", 4096)] {
+        let g = fx.leases.acquire(b, key("ns", name), off, 4096, Mode::ReadWrite).await.unwrap();
+        fx.leases.release(b, g.id).unwrap();
+    }
+    until("the allocating leases to drain", || fx.leases.list(None).is_empty()).await;
+    let two = fx.leases.acquire(a, key("ns", "x"), 0, 8192, Mode::Read).await.unwrap();
+    assert_eq!(two.segments.iter().filter(|s| s.target.is_some()).count(), 2);
+    fx.leases.acquire(a, key("ns", "x"), 0, 8192, Mode::Read).await.unwrap();
+    // Four keys held, the cap: a third lease with a key is refused, naming the key.
+    let e = fx.leases.acquire(a, key("ns", "y"), 0, 4096, Mode::Read).await.unwrap_err();
+    assert!(matches!(e, LeaseError::Limit { key: "limits.max_keys_per_session", cap: 4, .. }), "{e}");
+    // A lease over a hole has no key, so it still fits.
+    fx.leases.acquire(a, key("ns", "y"), 8192, 4096, Mode::Read).await.unwrap();
+    // Ending a lease gives its keys back at once.
+    fx.leases.release(a, two.id).unwrap();
+    fx.leases.acquire(a, key("ns", "y"), 0, 4096, Mode::Read).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grant_may_allocate_up_to_its_cap() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, _ra) = session(&fx);
+    fx.pool.create_object("ns", "big", 2 << 20).unwrap();
+    let free0 = fx.pool.stats().free.free_blocks;
+    let e = fx.leases.acquire(a, key("ns", "big"), 0, (1 << 20) + 4096, Mode::ReadWrite).await.unwrap_err();
+    assert!(e.to_string().contains("limits.max_alloc_bytes_per_request"), "{e}");
+    assert!(matches!(e, LeaseError::Pool(ObjError::AllocCap { needed: 1052672, cap: 1048576 })), "{e:?}");
+    assert_eq!(fx.pool.stats().free.free_blocks, free0, "a refused grant allocates nothing");
+    // Up to the cap, granted; and what is allocated already does not count again.
+    fx.leases.acquire(a, key("ns", "big"), 0, 1 << 20, Mode::ReadWrite).await.unwrap();
+    fx.leases.acquire(a, key("ns", "big"), 0, (1 << 20) + 4096, Mode::ReadWrite).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -105,6 +105,17 @@ pub enum ObjError {
         /// Blocks free.
         free: u64,
     },
+    /// One request would allocate more than it may.
+    #[error(
+        "the request would allocate {needed} bytes, over the limit of {cap} (limits.max_alloc_bytes_per_request); \
+         lease or write a smaller range"
+    )]
+    AllocCap {
+        /// Bytes the request needs.
+        needed: u64,
+        /// The cap.
+        cap: u64,
+    },
     /// Every object slot is used.
     #[error("the pool holds its maximum of {max} objects; format with a larger --max-objects")]
     TooManyObjects {

@@ -9,8 +9,9 @@
 //!
 //! Every metadata change is one journal transaction ([`journal`]); data bytes go straight to
 //! the mapping. Lock order: `meta` before `alloc`. Blocks leave an object through
-//! [`ReleasedBlocks`], handed to the release hook: the default hook frees them at once; the
-//! lease layer will hold them until in-flight DMA has drained (invariant 1).
+//! [`ReleasedBlocks`], handed to the release hook once the metadata lock is dropped: the
+//! default hook frees them at once; the lease layer holds them until every lease that covered
+//! them has drained (invariant 1).
 //!
 //! See `docs/pool-format.md` for the on-media format.
 

@@ -237,7 +237,9 @@ impl Pool {
         }
         let st = stat_of(&obj, ns, name);
         meta.objects[slot as usize] = Some(obj);
-        self.finish_removal(&mut meta, removal);
+        let freed = self.finish_removal(&mut meta, removal);
+        drop(meta);
+        self.release(freed);
         Ok(st)
     }
 
@@ -296,7 +298,9 @@ impl Pool {
         let r = self.commit(&mut meta, &txn);
         meta.objects[slot as usize] = Some(obj);
         r?;
-        self.finish_removal(&mut meta, removal);
+        let freed = self.finish_removal(&mut meta, removal);
+        drop(meta);
+        self.release(freed);
         Ok(())
     }
 
@@ -317,7 +321,9 @@ impl Pool {
         }
         meta.names.remove(&key);
         meta.free_obj.push(slot);
-        self.finish_removal(&mut meta, removal);
+        let freed = self.finish_removal(&mut meta, removal);
+        drop(meta);
+        self.release(freed);
         Ok(())
     }
 
@@ -341,11 +347,14 @@ impl Pool {
         }
     }
 
-    /// After commit: recycle cleared slots and hand freed blocks to the release hook.
-    fn finish_removal(&self, meta: &mut Meta, r: Removal) {
+    /// After commit: recycle cleared slots. Returns the freed blocks, for the caller to hand
+    /// to the release hook once it has dropped the metadata lock (they are in nobody's map
+    /// and not in the allocator meanwhile).
+    #[must_use = "freed blocks go to Pool::release after the metadata lock is dropped"]
+    fn finish_removal(&self, meta: &mut Meta, r: Removal) -> Vec<Run> {
         meta.live_ext = meta.live_ext + r.news.len() as u64 - r.clears.len() as u64;
         meta.free_ext.extend(r.clears);
-        self.release(r.freed);
+        r.freed
     }
 
     /// Allocate blocks for every hole in `[offset, offset + len)` (like `fallocate`). Runs of
@@ -359,7 +368,17 @@ impl Pool {
     ///
     /// Returns the object's id and layout epoch, for a caller that reads the layout later and
     /// must know whether blocks were taken away meanwhile.
-    pub fn allocate(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(u64, u64), ObjError> {
+    ///
+    /// Refused with [`ObjError::AllocCap`] if the holes in the range add up to more than
+    /// `cap` bytes.
+    pub fn allocate_capped(
+        &self,
+        ns: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+        cap: u64,
+    ) -> Result<(u64, u64), ObjError> {
         let key = validate(ns, name)?;
         for attempt in 0.. {
             let mut meta = self.write_meta_open()?;
@@ -372,6 +391,9 @@ impl Pool {
             let (lo, hi, id) = (offset / BLOCK, end.div_ceil(BLOCK), o.id);
             let holes = o.map.holes(lo, hi);
             let total: u64 = holes.iter().map(|h| h.1).sum();
+            if total.saturating_mul(BLOCK) > cap {
+                return Err(ObjError::AllocCap { needed: total.saturating_mul(BLOCK), cap });
+            }
             // Small, or contended twice already: zero under the lock, as one step.
             if total * BLOCK <= ZERO_UNLOCKED_ABOVE || attempt >= 2 {
                 self.fill_holes(&mut meta, slot, ns, name, lo, hi)?;
@@ -403,6 +425,11 @@ impl Pool {
             }
         }
         unreachable!("the loop returns")
+    }
+
+    /// [`Pool::allocate_capped`] with no cap.
+    pub fn allocate(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(u64, u64), ObjError> {
+        self.allocate_capped(ns, name, offset, len, u64::MAX)
     }
 
     fn fill_holes(&self, meta: &mut Meta, slot: u32, ns: &str, name: &str, lo: u64, hi: u64) -> Result<(), ObjError> {

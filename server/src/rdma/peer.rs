@@ -19,12 +19,16 @@ pub(super) struct Peer {
     pub(super) conn: Arc<Conn>,
     /// The rdma_cm id's address, for connection events.
     pub(super) key: usize,
+    /// Where the connect request came from (for the per-source cap).
+    pub(super) source: Option<std::net::IpAddr>,
+    /// The session whose secret the connect request proved; HELLO must name the same.
+    proven: SessionId,
     session: OnceLock<SessionId>,
 }
 
 impl Peer {
-    pub(super) fn new(conn: Arc<Conn>, key: usize) -> Peer {
-        Peer { conn, key, session: OnceLock::new() }
+    pub(super) fn new(conn: Arc<Conn>, key: usize, source: Option<std::net::IpAddr>, proven: SessionId) -> Peer {
+        Peer { conn, key, source, proven, session: OnceLock::new() }
     }
 
     /// The session, once HELLO was accepted.
@@ -89,6 +93,8 @@ impl Peer {
             match (m.op, self.session()) {
                 (Op::Hello, None) => {
                     let status = match dma::hello(t.sessions(), t.gate(), m.session) {
+                        // The secret of another session than the one the connect proved.
+                        Ok(sid) if sid != self.proven => Status::BadSession,
                         Ok(sid) => {
                             let _ = self.session.set(sid);
                             t.register(sid, &self);

@@ -42,6 +42,9 @@ struct SegKey {
 /// The RDMA keys of one lease.
 struct Binding {
     peer: Arc<Peer>,
+    session: SessionId,
+    /// Bytes its keys register.
+    bytes: u64,
     keys: Vec<SegKey>,
     /// Keys made (false while the binder is still working).
     bound: bool,
@@ -123,6 +126,10 @@ pub(super) struct RdmaTransport {
     on_demand: bool,
     endpoint: String,
     op_timeout: Duration,
+    /// Connections from one source address (`limits.max_connections_per_source`).
+    per_source: usize,
+    /// Bytes one session may have registered (`limits.max_rdma_bytes_per_session`).
+    max_bytes: u64,
     /// Authenticated connections by session.
     pub(super) by_session: Mutex<HashMap<SessionId, Arc<Peer>>>,
     /// Connections by rdma_cm id, for connection events.
@@ -131,7 +138,14 @@ pub(super) struct RdmaTransport {
     stop: CancellationToken,
     /// The connection cap was hit (logged once per episode).
     at_cap: std::sync::atomic::AtomicBool,
+    /// Connect proofs seen within their time window (each is accepted once).
+    proofs: Mutex<HashMap<[u8; 16], Instant>>,
 }
+
+/// How far a connect proof's clock may be from ours.
+const PROOF_WINDOW_MS: u64 = 60_000;
+/// Most proofs remembered at once; past it, connects are refused until old ones age out.
+const MAX_PROOFS: usize = 65_536;
 
 /// RDMA connections (queue pairs) at once; connect requests beyond it are rejected.
 pub(super) const MAX_CONNECTIONS: usize = 1024;
@@ -224,11 +238,14 @@ impl RdmaTransport {
             on_demand,
             endpoint,
             op_timeout: cfg.data_op_timeout,
+            per_source: cfg.limits.max_connections_per_source,
+            max_bytes: cfg.limits.max_rdma_bytes_per_session,
             by_session: Mutex::new(HashMap::new()),
             by_id: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             at_cap: false.into(),
+            proofs: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&t);
         sessions.on_close(Arc::new(move |sid, _| {
@@ -284,8 +301,9 @@ impl RdmaTransport {
             let (kind, id) = (ev.kind(), ev.id_ptr() as usize);
             if kind == event::CONNECT_REQUEST {
                 let cm = ev.take_request(&ch);
+                let private = ev.private_data();
                 drop(ev);
-                self.clone().accept(cm);
+                self.clone().accept(cm, &private);
                 continue;
             }
             // Acknowledge before acting: destroying an id waits for its events' acks.
@@ -311,12 +329,62 @@ impl RdmaTransport {
         drop(listener);
     }
 
-    fn accept(self: Arc<Self>, cm: rdax_verbs::CmId) {
-        // A cap before anything is allocated for the request: a connect flood costs no QP,
-        // CQ or PD beyond the cap (and a peer that never says HELLO is reaped, see `Peer`).
-        let open = self.by_id.lock().expect("peers").len();
+    /// Check a connect request's proof of a session secret (see
+    /// [`rdax_proto::rdma::ConnectProof`]).
+    fn check_proof(&self, private: &[u8]) -> Result<SessionId, &'static str> {
+        let p = rdax_proto::rdma::ConnectProof::decode(private)
+            .ok_or("no connect proof in the private data (clients of data-plane protocol 2 send one)")?;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        if now.abs_diff(p.unix_ms) > PROOF_WINDOW_MS {
+            return Err("the connect proof's time is more than 60 s from the daemon's clock");
+        }
+        let sid = SessionId(p.session);
+        let secret = self.sessions.secret_of(sid).ok_or("the connect proof names no live session")?;
+        if !p.verify(&secret.0) {
+            return Err("the connect proof was not made with the session's secret");
+        }
+        let mut seen = self.proofs.lock().expect("proofs");
+        let window = Duration::from_millis(2 * PROOF_WINDOW_MS);
+        if seen.len() >= MAX_PROOFS / 2 {
+            seen.retain(|_, t| t.elapsed() < window);
+        }
+        if seen.len() >= MAX_PROOFS {
+            return Err("too many connect requests within the proof window");
+        }
+        if seen.insert(p.mac, Instant::now()).is_some() {
+            return Err("the connect proof was used before (a replay)");
+        }
+        Ok(sid)
+    }
+
+    fn accept(self: Arc<Self>, cm: rdax_verbs::CmId, private: &[u8]) {
+        // Checks before anything is allocated for the request: a proof of a session secret,
+        // a cap per source and in all. A connect flood costs no QP, CQ or PD (and a proven
+        // peer that never says HELLO is reaped, see `Peer`).
+        let source = cm.peer_ip();
+        let proven = match self.check_proof(private) {
+            Ok(sid) => sid,
+            Err(why) => {
+                cm.reject();
+                crate::metrics::METRICS.rdma_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                debug!(source = ?source, why, "RDMA connect request rejected");
+                return;
+            }
+        };
+        let (open, from_source) = {
+            let m = self.by_id.lock().expect("peers");
+            (m.len(), source.map_or(0, |ip| m.values().filter(|p| p.source == Some(ip)).count()))
+        };
+        if from_source >= self.per_source {
+            cm.reject();
+            crate::metrics::METRICS.rdma_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(source = ?source, cap = self.per_source, "RDMA connect request rejected: its source is at limits.max_connections_per_source");
+            return;
+        }
         if open >= MAX_CONNECTIONS {
             cm.reject();
+            crate::metrics::METRICS.rdma_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if !self.at_cap.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 info!(
                     cap = MAX_CONNECTIONS,
@@ -351,7 +419,7 @@ impl RdmaTransport {
             return;
         }
         crate::metrics::METRICS.rdma_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let peer = Arc::new(Peer::new(conn, key));
+        let peer = Arc::new(Peer::new(conn, key, source, proven));
         self.by_id.lock().expect("peers").insert(key, peer.clone());
         tokio::spawn(peer.serve(self.clone(), inbox));
     }
@@ -406,10 +474,30 @@ impl RdmaTransport {
         }
         let lease = req.lease;
         let pin = self.leases.pin_lease(req.session, lease).map_err(|_| DmaError::Ended)?;
-        self.bindings.lock().expect("bindings").insert(
-            lease,
-            Binding { peer: peer.clone(), keys: Vec::new(), bound: false, ended: false, pin: Some(pin) },
-        );
+        let bytes: u64 = keyed.iter().map(|k| k.1).sum();
+        {
+            let mut m = self.bindings.lock().expect("bindings");
+            let held: u64 = m.values().filter(|b| b.session == req.session).map(|b| b.bytes).sum();
+            if held.saturating_add(bytes) > self.max_bytes {
+                return Err(DmaError::Limit {
+                    what: "the session has as many bytes registered for RDMA as it may; release some leases",
+                    cap: self.max_bytes,
+                    key: "limits.max_rdma_bytes_per_session",
+                });
+            }
+            m.insert(
+                lease,
+                Binding {
+                    peer: peer.clone(),
+                    session: req.session,
+                    bytes,
+                    keys: Vec::new(),
+                    bound: false,
+                    ended: false,
+                    pin: Some(pin),
+                },
+            );
+        }
         let t0 = Instant::now();
         let (keys, remote) = match self.make_keys(&peer, req.mode, &keyed).await {
             Ok(x) => x,

@@ -215,7 +215,11 @@ pub struct Raw(pub tokio::net::TcpStream);
 
 impl Raw {
     pub async fn connect(addr: &str, session: [u8; 16]) -> (Self, Status) {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::hello(tokio::net::TcpStream::connect(addr).await.unwrap(), session).await
+    }
+
+    /// HELLO on a connected stream.
+    pub async fn hello(mut s: tokio::net::TcpStream, session: [u8; 16]) -> (Self, Status) {
         let hello =
             Request { op: Op::Hello, flags: 0, id: 1, key: session, generation: wire::VERSION, offset: 0, len: 0 };
         s.write_all(&hello.encode()).await.unwrap();

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod limits;
+
+pub use limits::{Limits, LimitsSection};
+
 /// Default gRPC address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// Default data-plane address: loopback only.
@@ -32,6 +36,12 @@ Config file: --config, else /etc/rdax/rdaxd.toml if it exists. Example: deploy/r
 Config keys without a flag:
   [pool] create = true          create the pool file on first start if it does not exist
   [auth] token = \"...\"          inline bearer token (prefer token_file; RDAX_TOKEN also works)
+  [limits] max_sessions_per_principal = 1024  sessions of one principal
+  [limits] max_leases_per_principal = 65536   live leases over one principal's sessions
+  [limits] max_connections_per_source = 256   per listener, from one address
+  [limits] max_keys_per_session = 65536       keys (RDMA: memory regions) of a session's leases
+  [limits] max_rdma_bytes_per_session = \"1T\"  bytes a session may have registered for RDMA
+  [limits] max_alloc_bytes_per_request = \"64G\" holes one read-write Acquire may fill
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
@@ -59,6 +69,9 @@ pub struct Args {
     /// File holding the bearer token; must not be world-readable [auth.token_file].
     #[arg(long, env = "RDAX_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Principals file: names, token hashes and scopes [auth.principals_file].
+    #[arg(long, env = "RDAX_PRINCIPALS_FILE")]
+    pub principals_file: Option<PathBuf>,
     /// Allow a non-loopback listener without a token [auth.allow_no_token].
     #[arg(long, env = "RDAX_ALLOW_NO_TOKEN")]
     pub allow_no_token: bool,
@@ -285,6 +298,8 @@ pub struct AuthSection {
     pub token: Option<String>,
     /// Token file.
     pub token_file: Option<PathBuf>,
+    /// Principals file.
+    pub principals_file: Option<PathBuf>,
     /// Permit a non-loopback listener without a token.
     pub allow_no_token: Option<bool>,
 }
@@ -295,28 +310,6 @@ pub struct AuthSection {
 pub struct SessionSection {
     /// TTL in milliseconds.
     pub ttl_ms: Option<u64>,
-}
-
-/// `[limits]`.
-#[derive(Deserialize, Debug, Default, Clone)]
-#[serde(default)]
-pub struct LimitsSection {
-    /// Most sessions.
-    pub max_sessions: Option<usize>,
-    /// Largest message.
-    pub max_message_bytes: Option<usize>,
-    /// Most streams per connection.
-    pub max_concurrent_streams: Option<u32>,
-    /// Most gRPC connections.
-    pub max_grpc_connections: Option<usize>,
-    /// Most data-plane connections.
-    pub max_data_connections: Option<usize>,
-    /// Most live leases per session.
-    pub max_leases_per_session: Option<usize>,
-    /// Most leases in all.
-    pub max_leases: Option<usize>,
-    /// Most segments per lease.
-    pub max_segments_per_lease: Option<usize>,
 }
 
 /// `[log]`.
@@ -376,18 +369,13 @@ pub struct Config {
     pub token: Option<Secret>,
     /// Session TTL.
     pub session_ttl: Duration,
-    /// Most sessions.
-    pub max_sessions: usize,
-    /// Largest gRPC message.
-    pub max_message_bytes: usize,
-    /// Most streams per connection.
-    pub max_concurrent_streams: u32,
-    /// Most gRPC connections.
-    pub max_grpc_connections: usize,
-    /// Most data-plane connections.
-    pub max_data_connections: usize,
-    /// Lease caps.
-    pub lease_limits: crate::lease::LeaseLimits,
+    /// Caps (`[limits]`).
+    pub limits: Limits,
+    /// Principals file, if any.
+    pub principals_file: Option<PathBuf>,
+    /// Every credential: the principals file's, plus the token file's as the principal
+    /// `admin` with every right. Empty: no authentication (loopback only).
+    pub principals: crate::auth::Principals,
     /// gRPC idle timeout.
     pub grpc_idle_timeout: Duration,
     /// Data-plane idle timeout.
@@ -524,8 +512,10 @@ impl Config {
         };
         let listen = args.listen.or(file.grpc.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let token = resolve_token(args, &file)?;
+        let principals_file = args.principals_file.clone().or(file.auth.principals_file.clone());
+        let principals = principals_of(principals_file.as_deref(), token.as_deref())?;
         let allow_no_token = args.allow_no_token || file.auth.allow_no_token.unwrap_or(false);
-        if token.is_none() && !listen.ip().is_loopback() && !allow_no_token {
+        if principals.is_empty() && !listen.ip().is_loopback() && !allow_no_token {
             return Err(invalid(format!(
                 "refusing to listen on {listen} without a token: set auth.token_file (or --token-file), \
                  or pass --allow-no-token if the network is trusted"
@@ -535,38 +525,13 @@ impl Config {
         if !(100..=3_600_000).contains(&ttl_ms) {
             return Err(invalid(format!("session.ttl_ms must be between 100 and 3600000, not {ttl_ms}")));
         }
-        let max_message_bytes = args.max_message_bytes.or(file.limits.max_message_bytes).unwrap_or(4 << 20);
-        if !(64 << 10..=256 << 20).contains(&max_message_bytes) {
-            return Err(invalid("limits.max_message_bytes must be between 64 KiB and 256 MiB".into()));
-        }
-        let max_sessions = args.max_sessions.or(file.limits.max_sessions).unwrap_or(1024);
-        let max_concurrent_streams = args.max_concurrent_streams.or(file.limits.max_concurrent_streams).unwrap_or(256);
-        let max_grpc_connections = args.max_grpc_connections.or(file.limits.max_grpc_connections).unwrap_or(1024);
-        let max_data_connections = args.max_data_connections.or(file.limits.max_data_connections).unwrap_or(1024);
-        let lease_limits = crate::lease::LeaseLimits {
-            per_session: args.max_leases_per_session.or(file.limits.max_leases_per_session).unwrap_or(4096),
-            total: args.max_leases.or(file.limits.max_leases).unwrap_or(65_536),
-            segments: args.max_segments_per_lease.or(file.limits.max_segments_per_lease).unwrap_or(4096),
-        };
-        for (name, v) in [
-            ("limits.max_sessions", max_sessions),
-            ("limits.max_concurrent_streams", max_concurrent_streams as usize),
-            ("limits.max_grpc_connections", max_grpc_connections),
-            ("limits.max_data_connections", max_data_connections),
-            ("limits.max_leases_per_session", lease_limits.per_session),
-            ("limits.max_leases", lease_limits.total),
-            ("limits.max_segments_per_lease", lease_limits.segments),
-        ] {
-            if v == 0 {
-                return Err(invalid(format!("{name} must be at least 1")));
-            }
-        }
+        let limits = Limits::resolve(args, &file.limits)?;
         let shutdown_ms = args.shutdown_timeout_ms.or(file.shutdown.timeout_ms).unwrap_or(10_000);
         let data_listen = args
             .data_listen
             .or(file.dataplane.listen)
             .unwrap_or_else(|| DEFAULT_DATA_LISTEN.parse().expect("valid default"));
-        if token.is_none() && !data_listen.ip().is_loopback() && !allow_no_token {
+        if principals.is_empty() && !data_listen.ip().is_loopback() && !allow_no_token {
             return Err(invalid(format!(
                 "refusing to serve the data plane on {data_listen} without a token (see auth.token_file)"
             )));
@@ -596,7 +561,7 @@ impl Config {
             ),
         };
         if let RdmaListen::At(a) = rdma_listen
-            && token.is_none()
+            && principals.is_empty()
             && !a.ip().is_loopback()
             && !allow_no_token
         {
@@ -629,16 +594,13 @@ impl Config {
             listen,
             token,
             session_ttl: Duration::from_millis(ttl_ms),
-            max_sessions,
-            max_message_bytes,
-            max_concurrent_streams,
-            max_grpc_connections,
-            max_data_connections,
-            lease_limits,
+            limits,
+            principals_file,
+            principals,
             grpc_idle_timeout: Duration::from_millis(grpc_idle_ms),
             data_idle_timeout: Duration::from_millis(data_idle_ms),
             // Leave room for the message envelope inside the message limit.
-            read_chunk_bytes: (max_message_bytes - 4096).min(1 << 20),
+            read_chunk_bytes: (limits.max_message_bytes - 4096).min(1 << 20),
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             data_listen,
             data_op_timeout: Duration::from_millis(op_ms),
@@ -659,6 +621,20 @@ impl Config {
     pub fn keepalive_interval(&self) -> Duration {
         self.session_ttl / 3
     }
+}
+
+/// The principals file's principals, and the single token as `admin`.
+fn principals_of(file: Option<&Path>, token: Option<&str>) -> Result<crate::auth::Principals, ConfigError> {
+    let mut p = match file {
+        Some(f) => crate::auth::Principals::load(f).map_err(|e| ConfigError::Invalid(e.to_string()))?,
+        None => crate::auth::Principals::default(),
+    };
+    if let Some(t) = token {
+        p.merge(crate::auth::Principals::single("admin", t)).map_err(|e| {
+            ConfigError::Invalid(format!("{e}: the token file is the principal `admin`; rename the file's"))
+        })?;
+    }
+    Ok(p)
 }
 
 fn resolve_token(args: &Args, file: &ConfigFile) -> Result<Option<Secret>, ConfigError> {
