@@ -3,6 +3,22 @@
 use clap::Parser;
 use rdaxd::config::{Args, Command, Config};
 
+/// Exit status for a configuration that can never work (sysexits' `EX_CONFIG`): the unit's
+/// `RestartPreventExitStatus=78` keeps systemd from restarting it forever.
+const EXIT_CONFIG: u8 = 78;
+
+/// A configuration error, told apart from a failure to start.
+#[derive(Debug)]
+struct ConfigFailure(String);
+
+impl std::fmt::Display for ConfigFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigFailure {}
+
 fn main() -> std::process::ExitCode {
     // A panic is a crash: abort at once so that restart runs recovery.
     let default_hook = std::panic::take_hook();
@@ -15,18 +31,25 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rdaxd: failed to {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<ConfigFailure>().is_some() {
+                std::process::ExitCode::from(EXIT_CONFIG)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
 
 fn start(args: Args) -> anyhow::Result<()> {
-    let cfg = Config::resolve(&args).map_err(|e| anyhow::anyhow!("load the configuration: {e}"))?;
-    if let Some(Command::CheckConfig) = args.command {
+    let cfg = Config::resolve(&args).map_err(|e| ConfigFailure(format!("load the configuration: {e}")))?;
+    if let Some(Command::CheckConfig { quiet }) = args.command {
         if !cfg.unknown_keys.is_empty() {
-            anyhow::bail!("validate the configuration: unknown keys: {}", cfg.unknown_keys.join(", "));
+            let keys = cfg.unknown_keys.join(", ");
+            return Err(ConfigFailure(format!("validate the configuration: unknown keys: {keys}")).into());
         }
-        println!("{cfg:#?}");
+        if !quiet {
+            println!("{cfg:#?}");
+        }
         return Ok(());
     }
     rdaxd::logging::init(cfg.log_format, &cfg.log_level)?;

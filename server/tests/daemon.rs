@@ -378,8 +378,23 @@ fn unknown_config_keys_are_reported() {
         .args(["--config", cfg.to_str().unwrap(), "check-config"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78), "a configuration error has its own exit status");
     assert!(String::from_utf8_lossy(&out.stderr).contains("grpc.listen_typo"));
+    // The daemon itself, with a configuration that can never work: 78 too (the unit's
+    // RestartPreventExitStatus), not the generic failure.
+    std::fs::write(&cfg, "[limits]\nmax_sessions = 0\n").unwrap();
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "--state-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+    // A valid one passes `check-config --quiet` silently (the unit's ExecReload).
+    std::fs::write(&cfg, "[grpc]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "check-config", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread")]

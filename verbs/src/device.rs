@@ -40,12 +40,20 @@ pub fn devices() -> Result<Vec<DeviceCaps>, NoRdma> {
         }));
     }
     let mut out = Vec::new();
+    // Devices listed but not openable, and why (EPERM/EACCES under a systemd DeviceAllow=
+    // list, say): an empty result must name them rather than claim there is no device.
+    let mut unopened = Vec::new();
     for i in 0..n.max(0) as usize {
         // SAFETY: the list holds n valid device pointers.
         let dev = unsafe { *list.add(i) };
         // SAFETY: a device from the list; the context is closed below.
         let ctx = unsafe { sys::ibv_open_device(dev) };
         if ctx.is_null() {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: a device from the list; the name is a C string owned by it.
+            let name =
+                unsafe { std::ffi::CStr::from_ptr(sys::ibv_get_device_name(dev)) }.to_string_lossy().into_owned();
+            unopened.push(format!("{name}: {e}"));
             continue;
         }
         // SAFETY: ctx is an open context.
@@ -55,6 +63,13 @@ pub fn devices() -> Result<Vec<DeviceCaps>, NoRdma> {
     }
     // SAFETY: the list came from ibv_get_device_list.
     unsafe { sys::ibv_free_device_list(list) };
+    if out.is_empty() && !unopened.is_empty() {
+        return Err(NoRdma(format!(
+            "RDMA devices exist but none could be opened ({}); under systemd, allow /dev/infiniband/uverbsN and \
+             /dev/infiniband/rdma_cm (DeviceAllow=) and check their permissions",
+            unopened.join("; ")
+        )));
+    }
     if out.is_empty() {
         return Err(NoRdma("no RDMA device found (for soft-RoCE: `rdma link add rxe0 type rxe netdev ETH`)".into()));
     }

@@ -97,6 +97,16 @@ impl Principals {
 
     /// Read and check a principals file.
     pub fn load(path: &Path) -> Result<Principals, PrincipalsError> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|source| PrincipalsError::Read { path: path.display().to_string(), source })?;
+        // It holds only hashes, but whoever can write it can add a principal.
+        if meta.permissions().mode() & 0o022 != 0 {
+            return Err(PrincipalsError::Invalid {
+                path: path.display().to_string(),
+                message: format!("writable by group or others; run `chmod go-w {}`", path.display()),
+            });
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|source| PrincipalsError::Read { path: path.display().to_string(), source })?;
         Self::parse(&text).map_err(|message| PrincipalsError::Invalid { path: path.display().to_string(), message })
@@ -213,6 +223,18 @@ mod tests {
         assert!(p.metrics_allowed("scraper-token-0123456789") && p.metrics_allowed("alice-token-0123456789"));
         assert!(!p.metrics_allowed("nobody"));
         assert!(p.by_token("scraper-token-0123456789").is_none(), "a metrics token is no principal");
+    }
+
+    #[test]
+    fn a_file_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("principals.toml");
+        std::fs::write(&f, "[[principal]]\nname = \"a\"\nscopes = [\":read\"]\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(Principals::load(&f).unwrap_err().to_string().contains("chmod go-w"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(Principals::load(&f).unwrap().names().len(), 1);
     }
 
     #[test]

@@ -149,8 +149,13 @@ pub struct Args {
 /// Subcommands.
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum Command {
-    /// Validate the configuration (unknown keys are errors here) and print the result.
-    CheckConfig,
+    /// Validate the configuration (unknown keys are errors here) and print the result. Exit
+    /// status 78 when it is invalid.
+    CheckConfig {
+        /// Print nothing when it is valid (for `ExecReload=`).
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 /// How per-lease RDMA keys are made.
