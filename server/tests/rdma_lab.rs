@@ -353,10 +353,21 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
         r.map(|()| (ch, conn, inbox))
     };
     let connect = async || try_connect(proof(sid.0, secret.0)).await.unwrap();
-    // The daemon's queue pairs, as the kernel counts them.
+    // The daemon's queue pairs, as the kernel counts them: `rdma resource show qp` names the
+    // task that made each one (a tokio worker thread, so its thread id, not the process id).
     let daemon_qps = || {
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         let out = std::process::Command::new("rdma").args(["resource", "show", "qp"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("comm rdaxd")).count()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.windows(2).any(|p| p[0] == "pid" && tasks.iter().any(|t| t == p[1]))
+            })
+            .count()
     };
     // 0. No proof, a proof made with the listed id instead of the secret, a replayed proof:
     //    each rejected, with no queue pair made for it.
