@@ -17,10 +17,12 @@ use crate::object::Object;
 use crate::session::{Session, SessionOptions};
 
 /// How to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectOptions {
     /// Bearer token (`authorization: Bearer <token>` on every request).
     pub token: Option<String>,
+    /// TLS for `https://` endpoints (required for them).
+    pub tls: Option<TlsOptions>,
     /// Bound on establishing the connection.
     pub connect_timeout: Duration,
     /// Bound on each unary request (`None`: no bound).
@@ -29,10 +31,52 @@ pub struct ConnectOptions {
     pub retries: u32,
 }
 
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No secret in a Debug: the token is shown only as present or not.
+        f.debug_struct("ConnectOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+/// TLS material for an `https://` endpoint (PEM).
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificates to trust: the daemon's certificate must chain to one of them.
+    pub ca_pem: Vec<u8>,
+    /// Client certificate chain and private key, for a daemon that requires one (mTLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to check the daemon's certificate against (default: the endpoint's host).
+    pub domain: Option<String>,
+}
+
+impl TlsOptions {
+    /// Read the CA bundle and, if given, the client certificate and key from files.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> std::io::Result<Self> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("read {}: {e}", p.display())))
+        };
+        let identity = match identity {
+            Some((c, k)) => Some((read(c)?, read(k)?)),
+            None => None,
+        };
+        Ok(Self { ca_pem: read(ca)?, identity, domain: None })
+    }
+}
+
 impl Default for ConnectOptions {
     fn default() -> Self {
         Self {
             token: None,
+            tls: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Some(Duration::from_secs(30)),
             retries: 3,
@@ -71,13 +115,42 @@ impl Client {
     pub async fn connect(endpoint: impl AsRef<str>, opts: ConnectOptions) -> Result<Self> {
         let ep = endpoint.as_ref();
         let url = if ep.contains("://") { ep.to_string() } else { format!("http://{ep}") };
-        let endpoint = Endpoint::from_shared(url)
+        let https = url.starts_with("https://");
+        let mut endpoint = Endpoint::from_shared(url)
             .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("bad endpoint {ep}: {e}")))?
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
             // Large streamed reads and writes: see the server's window settings.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20));
+        match (&opts.tls, https) {
+            (Some(t), true) => {
+                let mut c = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem));
+                if let Some((cert, key)) = &t.identity {
+                    c = c.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                if let Some(d) = &t.domain {
+                    c = c.domain_name(d.clone());
+                }
+                endpoint = endpoint
+                    .tls_config(c)
+                    .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("TLS settings: {e}")))?;
+            }
+            (None, true) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{ep} is https: give the CA to trust (ConnectOptions::tls, rdaxctl --ca)"),
+                ));
+            }
+            (Some(_), false) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("TLS settings were given but {ep} is not an https:// endpoint"),
+                ));
+            }
+            (None, false) => {}
+        }
         let channel = endpoint.connect().await?;
         let token = match &opts.token {
             Some(t) => Some(

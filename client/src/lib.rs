@@ -29,7 +29,7 @@ mod object;
 mod rdma;
 mod session;
 
-pub use client::{Client, ConnectOptions};
+pub use client::{Client, ConnectOptions, TlsOptions};
 pub use error::{Error, ErrorKind, Result};
 #[cfg(feature = "rdma")]
 pub use lease::RdmaBuffer;

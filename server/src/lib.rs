@@ -53,5 +53,6 @@ pub mod pool;
 pub mod rdma;
 pub mod session;
 pub mod systemd;
+pub mod tls;
 
 pub use lifecycle::run;

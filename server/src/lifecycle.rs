@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::dataplane::DataPlane;
@@ -142,6 +142,7 @@ pub async fn run(
 /// What a reload can change in a running daemon.
 struct Live {
     auth: grpc::Auth,
+    tls: Option<Arc<crate::tls::Tls>>,
     sessions: Arc<SessionManager>,
     leases: Arc<LeaseManager>,
     dataplane: Arc<DataPlane>,
@@ -183,7 +184,15 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
     live.dataplane.op_timeout_ms.store(new.data_op_timeout.as_millis() as u64, Relaxed);
     live.dataplane.idle_timeout_ms.store(new.data_idle_timeout.as_millis() as u64, Relaxed);
     live.shutdown_ms.store(new.shutdown_timeout.as_millis() as u64, Relaxed);
+    // Certificates are read again on every reload (a renewed certificate keeps its path).
+    if let (Some(t), Some(files)) = (&live.tls, &new.tls) {
+        match t.reload(files) {
+            Ok(()) => info!(cert = %files.cert.display(), "TLS certificates reloaded"),
+            Err(e) => error!(error = %e, "TLS certificates not reloaded; keeping the running ones"),
+        }
+    }
     let restart_only = new.listen != old.listen
+        || new.tls.is_some() != old.tls.is_some()
         || new.data_listen != old.data_listen
         || new.metrics_listen != old.metrics_listen
         || new.rdma_listen != old.rdma_listen
@@ -193,7 +202,7 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.grpc_idle_timeout != old.grpc_idle_timeout
         || new.log_format != old.log_format;
     if restart_only {
-        warn!("changed addresses, pool, limits or log format take effect only after a restart");
+        warn!("changed addresses, pool, limits, log format or TLS on/off take effect only after a restart");
     }
     info!("configuration reloaded");
     systemd::notify(&[NotifyState::Ready]);
@@ -286,6 +295,19 @@ pub async fn run_with_reload(
         draining: root.clone(),
         gate: gate.clone(),
     };
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let t = crate::tls::Tls::load(files).map_err(|e| anyhow::anyhow!("set up TLS: {e}"))?;
+            info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "serving gRPC over TLS");
+            Some(Arc::new(t))
+        }
+        None => {
+            if cfg.insecure_plaintext && !cfg.listen.ip().is_loopback() {
+                warn!(listen = %cfg.listen, "serving gRPC WITHOUT TLS beyond loopback (--insecure-plaintext): tokens and session secrets cross the network in the clear");
+            }
+            None
+        }
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let routes = grpc::routes(shared)?.add_service(health_svc);
     let stop_serving = CancellationToken::new();
@@ -302,9 +324,9 @@ pub async fn run_with_reload(
         .serve_with_incoming_shutdown(
             incoming(
                 listener,
-                cfg.limits.max_grpc_connections,
-                cfg.limits.max_connections_per_source,
+                (cfg.limits.max_grpc_connections, cfg.limits.max_connections_per_source),
                 cfg.grpc_idle_timeout,
+                tls.clone(),
                 cut.clone(),
             ),
             stop_serving.clone().cancelled_owned(),
@@ -328,6 +350,7 @@ pub async fn run_with_reload(
     let reloader = {
         let live = Live {
             auth: auth.clone(),
+            tls: tls.clone(),
             sessions: sessions.clone(),
             leases: leases.clone(),
             dataplane: dataplane.clone(),
@@ -441,22 +464,36 @@ fn report_server(r: Result<Result<(), tonic::transport::Error>, tokio::task::Joi
 /// small messages such as lease recalls and unary replies wait ~40 ms for delayed ACKs.
 fn incoming(
     listener: TcpListener,
-    cap: usize,
-    per_source: usize,
+    limits: (usize, usize),
     idle: Duration,
+    tls: Option<Arc<crate::tls::Tls>>,
     cut: CancellationToken,
-) -> impl tokio_stream::Stream<Item = std::io::Result<crate::net::Cuttable>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::tls::GrpcIo>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
-        let mut acceptor = crate::net::Acceptor::new(listener, cap, per_source, "grpc");
+        let mut acceptor = crate::net::Acceptor::new(listener, limits.0, limits.1, "grpc");
         let stop = cut.clone();
-        while let Some((s, _peer, permit)) = acceptor.accept(&stop).await {
+        while let Some((s, peer, permit)) = acceptor.accept(&stop).await {
             if let Err(e) = s.set_nodelay(true) {
                 tracing::debug!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
             }
-            if tx.send(Ok(crate::net::Cuttable::new(s, cut.clone(), idle, Some(permit)))).await.is_err() {
-                return; // the server stopped
-            }
+            let io = crate::net::Cuttable::new(s, cut.clone(), idle, Some(permit));
+            let Some(tls) = tls.clone() else {
+                if tx.send(Ok(crate::tls::GrpcIo::Plain(io))).await.is_err() {
+                    return; // the server stopped
+                }
+                continue;
+            };
+            // The handshake runs on its own, bounded, so a slow client holds only its slot.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tls.accept(io).await {
+                    Ok(io) => {
+                        let _ = tx.send(Ok(io)).await;
+                    }
+                    Err(e) => tracing::info!(peer = %peer, error = %e, "TLS handshake failed"),
+                }
+            });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

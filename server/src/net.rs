@@ -206,6 +206,8 @@ pub struct ConnInfo {
     pub tcp: tonic::transport::server::TcpConnectInfo,
     /// The connection's request count.
     pub state: Arc<ConnState>,
+    /// The TLS client certificate's subject Common Name, if one was verified.
+    pub client_cn: Option<Arc<str>>,
 }
 
 /// A TCP stream whose I/O fails once `cut` is cancelled, or once it has had no request in
@@ -306,7 +308,7 @@ impl tonic::transport::server::Connected for Cuttable {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        ConnInfo { tcp: self.inner.connect_info(), state: self.state.clone() }
+        ConnInfo { tcp: self.inner.connect_info(), state: self.state.clone(), client_cn: None }
     }
 }
 

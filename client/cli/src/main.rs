@@ -35,6 +35,15 @@ pub(crate) struct Cli {
     /// File holding the bearer token (or set RDAX_TOKEN).
     #[arg(long, global = true, env = "RDAX_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM CA bundle to trust for an https:// endpoint.
+    #[arg(long, global = true, env = "RDAX_CA")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate (with --key), for a daemon that requires one.
+    #[arg(long, global = true, env = "RDAX_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "RDAX_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     /// Data plane for leases: auto (RDMA when both sides can), tcp, or rdma.
     #[arg(long, global = true, env = "RDAX_TRANSPORT", value_enum, default_value_t = TransportArg::Auto)]
     transport: TransportArg,

@@ -18,7 +18,19 @@ pub(crate) async fn connect(cli: &Cli) -> Result<Client, Failure> {
         (Some(f), _) => Some(rdaxd::config::read_token_file(f).map_err(|e| Failure::local(e.into()))?),
         (None, t) => t,
     };
-    let opts = ConnectOptions { token, ..Default::default() };
+    let tls = match &cli.ca {
+        Some(ca) => {
+            let identity = cli.cert.as_deref().zip(cli.key.as_deref());
+            Some(rdax_client::TlsOptions::from_files(ca, identity).map_err(|e| Failure::local(e.into()))?)
+        }
+        None if cli.cert.is_some() => {
+            return Err(Failure::local(anyhow::anyhow!(
+                "--cert needs --ca (the CA that signed the daemon's certificate)"
+            )));
+        }
+        None => None,
+    };
+    let opts = ConnectOptions { token, tls, ..Default::default() };
     Ok(Client::connect(&cli.endpoint, opts).await?)
 }
 

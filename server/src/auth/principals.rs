@@ -4,6 +4,7 @@
 //! [[principal]]
 //! name = "alice"
 //! tokens = ["sha256:<64 hex digits>"]   # `rdaxctl token create` prints these
+//! cert_common_names = ["alice"]          # TLS client certificates with this subject CN
 //! scopes = ["a/:write", "shared/:read"]
 //!
 //! [metrics]
@@ -39,6 +40,8 @@ struct Entry {
     name: String,
     #[serde(default)]
     tokens: Vec<String>,
+    #[serde(default)]
+    cert_common_names: Vec<String>,
     scopes: Vec<String>,
 }
 
@@ -73,6 +76,7 @@ pub enum PrincipalsError {
 #[derive(Default, Clone)]
 pub struct Principals {
     by_hash: HashMap<[u8; 32], Arc<Principal>>,
+    by_cn: HashMap<String, Arc<Principal>>,
     metrics: HashSet<[u8; 32]>,
     names: Vec<Arc<str>>,
 }
@@ -90,6 +94,7 @@ impl Principals {
         let p = Arc::new(Principal::admin(name));
         Principals {
             by_hash: HashMap::from([(hash_token(token), p.clone())]),
+            by_cn: HashMap::new(),
             metrics: HashSet::new(),
             names: vec![p.name.clone()],
         }
@@ -145,6 +150,14 @@ impl Principals {
                     return Err(format!("principal `{}`: a token hash is listed twice", e.name));
                 }
             }
+            for cn in &e.cert_common_names {
+                if cn.is_empty() || out.by_cn.insert(cn.clone(), p.clone()).is_some() {
+                    return Err(format!(
+                        "principal `{}`: certificate common name `{cn}` is empty or listed twice",
+                        e.name
+                    ));
+                }
+            }
             out.names.push(p.name.clone());
         }
         for t in f.metrics.map(|m| m.tokens).unwrap_or_default() {
@@ -162,6 +175,7 @@ impl Principals {
             }
         }
         self.by_hash.extend(other.by_hash);
+        self.by_cn.extend(other.by_cn);
         self.metrics.extend(other.metrics);
         self.names.extend(other.names);
         Ok(())
@@ -170,6 +184,11 @@ impl Principals {
     /// The principal a bearer token belongs to.
     pub fn by_token(&self, token: &str) -> Option<Arc<Principal>> {
         self.by_hash.get(&hash_token(token)).cloned()
+    }
+
+    /// The principal a verified TLS client certificate's Common Name belongs to.
+    pub fn by_common_name(&self, cn: &str) -> Option<Arc<Principal>> {
+        self.by_cn.get(cn).cloned()
     }
 
     /// Whether `token` may scrape metrics (a metrics token, or any principal's).
@@ -190,7 +209,7 @@ impl Principals {
 
     /// Whether any credential is configured.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.by_hash.is_empty() && self.by_cn.is_empty()
     }
 
     /// Principal names.

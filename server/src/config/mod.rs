@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod limits;
+mod tls;
 
 pub use limits::{Limits, LimitsSection};
+pub use tls::{TlsFiles, TlsSection};
 
 /// Default gRPC address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -72,6 +74,18 @@ pub struct Args {
     /// Principals file: names, token hashes and scopes [auth.principals_file].
     #[arg(long, env = "RDAX_PRINCIPALS_FILE")]
     pub principals_file: Option<PathBuf>,
+    /// PEM certificate chain: serve gRPC over TLS [tls.cert].
+    #[arg(long, env = "RDAX_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [tls.key].
+    #[arg(long, env = "RDAX_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates signed by it (mTLS) [tls.client_ca].
+    #[arg(long, env = "RDAX_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve gRPC beyond loopback without TLS (logged loudly) [grpc.insecure_plaintext].
+    #[arg(long, env = "RDAX_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     /// Allow a non-loopback listener without a token [auth.allow_no_token].
     #[arg(long, env = "RDAX_ALLOW_NO_TOKEN")]
     pub allow_no_token: bool,
@@ -219,6 +233,8 @@ pub struct ConfigFile {
     pub session: SessionSection,
     /// `[limits]`.
     pub limits: LimitsSection,
+    /// `[tls]`.
+    pub tls: TlsSection,
     /// `[log]`.
     pub log: LogSection,
     /// `[shutdown]`.
@@ -291,6 +307,8 @@ pub struct PoolSection {
 pub struct GrpcSection {
     /// Listen address.
     pub listen: Option<SocketAddr>,
+    /// Serve beyond loopback without TLS.
+    pub insecure_plaintext: Option<bool>,
     /// Idle timeout.
     pub idle_timeout_ms: Option<u64>,
 }
@@ -378,6 +396,10 @@ pub struct Config {
     pub limits: Limits,
     /// Principals file, if any.
     pub principals_file: Option<PathBuf>,
+    /// TLS for gRPC, if configured.
+    pub tls: Option<TlsFiles>,
+    /// gRPC beyond loopback without TLS, on purpose.
+    pub insecure_plaintext: bool,
     /// Every credential: the principals file's, plus the token file's as the principal
     /// `admin` with every right. Empty: no authentication (loopback only).
     pub principals: crate::auth::Principals,
@@ -519,7 +541,15 @@ impl Config {
         let token = resolve_token(args, &file)?;
         let principals_file = args.principals_file.clone().or(file.auth.principals_file.clone());
         let principals = principals_of(principals_file.as_deref(), token.as_deref())?;
+        let tls = tls::resolve(args, &file.tls)?;
+        let insecure_plaintext = args.insecure_plaintext || file.grpc.insecure_plaintext.unwrap_or(false);
         let allow_no_token = args.allow_no_token || file.auth.allow_no_token.unwrap_or(false);
+        if tls.is_none() && !listen.ip().is_loopback() && !insecure_plaintext {
+            return Err(invalid(format!(
+                "refusing to serve gRPC on {listen} without TLS: set tls.cert and tls.key (--tls-cert, --tls-key), \
+                 or pass --insecure-plaintext if the network is trusted"
+            )));
+        }
         if principals.is_empty() && !listen.ip().is_loopback() && !allow_no_token {
             return Err(invalid(format!(
                 "refusing to listen on {listen} without a token: set auth.token_file (or --token-file), \
@@ -602,6 +632,8 @@ impl Config {
             limits,
             principals_file,
             principals,
+            tls,
+            insecure_plaintext,
             grpc_idle_timeout: Duration::from_millis(grpc_idle_ms),
             data_idle_timeout: Duration::from_millis(data_idle_ms),
             // Leave room for the message envelope inside the message limit.
@@ -708,7 +740,13 @@ mod tests {
     fn unsafe_settings_are_refused() {
         let args = Args::parse_from(["rdaxd", "--listen", "0.0.0.0:7400", "--state-dir", "/tmp/x"]);
         let e = Config::resolve(&args).unwrap_err().to_string();
+        assert!(e.contains("without TLS") && e.contains("--insecure-plaintext"), "{e}");
+        let args =
+            Args::parse_from(["rdaxd", "--listen", "0.0.0.0:7400", "--insecure-plaintext", "--state-dir", "/tmp/x"]);
+        let e = Config::resolve(&args).unwrap_err().to_string();
         assert!(e.contains("without a token"), "{e}");
+        let args = Args::parse_from(["rdaxd", "--tls-cert", "/x.pem", "--state-dir", "/tmp/x"]);
+        assert!(Config::resolve(&args).unwrap_err().to_string().contains("go together"));
         let dir = tempfile::tempdir().unwrap();
         let tf = dir.path().join("token");
         std::fs::write(&tf, "0123456789abcdef0123").unwrap();

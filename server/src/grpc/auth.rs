@@ -65,8 +65,9 @@ impl Auth {
         self.principals.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Who sent `headers`.
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, ApiError> {
+    /// Who sent `headers`, on a connection whose verified client certificate (if any) has
+    /// Common Name `cn`. A bearer token, when sent, decides; else the certificate.
+    pub fn authenticate(&self, headers: &http::HeaderMap, cn: Option<&str>) -> Result<Caller, ApiError> {
         let p = self.principals();
         if p.is_empty() {
             return Ok(Caller { principal: anonymous(), credential: None });
@@ -76,6 +77,10 @@ impl Auth {
                 .by_token(t)
                 .map(|principal| Caller { principal, credential: Some(crate::auth::hash_token(t)) })
                 .ok_or(ApiError::Unauthenticated("invalid bearer token")),
+            None if cn.is_some() => cn
+                .and_then(|cn| p.by_common_name(cn))
+                .map(|principal| Caller { principal, credential: None })
+                .ok_or(ApiError::Unauthenticated("the client certificate's common name names no principal")),
             None => Err(ApiError::Unauthenticated(
                 "missing bearer token: send the metadata `authorization: Bearer <token>`",
             )),
@@ -83,11 +88,11 @@ impl Auth {
     }
 
     /// Authenticate, then check what the table says can be checked before the handler.
-    pub fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<Caller, ApiError> {
+    pub fn admit(&self, path: &str, headers: &http::HeaderMap, cn: Option<&str>) -> Result<Caller, ApiError> {
         let Some(need) = table::need(path) else {
             return Err(ApiError::PermissionDenied(format!("{path} is not in the authorization table")));
         };
-        let c = self.authenticate(headers)?;
+        let c = self.authenticate(headers, cn)?;
         table::precheck(&c.principal, need).map_err(|right| {
             let place = if need == Need::Admin { "" } else { " on any namespace" };
             ApiError::PermissionDenied(format!("principal `{}` has no `{right}` right{place}", c.name()))
@@ -126,23 +131,26 @@ mod tests {
     fn tokens_are_checked_and_the_table_applied() {
         let a = Auth::new(Principals::single("admin", "0123456789abcdef"));
         let path = "/rdax.v1.Pool/Info";
-        assert!(a.admit(path, &headers(Some("Bearer 0123456789abcdef"))).is_ok());
-        assert!(a.admit(path, &headers(Some("bearer 0123456789abcdef"))).is_ok(), "the scheme is case-insensitive");
+        assert!(a.admit(path, &headers(Some("Bearer 0123456789abcdef")), None).is_ok());
+        assert!(
+            a.admit(path, &headers(Some("bearer 0123456789abcdef")), None).is_ok(),
+            "the scheme is case-insensitive"
+        );
         for bad in [None, Some("Bearer 0123456789abcdeF"), Some("Bearer "), Some("0123456789abcdef"), Some("Basic x")] {
-            let e = tonic::Status::from(a.admit(path, &headers(bad)).unwrap_err());
+            let e = tonic::Status::from(a.admit(path, &headers(bad), None).unwrap_err());
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         let e = tonic::Status::from(
-            a.admit("/rdax.v1.Pool/Secret", &headers(Some("Bearer 0123456789abcdef"))).unwrap_err(),
+            a.admit("/rdax.v1.Pool/Secret", &headers(Some("Bearer 0123456789abcdef")), None).unwrap_err(),
         );
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "a path with no line is refused");
         // Nothing configured: everyone is anonymous, with every right.
-        assert_eq!(Auth::new(Principals::default()).admit(path, &headers(None)).unwrap().name(), "anonymous");
+        assert_eq!(Auth::new(Principals::default()).admit(path, &headers(None), None).unwrap().name(), "anonymous");
         // A reload replaces the principals for every clone.
         let clone = a.clone();
         a.set(Principals::single("admin", "fedcba9876543210"));
-        assert!(clone.admit(path, &headers(Some("Bearer 0123456789abcdef"))).is_err());
-        assert!(clone.admit(path, &headers(Some("Bearer fedcba9876543210"))).is_ok());
+        assert!(clone.admit(path, &headers(Some("Bearer 0123456789abcdef")), None).is_err());
+        assert!(clone.admit(path, &headers(Some("Bearer fedcba9876543210")), None).is_ok());
     }
 
     #[test]
@@ -153,9 +161,9 @@ mod tests {
         );
         let a = Auth::new(Principals::parse(&text).unwrap());
         let h = headers(Some("Bearer reader-token-0123456789"));
-        assert!(a.admit("/rdax.v1.Objects/Stat", &h).is_ok());
+        assert!(a.admit("/rdax.v1.Objects/Stat", &h, None).is_ok());
         for path in ["/rdax.v1.Objects/Create", "/rdax.v1.Admin/ListSessions"] {
-            let e = tonic::Status::from(a.admit(path, &h).unwrap_err());
+            let e = tonic::Status::from(a.admit(path, &h, None).unwrap_err());
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{path}");
             assert!(e.message().contains("principal `r`"), "{}", e.message());
         }

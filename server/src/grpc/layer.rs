@@ -82,7 +82,8 @@ where
         });
         let path = req.uri().path().to_string();
         if path.starts_with("/rdax.") {
-            match self.auth.admit(&path, req.headers()) {
+            let cn = req.extensions().get::<crate::net::ConnInfo>().and_then(|c| c.client_cn.clone());
+            match self.auth.admit(&path, req.headers(), cn.as_deref()) {
                 Ok(c) => {
                     req.extensions_mut().insert(c);
                 }

@@ -1,0 +1,174 @@
+//! TLS for the gRPC listener: rustls with the ring provider (no C build), optional client
+//! certificates (mTLS).
+//!
+//! The daemon terminates TLS itself rather than through tonic's `tls_config`, for two reasons:
+//! the server configuration is swapped on SIGHUP ([`Tls::reload`]: new connections get the
+//! new certificate, open ones keep theirs), and the client certificate's subject Common Name
+//! must reach the request layer, where it can name a principal (`cert_common_names` in the
+//! principals file). Each handshake runs in a task of its own with a bound, so a client that
+//! stalls it holds only its own connection slot.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::server::TlsStream;
+
+use crate::config::TlsFiles;
+use crate::net::{ConnInfo, Cuttable};
+
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or parsed.
+    #[error("{what} {path}: {message}")]
+    File {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls refused the material.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn file_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File { what, path: path.display().to_string(), message: e.to_string() }
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(what, path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(what, path, "no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+/// Build a server configuration from `files`.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = certs("tls.cert", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("tls.key", &files.key, e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs("tls.client_ca", ca)? {
+                roots.add(c).map_err(|e| file_err("tls.client_ca", ca, e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_single_cert(chain, key).map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The live server configuration, swapped on reload.
+#[derive(Debug)]
+pub struct Tls {
+    config: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl Tls {
+    /// Load `files`.
+    pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
+        Ok(Tls { config: RwLock::new(server_config(files)?) })
+    }
+
+    /// Load `files` again; on error the running configuration stays.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), TlsError> {
+        let c = server_config(files)?;
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
+        Ok(())
+    }
+
+    /// Handshake on an accepted connection, bounded by [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept(&self, io: Cuttable) -> io::Result<GrpcIo> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.read().unwrap_or_else(|e| e.into_inner()).clone());
+        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+        Ok(GrpcIo::Tls(Box::new(s), cn.map(Arc::from)))
+    }
+}
+
+/// The subject Common Name of a DER certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
+/// A gRPC connection, plain or TLS.
+pub enum GrpcIo {
+    /// Plaintext.
+    Plain(Cuttable),
+    /// TLS, with the client certificate's Common Name if one was presented.
+    Tls(Box<TlsStream<Cuttable>>, Option<Arc<str>>),
+}
+
+impl AsyncRead for GrpcIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GrpcIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GrpcIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            GrpcIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GrpcIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            GrpcIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for GrpcIo {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            GrpcIo::Plain(s) => s.connect_info(),
+            GrpcIo::Tls(s, cn) => ConnInfo { client_cn: cn.clone(), ..s.get_ref().0.connect_info() },
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! gRPC over TLS against the real daemon, with certificates the test makes (rcgen): what is
+//! served, what is refused (an unknown CA, an expired certificate, no client certificate where
+//! one is required, plaintext to the TLS port), a client certificate as a principal, and a
+//! certificate swap on SIGHUP.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::Daemon;
+use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use rdax_client::{Client, ConnectOptions, ErrorKind, TlsOptions};
+
+struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    Ca { cert: p.self_signed(&key).unwrap(), key }
+}
+
+/// A certificate signed by `ca` for `cn`: a server one (127.0.0.1, localhost) or a client
+/// one; `expired` puts its validity in the past. Returns (certificate PEM, key PEM).
+fn leaf(ca: &Ca, cn: &str, server: bool, expired: bool) -> (String, String) {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    if server {
+        p.subject_alt_names =
+            vec![SanType::IpAddress("127.0.0.1".parse().unwrap()), SanType::DnsName("localhost".try_into().unwrap())];
+    }
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn https(d: &Daemon) -> String {
+    d.endpoint.replace("http://", "https://")
+}
+
+async fn connect(
+    ep: &str,
+    ca: &Ca,
+    identity: Option<&(String, String)>,
+    token: Option<&str>,
+) -> rdax_client::Result<Client> {
+    let tls = TlsOptions {
+        ca_pem: ca.cert.pem().into_bytes(),
+        identity: identity.map(|(c, k)| (c.clone().into_bytes(), k.clone().into_bytes())),
+        domain: None,
+    };
+    let opts = ConnectOptions { token: token.map(str::to_string), tls: Some(tls), ..Default::default() };
+    let c = Client::connect(ep, opts).await?;
+    c.info().await?;
+    Ok(c)
+}
+
+const ROOT: &str = "root-token-tls-0a1b2c3d4e5f6071";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_serves_certificates_it_trusts_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, ca2) = (ca("rdax test CA"), ca("another CA"));
+    let (cert, key) = leaf(&ca1, "rdaxd", true, false);
+    let pf = write(
+        dir.path(),
+        "principals.toml",
+        &format!(
+            "[[principal]]\nname = \"alice\"\ncert_common_names = [\"alice\"]\nscopes = [\"a/:write\"]\n\n\
+             [[principal]]\nname = \"root\"\ntokens = [\"{}\"]\nscopes = [\":admin\"]\n",
+            rdaxd::auth::hash_text(ROOT)
+        ),
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            write(dir.path(), "server.pem", &cert).to_str().unwrap(),
+            "--tls-key",
+            write(dir.path(), "server.key", &key).to_str().unwrap(),
+            "--tls-client-ca",
+            write(dir.path(), "clients.pem", &ca1.cert.pem()).to_str().unwrap(),
+            "--principals-file",
+            pf.to_str().unwrap(),
+        ],
+    );
+    let ep = https(&d);
+    let alice = leaf(&ca1, "alice", false, false);
+    // A client certificate names its principal: alice may write a/, not b/.
+    let c = connect(&ep, &ca1, Some(&alice), None).await.unwrap();
+    c.object("a", "x").unwrap().create(4096).await.unwrap();
+    let e = c.object("b", "x").unwrap().create(4096).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    // A token, sent with a trusted certificate, decides who the caller is.
+    let mallory = leaf(&ca1, "mallory", false, false);
+    let root = connect(&ep, &ca1, Some(&mallory), Some(ROOT)).await.unwrap();
+    root.object("b", "x").unwrap().create(4096).await.unwrap();
+    // A trusted certificate whose name is no principal, and no token: unauthenticated.
+    let Err(e) = connect(&ep, &ca1, Some(&mallory), None).await else {
+        panic!("a certificate naming no principal was admitted")
+    };
+    assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
+    // Refused at the handshake: no client certificate, one from another CA, a server
+    // certificate from a CA the client does not trust, and plaintext.
+    assert!(connect(&ep, &ca1, None, Some(ROOT)).await.is_err(), "no client certificate");
+    assert!(connect(&ep, &ca1, Some(&leaf(&ca2, "alice", false, false)), None).await.is_err(), "client CA");
+    assert!(connect(&ep, &ca2, Some(&alice), None).await.is_err(), "unknown server CA");
+    let plain = Client::connect(&d.endpoint, ConnectOptions { token: Some(ROOT.into()), ..Default::default() }).await;
+    assert!(plain.is_err() || plain.unwrap().info().await.is_err(), "plaintext to the TLS port");
+    assert!(d.log().contains("TLS handshake failed"), "{}", d.log());
+    // rdaxctl speaks it too.
+    let (cp, kp) = (write(dir.path(), "alice.pem", &alice.0), write(dir.path(), "alice.key", &alice.1));
+    let capem = write(dir.path(), "ca.pem", &ca1.cert.pem());
+    let out = common::rdaxctl()
+        .args(["--endpoint", &ep, "--ca", capem.to_str().unwrap(), "--cert", cp.to_str().unwrap()])
+        .args(["--key", kp.to_str().unwrap(), "stat", "a/x"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_certificate_is_refused_until_a_reload_swaps_in_a_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca1 = ca("rdax test CA");
+    let (old, old_key) = leaf(&ca1, "rdaxd", true, true);
+    let (cert, key) = (write(dir.path(), "server.pem", &old), write(dir.path(), "server.key", &old_key));
+    let d = Daemon::start(dir.path(), &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let ep = https(&d);
+    assert!(connect(&ep, &ca1, None, None).await.is_err(), "an expired server certificate");
+    // Renewed in place (same paths), then SIGHUP: new connections get the new certificate.
+    let (new, new_key) = leaf(&ca1, "rdaxd", true, false);
+    std::fs::write(&cert, new).unwrap();
+    std::fs::write(&key, new_key).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.pid(), libc::SIGHUP) };
+    common::poll(Duration::from_secs(10), "the certificates to be reloaded", || {
+        d.log().contains("TLS certificates reloaded").then_some(())
+    });
+    let c = connect(&ep, &ca1, None, None).await.unwrap();
+    assert!(!c.info().await.unwrap().uuid.is_empty());
+    // A broken file on reload keeps the running certificate.
+    std::fs::write(&key, "not a key").unwrap();
+    d.allow("TLS certificates not reloaded");
+    // SAFETY: as above.
+    unsafe { libc::kill(d.pid(), libc::SIGHUP) };
+    common::poll(Duration::from_secs(10), "the failed reload to be logged", || {
+        d.log().contains("TLS certificates not reloaded").then_some(())
+    });
+    connect(&ep, &ca1, None, None).await.expect("still served with the running certificate");
+}
