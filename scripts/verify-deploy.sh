@@ -15,6 +15,10 @@ trap 'rm -rf "$tmp"' EXIT
 sed "s|/usr/local/bin/rdaxd|$bin|" deploy/rdaxd.service > "$tmp/rdaxd.service"
 systemd-analyze verify "$tmp/rdaxd.service"
 echo "deploy: rdaxd.service verifies"
+# The unit's exposure, as `systemd-analyze security` scores it (issue 12 asks for <= 2.0).
+score=$(systemd-analyze security --offline=true "$tmp/rdaxd.service" 2>/dev/null | sed -n 's/.*exposure level for rdaxd.service: \([0-9.]*\).*/\1/p')
+echo "deploy: rdaxd.service exposure $score (systemd-analyze security --offline)"
+awk -v s="$score" 'BEGIN { exit !(s != "" && s + 0 <= 2.0) }' || { echo "deploy: exposure above 2.0" >&2; exit 1; }
 "$bin" --config deploy/rdaxd.toml check-config > /dev/null
 echo "deploy: rdaxd.toml is valid (no unknown keys)"
 systemd-sysusers --dry-run "$PWD/deploy/sysusers.d/rdax.conf" > /dev/null 2>&1

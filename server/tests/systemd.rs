@@ -264,3 +264,27 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     let (status, _) = tokio::task::spawn_blocking(move || http_get(&addr, "/")).await.unwrap();
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
+
+#[test]
+fn under_journald_lines_carry_their_syslog_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The harness appends the daemon's stderr to this file: make it the "journal stream".
+    let log = dir.path().join("rdaxd.log");
+    std::fs::write(&log, "").unwrap();
+    let m = std::fs::metadata(&log).unwrap();
+    let stream = format!("{}:{}", m.dev(), m.ino());
+    let cfg = dir.path().join("rdaxd.toml");
+    std::fs::write(&cfg, "[grpc]\nlisten = \"127.0.0.1:0\"\nlisten_typo = 1\n").unwrap();
+    let d = Daemon::start_env(dir.path(), &["--config", cfg.to_str().unwrap()], &[("JOURNAL_STREAM", &stream)]);
+    d.allow("unknown config key ignored");
+    common::poll(Duration::from_secs(10), "the startup lines", || d.log().contains("serving").then_some(()));
+    let text = d.log();
+    let warn = text.lines().find(|l| l.contains("unknown config key ignored")).expect("the warning");
+    assert!(warn.starts_with("<4>"), "{warn}");
+    assert!(text.lines().filter(|l| l.contains(" INFO ")).all(|l| l.starts_with("<6>")), "{text}");
+    // Without JOURNAL_STREAM (a terminal, a file), no prefix.
+    let plain = tempfile::tempdir().unwrap();
+    let d2 = Daemon::start(plain.path(), &[]);
+    assert!(d2.log().lines().all(|l| !l.starts_with('<')), "{}", d2.log());
+}
