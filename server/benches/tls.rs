@@ -1,0 +1,107 @@
+//! gRPC over TLS next to plaintext, against two real rdaxd processes started here (one with a
+//! certificate this bench makes): unary request rate and streamed put/get throughput, in the
+//! same run. Prints figures; asserts nothing.
+//!
+//! ```text
+//! cargo bench -p rdaxd --bench tls
+//! ```
+//! Under `cargo test` (no `--bench` flag) it runs a tiny smoke pass.
+
+mod common;
+
+use std::time::Instant;
+
+use common::start;
+use rdax_client::{Client, ConnectOptions, TlsOptions};
+
+/// Stat calls per second from `clients` connections for `secs`.
+async fn unary_rate(clients: &[Client], secs: f64) -> f64 {
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in clients {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let o = c.object("bench", "fixed").unwrap();
+            let mut n = 0u64;
+            while t0.elapsed().as_secs_f64() < secs {
+                o.stat().await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.unwrap();
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// MB/s of one streamed put, then one get, of `len` bytes.
+async fn stream_rate(c: &Client, len: usize) -> (f64, f64) {
+    let o = c.object("bench", "big").unwrap();
+    let _ = o.delete().await;
+    o.create(len as u64).await.unwrap();
+    let data = vec![0x5au8; len];
+    let t = Instant::now();
+    o.write(0, data, false).await.unwrap();
+    let put = len as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let t = Instant::now();
+    let back = o.read(0, 0).await.unwrap();
+    let get = back.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
+    (put, get)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let (secs, len, nclients) = if smoke { (0.2, 1 << 20, 2) } else { (3.0, 256 << 20, 8) };
+    println!(
+        "rdax TLS bench{} — figures, not pass/fail",
+        if smoke { " (smoke run: tiny, unoptimised; figures mean nothing)" } else { "" }
+    );
+    // A CA and a server certificate for 127.0.0.1.
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = p.self_signed(&ca_key).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, kp) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cp, cert.pem()).unwrap();
+    std::fs::write(&kp, key.serialize_pem()).unwrap();
+    let plain = start(&[]);
+    let tls = start(&["--tls-cert", cp.to_str().unwrap(), "--tls-key", kp.to_str().unwrap()]);
+    let tls_opts = || ConnectOptions {
+        tls: Some(TlsOptions { ca_pem: ca.pem().into_bytes(), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut results = Vec::new();
+    for (name, ep, opts) in [
+        ("plaintext", plain.grpc.clone(), ConnectOptions::default()),
+        ("TLS", tls.grpc.replace("http://", "https://"), tls_opts()),
+    ] {
+        let mut clients = Vec::new();
+        for _ in 0..nclients {
+            clients.push(Client::connect(&ep, opts.clone()).await.unwrap());
+        }
+        clients[0].object("bench", "fixed").unwrap().create(4096).await.ok();
+        let _ = unary_rate(&clients, secs / 4.0).await; // warm up
+        let rate = unary_rate(&clients, secs).await;
+        let (put, get) = stream_rate(&clients[0], len).await;
+        println!(
+            "  {name:<10} unary stat {rate:>9.0} calls/s ({nclients} connections)  put {put:>7.0} MB/s  get {get:>7.0} MB/s"
+        );
+        results.push((rate, put, get));
+    }
+    let (p, t) = (results[0], results[1]);
+    println!(
+        "  TLS / plaintext: unary {:.2}×  put {:.2}×  get {:.2}× (one run; 2 cores shared by both ends)",
+        t.0 / p.0,
+        t.1 / p.1,
+        t.2 / p.2
+    );
+}
