@@ -268,6 +268,11 @@ impl SessionManager {
         }
     }
 
+    /// The sessions of `principal`.
+    pub fn sessions_of(&self, principal: &str) -> std::collections::HashSet<SessionId> {
+        self.lock().iter().filter(|(_, e)| &*e.principal == principal).map(|(id, _)| *id).collect()
+    }
+
     /// The session's principal.
     pub fn owner(&self, id: SessionId) -> Option<Arc<str>> {
         self.lock().get(&id).map(|e| e.principal.clone())

@@ -217,6 +217,9 @@ async fn every_rpc_by_every_kind_of_caller() {
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     let on_b = theirs.acquire("b", "x", 0, 4096, LeaseMode::ReadWrite).await.unwrap();
     let (pool, key) = on_b.segments()[0].target.unwrap();
+    // Listing leases without a session: an administrator sees this one, alice does not.
+    assert!(root.leases(None).await.unwrap().iter().any(|l| l.lease_id == on_b.id()));
+    assert!(!alice.leases(None).await.unwrap().iter().any(|l| l.lease_id == on_b.id()), "another principal's lease");
     let (mut raw, st) = Raw::connect(&d.data, mine.secret().0).await;
     assert_eq!(st, Status::Ok);
     assert_eq!(raw.op(Op::Write, key, on_b.generation(), pool, &[9; 8], 8).await, Status::WrongSession);

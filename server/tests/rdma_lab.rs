@@ -19,6 +19,42 @@ fn env(k: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: these tests run inside the lab VM ({LAB})"))
 }
 
+/// What a raw verbs client's connection consists of.
+type RawConn = (
+    std::sync::Arc<rdax_verbs::EventChannel>,
+    std::sync::Arc<rdax_verbs::Conn>,
+    tokio::sync::mpsc::UnboundedReceiver<rdax_verbs::Received>,
+    std::sync::Arc<rdax_verbs::Pd>,
+);
+
+/// A client that knows only the documented protocol connects: rdma_cm to `ep` from the lab's
+/// client address, a queue pair of its own, and `private` (the connect proof) with the
+/// request. Returns the event channel (which must outlive the connection), the connection,
+/// its inbox and its protection domain; `Err` if the daemon does not accept.
+async fn raw_connect(ep: std::net::SocketAddr, private: &[u8]) -> Result<RawConn, rdax_verbs::Error> {
+    use rdax_verbs::{Conn, EventChannel, Pd, event};
+    let t = Duration::from_secs(10);
+    let ch = EventChannel::new().unwrap();
+    let id = ch.create_id().unwrap();
+    id.resolve_addr(Some(std::net::SocketAddr::new(env("RDAX_LAB_CLIENT_IP").parse().unwrap(), 0)), ep, 5000).unwrap();
+    drop(ch.expect(event::ADDR_RESOLVED, t, "address").await.unwrap());
+    id.resolve_route(5000).unwrap();
+    drop(ch.expect(event::ROUTE_RESOLVED, t, "route").await.unwrap());
+    // SAFETY: rdma_cm keeps the device context open for the process.
+    let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
+    let (conn, inbox) = Conn::create(id, pd.clone()).unwrap();
+    tokio::spawn(conn.clone().drive());
+    conn.connect_with(private).unwrap();
+    ch.expect(event::ESTABLISHED, t, "established").await.map(drop)?;
+    Ok((ch, conn, inbox, pd))
+}
+
+/// The connect proof for a session, made now.
+fn proof_now(id: [u8; 16], secret: [u8; 16]) -> Vec<u8> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    rdax_proto::rdma::ConnectProof::new(id, &secret, now).encode().to_vec()
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed).collect()
 }
@@ -234,7 +270,7 @@ async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
 async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     use rdax_proto::dataplane::Status;
     use rdax_proto::rdma::{Msg, Op};
-    use rdax_verbs::{Conn, EventChannel, Pd, RegBuf, Wr, event};
+    use rdax_verbs::{RegBuf, Wr};
     use std::net::SocketAddr;
     use std::sync::Arc;
 
@@ -249,23 +285,11 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
     // The session's secret, as `rdaxctl hold-session --secret-file` would hand it over.
     let secret = s.secret();
 
-    // Connect with rdma_cm to the endpoint Pool.Info names.
+    // Connect with rdma_cm to the endpoint Pool.Info names, the connect request carrying the
+    // proof of the secret (docs/data-plane.md).
     let ep: SocketAddr = c.info().await.unwrap().rdma.unwrap().endpoint.parse().unwrap();
     let t = Duration::from_secs(10);
-    let ch = EventChannel::new().unwrap();
-    let id = ch.create_id().unwrap();
-    id.resolve_addr(Some(SocketAddr::new(env("RDAX_LAB_CLIENT_IP").parse().unwrap(), 0)), ep, 5000).unwrap();
-    drop(ch.expect(event::ADDR_RESOLVED, t, "address").await.unwrap());
-    id.resolve_route(5000).unwrap();
-    drop(ch.expect(event::ROUTE_RESOLVED, t, "route").await.unwrap());
-    // SAFETY: rdma_cm keeps the device context open for the process.
-    let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
-    let (conn, mut inbox) = Conn::create(id, pd.clone()).unwrap();
-    tokio::spawn(conn.clone().drive());
-    // The connect request carries the proof of the secret (docs/data-plane.md).
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    conn.connect_with(&rdax_proto::rdma::ConnectProof::new(sid.0, &secret.0, now).encode()).unwrap();
-    drop(ch.expect(event::ESTABLISHED, t, "established").await.unwrap());
+    let (_ch, conn, mut inbox, pd) = raw_connect(ep, &proof_now(sid.0, secret.0)).await.unwrap();
     let _armed = conn.hold_armed();
     let mut call = async |m: Msg| {
         conn.exec(Wr::Send(m.encode()), None).await.unwrap();
@@ -323,7 +347,7 @@ async fn devdax_raw_verbs_client_with_the_documented_protocol() {
 async fn devdax_rdma_peers_are_bounded_and_answered() {
     use rdax_proto::dataplane::Status;
     use rdax_proto::rdma::{Msg, Op};
-    use rdax_verbs::{Conn, EventChannel, Pd, Wr, event};
+    use rdax_verbs::{Wr, event};
     use std::net::SocketAddr;
 
     let dir = tempfile::tempdir().unwrap();
@@ -335,23 +359,9 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
     let secret = s.secret();
     let ep: SocketAddr = c.info().await.unwrap().rdma.unwrap().endpoint.parse().unwrap();
     let t = Duration::from_secs(10);
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let proof = |id: [u8; 16], key: [u8; 16]| rdax_proto::rdma::ConnectProof::new(id, &key, now()).encode().to_vec();
-    let try_connect = async |private: Vec<u8>| {
-        let ch = EventChannel::new().unwrap();
-        let id = ch.create_id().unwrap();
-        id.resolve_addr(Some(SocketAddr::new(env("RDAX_LAB_CLIENT_IP").parse().unwrap(), 0)), ep, 5000).unwrap();
-        drop(ch.expect(event::ADDR_RESOLVED, t, "address").await.unwrap());
-        id.resolve_route(5000).unwrap();
-        drop(ch.expect(event::ROUTE_RESOLVED, t, "route").await.unwrap());
-        // SAFETY: rdma_cm keeps the device context open for the process.
-        let pd = unsafe { Pd::alloc(id.context()) }.unwrap();
-        let (conn, inbox) = Conn::create(id, pd).unwrap();
-        tokio::spawn(conn.clone().drive());
-        conn.connect_with(&private).unwrap();
-        let r = ch.expect(event::ESTABLISHED, t, "established").await.map(drop);
-        r.map(|()| (ch, conn, inbox))
-    };
+    let proof = |id: [u8; 16], key: [u8; 16]| proof_now(id, key);
+    let try_connect =
+        async |private: Vec<u8>| raw_connect(ep, &private).await.map(|(ch, conn, inbox, _)| (ch, conn, inbox));
     let connect = async || try_connect(proof(sid.0, secret.0)).await.unwrap();
     // The daemon's queue pairs, as the kernel counts them: `rdma resource show qp` names the
     // task that made each one (a tokio worker thread, so its thread id, not the process id).

@@ -135,6 +135,9 @@ pub(super) struct RdmaTransport {
     /// Connections by rdma_cm id, for connection events.
     by_id: Mutex<HashMap<usize, Arc<Peer>>>,
     bindings: Mutex<HashMap<u64, Binding>>,
+    /// Bytes registered per session over its bindings (for `limits.max_rdma_bytes_per_session`;
+    /// lock order: `bindings` first).
+    registered: Mutex<HashMap<SessionId, u64>>,
     stop: CancellationToken,
     /// The connection cap was hit (logged once per episode).
     at_cap: std::sync::atomic::AtomicBool,
@@ -243,6 +246,7 @@ impl RdmaTransport {
             by_session: Mutex::new(HashMap::new()),
             by_id: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
+            registered: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             at_cap: false.into(),
             proofs: Mutex::new(HashMap::new()),
@@ -477,7 +481,8 @@ impl RdmaTransport {
         let bytes: u64 = keyed.iter().map(|k| k.1).sum();
         {
             let mut m = self.bindings.lock().expect("bindings");
-            let held: u64 = m.values().filter(|b| b.session == req.session).map(|b| b.bytes).sum();
+            let mut reg = self.registered.lock().expect("registered");
+            let held = reg.entry(req.session).or_default();
             if held.saturating_add(bytes) > self.max_bytes {
                 return Err(DmaError::Limit {
                     what: "the session has as many bytes registered for RDMA as it may; release some leases",
@@ -485,6 +490,8 @@ impl RdmaTransport {
                     key: "limits.max_rdma_bytes_per_session",
                 });
             }
+            *held += bytes;
+            drop(reg);
             m.insert(
                 lease,
                 Binding {
@@ -617,6 +624,17 @@ impl RdmaTransport {
         Ok((keys, remote))
     }
 
+    /// A binding left the table: its bytes no longer count against its session.
+    fn unregister(&self, b: &Binding) {
+        let mut reg = self.registered.lock().expect("registered");
+        if let Some(n) = reg.get_mut(&b.session) {
+            *n = n.saturating_sub(b.bytes);
+            if *n == 0 {
+                reg.remove(&b.session);
+            }
+        }
+    }
+
     /// The lease ended: invalidate its keys (unless its binder is still at work, which then
     /// does it), then let it drain.
     pub(super) fn end(self: &Arc<Self>, lease: u64, why: &'static str) {
@@ -629,6 +647,7 @@ impl RdmaTransport {
             }
             m.remove(&lease).expect("present")
         };
+        self.unregister(&b);
         let t = self.clone();
         tokio::spawn(async move { t.invalidate(lease, b, why).await });
     }
@@ -723,6 +742,9 @@ impl RdmaTransport {
     /// A binder could not tear down: quarantine the lease (its pin is never dropped).
     fn stuck(self: &Arc<Self>, lease: u64, why: &str) {
         let b = self.bindings.lock().expect("bindings").remove(&lease);
+        if let Some(b) = &b {
+            self.unregister(b);
+        }
         if let Some(mut b) = b {
             std::mem::forget(b.pin.take());
             // Keys made before the stuck one are still bound: leave them allocated as well.
