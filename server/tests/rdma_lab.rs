@@ -351,7 +351,10 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
     use std::net::SocketAddr;
 
     let dir = tempfile::tempdir().unwrap();
-    let d = devdax_daemon(dir.path(), &["--data-op-timeout-ms", "1500"]);
+    // 1 MiB of registered RDMA memory per session, for the cap check in part 3.
+    let cfg = dir.path().join("limits.toml");
+    std::fs::write(&cfg, "[limits]\nmax_rdma_bytes_per_session = \"1M\"\n").unwrap();
+    let d = devdax_daemon(dir.path(), &["--data-op-timeout-ms", "1500", "--config", cfg.to_str().unwrap()]);
     let c = client(&d).await;
     c.object("lab", "edges").unwrap().create(1 << 20).await.unwrap();
     let s = c.open_session("edges").await.unwrap();
@@ -438,6 +441,10 @@ async fn devdax_rdma_peers_are_bounded_and_answered() {
     hello.session = secret.0;
     assert_eq!(call(hello).await.status, Status::Ok);
     let g = c.acquire_raw(s.id(), "lab", "edges", 0, 1 << 20, LeaseMode::ReadWrite, true).await.unwrap();
+    // The session has its 1 MiB registered: one more RDMA lease is over the cap, by name.
+    let e = c.acquire_raw(s.id(), "lab", "edges", 0, 4096, LeaseMode::Read, true).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("limits.max_rdma_bytes_per_session"), "{e}");
     c.release_lease(s.id(), g.lease_id).await.unwrap();
     let mut flush = Msg::request(Op::Flush, 2);
     (flush.lease, flush.offset, flush.len) = (g.lease_id, 0, 4096);
