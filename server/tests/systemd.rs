@@ -148,7 +148,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     let _serial = SERIAL.lock().await;
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &["--pool-size", "256M"]);
+    let mut d = Daemon::start(dir.path(), &["--pool-size", "128M"]);
     let acked: Arc<Mutex<Vec<(String, u8)>>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..4u8 {
@@ -183,7 +183,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
     // Offline check of the crashed pool, then a restart that recovers it.
     let out = common::rdaxctl().args(["fsck", d.pool_path().to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "fsck after SIGKILL: {}", String::from_utf8_lossy(&out.stdout));
-    let d2 = Daemon::start(dir.path(), &["--pool-size", "256M"]);
+    let d2 = Daemon::start(dir.path(), &["--pool-size", "128M"]);
     let c = common::client(&d2).await;
     assert!(!c.info().await.unwrap().previous_shutdown_clean, "the next start must see the unclean stop");
     for (name, tag) in &acked {

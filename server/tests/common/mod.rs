@@ -139,8 +139,18 @@ impl Daemon {
 
     /// Send `sig` and wait (bounded) for the exit.
     pub fn signal_and_wait(&mut self, sig: i32, bound: Duration) -> ExitStatus {
+        self.signal(sig);
+        self.wait_exit(bound)
+    }
+
+    /// Send `sig` without waiting.
+    pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait (bounded) for the exit.
+    pub fn wait_exit(&mut self, bound: Duration) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
         let st = poll(bound, "rdaxd to exit", || child.try_wait().unwrap());
         self.child = None;
