@@ -111,9 +111,30 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connect to `endpoint` (`http://host:port`; a bare `host:port` means `http://`).
+    /// Connect to `endpoint`: `http://host:port` (a bare `host:port` means `http://`),
+    /// `https://host:port` (with [`ConnectOptions::tls`]), or `unix:PATH` / `unix:///PATH`,
+    /// a daemon's admin socket, where root, rdaxd's user and its group are admin without a
+    /// token.
     pub async fn connect(endpoint: impl AsRef<str>, opts: ConnectOptions) -> Result<Self> {
         let ep = endpoint.as_ref();
+        if let Some(path) = crate::unix::socket_path(ep) {
+            if opts.tls.is_some() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{ep} is a Unix socket: TLS does not apply"),
+                ));
+            }
+            let channel = Endpoint::from_static("http://localhost")
+                .connect_timeout(opts.connect_timeout)
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(32 << 20))
+                .connect_with_connector(crate::unix::Connector(path.clone()))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Unavailable, format!("connect to the admin socket {}: {e}", path.display()))
+                })?;
+            return Self::over(channel, opts);
+        }
         let url = if ep.contains("://") { ep.to_string() } else { format!("http://{ep}") };
         let https = url.starts_with("https://");
         let mut endpoint = Endpoint::from_shared(url)
@@ -152,6 +173,10 @@ impl Client {
             (None, false) => {}
         }
         let channel = endpoint.connect().await?;
+        Self::over(channel, opts)
+    }
+
+    fn over(channel: Channel, opts: ConnectOptions) -> Result<Self> {
         let token = match &opts.token {
             Some(t) => Some(
                 format!("Bearer {t}")

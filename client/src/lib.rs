@@ -28,6 +28,7 @@ mod object;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod session;
+mod unix;
 
 pub use client::{Client, ConnectOptions, TlsOptions};
 pub use error::{Error, ErrorKind, Result};

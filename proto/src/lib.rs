@@ -8,6 +8,7 @@
 pub mod credential;
 pub mod dataplane;
 pub mod model;
+pub mod paths;
 pub mod rdma;
 
 /// Generated protobuf messages, clients and servers.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{pct, start};
-use rdax_client::{Client, ConnectOptions, LeaseMode, SessionOptions};
+use rdax_client::{Client, LeaseMode, SessionOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -117,7 +117,7 @@ async fn main() {
         if smoke { " (smoke run: tiny, unoptimised; figures mean nothing)" } else { "" }
     );
     let d = start(&[]);
-    let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let c = Client::connect(&d.grpc, d.opts()).await.unwrap();
     let s = c.open_session("bench").await.unwrap();
 
     // 4 KiB QD1 latency.
@@ -245,7 +245,7 @@ async fn main() {
     // Revoke overshoot with an unresponsive holder (break timeout 100 ms).
     drop(d);
     let d = start(&["--lease-break-timeout-ms", "100"]);
-    let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let c = Client::connect(&d.grpc, d.opts()).await.unwrap();
     let deaf = c
         .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
         .await

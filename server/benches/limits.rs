@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{pct, start};
-use rdax_client::{Client, ConnectOptions, ErrorKind, LeaseMode};
+use rdax_client::{Client, ErrorKind, LeaseMode};
 
 /// CPU seconds (user + system) the process has used, from /proc.
 fn cpu_secs(pid: u32) -> f64 {
@@ -75,13 +75,13 @@ async fn main() {
     let cap_s = cap.to_string();
     let d = start(&["--max-leases-per-session", &cap_s]);
     let pid = d.child.id();
-    let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let c = Client::connect(&d.grpc, d.opts()).await.unwrap();
     let rounds = scale(2000, 20);
     let _ = bystander(&c, rounds / 10, "warm").await;
     println!("pool-operation latency of a bystander (stat, create, delete; 2 worker threads):");
     let mut alone = bystander(&c, rounds, "a").await;
     let (a50, a99) = line("alone", &mut alone);
-    let greedy = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let greedy = Client::connect(&d.grpc, d.opts()).await.unwrap();
     let s = std::sync::Arc::new(greedy.open_session("greedy").await.unwrap());
     for i in 0..64 {
         greedy.object("g", &format!("o{i}")).unwrap().create(1 << 20).await.unwrap();
@@ -139,7 +139,7 @@ async fn main() {
     let n = scale(1000, 40);
     let d = start(&[]);
     let pid = d.child.id();
-    let c = Client::connect(&d.grpc, ConnectOptions::default()).await.unwrap();
+    let c = Client::connect(&d.grpc, d.opts()).await.unwrap();
     let _ = bystander(&c, rounds / 10, "warm").await;
     let mut before = bystander(&c, rounds / 2, "c").await;
     let grpc_addr: std::net::SocketAddr = d.grpc.trim_start_matches("http://").parse().unwrap();

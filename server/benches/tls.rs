@@ -77,13 +77,12 @@ async fn main() {
     let tls = start(&["--tls-cert", cp.to_str().unwrap(), "--tls-key", kp.to_str().unwrap()]);
     let tls_opts = || ConnectOptions {
         tls: Some(TlsOptions { ca_pem: ca.pem().into_bytes(), ..Default::default() }),
-        ..Default::default()
+        ..tls.opts()
     };
     let mut results = Vec::new();
-    for (name, ep, opts) in [
-        ("plaintext", plain.grpc.clone(), ConnectOptions::default()),
-        ("TLS", tls.grpc.replace("http://", "https://"), tls_opts()),
-    ] {
+    for (name, ep, opts) in
+        [("plaintext", plain.grpc.clone(), plain.opts()), ("TLS", tls.grpc.replace("http://", "https://"), tls_opts())]
+    {
         let mut clients = Vec::new();
         for _ in 0..nclients {
             clients.push(Client::connect(&ep, opts.clone()).await.unwrap());

@@ -36,6 +36,7 @@ macro_rules! failpoint_blocking {
     }};
 }
 
+pub mod admin_socket;
 pub mod auth;
 pub mod config;
 pub mod dataplane;

@@ -115,12 +115,15 @@ fn write_ports_file(
     data: std::net::SocketAddr,
     metrics: Option<std::net::SocketAddr>,
     rdma: &str,
+    admin: Option<&Path>,
 ) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let metrics = metrics.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
     let rdma = if rdma.is_empty() { "null".to_string() } else { format!("\"{rdma}\"") };
+    // A path is JSON-escaped by its Debug form for every printable path we create.
+    let admin = admin.map_or_else(|| "null".to_string(), |p| format!("{:?}", p.display().to_string()));
     let body = format!(
-        "{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"rdma\":{rdma},\"pid\":{}}}\n",
+        "{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"rdma\":{rdma},\"admin\":{admin},\"pid\":{}}}\n",
         std::process::id()
     );
     std::fs::write(&tmp, body).with_context(|| format!("write {}", tmp.display()))?;
@@ -229,13 +232,24 @@ pub async fn run_with_reload(
         mode = %info.mode, persistence = %info.persistence, uuid = %info.uuid,
         previous_shutdown_clean = info.previous_shutdown_clean, "pool ready"
     );
-    match (&cfg.token, local.ip().is_loopback()) {
-        (Some(_), _) => info!("bearer-token authentication on"),
-        (None, true) => {
-            info!(listen = %local, "no bearer token: any local user can use this daemon (set auth.token_file)")
-        }
-        (None, false) => warn!(listen = %local, "no bearer token on a non-loopback address (allow_no_token is set)"),
+    if cfg.principals.is_empty() {
+        info!(
+            listen = %local,
+            "no credentials configured: gRPC over TCP refuses every request; administer through the admin socket, \
+             or set auth.principals_file or auth.token_file"
+        );
+    } else {
+        info!(principals = cfg.principals.names().len(), "token authentication on");
     }
+    // Bound before anything is served, so a second daemon on the same state fails early.
+    let mut admin = match &cfg.admin_socket {
+        Some(p) => {
+            let a = crate::admin_socket::AdminSocket::bind(p).await?;
+            info!(path = %p.display(), "admin socket: root, rdaxd's user and members of its group are admin here");
+            Some(a)
+        }
+        None => None,
+    };
     let root = CancellationToken::new();
     let gate = Gate::default();
     let sessions = Arc::new(
@@ -324,6 +338,7 @@ pub async fn run_with_reload(
         .serve_with_incoming_shutdown(
             incoming(
                 listener,
+                admin.as_mut(),
                 (cfg.limits.max_grpc_connections, cfg.limits.max_connections_per_source),
                 cfg.grpc_idle_timeout,
                 tls.clone(),
@@ -337,7 +352,14 @@ pub async fn run_with_reload(
         health.set_service_status(svc, tonic_health::ServingStatus::Serving).await;
     }
     if let Some(p) = &cfg.ports_file {
-        write_ports_file(p, local, data_local, metrics_local, &rdma.status().endpoint)?;
+        write_ports_file(
+            p,
+            local,
+            data_local,
+            metrics_local,
+            &rdma.status().endpoint,
+            admin.as_ref().map(|a| a.path()),
+        )?;
     }
     println!("rdaxd: listening grpc={local} data={data_local}");
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
@@ -458,18 +480,23 @@ fn report_server(r: Result<Result<(), tonic::transport::Error>, tokio::task::Joi
     }
 }
 
-/// Accepted gRPC connections, at most `cap` open (see [`crate::net::Acceptor`]), each with
-/// `TCP_NODELAY`, an idle timeout, and cuttable by `cut` (see [`crate::net::Cuttable`]).
+/// Accepted gRPC connections from TCP and the admin socket, at most `cap` open on each (see
+/// [`crate::net::Acceptor`]), each with an idle timeout and cuttable by `cut` (see
+/// [`crate::net::Cuttable`]); TCP ones with `TCP_NODELAY`.
 /// tonic's own `tcp_nodelay` only applies when it binds the socket itself, and with Nagle on,
 /// small messages such as lease recalls and unary replies wait ~40 ms for delayed ACKs.
 fn incoming(
     listener: TcpListener,
+    admin: Option<&mut crate::admin_socket::AdminSocket>,
     limits: (usize, usize),
     idle: Duration,
     tls: Option<Arc<crate::tls::Tls>>,
     cut: CancellationToken,
-) -> impl tokio_stream::Stream<Item = std::io::Result<crate::tls::GrpcIo>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::tls::GrpcIo>> + use<> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
+    if let Some(a) = admin {
+        a.serve(limits, idle, cut.clone(), tx.clone());
+    }
     tokio::spawn(async move {
         let mut acceptor = crate::net::Acceptor::new(listener, limits.0, limits.1, "grpc");
         let stop = cut.clone();

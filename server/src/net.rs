@@ -15,6 +15,8 @@
 //!   [`Cuttable`]: once its token is cancelled, reads and writes fail, hyper drops the
 //!   connection, and what it held goes with it. It is also closed after `grpc.idle_timeout_ms`
 //!   with no request in progress (the request gate counts them, streamed replies included).
+//! * Both work for the TCP listeners and for the admin Unix socket ([`Listen`]): there the
+//!   "source" is the peer's user id.
 
 use std::collections::HashMap;
 use std::io;
@@ -35,38 +37,78 @@ use tracing::{info, warn};
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Open connections per source address.
-#[derive(Debug, Default)]
-struct Sources(Mutex<HashMap<IpAddr, usize>>);
-
-/// What an accepted connection holds of its listener's caps; dropped with the connection.
-#[derive(Debug)]
-pub struct Permit {
-    _cap: OwnedSemaphorePermit,
-    sources: Arc<Sources>,
-    ip: IpAddr,
+/// A listening socket an [`Acceptor`] takes connections from.
+pub trait Listen: Send + Sync + 'static {
+    /// An accepted connection.
+    type Stream: Send;
+    /// Who is at the other end (an address, a user's credentials).
+    type Peer: Send;
+    /// What the per-source cap counts by.
+    type Source: Eq + std::hash::Hash + Copy + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static;
+    /// Accept one connection.
+    fn accept_one(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Peer)>> + Send;
+    /// The source `peer` counts against.
+    fn source(peer: &Self::Peer) -> Self::Source;
 }
 
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut m = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+    type Source = IpAddr;
+
+    fn accept_one(&self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send {
+        self.accept()
+    }
+
+    fn source(peer: &SocketAddr) -> IpAddr {
+        peer.ip().to_canonical()
+    }
+}
+
+/// Open connections per source.
+#[derive(Debug)]
+struct Sources<K>(Mutex<HashMap<K, usize>>);
+
+impl<K: Eq + std::hash::Hash> Sources<K> {
+    fn release(&self, k: &K) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(k) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(k);
             }
         }
     }
 }
 
-/// A listener with a connection cap, a cap per source address, and accept back-off.
+/// What an accepted connection holds of its listener's caps; dropped with the connection.
+pub struct Permit {
+    _cap: OwnedSemaphorePermit,
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(r) = self.release.take() {
+            r();
+        }
+    }
+}
+
+/// A listener with a connection cap, a cap per source, and accept back-off.
 #[derive(Debug)]
-pub struct Acceptor {
-    listener: TcpListener,
+pub struct Acceptor<L: Listen = TcpListener> {
+    listener: L,
     permits: Arc<Semaphore>,
     cap: usize,
     per_source: usize,
-    sources: Arc<Sources>,
+    sources: Arc<Sources<L::Source>>,
     what: &'static str,
     backoff: Duration,
     at_cap_logged: bool,
@@ -75,16 +117,16 @@ pub struct Acceptor {
     source_logged: Option<Instant>,
 }
 
-impl Acceptor {
-    /// Bound `listener` to `cap` open connections, `per_source` of them from one address;
+impl<L: Listen> Acceptor<L> {
+    /// Bound `listener` to `cap` open connections, `per_source` of them from one source;
     /// `what` names it in logs.
-    pub fn new(listener: TcpListener, cap: usize, per_source: usize, what: &'static str) -> Self {
+    pub fn new(listener: L, cap: usize, per_source: usize, what: &'static str) -> Self {
         Self {
             listener,
             permits: Arc::new(Semaphore::new(cap)),
             cap,
             per_source: per_source.max(1),
-            sources: Arc::default(),
+            sources: Arc::new(Sources(Mutex::default())),
             what,
             backoff: BACKOFF_MIN,
             at_cap_logged: false,
@@ -93,10 +135,10 @@ impl Acceptor {
         }
     }
 
-    /// Count `ip` in, unless it is at its cap.
-    fn admit(&mut self, ip: IpAddr) -> bool {
+    /// Count `src` in, unless it is at its cap.
+    fn admit(&mut self, src: L::Source) -> bool {
         let mut m = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
+        let n = m.entry(src).or_default();
         if *n >= self.per_source {
             drop(m);
             self.source_refused += 1;
@@ -104,7 +146,7 @@ impl Acceptor {
             if self.source_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 info!(
                     listener = self.what,
-                    source = %ip,
+                    source = %src,
                     cap = self.per_source,
                     refused = self.source_refused,
                     "source at its connection cap (limits.max_connections_per_source): closing new connections from it"
@@ -124,7 +166,7 @@ impl Acceptor {
     }
 
     /// The next connection and the permit it holds, or `None` once `cancel` fires.
-    pub async fn accept(&mut self, cancel: &CancellationToken) -> Option<(TcpStream, SocketAddr, Permit)> {
+    pub async fn accept(&mut self, cancel: &CancellationToken) -> Option<(L::Stream, L::Peer, Permit)> {
         loop {
             if self.permits.available_permits() == 0 && !self.at_cap_logged {
                 info!(
@@ -140,7 +182,7 @@ impl Acceptor {
             };
             let r = tokio::select! {
                 _ = cancel.cancelled() => return None,
-                r = self.listener.accept() => r,
+                r = self.listener.accept_one() => r,
             };
             match r {
                 Ok((s, peer)) => {
@@ -148,12 +190,14 @@ impl Acceptor {
                     if self.permits.available_permits() > 0 {
                         self.at_cap_logged = false;
                     }
-                    let ip = peer.ip().to_canonical();
-                    if !self.admit(ip) {
+                    let src = L::source(&peer);
+                    if !self.admit(src) {
                         drop(s); // closed at once; its permit goes back below
                         continue;
                     }
-                    return Some((s, peer, Permit { _cap: permit, sources: self.sources.clone(), ip }));
+                    let sources = self.sources.clone();
+                    let release = Box::new(move || sources.release(&src));
+                    return Some((s, peer, Permit { _cap: permit, release: Some(release) }));
                 }
                 Err(e) => {
                     drop(permit);
@@ -202,18 +246,20 @@ impl Drop for ActiveGuard {
 /// The connect info every gRPC request carries (in its extensions).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// Addresses, as tonic's own TCP info.
-    pub tcp: tonic::transport::server::TcpConnectInfo,
+    /// Addresses, as tonic's own TCP info (`None` on the admin socket).
+    pub tcp: Option<tonic::transport::server::TcpConnectInfo>,
+    /// On the admin socket: the local user it admitted.
+    pub local: Option<Arc<crate::auth::local::LocalPeer>>,
     /// The connection's request count.
     pub state: Arc<ConnState>,
     /// The TLS client certificate's subject Common Name, if one was verified.
     pub client_cn: Option<Arc<str>>,
 }
 
-/// A TCP stream whose I/O fails once `cut` is cancelled, or once it has had no request in
+/// A stream whose I/O fails once `cut` is cancelled, or once it has had no request in
 /// progress for its idle timeout.
-pub struct Cuttable {
-    inner: TcpStream,
+pub struct Cuttable<S = TcpStream> {
+    inner: S,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     state: Arc<ConnState>,
     idle: Duration,
@@ -223,16 +269,16 @@ pub struct Cuttable {
     _permit: Option<Permit>,
 }
 
-impl std::fmt::Debug for Cuttable {
+impl<S: std::fmt::Debug> std::fmt::Debug for Cuttable<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cuttable").field("inner", &self.inner).finish_non_exhaustive()
     }
 }
 
-impl Cuttable {
+impl<S> Cuttable<S> {
     /// Wrap `inner`; cancelling `cut` ends it, and so do `idle` without requests. The permit
     /// (of the listener's cap) is released with the connection.
-    pub fn new(inner: TcpStream, cut: CancellationToken, idle: Duration, permit: Option<Permit>) -> Self {
+    pub fn new(inner: S, cut: CancellationToken, idle: Duration, permit: Option<Permit>) -> Self {
         Self {
             inner,
             cut: Box::pin(cut.cancelled_owned()),
@@ -268,14 +314,14 @@ impl Cuttable {
     }
 }
 
-impl AsyncRead for Cuttable {
+impl<S: AsyncRead + Unpin> AsyncRead for Cuttable<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Cuttable {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Cuttable<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
@@ -304,11 +350,18 @@ impl AsyncWrite for Cuttable {
     }
 }
 
-impl tonic::transport::server::Connected for Cuttable {
+impl tonic::transport::server::Connected for Cuttable<TcpStream> {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        ConnInfo { tcp: self.inner.connect_info(), state: self.state.clone(), client_cn: None }
+        ConnInfo { tcp: Some(self.inner.connect_info()), local: None, state: self.state.clone(), client_cn: None }
+    }
+}
+
+impl Cuttable<tokio::net::UnixStream> {
+    /// The connect info of an admin-socket connection whose peer `local` was admitted.
+    pub fn local_info(&self, local: Arc<crate::auth::local::LocalPeer>) -> ConnInfo {
+        ConnInfo { tcp: None, local: Some(local), state: self.state.clone(), client_cn: None }
     }
 }
 

@@ -86,12 +86,13 @@ pub enum SessionError {
 pub struct Owner {
     /// The principal's name.
     pub principal: Arc<str>,
-    /// SHA-256 of its token (`None` when no tokens are configured).
+    /// SHA-256 of its token (`None` for a certificate or the admin socket).
     pub credential: Option<[u8; 32]>,
 }
 
 impl Owner {
-    /// An owner with no token (tests, and daemons without credentials).
+    /// An owner with no token, for unit tests.
+    #[cfg(test)]
     pub fn anonymous() -> Owner {
         Owner { principal: "anonymous".into(), credential: None }
     }

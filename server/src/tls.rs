@@ -1,4 +1,5 @@
-//! TLS for the gRPC listener: rustls with the ring provider (no C build), optional client
+//! TLS for the gRPC listener, and [`GrpcIo`], the connection type every gRPC listener feeds
+//! the server: rustls with the ring provider (no C build), optional client
 //! certificates (mTLS).
 //!
 //! The daemon terminates TLS itself rather than through tonic's `tls_config`, for two reasons:
@@ -122,12 +123,14 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
-/// A gRPC connection, plain or TLS.
+/// A gRPC connection: plain or TLS over TCP, or on the admin socket.
 pub enum GrpcIo {
     /// Plaintext.
     Plain(Cuttable),
     /// TLS, with the client certificate's Common Name if one was presented.
     Tls(Box<TlsStream<Cuttable>>, Option<Arc<str>>),
+    /// The admin Unix socket, with the local user it admitted.
+    Local(Cuttable<tokio::net::UnixStream>, Arc<crate::auth::local::LocalPeer>),
 }
 
 impl AsyncRead for GrpcIo {
@@ -135,6 +138,7 @@ impl AsyncRead for GrpcIo {
         match self.get_mut() {
             GrpcIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            GrpcIo::Local(s, _) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -144,6 +148,7 @@ impl AsyncWrite for GrpcIo {
         match self.get_mut() {
             GrpcIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            GrpcIo::Local(s, _) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -151,6 +156,7 @@ impl AsyncWrite for GrpcIo {
         match self.get_mut() {
             GrpcIo::Plain(s) => Pin::new(s).poll_flush(cx),
             GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            GrpcIo::Local(s, _) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -158,6 +164,7 @@ impl AsyncWrite for GrpcIo {
         match self.get_mut() {
             GrpcIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             GrpcIo::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            GrpcIo::Local(s, _) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -169,6 +176,7 @@ impl tonic::transport::server::Connected for GrpcIo {
         match self {
             GrpcIo::Plain(s) => s.connect_info(),
             GrpcIo::Tls(s, cn) => ConnInfo { client_cn: cn.clone(), ..s.get_ref().0.connect_info() },
+            GrpcIo::Local(s, peer) => s.local_info(peer.clone()),
         }
     }
 }

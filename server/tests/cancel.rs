@@ -97,7 +97,7 @@ async fn an_acquire_abandoned_at_any_step_leaves_no_lease() {
     for step in ["grant.allocated", "grant.installed"] {
         t.set(step, "pause").await;
         // The raw RPC (the SDK's acquire finishes its RPC in a task of its own).
-        let mut raw = pb::leases_client::LeasesClient::connect(d.endpoint.clone()).await.unwrap();
+        let mut raw = pb::leases_client::LeasesClient::new(d.channel().await);
         let req = pb::AcquireRequest {
             session_id: s.id().to_string(),
             object: Some(pb::ObjectRef { namespace: "ns".into(), name: "x".into() }),

@@ -100,8 +100,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
     o.write(0, vec![7; 100], true).await.unwrap();
     let before = (c.stats().await.unwrap(), o.stat().await.unwrap());
     // Bypass the SDK's own validation to reach the server with raw messages.
-    let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
-    let mut raw = rdax_proto::pb::objects_client::ObjectsClient::new(ch);
+    let mut raw = rdax_proto::pb::objects_client::ObjectsClient::new(d.channel().await);
     let r = |ns: &str, n: &str| Some(rdax_proto::pb::ObjectRef { namespace: ns.into(), name: n.into() });
     use rdax_proto::pb::*;
     use tonic::Code;
@@ -269,8 +268,9 @@ fn sigterm_during_a_put_lets_it_finish_within_the_shutdown_bound() {
     let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     // The put reads from a pipe the test holds, so it is provably still in flight when
     // SIGTERM arrives: its second half is written only after shutdown has started.
-    let mut put = common::rdaxctl()
-        .args(["--endpoint", &d.endpoint, "put", "ns/big", "-"])
+    let mut put = d
+        .rdaxctl()
+        .args(["put", "ns/big", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -310,8 +310,9 @@ fn sigterm_during_a_put_that_cannot_finish_fails_it_cleanly() {
     let mut d = Daemon::start(dir.path(), &["--shutdown-timeout-ms", "500"]);
     d.allow("in-flight work did not finish within the shutdown timeout");
     // A put from a pipe that the test keeps open: it cannot finish by itself.
-    let mut put = common::rdaxctl()
-        .args(["--endpoint", &d.endpoint, "put", "ns/slow", "-"])
+    let mut put = d
+        .rdaxctl()
+        .args(["put", "ns/slow", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

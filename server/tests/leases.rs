@@ -229,8 +229,8 @@ async fn dma_held_mid_copy_drains_before_blocks_are_reused() {
 
 /// The daemon's `Testing` service (testing builds).
 #[cfg(feature = "testing")]
-async fn testing(d: &Daemon) -> rdax_proto::testing_pb::testing_client::TestingClient<tonic::transport::Channel> {
-    rdax_proto::testing_pb::testing_client::TestingClient::connect(d.endpoint.clone()).await.unwrap()
+async fn testing(d: &Daemon) -> rdax_proto::testing_pb::testing_client::TestingClient<common::Authed> {
+    rdax_proto::testing_pb::testing_client::TestingClient::new(d.channel().await)
 }
 
 #[cfg(feature = "testing")]
@@ -335,8 +335,9 @@ fn rdaxctl_lease_hold_list_and_revoke() {
     let dir = tmp();
     let d = Daemon::start(dir.path(), &[]);
     assert!(d.ctl(&["create", "ns/x", "--size", "1M"]).status.success());
-    let mut hold = common::rdaxctl()
-        .args(["--endpoint", &d.endpoint, "--json", "lease", "hold", "ns/x", "--rw"])
+    let mut hold = d
+        .rdaxctl()
+        .args(["--json", "lease", "hold", "ns/x", "--rw"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -391,8 +392,9 @@ fn a_stopped_client_cannot_keep_the_pool_open_at_shutdown() {
     let mut d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "300", "--shutdown-timeout-ms", "2000"]);
     d.allow("not returned before the break deadline");
     assert!(d.ctl(&["create", "ns/x", "--size", "1M"]).status.success());
-    let mut hold = common::rdaxctl()
-        .args(["--endpoint", &d.endpoint, "lease", "hold", "ns/x", "--rw"])
+    let mut hold = d
+        .rdaxctl()
+        .args(["lease", "hold", "ns/x", "--rw"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -470,8 +472,9 @@ fn hold_session_reports_recalls_and_stays_up() {
     let dir = tmp();
     let d = Daemon::start(dir.path(), &[]);
     assert!(d.ctl(&["create", "ns/x", "--size", "1M"]).status.success());
-    let mut hold = common::rdaxctl()
-        .args(["--endpoint", &d.endpoint, "--json", "hold-session", "--name", "verbs-client"])
+    let mut hold = d
+        .rdaxctl()
+        .args(["--json", "hold-session", "--name", "verbs-client"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -49,7 +49,7 @@ async fn without_rdma_the_daemon_says_why_once_and_serves_tcp() {
     assert!(c.leases(None).await.unwrap().is_empty(), "no lease was granted");
 
     // The protocol itself refuses an RDMA lease with FAILED_PRECONDITION and the reason.
-    let mut raw = rdax_proto::pb::leases_client::LeasesClient::connect(d.endpoint.clone()).await.unwrap();
+    let mut raw = rdax_proto::pb::leases_client::LeasesClient::new(d.channel().await);
     let st = raw
         .acquire(rdax_proto::pb::AcquireRequest {
             session_id: s2.id().to_string(),

@@ -65,7 +65,7 @@ fn devdax_daemon(dir: &std::path::Path, extra: &[&str]) -> Daemon {
     let out = rdaxctl().args(["mkpool", &dev, "--force"]).output().unwrap();
     assert!(out.status.success(), "mkpool {dev}: {}", String::from_utf8_lossy(&out.stderr));
     let rdma = format!("{}:0", env("RDAX_LAB_SERVER_IP"));
-    let mut args = vec!["--pool", &dev, "--rdma-listen", &rdma, "--allow-no-token"];
+    let mut args = vec!["--pool", &dev, "--rdma-listen", &rdma];
     args.extend_from_slice(extra);
     let d = Daemon::start(dir, &args);
     assert!(!d.rdma.is_empty(), "no RDMA endpoint:\n{}", d.log());
@@ -232,7 +232,7 @@ async fn fsdax_pool_refuses_rdma_and_serves_tcp() {
     let pool = format!("{mnt}/rdax.pool");
     let _ = std::fs::remove_file(&pool);
     let rdma = format!("{}:0", env("RDAX_LAB_SERVER_IP"));
-    let d = Daemon::start(dir.path(), &["--pool", &pool, "--rdma-listen", &rdma, "--allow-no-token"]);
+    let d = Daemon::start(dir.path(), &["--pool", &pool, "--rdma-listen", &rdma]);
     d.allow("RDMA unavailable");
     let c = client(&d).await;
     let info = c.info().await.unwrap();
@@ -474,7 +474,7 @@ async fn devdax_a_cancelled_rdma_acquire_leaves_no_binding() {
     s.acquire("lab", "cancel", 0, 4096, LeaseMode::Read).await.unwrap().release().await.unwrap();
     let invalidations = d.metric("rdax_rdma_invalidations_total");
     t.set("rdma.bind", "pause").await;
-    let mut raw = rdax_proto::pb::leases_client::LeasesClient::connect(d.endpoint.clone()).await.unwrap();
+    let mut raw = rdax_proto::pb::leases_client::LeasesClient::new(d.channel().await);
     let req = rdax_proto::pb::AcquireRequest {
         session_id: s.id().to_string(),
         object: Some(rdax_proto::pb::ObjectRef { namespace: "lab".into(), name: "cancel".into() }),

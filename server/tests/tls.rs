@@ -152,7 +152,7 @@ async fn an_expired_certificate_is_refused_until_a_reload_swaps_in_a_good_one() 
     common::poll(Duration::from_secs(10), "the certificates to be reloaded", || {
         d.log().contains("TLS certificates reloaded").then_some(())
     });
-    let c = connect(&ep, &ca1, None, None).await.unwrap();
+    let c = connect(&ep, &ca1, None, d.token.as_deref()).await.unwrap();
     assert!(!c.info().await.unwrap().uuid.is_empty());
     // A broken file on reload keeps the running certificate.
     std::fs::write(&key, "not a key").unwrap();
@@ -162,5 +162,5 @@ async fn an_expired_certificate_is_refused_until_a_reload_swaps_in_a_good_one() 
     common::poll(Duration::from_secs(10), "the failed reload to be logged", || {
         d.log().contains("TLS certificates not reloaded").then_some(())
     });
-    connect(&ep, &ca1, None, None).await.expect("still served with the running certificate");
+    connect(&ep, &ca1, None, d.token.as_deref()).await.expect("still served with the running certificate");
 }

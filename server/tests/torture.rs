@@ -86,7 +86,7 @@ async fn run(seed: u64, races: u64) {
     for i in 0..4 {
         holders.push(holder(&c, i).await);
     }
-    let mut testing = TestingClient::connect(d.endpoint.clone()).await.unwrap();
+    let mut testing = TestingClient::new(d.channel().await);
     // writes acknowledged, writes refused, keys checked dead, content checks, changes cancelled,
     // acquires cancelled, bytes compared
     let mut stats = [0u64; 7];

@@ -29,9 +29,11 @@ pub(crate) struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
-    /// rdaxd address.
-    #[arg(long, global = true, env = "RDAX_ENDPOINT", default_value = "http://127.0.0.1:7400")]
-    endpoint: String,
+    /// rdaxd address: http://HOST:PORT, https://HOST:PORT or unix:PATH. Default: a local
+    /// daemon's admin socket (<state dir>/rdaxd.sock, then /var/lib/rdax/rdaxd.sock) if one
+    /// exists, else http://127.0.0.1:7400.
+    #[arg(long, global = true, env = "RDAX_ENDPOINT")]
+    endpoint: Option<String>,
     /// File holding the bearer token (or set RDAX_TOKEN).
     #[arg(long, global = true, env = "RDAX_TOKEN_FILE")]
     token_file: Option<PathBuf>,

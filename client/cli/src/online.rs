@@ -31,7 +31,22 @@ pub(crate) async fn connect(cli: &Cli) -> Result<Client, Failure> {
         None => None,
     };
     let opts = ConnectOptions { token, tls, ..Default::default() };
-    Ok(Client::connect(&cli.endpoint, opts).await?)
+    Ok(Client::connect(endpoint(cli), opts).await?)
+}
+
+/// `--endpoint`, else the first local admin socket that exists, else the default TCP port.
+pub(crate) fn endpoint(cli: &Cli) -> String {
+    if let Some(e) = &cli.endpoint {
+        return e.clone();
+    }
+    let found = rdax_proto::paths::admin_socket_candidates().into_iter().find(|p| {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+    });
+    match found {
+        Some(p) => format!("unix:{}", p.display()),
+        None => "http://127.0.0.1:7400".into(),
+    }
 }
 
 fn stat_json(s: &ObjectStat) -> Value {

@@ -12,6 +12,15 @@ pub struct Daemon {
     pub grpc: String,
     pub data: String,
     pub dir: PathBuf,
+    /// The admin token the bench configured (TCP clients have no access without one).
+    pub token: String,
+}
+
+impl Daemon {
+    /// Connect options with the bench's token.
+    pub fn opts(&self) -> rdax_client::ConnectOptions {
+        rdax_client::ConnectOptions { token: Some(self.token.clone()), ..Default::default() }
+    }
 }
 
 impl Drop for Daemon {
@@ -29,6 +38,12 @@ pub fn start(extra: &[&str]) -> Daemon {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let ports = dir.join("ports.json");
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    let token = format!("bench-admin-{:032x}", u128::from_le_bytes(b));
+    let token_file = dir.join("bench.token");
+    std::fs::write(&token_file, &token).unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_rdaxd"))
         .args([
             "--state-dir",
@@ -49,6 +64,8 @@ pub fn start(extra: &[&str]) -> Daemon {
             "warn",
             "--max-sessions",
             "4096",
+            "--token-file",
+            token_file.to_str().unwrap(),
         ])
         .args(extra)
         .stdout(Stdio::null())
@@ -64,7 +81,7 @@ pub fn start(extra: &[&str]) -> Daemon {
         assert!(Instant::now() < deadline, "rdaxd did not start");
         std::thread::sleep(Duration::from_millis(10));
     };
-    Daemon { child, grpc: format!("http://{grpc}"), data, dir }
+    Daemon { child, grpc: format!("http://{grpc}"), data, dir, token }
 }
 
 /// The `p` quantile (0..=1) of `v` (sorted in place).

@@ -9,6 +9,7 @@
 //!
 //! Sessions belong to the principal that opened them; see [`crate::session`].
 
+pub mod local;
 pub mod principals;
 pub mod table;
 
@@ -39,8 +40,8 @@ pub struct Denied {
 }
 
 impl Principal {
-    /// A principal with every right (the single `auth.token_file`, the admin socket, or no
-    /// authentication configured on loopback).
+    /// A principal with every right (the single `auth.token_file`, or a local user on the
+    /// admin socket).
     pub fn admin(name: &str) -> Principal {
         Principal { name: name.into(), scopes: vec![Scope { prefix: String::new(), rights: Rights::ADMIN }] }
     }

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod admin;
 mod limits;
 mod tls;
 
+pub use admin::AdminSection;
 pub use limits::{Limits, LimitsSection};
 pub use tls::{TlsFiles, TlsSection};
 
@@ -47,7 +49,9 @@ Config keys without a flag:
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
-    /default.pool (1 GiB, allocated on disk) and listens on 127.0.0.1:7400 without a token.";
+    /default.pool (1 GiB, allocated on disk), serves gRPC on 127.0.0.1:7400 (no access
+  without a credential) and on the admin socket <state dir>/rdaxd.sock (0660: root,
+  rdaxd's user and its group are admin there; rdaxctl uses it by default).";
 
 /// rdaxd — serve persistent memory to remote clients by direct memory access.
 #[derive(clap::Parser, Debug, Default, Clone)]
@@ -86,8 +90,12 @@ pub struct Args {
     /// Serve gRPC beyond loopback without TLS (logged loudly) [grpc.insecure_plaintext].
     #[arg(long, env = "RDAX_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
-    /// Allow a non-loopback listener without a token [auth.allow_no_token].
-    #[arg(long, env = "RDAX_ALLOW_NO_TOKEN")]
+    /// Admin Unix socket: local root, rdaxd's user and its group are admin there without a
+    /// token [admin.socket] (default <state dir>/rdaxd.sock; "off" for none).
+    #[arg(long, env = "RDAX_ADMIN_SOCKET")]
+    pub admin_socket: Option<String>,
+    /// Removed: there is no anonymous access any more (see the admin socket).
+    #[arg(long, hide = true)]
     pub allow_no_token: bool,
     /// Session TTL: a session without keepalives for this long expires [session.ttl_ms] (default 10000).
     #[arg(long, env = "RDAX_SESSION_TTL_MS")]
@@ -235,6 +243,8 @@ pub struct ConfigFile {
     pub limits: LimitsSection,
     /// `[tls]`.
     pub tls: TlsSection,
+    /// `[admin]`.
+    pub admin: AdminSection,
     /// `[log]`.
     pub log: LogSection,
     /// `[shutdown]`.
@@ -323,7 +333,7 @@ pub struct AuthSection {
     pub token_file: Option<PathBuf>,
     /// Principals file.
     pub principals_file: Option<PathBuf>,
-    /// Permit a non-loopback listener without a token.
+    /// Removed; refused when true (there is no anonymous access any more).
     pub allow_no_token: Option<bool>,
 }
 
@@ -401,8 +411,10 @@ pub struct Config {
     /// gRPC beyond loopback without TLS, on purpose.
     pub insecure_plaintext: bool,
     /// Every credential: the principals file's, plus the token file's as the principal
-    /// `admin` with every right. Empty: no authentication (loopback only).
+    /// `admin` with every right. Empty: TCP clients have no access at all.
     pub principals: crate::auth::Principals,
+    /// The admin Unix socket, unless "off".
+    pub admin_socket: Option<PathBuf>,
     /// gRPC idle timeout.
     pub grpc_idle_timeout: Duration,
     /// Data-plane idle timeout.
@@ -504,21 +516,8 @@ pub fn read_file(path: &Path) -> Result<(ConfigFile, Vec<String>), ConfigError> 
     Ok((file, unknown))
 }
 
-/// The directory for the embedded default pool.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
-        // systemd's StateDirectory= may list several, colon-separated; the first is ours.
-        let first = d.to_string_lossy().split(':').next().unwrap_or_default().to_string();
-        return PathBuf::from(first);
-    }
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(x).join("rdax");
-    }
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/rdax");
-    }
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from(".rdax"), |h| PathBuf::from(h).join(".local/state/rdax"))
-}
+/// The directory for the embedded default pool and the admin socket.
+pub use rdax_proto::paths::default_state_dir;
 
 impl Config {
     /// Merge flags (with environment) over the file over defaults, and validate.
@@ -543,19 +542,21 @@ impl Config {
         let principals = principals_of(principals_file.as_deref(), token.as_deref())?;
         let tls = tls::resolve(args, &file.tls)?;
         let insecure_plaintext = args.insecure_plaintext || file.grpc.insecure_plaintext.unwrap_or(false);
-        let allow_no_token = args.allow_no_token || file.auth.allow_no_token.unwrap_or(false);
+        if args.allow_no_token || file.auth.allow_no_token == Some(true) {
+            return Err(invalid(
+                "auth.allow_no_token (--allow-no-token) is gone: rdaxd no longer serves anyone without a \
+                 credential. Local administrators use the admin socket (admin.socket); remote clients need \
+                 a token (auth.token_file or auth.principals_file) or a client certificate"
+                    .into(),
+            ));
+        }
         if tls.is_none() && !listen.ip().is_loopback() && !insecure_plaintext {
             return Err(invalid(format!(
                 "refusing to serve gRPC on {listen} without TLS: set tls.cert and tls.key (--tls-cert, --tls-key), \
                  or pass --insecure-plaintext if the network is trusted"
             )));
         }
-        if principals.is_empty() && !listen.ip().is_loopback() && !allow_no_token {
-            return Err(invalid(format!(
-                "refusing to listen on {listen} without a token: set auth.token_file (or --token-file), \
-                 or pass --allow-no-token if the network is trusted"
-            )));
-        }
+        let admin_socket = admin::resolve(args, &file.admin, &state_dir)?;
         let ttl_ms = args.session_ttl_ms.or(file.session.ttl_ms).unwrap_or(10_000);
         if !(100..=3_600_000).contains(&ttl_ms) {
             return Err(invalid(format!("session.ttl_ms must be between 100 and 3600000, not {ttl_ms}")));
@@ -566,11 +567,6 @@ impl Config {
             .data_listen
             .or(file.dataplane.listen)
             .unwrap_or_else(|| DEFAULT_DATA_LISTEN.parse().expect("valid default"));
-        if principals.is_empty() && !data_listen.ip().is_loopback() && !allow_no_token {
-            return Err(invalid(format!(
-                "refusing to serve the data plane on {data_listen} without a token (see auth.token_file)"
-            )));
-        }
         let metrics = args
             .metrics_listen
             .clone()
@@ -595,13 +591,6 @@ impl Config {
                     .map_err(|e| invalid(format!("rdma.listen `{a}`: {e} (an address, \"auto\" or \"off\")")))?,
             ),
         };
-        if let RdmaListen::At(a) = rdma_listen
-            && principals.is_empty()
-            && !a.ip().is_loopback()
-            && !allow_no_token
-        {
-            return Err(invalid(format!("refusing to serve RDMA on {a} without a token (see auth.token_file)")));
-        }
         let op_ms = args.data_op_timeout_ms.or(file.dataplane.op_timeout_ms).unwrap_or(10_000);
         let lease_ttl_ms = args.lease_ttl_ms.or(file.lease.ttl_ms).unwrap_or(30_000);
         let break_ms = args.lease_break_timeout_ms.or(file.lease.break_timeout_ms).unwrap_or(5_000);
@@ -632,6 +621,7 @@ impl Config {
             limits,
             principals_file,
             principals,
+            admin_socket,
             tls,
             insecure_plaintext,
             grpc_idle_timeout: Duration::from_millis(grpc_idle_ms),
@@ -741,10 +731,22 @@ mod tests {
         let args = Args::parse_from(["rdaxd", "--listen", "0.0.0.0:7400", "--state-dir", "/tmp/x"]);
         let e = Config::resolve(&args).unwrap_err().to_string();
         assert!(e.contains("without TLS") && e.contains("--insecure-plaintext"), "{e}");
+        // Beyond loopback without a credential is harmless now (TCP callers get nothing).
         let args =
             Args::parse_from(["rdaxd", "--listen", "0.0.0.0:7400", "--insecure-plaintext", "--state-dir", "/tmp/x"]);
+        let c = Config::resolve(&args).unwrap();
+        assert!(c.principals.is_empty());
+        assert_eq!(c.admin_socket, Some(PathBuf::from("/tmp/x/rdaxd.sock")));
+        // The removed anonymous mode is refused with an explanation, flag or key.
+        let args = Args::parse_from(["rdaxd", "--allow-no-token", "--state-dir", "/tmp/x"]);
         let e = Config::resolve(&args).unwrap_err().to_string();
-        assert!(e.contains("without a token"), "{e}");
+        assert!(e.contains("allow_no_token") && e.contains("admin socket"), "{e}");
+        let long = format!("/tmp/{}/rdaxd.sock", "d".repeat(120));
+        let args = Args::parse_from(["rdaxd", "--admin-socket", &long, "--state-dir", "/tmp/x"]);
+        let e = Config::resolve(&args).unwrap_err().to_string();
+        assert!(e.contains("at most 107"), "{e}");
+        let args = Args::parse_from(["rdaxd", "--admin-socket", "off", "--state-dir", "/tmp/x"]);
+        assert_eq!(Config::resolve(&args).unwrap().admin_socket, None);
         let args = Args::parse_from(["rdaxd", "--tls-cert", "/x.pem", "--state-dir", "/tmp/x"]);
         assert!(Config::resolve(&args).unwrap_err().to_string().contains("go together"));
         let dir = tempfile::tempdir().unwrap();

@@ -8,14 +8,18 @@
 //! Health and reflection pass untouched. Missing or unknown credential: `UNAUTHENTICATED`;
 //! a principal without the right: `PERMISSION_DENIED`.
 //!
-//! With no credential configured at all (the embedded default on loopback), every caller is
-//! the principal `anonymous` with every right.
+//! A connection on the admin Unix socket carries the local user it admitted
+//! ([`crate::auth::local`]): without a bearer token, that user's principal `local:<user>`
+//! (every right) is the caller. Over TCP there is no anonymous access: with no credential
+//! configured at all (the embedded default), every TCP request is `UNAUTHENTICATED`, and local
+//! administrators use the socket.
 
 use std::sync::{Arc, RwLock};
 
 use super::status::ApiError;
 use crate::auth::table::{self, Need};
 use crate::auth::{Principal, Principals};
+use crate::net::ConnInfo;
 
 /// The credential check, shared by every service and reloadable (SIGHUP).
 #[derive(Clone, Debug, Default)]
@@ -28,7 +32,7 @@ pub struct Auth {
 pub struct Caller {
     /// The principal.
     pub principal: Arc<Principal>,
-    /// SHA-256 of the token it presented (`None` with no credentials configured).
+    /// SHA-256 of the token it presented (`None` for a certificate or the admin socket).
     pub credential: Option<[u8; 32]>,
 }
 
@@ -50,7 +54,7 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, ApiError> {
 }
 
 impl Auth {
-    /// Check requests against `principals` (empty: everyone is `anonymous`, with every right).
+    /// Check requests against `principals` (empty: only the admin socket's users get in).
     pub fn new(principals: Principals) -> Self {
         Self { principals: Arc::new(RwLock::new(Arc::new(principals))) }
     }
@@ -65,45 +69,49 @@ impl Auth {
         self.principals.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Who sent `headers`, on a connection whose verified client certificate (if any) has
-    /// Common Name `cn`. A bearer token, when sent, decides; else the certificate.
-    pub fn authenticate(&self, headers: &http::HeaderMap, cn: Option<&str>) -> Result<Caller, ApiError> {
+    /// Who sent `headers` on `conn`. A bearer token, when sent, decides; else the admin
+    /// socket's local user, else the verified client certificate's Common Name.
+    pub fn authenticate(&self, headers: &http::HeaderMap, conn: Option<&ConnInfo>) -> Result<Caller, ApiError> {
         let p = self.principals();
-        if p.is_empty() {
-            return Ok(Caller { principal: anonymous(), credential: None });
-        }
-        match bearer(headers) {
-            Some(t) => p
+        let local = conn.and_then(|c| c.local.as_ref());
+        let cn = conn.and_then(|c| c.client_cn.as_deref());
+        if let Some(t) = bearer(headers) {
+            return p
                 .by_token(t)
                 .map(|principal| Caller { principal, credential: Some(crate::auth::hash_token(t)) })
-                .ok_or(ApiError::Unauthenticated("invalid bearer token")),
-            None if cn.is_some() => cn
-                .and_then(|cn| p.by_common_name(cn))
-                .map(|principal| Caller { principal, credential: None })
-                .ok_or(ApiError::Unauthenticated("the client certificate's common name names no principal")),
-            None => Err(ApiError::Unauthenticated(
-                "missing bearer token: send the metadata `authorization: Bearer <token>`",
-            )),
+                .ok_or(ApiError::Unauthenticated("invalid bearer token"));
         }
+        if let Some(l) = local {
+            return Ok(Caller { principal: l.principal.clone(), credential: None });
+        }
+        if let Some(cn) = cn {
+            return p
+                .by_common_name(cn)
+                .map(|principal| Caller { principal, credential: None })
+                .ok_or(ApiError::Unauthenticated("the client certificate's common name names no principal"));
+        }
+        if p.is_empty() {
+            return Err(ApiError::Unauthenticated(
+                "this daemon has no credentials configured, so TCP clients have no access: administer it \
+                 through its admin socket (admin.socket; rdaxctl uses it by default), or configure \
+                 auth.principals_file or auth.token_file",
+            ));
+        }
+        Err(ApiError::Unauthenticated("missing bearer token: send the metadata `authorization: Bearer <token>`"))
     }
 
     /// Authenticate, then check what the table says can be checked before the handler.
-    pub fn admit(&self, path: &str, headers: &http::HeaderMap, cn: Option<&str>) -> Result<Caller, ApiError> {
+    pub fn admit(&self, path: &str, headers: &http::HeaderMap, conn: Option<&ConnInfo>) -> Result<Caller, ApiError> {
         let Some(need) = table::need(path) else {
             return Err(ApiError::PermissionDenied(format!("{path} is not in the authorization table")));
         };
-        let c = self.authenticate(headers, cn)?;
+        let c = self.authenticate(headers, conn)?;
         table::precheck(&c.principal, need).map_err(|right| {
             let place = if need == Need::Admin { "" } else { " on any namespace" };
             ApiError::PermissionDenied(format!("principal `{}` has no `{right}` right{place}", c.name()))
         })?;
         Ok(c)
     }
-}
-
-fn anonymous() -> Arc<Principal> {
-    static ANON: std::sync::OnceLock<Arc<Principal>> = std::sync::OnceLock::new();
-    ANON.get_or_init(|| Arc::new(Principal::admin("anonymous"))).clone()
 }
 
 /// The token of `authorization: Bearer <token>`.
@@ -144,8 +152,10 @@ mod tests {
             a.admit("/rdax.v1.Pool/Secret", &headers(Some("Bearer 0123456789abcdef")), None).unwrap_err(),
         );
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "a path with no line is refused");
-        // Nothing configured: everyone is anonymous, with every right.
-        assert_eq!(Auth::new(Principals::default()).admit(path, &headers(None), None).unwrap().name(), "anonymous");
+        // Nothing configured: TCP callers get nothing, and are told where to go.
+        let e = tonic::Status::from(Auth::new(Principals::default()).admit(path, &headers(None), None).unwrap_err());
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("admin socket"), "{}", e.message());
         // A reload replaces the principals for every clone.
         let clone = a.clone();
         a.set(Principals::single("admin", "fedcba9876543210"));
@@ -167,5 +177,28 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{path}");
             assert!(e.message().contains("principal `r`"), "{}", e.message());
         }
+    }
+
+    #[test]
+    fn the_admin_socket_makes_its_user_the_caller_unless_a_token_says_otherwise() {
+        use crate::auth::local::{PeerCredentials, admitted};
+        let creds = PeerCredentials { uid: 1000, gid: 1000, groups: vec![], pid: None };
+        let conn = ConnInfo {
+            tcp: None,
+            local: Some(Arc::new(admitted(&creds, "alice"))),
+            state: Arc::default(),
+            client_cn: None,
+        };
+        for principals in [Principals::default(), Principals::single("admin", "0123456789abcdef")] {
+            let a = Auth::new(principals);
+            let c = a.admit("/rdax.v1.Admin/ListSessions", &headers(None), Some(&conn)).unwrap();
+            assert_eq!(c.name(), "local:alice");
+            assert_eq!(c.credential, None);
+        }
+        let a = Auth::new(Principals::single("admin", "0123456789abcdef"));
+        let c = a.admit("/rdax.v1.Pool/Info", &headers(Some("Bearer 0123456789abcdef")), Some(&conn)).unwrap();
+        assert_eq!(c.name(), "admin", "a token sent on the socket decides");
+        let e = a.admit("/rdax.v1.Pool/Info", &headers(Some("Bearer wrong-token-000000")), Some(&conn)).unwrap_err();
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated, "a bad token is not excused");
     }
 }

@@ -75,15 +75,16 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         // Every request counts on its connection until its reply is done.
         let conn = req.extensions().get::<crate::net::ConnInfo>().cloned();
-        let active = conn.map(|c| {
+        let active = conn.as_ref().map(|c| {
             // tonic's `remote_addr()` reads its own TCP info.
-            req.extensions_mut().insert(c.tcp.clone());
+            if let Some(tcp) = c.tcp.clone() {
+                req.extensions_mut().insert(tcp);
+            }
             c.state.begin()
         });
         let path = req.uri().path().to_string();
         if path.starts_with("/rdax.") {
-            let cn = req.extensions().get::<crate::net::ConnInfo>().and_then(|c| c.client_cn.clone());
-            match self.auth.admit(&path, req.headers(), cn.as_deref()) {
+            match self.auth.admit(&path, req.headers(), conn.as_ref()) {
                 Ok(c) => {
                     req.extensions_mut().insert(c);
                 }

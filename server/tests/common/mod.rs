@@ -22,6 +22,11 @@ pub struct Daemon {
     pub envs: Vec<(String, String)>,
     pub dir: PathBuf,
     pub args: Vec<String>,
+    /// The admin token the harness configured (`None` when the test set up credentials of
+    /// its own): TCP clients have no access without one.
+    pub token: Option<String>,
+    /// The admin socket, from the ports file.
+    pub admin_socket: Option<PathBuf>,
     /// WARN/ERROR messages this test expects (substrings), beyond [`ALWAYS_ALLOWED`].
     allowed: std::sync::Mutex<Vec<String>>,
 }
@@ -62,6 +67,15 @@ impl Daemon {
 
     /// Start with extra environment variables.
     pub fn start_env(dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::start_with(dir, extra, envs, true)
+    }
+
+    /// Start with no credential configured at all (the embedded default's auth).
+    pub fn start_bare(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(dir, extra, &[], false)
+    }
+
+    fn start_with(dir: &Path, extra: &[&str], envs: &[(&str, &str)], harness_token: bool) -> Self {
         let mut args: Vec<String> = vec![
             "--state-dir".into(),
             dir.display().to_string(),
@@ -77,6 +91,24 @@ impl Daemon {
         if !extra.contains(&"--pool-size") {
             args.extend(["--pool-size".to_string(), "64M".to_string()]);
         }
+        // Unless the test brings its own credentials, one admin token (in a 0600 file, never
+        // on argv), since TCP clients get nothing without a credential.
+        let config_auth = extra
+            .iter()
+            .position(|a| *a == "--config")
+            .and_then(|i| std::fs::read_to_string(extra.get(i + 1)?).ok())
+            .is_some_and(|t| t.contains("[auth]"));
+        let own_auth = config_auth
+            || extra.iter().any(|a| ["--token-file", "--principals-file"].contains(a))
+            || envs.iter().any(|(k, _)| *k == "RDAX_TOKEN" || *k == "RDAX_TOKEN_FILE" || *k == "RDAX_PRINCIPALS_FILE");
+        let token = (harness_token && !own_auth).then(|| {
+            let t = format!("harness-admin-{:032x}", rand_u128());
+            let f = dir.join("harness.token");
+            std::fs::write(&f, &t).unwrap();
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            args.extend(["--token-file".to_string(), f.display().to_string()]);
+            t
+        });
         args.extend(extra.iter().map(|s| s.to_string()));
         let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut d = Self {
@@ -88,6 +120,8 @@ impl Daemon {
             envs,
             dir: dir.to_path_buf(),
             args,
+            token,
+            admin_socket: None,
             allowed: Default::default(),
         };
         d.spawn();
@@ -118,8 +152,10 @@ impl Daemon {
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
             let metrics = v["metrics"].as_str().unwrap_or_default().to_string();
             let rdma = v["rdma"].as_str().unwrap_or_default().to_string();
-            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics, rdma))
+            let admin = v["admin"].as_str().map(PathBuf::from);
+            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics, rdma, admin))
         });
+        self.admin_socket = addr.4;
         self.endpoint = format!("http://{}", addr.0);
         self.data = addr.1;
         self.metrics = addr.2;
@@ -199,7 +235,31 @@ impl Daemon {
     }
 
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        rdaxctl().arg("--endpoint").arg(&self.endpoint).args(args).output().expect("run rdaxctl")
+        self.rdaxctl().args(args).output().expect("run rdaxctl")
+    }
+
+    /// `rdaxctl` pointed at this daemon's TCP endpoint with its harness token (in the
+    /// environment, as a user would pass it, never on argv).
+    pub fn rdaxctl(&self) -> Command {
+        let mut c = rdaxctl();
+        c.arg("--endpoint").arg(&self.endpoint);
+        if let Some(t) = &self.token {
+            c.env("RDAX_TOKEN", t);
+        }
+        c
+    }
+
+    /// Connect options carrying the harness token.
+    pub fn connect_options(&self) -> rdax_client::ConnectOptions {
+        rdax_client::ConnectOptions { token: self.token.clone(), ..Default::default() }
+    }
+
+    /// A raw tonic channel to the daemon that sends the harness token, for checks the SDK
+    /// would never let through.
+    pub async fn channel(&self) -> Authed {
+        let ch = tonic::transport::Endpoint::from_shared(self.endpoint.clone()).unwrap().connect().await.unwrap();
+        let header = self.token.as_ref().map(|t| format!("Bearer {t}").parse().unwrap());
+        tonic::service::interceptor::InterceptedService::new(ch, TokenHeader(header))
     }
 }
 
@@ -217,7 +277,30 @@ impl Drop for Daemon {
 }
 
 pub async fn client(d: &Daemon) -> rdax_client::Client {
-    rdax_client::Client::connect(&d.endpoint, rdax_client::ConnectOptions::default()).await.expect("connect")
+    rdax_client::Client::connect(&d.endpoint, d.connect_options()).await.expect("connect")
+}
+
+/// A channel that sends a bearer token with every request.
+pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenHeader>;
+
+/// Adds `authorization: Bearer …` when set.
+#[derive(Clone)]
+pub struct TokenHeader(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for TokenHeader {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.0 {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// 128 random bits (from the kernel), for tokens.
+pub fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    u128::from_le_bytes(b)
 }
 
 /// A raw data-plane connection, for checks the SDK would never let through.
@@ -274,12 +357,12 @@ use rdax_proto::testing_pb::{self as tpb, testing_client::TestingClient};
 
 /// The daemon's test-only `Testing` service (failpoints, audits), in `testing` builds.
 #[cfg(feature = "testing")]
-pub struct Testing(pub TestingClient<tonic::transport::Channel>);
+pub struct Testing(pub TestingClient<Authed>);
 
 #[cfg(feature = "testing")]
 impl Testing {
     pub async fn new(d: &Daemon) -> Self {
-        Testing(TestingClient::connect(d.endpoint.clone()).await.unwrap())
+        Testing(TestingClient::new(d.channel().await))
     }
 
     pub async fn set(&mut self, name: &str, action: &str) {
