@@ -10,11 +10,11 @@ work=$(mktemp -d)
 "$bin/rdaxctl" mkpool "$pool" --size 256M --force
 "$bin/rdaxctl" fsck "$pool"
 "$bin/rdaxd" --pool "$pool" --listen 127.0.0.1:0 --data-listen 127.0.0.1:0 --metrics-listen off \
-  --ports-file "$work/ports.json" --log-level warn &
+  --admin-socket "$work/admin.sock" --ports-file "$work/ports.json" --log-level warn &
 pid=$!
 for _ in $(seq 1 500); do [ -s "$work/ports.json" ] && break; sleep 0.02; done
-ep=$(sed -E 's/.*"grpc":"([^"]+)".*/\1/' "$work/ports.json")
-ctl() { "$bin/rdaxctl" --endpoint "http://$ep" "$@"; }
+# Root in the VM administers through the admin socket: no token.
+ctl() { "$bin/rdaxctl" --endpoint "unix:$work/admin.sock" "$@"; }
 ctl --json info | grep -E '"(mode|persistence)"'
 head -c 5000000 /dev/urandom > "$work/in"
 ctl put smoke/blob "$work/in"

@@ -361,7 +361,10 @@ pub async fn run_with_reload(
             admin.as_ref().map(|a| a.path()),
         )?;
     }
-    println!("rdaxd: listening grpc={local} data={data_local}");
+    match cfg.admin_socket.as_deref() {
+        Some(p) => println!("rdaxd: listening grpc={local} data={data_local} admin=unix:{}", p.display()),
+        None => println!("rdaxd: listening grpc={local} data={data_local}"),
+    }
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
     // Both listeners accept and recovery is done: tell systemd.
     let status = systemd::status_line(&pool, &sessions, &leases);
