@@ -21,7 +21,8 @@ use crate::session::{Session, SessionOptions};
 pub struct ConnectOptions {
     /// Bearer token (`authorization: Bearer <token>` on every request).
     pub token: Option<String>,
-    /// TLS for `https://` endpoints (required for them).
+    /// TLS for `https://` endpoints (required for them), and for a data plane that speaks
+    /// TLS (`dataplane.tls`; then also with a `unix:` endpoint).
     pub tls: Option<TlsOptions>,
     /// Bound on establishing the connection.
     pub connect_timeout: Duration,
@@ -118,12 +119,7 @@ impl Client {
     pub async fn connect(endpoint: impl AsRef<str>, opts: ConnectOptions) -> Result<Self> {
         let ep = endpoint.as_ref();
         if let Some(path) = crate::unix::socket_path(ep) {
-            if opts.tls.is_some() {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!("{ep} is a Unix socket: TLS does not apply"),
-                ));
-            }
+            // TLS options, if any, serve the data plane only (`dataplane.tls`).
             let channel = Endpoint::from_static("http://localhost")
                 .connect_timeout(opts.connect_timeout)
                 .initial_stream_window_size(Some(8 << 20))

@@ -1,11 +1,16 @@
 //! The client side of the rdax TCP data plane: HELLO, then one operation at a time per
-//! connection; connections are pooled per session and lease.
+//! connection; connections are pooled per session and lease. When the daemon's grant says
+//! `data_tls`, each connection starts with a TLS handshake against the CA of
+//! [`crate::TlsOptions`].
 
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use rdax_proto::dataplane::{self as wire, Op, Request, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -21,23 +26,134 @@ fn status_error(s: Status) -> Error {
     Error::new(kind, format!("data plane refused the operation: {s:?}"))
 }
 
+/// ALPN of the data plane over TLS.
+const DATA_ALPN: &[u8] = b"rdax-data";
+
+/// How to make TLS data-plane connections: the client configuration and the name the
+/// daemon's certificate must carry.
+#[derive(Clone)]
+pub(crate) struct DataTls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for DataTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataTls").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl DataTls {
+    /// From the connection's TLS options, for the data endpoint `addr` (`host:port`).
+    pub fn new(opts: &crate::TlsOptions, addr: &str) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let bad = |m: String| Error::new(ErrorKind::InvalidArgument, m);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&opts.ca_pem) {
+            let c = c.map_err(|e| bad(format!("the CA bundle: {e}")))?;
+            roots.add(c).map_err(|e| bad(format!("the CA bundle: {e}")))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots);
+        let mut cfg = match &opts.identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| bad(format!("the client certificate: {e}")))?;
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(format!("the client key: {e}")))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| bad(format!("the client certificate: {e}")))?
+            }
+        };
+        cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        let host = match &opts.domain {
+            Some(d) => d.clone(),
+            None => addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']).to_string(),
+        };
+        let name = ServerName::try_from(host.clone()).map_err(|e| bad(format!("data-plane host {host}: {e}")))?;
+        Ok(Self { connector: tokio_rustls::TlsConnector::from(Arc::new(cfg)), name })
+    }
+}
+
+/// A data-plane connection: plain TCP or TLS.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One connection bound to a session.
 #[derive(Debug)]
 pub(crate) struct DataConn {
-    s: TcpStream,
+    s: Stream,
     next_id: u32,
 }
 
 impl DataConn {
-    pub async fn connect(addr: &str, session: [u8; 16]) -> Result<Self> {
-        let s = TcpStream::connect(addr)
+    pub async fn connect(addr: &str, session: [u8; 16], tls: Option<&DataTls>) -> Result<Self> {
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| Error::new(ErrorKind::Connect, format!("cannot reach the data plane at {addr}: {e}")))?;
-        s.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let s = match tls {
+            None => Stream::Plain(tcp),
+            Some(t) => {
+                let s = t.connector.connect(t.name.clone(), tcp).await.map_err(|e| {
+                    Error::new(ErrorKind::Connect, format!("TLS handshake with the data plane at {addr}: {e}"))
+                })?;
+                Stream::Tls(Box::new(s))
+            }
+        };
         let mut c = Self { s, next_id: 1 };
         let hello =
             Request { op: Op::Hello, flags: 0, id: 0, key: session, generation: wire::VERSION, offset: 0, len: 0 };
         c.s.write_all(&hello.encode()).await?;
+        c.s.flush().await?;
         c.response(0).await?;
         Ok(c)
     }
@@ -71,6 +187,7 @@ impl DataConn {
     pub async fn read(&mut self, key: [u8; 16], generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = self.request(Op::Read, 0, key, generation, offset, buf.len());
         self.s.write_all(&r.encode()).await?;
+        self.s.flush().await?;
         let len = self.response(r.id).await?;
         if len as usize != buf.len() {
             return Err(Error::new(ErrorKind::Protocol, "short data-plane read"));
@@ -91,12 +208,14 @@ impl DataConn {
         let r = self.request(Op::Write, flags, key, generation, offset, data.len());
         self.s.write_all(&r.encode()).await?;
         self.s.write_all(data).await?;
+        self.s.flush().await?;
         self.response(r.id).await.map(drop)
     }
 
     pub async fn flush(&mut self, key: [u8; 16], generation: u64, offset: u64, len: u64) -> Result<()> {
         let r = self.request(Op::Flush, 0, key, generation, offset, len as usize);
         self.s.write_all(&r.encode()).await?;
+        self.s.flush().await?;
         self.response(r.id).await.map(drop)
     }
 }
@@ -111,20 +230,22 @@ const POOLED_MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 pub(crate) struct ConnPool {
     addr: String,
     session: [u8; 16],
+    tls: Option<DataTls>,
     idle: Mutex<Vec<(DataConn, std::time::Instant)>>,
 }
 
 impl DataConn {
-    /// Still open, with nothing unread (a closed connection reads EOF at once).
+    /// Still open, with nothing unread (a closed connection reads EOF at once). A byte read
+    /// here is lost, but then the connection is dropped anyway.
     fn usable(&self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        matches!(self.s.tcp().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
 impl ConnPool {
-    pub fn new(addr: String, session: [u8; 16]) -> Self {
-        Self { addr, session, idle: Mutex::new(Vec::new()) }
+    pub fn new(addr: String, session: [u8; 16], tls: Option<DataTls>) -> Self {
+        Self { addr, session, tls, idle: Mutex::new(Vec::new()) }
     }
 
     pub async fn get(&self) -> Result<DataConn> {
@@ -133,7 +254,7 @@ impl ConnPool {
             match c {
                 Some((c, since)) if since.elapsed() < POOLED_MAX_IDLE && c.usable() => return Ok(c),
                 Some(_) => continue, // stale or closed by the daemon: drop it
-                None => return DataConn::connect(&self.addr, self.session).await,
+                None => return DataConn::connect(&self.addr, self.session, self.tls.as_ref()).await,
             }
         }
     }

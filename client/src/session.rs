@@ -189,14 +189,27 @@ impl Session {
         Ok(id.0)
     }
 
-    fn conn_pool(&self, endpoint: &str) -> Result<Arc<ConnPool>> {
+    fn conn_pool(&self, endpoint: &str, tls: bool) -> Result<Arc<ConnPool>> {
         let mut g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((ep, p)) = g.as_ref()
             && ep == endpoint
         {
             return Ok(p.clone());
         }
-        let p = Arc::new(ConnPool::new(endpoint.to_string(), self.session_bytes()?));
+        let tls = match (tls, &self.client.opts.tls) {
+            (false, _) => None,
+            (true, Some(t)) => Some(crate::dataplane::DataTls::new(t, endpoint)?),
+            (true, None) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "the daemon's data plane at {endpoint} speaks TLS: give the CA to trust \
+                         (ConnectOptions::tls, rdaxctl --ca)"
+                    ),
+                ));
+            }
+        };
+        let p = Arc::new(ConnPool::new(endpoint.to_string(), self.session_bytes()?, tls));
         *g = Some((endpoint.to_string(), p.clone()));
         Ok(p)
     }
@@ -304,7 +317,7 @@ impl Session {
             .cloned()
             .ok_or_else(|| Error::new(ErrorKind::Protocol, "grant without a data endpoint"))?;
         let ttl = Duration::from_millis(grant.ttl_ms);
-        let conns = self.conn_pool(&endpoint)?;
+        let conns = self.conn_pool(&endpoint, grant.data_tls)?;
         #[allow(unused_mut)]
         let mut inner =
             LeaseInner::from_grant(grant, object, offset, len, self.id.clone(), self.client.clone(), conns)?;

@@ -197,6 +197,7 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
     let restart_only = new.listen != old.listen
         || new.tls.is_some() != old.tls.is_some()
         || new.data_listen != old.data_listen
+        || new.data_tls != old.data_tls
         || new.metrics_listen != old.metrics_listen
         || new.rdma_listen != old.rdma_listen
         || new.rdma_keys != old.rdma_keys
@@ -263,6 +264,19 @@ pub async fn run_with_reload(
         .await
         .with_context(|| format!("listen for the data plane on {}", cfg.data_listen))?;
     let data_local = data_listener.local_addr().context("read the data-plane address")?;
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let t = crate::tls::Tls::load(files).map_err(|e| anyhow::anyhow!("set up TLS: {e}"))?;
+            info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "serving gRPC over TLS");
+            Some(Arc::new(t))
+        }
+        None => {
+            if cfg.insecure_plaintext && !cfg.listen.ip().is_loopback() {
+                warn!(listen = %cfg.listen, "serving gRPC WITHOUT TLS beyond loopback (--insecure-plaintext): tokens and session secrets cross the network in the clear");
+            }
+            None
+        }
+    };
     let dataplane = Arc::new(DataPlane {
         keys: leases.keys().clone(),
         sessions: sessions.clone(),
@@ -270,7 +284,13 @@ pub async fn run_with_reload(
         op_timeout_ms: (cfg.data_op_timeout.as_millis() as u64).into(),
         idle_timeout_ms: (cfg.data_idle_timeout.as_millis() as u64).into(),
         gate: gate.clone(),
+        tls: if cfg.data_tls { tls.clone() } else { None },
     });
+    if cfg.data_tls {
+        info!(data = %data_local, "serving the TCP data plane over TLS (payloads pass a bounce buffer)");
+    } else if !data_local.ip().is_loopback() {
+        info!(data = %data_local, "the TCP data plane beyond loopback is not encrypted (dataplane.tls is off)");
+    }
     let rdma = crate::rdma::Rdma::start(&cfg, pool.clone(), leases.clone(), sessions.clone(), gate.clone()).await;
     let data_stop = CancellationToken::new();
     let data_task = tokio::spawn(dataplane.clone().serve(
@@ -308,19 +328,6 @@ pub async fn run_with_reload(
         cfg: cfg.clone(),
         draining: root.clone(),
         gate: gate.clone(),
-    };
-    let tls = match &cfg.tls {
-        Some(files) => {
-            let t = crate::tls::Tls::load(files).map_err(|e| anyhow::anyhow!("set up TLS: {e}"))?;
-            info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "serving gRPC over TLS");
-            Some(Arc::new(t))
-        }
-        None => {
-            if cfg.insecure_plaintext && !cfg.listen.ip().is_loopback() {
-                warn!(listen = %cfg.listen, "serving gRPC WITHOUT TLS beyond loopback (--insecure-plaintext): tokens and session secrets cross the network in the clear");
-            }
-            None
-        }
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let routes = grpc::routes(shared)?.add_service(health_svc);

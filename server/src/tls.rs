@@ -60,8 +60,11 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// Build a server configuration from `files`.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// ALPN of the TCP data plane over TLS.
+pub const DATA_ALPN: &[u8] = b"rdax-data";
+
+/// Build a server configuration from `files`, offering the ALPN protocol `alpn`.
+pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certs("tls.cert", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("tls.key", &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -82,27 +85,45 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         }
     };
     let mut cfg = builder.with_single_cert(chain, key).map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    if alpn == DATA_ALPN {
+        // Data-plane clients do not resume sessions; a ticket would only be a record the
+        // client must read before its first reply.
+        cfg.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(cfg))
 }
 
-/// The live server configuration, swapped on reload.
+/// The live server configurations (gRPC, and the data plane's), swapped on reload.
 #[derive(Debug)]
 pub struct Tls {
     config: RwLock<Arc<rustls::ServerConfig>>,
+    data: RwLock<Arc<rustls::ServerConfig>>,
 }
 
 impl Tls {
     /// Load `files`.
     pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
-        Ok(Tls { config: RwLock::new(server_config(files)?) })
+        Ok(Tls {
+            config: RwLock::new(server_config(files, b"h2")?),
+            data: RwLock::new(server_config(files, DATA_ALPN)?),
+        })
     }
 
     /// Load `files` again; on error the running configuration stays.
     pub fn reload(&self, files: &TlsFiles) -> Result<(), TlsError> {
-        let c = server_config(files)?;
+        let (c, d) = (server_config(files, b"h2")?, server_config(files, DATA_ALPN)?);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
+        *self.data.write().unwrap_or_else(|e| e.into_inner()) = d;
         Ok(())
+    }
+
+    /// Handshake on an accepted data-plane connection, bounded by [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept_data(&self, io: tokio::net::TcpStream) -> io::Result<TlsStream<tokio::net::TcpStream>> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.data.read().unwrap_or_else(|e| e.into_inner()).clone());
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
     }
 
     /// Handshake on an accepted connection, bounded by [`HANDSHAKE_TIMEOUT`].

@@ -1,7 +1,7 @@
 //! gRPC over TLS against the real daemon, with certificates the test makes (rcgen): what is
 //! served, what is refused (an unknown CA, an expired certificate, no client certificate where
 //! one is required, plaintext to the TLS port), a client certificate as a principal, and a
-//! certificate swap on SIGHUP.
+//! certificate swap on SIGHUP; and the TCP data plane over TLS (`--data-tls`).
 
 mod common;
 
@@ -163,4 +163,79 @@ async fn an_expired_certificate_is_refused_until_a_reload_swaps_in_a_good_one() 
         d.log().contains("TLS certificates not reloaded").then_some(())
     });
     connect(&ep, &ca1, None, d.token.as_deref()).await.expect("still served with the running certificate");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_data_plane_over_tls_moves_bytes_and_refuses_plaintext() {
+    use rdax_client::LeaseMode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca1 = ca("rdax test CA");
+    let (cert, key) = leaf(&ca1, "rdaxd", true, false);
+    let (cp, kp) = (write(dir.path(), "server.pem", &cert), write(dir.path(), "server.key", &key));
+    let d = Daemon::start(
+        dir.path(),
+        &["--tls-cert", cp.to_str().unwrap(), "--tls-key", kp.to_str().unwrap(), "--data-tls"],
+    );
+    assert!(d.log().contains("serving the TCP data plane over TLS"), "{}", d.log());
+    let c = connect(&https(&d), &ca1, None, d.token.as_deref()).await.unwrap();
+    let o = c.object("tls", "x").unwrap();
+    o.create(8 << 20).await.unwrap();
+    // 3 MiB + 5 bytes: several data-plane operations and bounce-buffer rounds, one unaligned.
+    let data: Vec<u8> = (0..(3 << 20) + 5u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let s = c.open_session("tls-data").await.unwrap();
+    let l = s.acquire("tls", "x", 0, 8 << 20, LeaseMode::ReadWrite).await.unwrap();
+    l.write(7, &data).await.unwrap();
+    l.write_persist(4 << 20, &data[..4096]).await.unwrap();
+    l.flush(0, 8 << 20).await.unwrap();
+    assert!(l.read(7, data.len() as u64).await.unwrap() == data, "lease read over TLS");
+    assert!(o.read(7, data.len() as u64).await.unwrap() == data, "the bytes are in the object (gRPC read)");
+    assert_eq!(o.read(4 << 20, 4096).await.unwrap(), data[..4096]);
+
+    // The admin socket with the CA given: gRPC over the socket, the data plane over TLS.
+    let unix = format!("unix:{}", d.admin_socket.as_ref().unwrap().display());
+    let tls = TlsOptions { ca_pem: ca1.cert.pem().into_bytes(), ..Default::default() };
+    let local = Client::connect(&unix, ConnectOptions { tls: Some(tls), ..Default::default() }).await.unwrap();
+    let ls = local.open_session("local-tls").await.unwrap();
+    let ll = ls.acquire("tls", "x", 0, 4096, LeaseMode::Read).await.unwrap();
+    assert_eq!(ll.read(7, 16).await.unwrap(), data[..16]);
+    // Without a CA the SDK says why it cannot use the data plane, instead of sending plaintext.
+    let bare = Client::connect(&unix, ConnectOptions::default()).await.unwrap();
+    let bs = bare.open_session("no-ca").await.unwrap();
+    let e = bs.acquire("tls", "x", 0, 4096, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("speaks TLS"), "{e}");
+
+    // Plaintext HELLO, even with the session's real secret, gets no answer but a closed
+    // connection: the handshake fails first.
+    let mut raw = tokio::net::TcpStream::connect(&d.data).await.unwrap();
+    let secret = s.secret();
+    let hello = rdax_proto::dataplane::Request {
+        op: rdax_proto::dataplane::Op::Hello,
+        flags: 0,
+        id: 1,
+        key: secret.0,
+        generation: rdax_proto::dataplane::VERSION,
+        offset: 0,
+        len: 0,
+    };
+    raw.write_all(&hello.encode()).await.unwrap();
+    let mut b = [0u8; rdax_proto::dataplane::RESP_LEN];
+    let got = tokio::time::timeout(Duration::from_secs(15), raw.read(&mut b)).await.expect("closed, not left hanging");
+    assert!(!matches!(got, Ok(n) if n >= rdax_proto::dataplane::RESP_LEN), "plaintext got a data-plane reply");
+    common::poll(Duration::from_secs(10), "the refused handshake in the log", || {
+        d.log().contains("data-plane TLS handshake failed").then_some(())
+    });
+    l.release().await.unwrap();
+}
+
+#[test]
+fn the_data_plane_needs_the_certificate_for_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--state-dir", dir.path().to_str().unwrap(), "--data-tls", "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dataplane.tls"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -136,6 +136,9 @@ pub struct Args {
     /// Bound on each socket wait of a data-plane operation [dataplane.op_timeout_ms] (default 10000).
     #[arg(long, env = "RDAX_DATA_OP_TIMEOUT_MS")]
     pub data_op_timeout_ms: Option<u64>,
+    /// Serve the TCP data plane over TLS too, with the [tls] certificate [dataplane.tls].
+    #[arg(long, env = "RDAX_DATA_TLS")]
+    pub data_tls: bool,
     /// RDMA (rdma_cm) address: `auto` (the data plane's IP, port 7403), `off`, or IP:PORT [rdma.listen] (default auto).
     #[arg(long, env = "RDAX_RDMA_LISTEN")]
     pub rdma_listen: Option<String>,
@@ -287,6 +290,8 @@ pub struct DataplaneSection {
     pub op_timeout_ms: Option<u64>,
     /// Idle timeout.
     pub idle_timeout_ms: Option<u64>,
+    /// Serve the data plane over TLS.
+    pub tls: Option<bool>,
 }
 
 /// `[lease]`.
@@ -427,6 +432,8 @@ pub struct Config {
     pub data_listen: SocketAddr,
     /// Data-plane operation timeout.
     pub data_op_timeout: Duration,
+    /// The TCP data plane speaks TLS (with the gRPC certificate).
+    pub data_tls: bool,
     /// Prometheus metrics address (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
     /// RDMA listener.
@@ -557,6 +564,12 @@ impl Config {
             )));
         }
         let admin_socket = admin::resolve(args, &file.admin, &state_dir)?;
+        let data_tls = args.data_tls || file.dataplane.tls.unwrap_or(false);
+        if data_tls && tls.is_none() {
+            return Err(invalid(
+                "dataplane.tls (--data-tls) uses the gRPC certificate: set tls.cert and tls.key too".into(),
+            ));
+        }
         let ttl_ms = args.session_ttl_ms.or(file.session.ttl_ms).unwrap_or(10_000);
         if !(100..=3_600_000).contains(&ttl_ms) {
             return Err(invalid(format!("session.ttl_ms must be between 100 and 3600000, not {ttl_ms}")));
@@ -631,6 +644,7 @@ impl Config {
             shutdown_timeout: Duration::from_millis(shutdown_ms),
             data_listen,
             data_op_timeout: Duration::from_millis(op_ms),
+            data_tls,
             metrics_listen,
             rdma_listen,
             rdma_explicit: !matches!(rdma.as_str(), "auto" | "off"),

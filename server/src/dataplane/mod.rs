@@ -8,6 +8,11 @@
 //! nothing else is affected. Every socket wait is bounded by the operation timeout, so a
 //! stalled client cannot hold a pin (and with it a layout change) forever. Persisting runs on
 //! a blocking thread ([`crate::dma::persist`]), never on the async runtime.
+//!
+//! With `dataplane.tls` every connection starts with a TLS handshake (the gRPC certificate,
+//! ALPN `rdax-data`, bounded like gRPC's). Plaintext connections move payloads between the
+//! socket and the mapping in the kernel ([`io`]); TLS ones decrypt in user space, so their
+//! payloads pass through a bounce buffer of at most [`BOUNCE`] bytes per operation.
 
 pub mod io;
 
@@ -15,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdax_proto::model::SessionId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
@@ -44,6 +49,30 @@ pub struct DataPlane {
     pub idle_timeout_ms: std::sync::atomic::AtomicU64,
     /// Every operation holds a place in it.
     pub gate: Gate,
+    /// TLS for every connection (`dataplane.tls`), if on.
+    pub tls: Option<Arc<crate::tls::Tls>>,
+}
+
+/// The largest bounce buffer one TLS operation uses.
+pub const BOUNCE: usize = 1 << 20;
+
+/// A data-plane connection: plain TCP (payloads copied by the kernel straight between the
+/// socket and the mapping) or TLS (payloads decrypted through a bounce buffer).
+pub trait DpStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The socket, when payload bytes may move between it and the mapping directly.
+    fn raw(&self) -> Option<&TcpStream>;
+}
+
+impl DpStream for TcpStream {
+    fn raw(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl DpStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn raw(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 /// The TCP data plane as a lease transport: its keys are the grant's software keys, which
@@ -106,7 +135,17 @@ impl DataPlane {
                 async move {
                     let _permit = permit;
                     let _ = stream.set_nodelay(true);
-                    match dp.connection(stream, c).await {
+                    let r = match dp.tls.clone() {
+                        None => dp.connection(stream, c).await,
+                        Some(tls) => match tls.accept_data(stream).await {
+                            Ok(s) => dp.connection(s, c).await,
+                            Err(e) => {
+                                info!(error = %e, "data-plane TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    match r {
                         Ok(()) => debug!("data-plane connection closed"),
                         Err(e) => info!(error = %e, "data-plane connection ended"),
                     }
@@ -141,7 +180,7 @@ impl DataPlane {
         })?
     }
 
-    async fn connection(&self, mut s: TcpStream, cancel: CancellationToken) -> Res {
+    async fn connection<S: DpStream>(&self, mut s: S, cancel: CancellationToken) -> Res {
         let mut hdr = [0u8; REQ_LEN];
         self.bounded(s.read_exact(&mut hdr)).await?;
         let Some(hello) = Request::decode(&hdr) else {
@@ -167,6 +206,8 @@ impl DataPlane {
             return reply_close(&mut s, hello.id, Status::BadSession).await;
         };
         s.write_all(&wire::response(hello.id, Status::Ok, 0)).await?;
+        // TLS keeps what the socket did not take yet; push it out before waiting to read.
+        self.bounded(s.flush()).await?;
         debug!(session = %session, "data-plane connection bound");
         loop {
             let idle = Duration::from_millis(self.idle_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
@@ -199,28 +240,35 @@ impl DataPlane {
                 Op::Write => self.write(&mut s, session, &req).await?,
                 Op::Flush => self.flush(&mut s, session, &req).await?,
             }
+            self.bounded(s.flush()).await?;
         }
     }
 
-    async fn read(&self, s: &mut TcpStream, session: SessionId, r: &Request) -> Res {
+    async fn read<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request) -> Res {
         let pin = match self.keys.pin(&r.key, session, r.generation, r.offset, r.len as u64, false) {
             Ok(p) => p,
             Err(e) => return s.write_all(&wire::response(r.id, refusal_status(e), 0)).await,
         };
         s.write_all(&wire::response(r.id, Status::Ok, r.len)).await?;
         let addr = self.media.dma_addr(r.offset, r.len as u64);
-        match addr {
-            Some(a) => {
+        match (s.raw(), addr) {
+            (Some(tcp), Some(a)) => {
                 let len = r.len as usize;
                 // SAFETY: the range lies inside the key's segment, which is inside the mapping,
                 // and `pin` keeps it from being revoked-and-reused until the copy is done.
-                let send = unsafe { io::send_exact(s, io::PoolAddr(a), len, self.stall()) };
+                let send = unsafe { io::send_exact(tcp, io::PoolAddr(a), len, self.stall()) };
                 self.transfer(len, send).await?
             }
-            None => {
-                let mut buf = vec![0u8; r.len as usize];
-                self.media.read(r.offset, &mut buf);
-                self.transfer(buf.len(), s.write_all(&buf)).await?;
+            _ => {
+                let len = r.len as usize;
+                let mut buf = vec![0u8; len.min(BOUNCE)];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(buf.len());
+                    self.media.read(r.offset + done as u64, &mut buf[..n]);
+                    self.transfer(n, s.write_all(&buf[..n])).await?;
+                    done += n;
+                }
             }
         }
         drop(pin);
@@ -228,7 +276,7 @@ impl DataPlane {
         Ok(())
     }
 
-    async fn write(&self, s: &mut TcpStream, session: SessionId, r: &Request) -> Res {
+    async fn write<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request) -> Res {
         let pin = match self.keys.pin(&r.key, session, r.generation, r.offset, r.len as u64, true) {
             Ok(p) => p,
             Err(e) => {
@@ -244,27 +292,32 @@ impl DataPlane {
             }
         };
         let len = r.len as usize;
-        match self.media.dma_addr(r.offset, r.len as u64) {
-            Some(a) => {
+        match (s.raw(), self.media.dma_addr(r.offset, r.len as u64)) {
+            (Some(tcp), Some(a)) => {
                 // Testing builds copy in two halves with a failpoint between them, so tests can
                 // hold a WRITE mid-copy with its pin held (the kernel's `bio_delay` idea).
                 let half = if cfg!(feature = "testing") { len / 2 } else { len };
                 // SAFETY: as in `read`; the pin covers both halves and anything between them.
-                self.transfer(half, unsafe { io::recv_exact(s, io::PoolAddr(a), half, self.stall()) }).await?;
+                self.transfer(half, unsafe { io::recv_exact(tcp, io::PoolAddr(a), half, self.stall()) }).await?;
                 if crate::failpoint!("dataplane.write.mid_copy") {
                     return Err(std::io::Error::other("injected failure mid-copy"));
                 }
                 if half < len {
                     let rest = len - half;
                     // SAFETY: as above, second half of the same pinned range.
-                    let recv = unsafe { io::recv_exact(s, io::PoolAddr(a + half), rest, self.stall()) };
+                    let recv = unsafe { io::recv_exact(tcp, io::PoolAddr(a + half), rest, self.stall()) };
                     self.transfer(rest, recv).await?;
                 }
             }
-            None => {
-                let mut buf = vec![0u8; len];
-                self.transfer(len, s.read_exact(&mut buf)).await?;
-                self.media.write(r.offset, &buf);
+            _ => {
+                let mut buf = vec![0u8; len.min(BOUNCE)];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(buf.len());
+                    self.transfer(n, s.read_exact(&mut buf[..n])).await?;
+                    self.media.write(r.offset + done as u64, &buf[..n]);
+                    done += n;
+                }
             }
         }
         if r.flags & wire::FLAG_PERSIST != 0 {
@@ -282,7 +335,7 @@ impl DataPlane {
         s.write_all(&wire::response(r.id, Status::Ok, 0)).await
     }
 
-    async fn flush(&self, s: &mut TcpStream, session: SessionId, r: &Request) -> Res {
+    async fn flush<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request) -> Res {
         let status = match self.keys.pin(&r.key, session, r.generation, r.offset, r.len as u64, false) {
             Ok(pin) => match dma::persist(&self.media, &self.gate, vec![(r.offset, r.len as u64)], pin).await {
                 Ok(()) => {
@@ -298,7 +351,7 @@ impl DataPlane {
     }
 }
 
-async fn reply_close(s: &mut TcpStream, id: u32, status: Status) -> Res {
+async fn reply_close<S: DpStream>(s: &mut S, id: u32, status: Status) -> Res {
     let _ = s.write_all(&wire::response(id, status, 0)).await;
     let _ = s.shutdown().await;
     Ok(())

@@ -67,6 +67,7 @@ impl Leases for LeasesService {
                 ttl_ms: g.ttl.as_millis() as u64,
                 mode: mode_pb(g.mode),
                 data_endpoints: vec![self.0.data_endpoint.clone()],
+                data_tls: self.0.cfg.data_tls,
                 segments: g
                     .segments
                     .into_iter()
