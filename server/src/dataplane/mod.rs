@@ -209,6 +209,8 @@ impl DataPlane {
         // TLS keeps what the socket did not take yet; push it out before waiting to read.
         self.bounded(s.flush()).await?;
         debug!(session = %session, "data-plane connection bound");
+        // TLS payloads pass through this, grown on first use and kept for the connection.
+        let mut bounce = Vec::new();
         loop {
             let idle = Duration::from_millis(self.idle_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
             tokio::select! {
@@ -236,15 +238,15 @@ impl DataPlane {
             };
             match req.op {
                 Op::Hello => return reply_close(&mut s, req.id, Status::Malformed).await,
-                Op::Read => self.read(&mut s, session, &req).await?,
-                Op::Write => self.write(&mut s, session, &req).await?,
+                Op::Read => self.read(&mut s, session, &req, &mut bounce).await?,
+                Op::Write => self.write(&mut s, session, &req, &mut bounce).await?,
                 Op::Flush => self.flush(&mut s, session, &req).await?,
             }
             self.bounded(s.flush()).await?;
         }
     }
 
-    async fn read<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request) -> Res {
+    async fn read<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request, bounce: &mut Vec<u8>) -> Res {
         let pin = match self.keys.pin(&r.key, session, r.generation, r.offset, r.len as u64, false) {
             Ok(p) => p,
             Err(e) => return s.write_all(&wire::response(r.id, refusal_status(e), 0)).await,
@@ -261,7 +263,7 @@ impl DataPlane {
             }
             _ => {
                 let len = r.len as usize;
-                let mut buf = vec![0u8; len.min(BOUNCE)];
+                let buf = grown(bounce, len);
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(buf.len());
@@ -276,7 +278,7 @@ impl DataPlane {
         Ok(())
     }
 
-    async fn write<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request) -> Res {
+    async fn write<S: DpStream>(&self, s: &mut S, session: SessionId, r: &Request, bounce: &mut Vec<u8>) -> Res {
         let pin = match self.keys.pin(&r.key, session, r.generation, r.offset, r.len as u64, true) {
             Ok(p) => p,
             Err(e) => {
@@ -310,7 +312,7 @@ impl DataPlane {
                 }
             }
             _ => {
-                let mut buf = vec![0u8; len.min(BOUNCE)];
+                let buf = grown(bounce, len);
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(buf.len());
@@ -349,6 +351,15 @@ impl DataPlane {
         };
         s.write_all(&wire::response(r.id, status, 0)).await
     }
+}
+
+/// `bounce`, at least `min(len, BOUNCE)` long.
+fn grown(bounce: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let want = len.clamp(1, BOUNCE);
+    if bounce.len() < want {
+        bounce.resize(want, 0);
+    }
+    &mut bounce[..want]
 }
 
 async fn reply_close<S: DpStream>(s: &mut S, id: u32, status: Status) -> Res {
