@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rdax_proto::dataplane::{self as wire, Op, Request, Status};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -54,7 +54,10 @@ impl DataTls {
             let c = c.map_err(|e| bad(format!("the CA bundle: {e}")))?;
             roots.add(c).map_err(|e| bad(format!("the CA bundle: {e}")))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // AES-128-GCM first, as the daemon prefers for bulk data.
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let provider = Arc::new(provider);
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(e.to_string()))?
@@ -83,14 +86,14 @@ impl DataTls {
 #[derive(Debug)]
 enum Stream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<BufStream<TcpStream>>>),
 }
 
 impl Stream {
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Tls(s) => s.get_ref().0.get_ref(),
         }
     }
 }
@@ -143,6 +146,8 @@ impl DataConn {
         let s = match tls {
             None => Stream::Plain(tcp),
             Some(t) => {
+                // rustls reads 4 KiB and writes one record per call: buffer the socket.
+                let tcp = BufStream::with_capacity(256 << 10, 256 << 10, tcp);
                 let s = t.connector.connect(t.name.clone(), tcp).await.map_err(|e| {
                     Error::new(ErrorKind::Connect, format!("TLS handshake with the data plane at {addr}: {e}"))
                 })?;

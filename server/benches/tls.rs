@@ -56,7 +56,8 @@ async fn data_plane_rate(c: &Client, size: u64, rounds: u64) -> (f64, f64) {
         }
         out[i] = (size * rounds) as f64 / t.elapsed().as_secs_f64() / 1e6;
     }
-    drop(l);
+    Arc::try_unwrap(l).expect("the tasks are done").release().await.unwrap();
+    s.close().await.unwrap();
     (out[0], out[1])
 }
 

@@ -60,6 +60,14 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
+/// The socket under a data-plane TLS session, buffered both ways: rustls reads at most
+/// 4 KiB per call and writes one record (at most 16 KiB) per call, which without a buffer
+/// costs a system call each, hundreds per MiB.
+pub type DataIo = tokio::io::BufStream<tokio::net::TcpStream>;
+
+/// Each direction's buffer under a data-plane TLS session.
+pub const DATA_IO_BUFFER: usize = 256 << 10;
+
 /// ALPN of the TCP data plane over TLS.
 pub const DATA_ALPN: &[u8] = b"rdax-data";
 
@@ -67,7 +75,7 @@ pub const DATA_ALPN: &[u8] = b"rdax-data";
 pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certs("tls.cert", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("tls.key", &files.key, e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(if alpn == DATA_ALPN { data_provider() } else { rustls::crypto::ring::default_provider() });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -87,11 +95,22 @@ pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::Server
     let mut cfg = builder.with_single_cert(chain, key).map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
     if alpn == DATA_ALPN {
+        // Bulk data: the daemon's cipher preference (AES-128-GCM first) decides.
+        cfg.ignore_client_order = true;
         // Data-plane clients do not resume sessions; a ticket would only be a record the
         // client must read before its first reply.
         cfg.send_tls13_tickets = 0;
     }
     Ok(Arc::new(cfg))
+}
+
+/// ring's provider with AES-128-GCM preferred, for the data plane's bulk transfers: about a
+/// third less work per byte than AES-256-GCM (10 rounds against 14), and still the suite most
+/// TLS traffic uses.
+pub fn data_provider() -> rustls::crypto::CryptoProvider {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    p
 }
 
 /// The live server configurations (gRPC, and the data plane's), swapped on reload.
@@ -119,8 +138,9 @@ impl Tls {
     }
 
     /// Handshake on an accepted data-plane connection, bounded by [`HANDSHAKE_TIMEOUT`].
-    pub async fn accept_data(&self, io: tokio::net::TcpStream) -> io::Result<TlsStream<tokio::net::TcpStream>> {
+    pub async fn accept_data(&self, io: tokio::net::TcpStream) -> io::Result<TlsStream<DataIo>> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.data.read().unwrap_or_else(|e| e.into_inner()).clone());
+        let io = tokio::io::BufStream::with_capacity(DATA_IO_BUFFER, DATA_IO_BUFFER, io);
         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?

@@ -69,7 +69,7 @@ impl DpStream for TcpStream {
     }
 }
 
-impl DpStream for tokio_rustls::server::TlsStream<TcpStream> {
+impl DpStream for tokio_rustls::server::TlsStream<crate::tls::DataIo> {
     fn raw(&self) -> Option<&TcpStream> {
         None
     }
