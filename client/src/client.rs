@@ -344,6 +344,7 @@ impl Client {
             length,
             mode: mode as i32,
             transport: transport as i32,
+            exclusive: false,
         });
         Ok(c.acquire(r).await?.into_inner())
     }

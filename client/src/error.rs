@@ -35,6 +35,10 @@ pub enum ErrorKind {
     /// This build, host or daemon cannot do what was asked (e.g. RDMA was forced but is not
     /// available).
     Unsupported,
+    /// The request conflicts with the state of the range or lease (`FAILED_PRECONDITION`):
+    /// another session's exclusive lease holds the range, the lease already ended, or RDMA
+    /// keys were asked for without an RDMA connection. The message says which.
+    FailedPrecondition,
     /// Anything else the server reported.
     Other,
 }
@@ -77,6 +81,7 @@ impl From<tonic::Status> for Error {
             Code::PermissionDenied => ErrorKind::PermissionDenied,
             Code::Unavailable => ErrorKind::Unavailable,
             Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            Code::FailedPrecondition => ErrorKind::FailedPrecondition,
             _ => ErrorKind::Other,
         };
         // The status message is the whole story; keeping the Status as a source would repeat

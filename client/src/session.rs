@@ -281,6 +281,33 @@ impl Session {
     /// holes first. While the range is being recalled the daemon answers `Unavailable`; this
     /// retries (bounded) like any repeatable request.
     pub async fn acquire(&self, namespace: &str, name: &str, offset: u64, len: u64, mode: LeaseMode) -> Result<Lease> {
+        self.acquire_as(namespace, name, offset, len, mode, false).await
+    }
+
+    /// Acquire an *exclusive* lease: the daemon first recalls every other lease over the range
+    /// (anyone's; revoked at the break deadline if not returned), then refuses any other lease
+    /// there until this one ends (`FailedPrecondition`). Refused at once while another
+    /// exclusive lease overlaps. Needs the `write` right.
+    pub async fn acquire_exclusive(
+        &self,
+        namespace: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+        mode: LeaseMode,
+    ) -> Result<Lease> {
+        self.acquire_as(namespace, name, offset, len, mode, true).await
+    }
+
+    async fn acquire_as(
+        &self,
+        namespace: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+        mode: LeaseMode,
+        exclusive: bool,
+    ) -> Result<Lease> {
         let object = ObjectKey::new(namespace, name)?;
         let pb_mode = match mode {
             LeaseMode::Read => pb::LeaseMode::Read,
@@ -304,6 +331,7 @@ impl Session {
                         length: len,
                         mode: pb_mode as i32,
                         transport: transport as i32,
+                        exclusive,
                     });
                     async move { c.acquire(r).await.map(|r| r.into_inner()) }
                 })

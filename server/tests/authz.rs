@@ -212,6 +212,13 @@ async fn every_rpc_by_every_kind_of_caller() {
     }
     assert!(rows >= 19, "only {rows} rows");
 
+    // An exclusive lease takes the range from everyone: a reader may not ask for one.
+    let reader = connect(READER).await;
+    let rs = reader.open_session("reader's").await.unwrap();
+    rs.acquire("a", "x", 0, 4096, LeaseMode::Read).await.unwrap().release().await.unwrap();
+    let e = rs.acquire_exclusive("a", "x", 0, 4096, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    rs.close().await.unwrap();
     // A lease on b/ cannot be had, and its keys cannot be used, by a principal scoped to a/.
     let e = mine.acquire("b", "x", 0, 4096, LeaseMode::Read).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");

@@ -105,6 +105,7 @@ async fn an_acquire_abandoned_at_any_step_leaves_no_lease() {
             length: MIB,
             mode: pb::LeaseMode::ReadWrite as i32,
             transport: pb::Transport::Tcp as i32,
+            exclusive: false,
         };
         let call = tokio::spawn(async move { raw.acquire(req).await });
         t.paused_at(step).await;

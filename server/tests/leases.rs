@@ -508,3 +508,34 @@ fn hold_session_reports_recalls_and_stays_up() {
     let _ = hold.kill();
     let _ = hold.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exclusive_lease_takes_the_range_from_other_holders_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &["--lease-break-timeout-ms", "300"]);
+    d.allow("not returned before the break deadline");
+    let c = client(&d).await;
+    c.object("ns", "vol").unwrap().create(4 * MIB).await.unwrap();
+    let a = c.open_session("shared-writer").await.unwrap();
+    let b = c.open_session("exclusive-writer").await.unwrap();
+    // A holds a shared lease: it is recalled (the SDK returns it; else it is revoked at the
+    // break deadline), and its keys die.
+    let la = a.acquire("ns", "vol", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    let lb = b.acquire_exclusive("ns", "vol", 0, 4 * MIB, LeaseMode::ReadWrite).await.unwrap();
+    let e = la.write(0, b"late").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked, "{e}");
+    lb.write(0, b"mine").await.unwrap();
+    // Nobody else gets any part of the range, and says why.
+    for (off, len) in [(0, MIB), (3 * MIB, 4096)] {
+        let e = a.acquire("ns", "vol", off, len, LeaseMode::Read).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains(&format!("exclusive lease {}", lb.id())), "{e}");
+    }
+    let e = a.acquire_exclusive("ns", "vol", MIB, MIB, LeaseMode::ReadWrite).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    let listed = c.leases(Some(b.id())).await.unwrap();
+    assert!(listed.iter().any(|l| l.lease_id == lb.id() && l.exclusive), "{listed:?}");
+    lb.release().await.unwrap();
+    let again = a.acquire("ns", "vol", 0, 4096, LeaseMode::Read).await.unwrap();
+    assert_eq!(again.read(0, 4).await.unwrap(), b"mine");
+}

@@ -58,6 +58,7 @@ async fn without_rdma_the_daemon_says_why_once_and_serves_tcp() {
             length: 4096,
             mode: rdax_proto::pb::LeaseMode::Read as i32,
             transport: rdax_proto::pb::Transport::Rdma as i32,
+            exclusive: false,
         })
         .await
         .unwrap_err();

@@ -482,6 +482,7 @@ async fn devdax_a_cancelled_rdma_acquire_leaves_no_binding() {
         length: 8 << 20,
         mode: rdax_proto::pb::LeaseMode::ReadWrite as i32,
         transport: rdax_proto::pb::Transport::Rdma as i32,
+        exclusive: false,
     };
     let call = tokio::spawn(async move { raw.acquire(req).await });
     t.paused_at("rdma.bind").await;

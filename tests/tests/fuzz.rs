@@ -137,6 +137,7 @@ fn protos(seed: u64, execs: u64) -> Vec<String> {
             length: b,
             mode: rng.below(5) as i32 - 1,
             transport: rng.below(5) as i32 - 1,
+            exclusive: rng.below(2) == 0,
         };
         rep.run(|| format!("{acquire:?}"), || drop(AcquireLease::try_from(acquire.clone())));
         let punch = pb::PunchHoleRequest { object: obj.clone(), offset: a, length: b };

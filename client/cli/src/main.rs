@@ -287,6 +287,10 @@ pub(crate) enum LeaseCmd {
         /// --transport rdma the keys are RDMA keys. The session must be this principal's.
         #[arg(long)]
         session: Option<String>,
+        /// An exclusive lease: every other holder of the range is recalled first, and no other
+        /// lease is granted over it while this one is held (needs the write right).
+        #[arg(long, conflicts_with = "session")]
+        exclusive: bool,
     },
     /// List leases (all, or one session's).
     List {

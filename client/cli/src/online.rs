@@ -407,7 +407,7 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
     use crate::LeaseCmd;
     use rdax_client::LeaseMode;
     match cmd {
-        LeaseCmd::Hold { object, offset, length, rw, session: Some(sid) } => {
+        LeaseCmd::Hold { object, offset, length, rw, session: Some(sid), .. } => {
             // For a session whose RDMA connection another program made: acquire, print, renew.
             let len = match length {
                 Some(l) => *l,
@@ -454,20 +454,24 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
                 }
             }
         }
-        LeaseCmd::Hold { object, offset, length, rw, session: None } => {
+        LeaseCmd::Hold { object, offset, length, rw, session: None, exclusive } => {
             let len = match length {
                 Some(l) => *l,
                 None => client.object(&object.ns, &object.name)?.stat().await?.size.saturating_sub(*offset),
             };
             let mut s = client.open_session_with(cli.session_options("rdaxctl lease hold")).await?;
             let mode = if *rw { LeaseMode::ReadWrite } else { LeaseMode::Read };
-            let l = s.acquire(&object.ns, &object.name, *offset, len, mode).await?;
+            let l = if *exclusive {
+                s.acquire_exclusive(&object.ns, &object.name, *offset, len, mode).await?
+            } else {
+                s.acquire(&object.ns, &object.name, *offset, len, mode).await?
+            };
             let tgt = |g: &rdax_client::LeaseSegment| g.target.map(|t| (t.0, hex(&t.1)));
             let segs: Vec<Value> =
                 l.segments().iter().map(|g| segment_json(g.object_offset, g.len, tgt(g), g.rdma)).collect();
             let transport = if l.is_rdma() { "rdma" } else { "tcp" };
             let v = json!({"session_id": s.id(), "lease_id": l.id(), "generation": l.generation(),
-                "transport": transport, "segments": segs});
+                "transport": transport, "exclusive": exclusive, "segments": segs});
             emit(json, &v, || {
                 let mut out =
                     format!("lease {} (generation {}, {transport}) for session {}\n", l.id(), l.generation(), s.id());
@@ -495,7 +499,7 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
                     let o = l.object.clone().unwrap_or_default();
                     json!({"lease_id": l.lease_id, "session_id": l.session_id, "object": format!("{}/{}", o.namespace, o.name),
                         "offset": l.offset, "length": l.length, "mode": l.mode, "generation": l.generation,
-                        "state": l.state, "pins": l.pins, "expires_in_ms": l.expires_in_ms})
+                        "state": l.state, "pins": l.pins, "expires_in_ms": l.expires_in_ms, "exclusive": l.exclusive})
                 })
                 .collect();
             emit(json, &v, || {
@@ -503,7 +507,7 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
                     .map(|l| {
                         let o = l.object.clone().unwrap_or_default();
                         format!(
-                            "{:>6}  {:<9} {}/{} [{}, +{}) gen {} pins {} expires in {} ms",
+                            "{:>6}  {:<9} {}/{} [{}, +{}) gen {} pins {} expires in {} ms{}",
                             l.lease_id,
                             l.state,
                             o.namespace,
@@ -512,7 +516,8 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
                             l.length,
                             l.generation,
                             l.pins,
-                            l.expires_in_ms
+                            l.expires_in_ms,
+                            if l.exclusive { " exclusive" } else { "" }
                         )
                     })
                     .collect::<Vec<_>>()

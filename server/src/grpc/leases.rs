@@ -33,12 +33,15 @@ impl Leases for LeasesService {
     async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::LeaseGrant>, Status> {
         api(async {
             let who = caller(&req)?;
-            let r = AcquireLease::try_from(req.into_inner())?;
+            let raw = req.into_inner();
+            let exclusive = raw.exclusive;
+            let r = AcquireLease::try_from(raw)?;
             let mode = match r.access {
                 LeaseAccess::Read => Mode::Read,
                 LeaseAccess::ReadWrite => Mode::ReadWrite,
             };
-            let right = if mode == Mode::ReadWrite { Rights::WRITE } else { Rights::READ };
+            // An exclusive lease takes the range from everyone else: a writer's right.
+            let right = if mode == Mode::ReadWrite || exclusive { Rights::WRITE } else { Rights::READ };
             who.principal.require(right, &r.key.namespace, &r.key.name)?;
             self.0.sessions.check_owner(r.session, who.name())?;
             let transport = if r.rdma { self.0.rdma.clone() as Arc<dyn Transport> } else { self.0.tcp.clone() };
@@ -49,6 +52,7 @@ impl Leases for LeasesService {
                 offset: r.range.offset,
                 len: r.range.length,
                 mode,
+                exclusive,
                 transport,
             };
             // The grant (lease, then transport keys) runs in a task the lease manager owns; if
@@ -137,6 +141,7 @@ impl Leases for LeasesService {
                     state: l.state.as_str().into(),
                     pins: l.pins,
                     expires_in_ms: l.expires_in_ms,
+                    exclusive: l.exclusive,
                 })
                 .collect();
             Ok(Response::new(pb::ListLeasesResponse { leases }))

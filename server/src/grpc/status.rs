@@ -94,7 +94,7 @@ fn lease_code(e: &LeaseError) -> Code {
     use LeaseError as L;
     match e {
         L::SessionNotFound | L::NotFound(_) => Code::NotFound,
-        L::NotActive(_) => Code::FailedPrecondition,
+        L::NotActive(_) | L::Exclusive(_) => Code::FailedPrecondition,
         L::Breaking { .. } | L::DrainTimeout(_) | L::ShuttingDown => Code::Unavailable,
         L::Invalid(_) => Code::InvalidArgument,
         L::Injected(_) => Code::Internal,
@@ -181,6 +181,7 @@ mod tests {
             (SessionError::ShuttingDown.into(), Code::Unavailable),
             (LeaseError::Breaking { retry_after_ms: 5 }.into(), Code::Unavailable),
             (LeaseError::NotActive(1).into(), Code::FailedPrecondition),
+            (LeaseError::Exclusive(1).into(), Code::FailedPrecondition),
             (LeaseError::Dma(DmaError::Ended).into(), Code::Aborted),
             (DmaError::Unavailable("x".into()).into(), Code::FailedPrecondition),
             (ProtocolError::Missing("object").into(), Code::InvalidArgument),

@@ -127,6 +127,9 @@ pub enum LeaseError {
     /// A failure injected by a test (failpoint).
     #[error("injected failure at {0}")]
     Injected(&'static str),
+    /// An exclusive lease holds (part of) the range.
+    #[error("the range is held by exclusive lease {0}; it must be released first")]
+    Exclusive(u64),
     /// A cap was reached.
     #[error("{what}: the limit is {cap} ({key})")]
     Limit {
@@ -198,6 +201,8 @@ pub struct LeaseSummary {
     pub pins: u64,
     /// Until expiry (negative: overdue).
     pub expires_in_ms: i64,
+    /// An exclusive lease.
+    pub exclusive: bool,
 }
 
 /// What a grant asks for.
@@ -213,6 +218,9 @@ pub struct GrantRequest {
     pub len: u64,
     /// Mode.
     pub mode: Mode,
+    /// Exclusive: recall every other holder of the range first, and keep new overlapping
+    /// grants off it until this lease ends.
+    pub exclusive: bool,
     /// The transport that makes the keys.
     pub transport: Arc<dyn Transport>,
 }
@@ -238,6 +246,8 @@ struct Lease {
     transport: Option<Arc<dyn Transport>>,
     /// The principal of its session (for the per-principal cap).
     principal: Arc<str>,
+    /// Exclusive: no other lease may be granted over its range while it is live.
+    exclusive: bool,
 }
 
 struct Marker {
@@ -273,8 +283,16 @@ impl Inner {
         if id > 0 && id < self.next_id { Refusal::Revoked } else { Refusal::UnknownKey }
     }
 
-    fn marked(&self, object: &ObjectKey, lo: u64, hi: u64) -> bool {
-        self.markers.iter().any(|m| m.object == *object && overlaps((m.lo, m.hi), (lo, hi)))
+    fn marked(&self, object: &ObjectKey, lo: u64, hi: u64, except: Option<u64>) -> bool {
+        self.markers.iter().any(|m| Some(m.id) != except && m.object == *object && overlaps((m.lo, m.hi), (lo, hi)))
+    }
+
+    /// A live exclusive lease over part of the range.
+    fn exclusive_holder(&self, object: &ObjectKey, lo: u64, hi: u64) -> Option<u64> {
+        self.leases
+            .iter()
+            .find(|(_, l)| l.exclusive && l.state.live() && l.object == *object && overlaps((l.lo, l.hi), (lo, hi)))
+            .map(|(id, _)| *id)
     }
 }
 
@@ -434,7 +452,11 @@ impl LeaseManager {
     }
 
     async fn grant_owned(self: &Arc<Self>, req: GrantRequest) -> Result<GrantHandle, LeaseError> {
-        let g = self.acquire(req.session, req.object, req.offset, req.len, req.mode).await?;
+        let g = if req.exclusive {
+            self.acquire_exclusive(&req).await?
+        } else {
+            self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, None).await?
+        };
         let id = g.id;
         let mut handle = GrantHandle { mgr: self.clone(), session: req.session, grant: Some(g) };
         lease_failpoint!("grant.installed");
@@ -460,6 +482,25 @@ impl LeaseManager {
         Ok(handle)
     }
 
+    /// An exclusive grant: refused at once over another live exclusive lease; otherwise a
+    /// marker on the range (new grants there wait), every other holder recalled, revoked at
+    /// the break deadline and drained, then the grant under that marker, which lifts once the
+    /// lease is in place (from then on the lease itself keeps others off).
+    async fn acquire_exclusive(self: &Arc<Self>, req: &GrantRequest) -> Result<Grant, LeaseError> {
+        let end = req.offset.checked_add(req.len).ok_or(LeaseError::Invalid("offset + length overflows"))?;
+        if let Some(id) = self.lock().exclusive_holder(&req.object, req.offset, end) {
+            return Err(LeaseError::Exclusive(id));
+        }
+        let brk = self.recall(&req.object, req.offset, end, "an exclusive lease was requested").await?;
+        lease_failpoint!("exclusive.recalled");
+        let g =
+            self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, Some(brk.marker)).await?;
+        self.lock().leases.get_mut(&g.id).expect("just granted").exclusive = true;
+        drop(brk);
+        info!(lease = g.id, session = %req.session, object = %req.object, "lease is exclusive");
+        Ok(g)
+    }
+
     /// Grant a lease on `[offset, offset + len)` of `object` to `session`, with keys for the
     /// TCP data plane only.
     pub async fn acquire(
@@ -470,6 +511,19 @@ impl LeaseManager {
         len: u64,
         mode: Mode,
     ) -> Result<Grant, LeaseError> {
+        self.acquire_with(session, object, offset, len, mode, None).await
+    }
+
+    /// [`LeaseManager::acquire`], past the marker `own` (an exclusive grant's own recall).
+    async fn acquire_with(
+        self: &Arc<Self>,
+        session: SessionId,
+        object: ObjectKey,
+        offset: u64,
+        len: u64,
+        mode: Mode,
+        own: Option<u64>,
+    ) -> Result<Grant, LeaseError> {
         if !self.sessions.is_live(session) {
             return Err(LeaseError::SessionNotFound);
         }
@@ -479,7 +533,10 @@ impl LeaseManager {
         let end = offset.checked_add(len).ok_or(LeaseError::Invalid("offset + length overflows"))?;
         let deadline = Instant::now() + self.config().break_timeout;
         loop {
-            let free = |i: &Inner| !i.marked(&object, offset, end);
+            if let Some(id) = self.lock().exclusive_holder(&object, offset, end) {
+                return Err(LeaseError::Exclusive(id));
+            }
+            let free = |i: &Inner| !i.marked(&object, offset, end, own);
             if !free(&self.lock()) {
                 let _ = crate::failpoint!("grant.waiting");
                 if !self.wait_changed_until(deadline, free).await {
@@ -508,7 +565,10 @@ impl LeaseManager {
                     // Lock order: pool metadata, then leases, then keys. (The release hook takes
                     // leases with no metadata lock held.)
                     p.with_segments(&k.namespace, &k.name, offset, len, |id, epoch, segs| {
-                        this.install_locked(Install { session, object: &k, id, epoch, offset, end, mode, expect }, segs)
+                        this.install_locked(
+                            Install { session, object: &k, id, epoch, offset, end, mode, expect, own },
+                            segs,
+                        )
                     })
                 })
                 .await??;
@@ -530,8 +590,11 @@ impl LeaseManager {
         if g.shutting_down {
             return Err(LeaseError::ShuttingDown);
         }
-        if g.marked(a.object, a.offset, a.end) {
+        if g.marked(a.object, a.offset, a.end, a.own) {
             return Ok(None);
+        }
+        if let Some(id) = g.exclusive_holder(a.object, a.offset, a.end) {
+            return Err(LeaseError::Exclusive(id));
         }
         // Second line of defence: the layout this grant allocated is still the layout.
         if a.expect.is_some_and(|e| e != (a.id, a.epoch)) {
@@ -619,6 +682,7 @@ impl LeaseManager {
                 granted_after_marker,
                 transport: None,
                 principal,
+                exclusive: false,
             },
         );
         info!(lease = id, session = %a.session, object = %a.object, offset = a.offset, len = a.end - a.offset, generation, "lease granted");
@@ -765,6 +829,7 @@ impl LeaseManager {
                 } else {
                     -((now - l.expires).as_millis() as i64)
                 },
+                exclusive: l.exclusive,
             })
             .collect();
         v.sort_by_key(|l| l.id);
@@ -783,6 +848,8 @@ struct Install<'a> {
     mode: Mode,
     /// `(object id, layout epoch)` seen when the range was allocated.
     expect: Option<(u64, u64)>,
+    /// The marker an exclusive grant put up itself, which it may pass.
+    own: Option<u64>,
 }
 
 #[cfg(test)]

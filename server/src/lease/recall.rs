@@ -31,9 +31,9 @@ fn event(kind: pb::session_event::Kind) -> pb::SessionEvent {
 
 /// Keeps a range marked as breaking until dropped (after the layout change). Owned by the
 /// layout-change task, never by a request handler.
-struct BreakGuard {
+pub(super) struct BreakGuard {
     mgr: Arc<LeaseManager>,
-    marker: u64,
+    pub(super) marker: u64,
 }
 
 impl Drop for BreakGuard {
@@ -209,7 +209,7 @@ impl LeaseManager {
     /// Put a marker on the range, recall every live lease overlapping it, revoke what is not
     /// returned by the break deadline, and wait for all of them to drain. The guard keeps new
     /// grants off the range until dropped.
-    async fn recall(
+    pub(super) async fn recall(
         self: &Arc<Self>,
         object: &ObjectKey,
         lo: u64,

@@ -336,7 +336,15 @@ fn nic(fx: &Fx, binds: usize) -> Arc<Nic> {
 }
 
 fn grant_req(s: SessionId, object: &str, len: u64, t: Arc<Nic>) -> GrantRequest {
-    GrantRequest { session: s, object: key("ns", object), offset: 0, len, mode: Mode::ReadWrite, transport: t }
+    GrantRequest {
+        session: s,
+        object: key("ns", object),
+        offset: 0,
+        len,
+        mode: Mode::ReadWrite,
+        exclusive: false,
+        transport: t,
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -500,4 +508,108 @@ mod cancelled {
         }
         failpoint::reset();
     }
+}
+
+/// A transport with nothing to bind, like the TCP data plane.
+struct Plain;
+
+impl Transport for Plain {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+    fn check(&self, _: SessionId) -> Result<(), DmaError> {
+        Ok(())
+    }
+    fn bind(self: Arc<Self>, req: BindRequest) -> crate::dma::BoxFuture<Result<Vec<Option<RemoteKey>>, DmaError>> {
+        Box::pin(async move { Ok(vec![None; req.segments.len()]) })
+    }
+    fn lease_ended(&self, _: u64) {}
+}
+
+fn exclusive_req(s: SessionId, offset: u64, len: u64) -> GrantRequest {
+    GrantRequest {
+        session: s,
+        object: key("ns", "x"),
+        offset,
+        len,
+        mode: Mode::ReadWrite,
+        exclusive: true,
+        transport: Arc::new(Plain),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_lease_recalls_the_others_and_keeps_new_ones_off_until_it_ends() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, mut arx) = session(&fx);
+    let (b, _brx) = session(&fx);
+    let (c, _crx) = session(&fx);
+    let shared_a = fx.leases.acquire(a, key("ns", "x"), 0, 8192, Mode::ReadWrite).await.unwrap();
+    let unrelated = fx.leases.acquire(a, key("ns", "y"), 0, 8192, Mode::ReadWrite).await.unwrap();
+    // B asks for [4096, 12288) exclusively: A's overlapping lease is recalled; A returns it.
+    let m = fx.leases.clone();
+    let t0 = Instant::now();
+    let want = tokio::spawn(async move { m.grant(exclusive_req(b, 4096, 8192)).await.map(|h| h.into_grant()) });
+    let ev = arx.recv().await.unwrap().unwrap();
+    assert!(matches!(&ev.kind, Some(pb::session_event::Kind::LeaseRecall(r)) if r.lease_id == shared_a.id), "{ev:?}");
+    fx.leases.release(a, shared_a.id).unwrap();
+    let ex = want.await.unwrap().unwrap();
+    assert!(t0.elapsed() < BREAK, "a returned lease does not wait for the deadline");
+    // The other object's lease was not touched.
+    assert!(fx.leases.renew(a, unrelated.id).is_ok());
+    // Nobody else gets a lease over any part of it, shared or exclusive; outside it, yes.
+    for (s, lo, len) in [(a, 0, 8192), (c, 12_000, 4096), (b, 4096, 4096)] {
+        let e = fx.leases.acquire(s, key("ns", "x"), lo, len, Mode::Read).await.unwrap_err();
+        assert_eq!(e, LeaseError::Exclusive(ex.id), "[{lo}, +{len})");
+    }
+    assert_eq!(fx.leases.grant(exclusive_req(c, 0, 4097)).await.unwrap_err(), LeaseError::Exclusive(ex.id));
+    let beside = fx.leases.acquire(c, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
+    assert!(fx.leases.list(Some(b)).iter().all(|l| l.exclusive), "listed as exclusive");
+    assert!(!fx.leases.list(Some(c)).iter().any(|l| l.exclusive));
+    // Once it ends, the range is anyone's again.
+    fx.leases.release(b, ex.id).unwrap();
+    fx.leases.acquire(a, key("ns", "x"), 4096, 8192, Mode::ReadWrite).await.unwrap();
+    fx.leases.release(c, beside.id).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_grant_revokes_an_unreturned_lease_at_the_deadline_and_a_layout_change_still_recalls_it() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, _arx) = session(&fx);
+    let (b, mut brx) = session(&fx);
+    let kept = fx.leases.acquire(a, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
+    let t0 = Instant::now();
+    let ex = fx.leases.grant(exclusive_req(b, 0, 1 << 20)).await.unwrap().into_grant();
+    assert_eq!(t0.elapsed(), BREAK, "virtual time: the holder that did not return it is revoked at the deadline");
+    let (p, k) = first_key(&kept);
+    assert_eq!(fx.leases.keys().pin(&k, a, kept.generation, p, 1, true).unwrap_err(), Refusal::Revoked);
+    // A resize or punch is not held off by an exclusive lease: it recalls it like any other.
+    noop_change(&fx, "x", 0, 4096).await.unwrap();
+    let kinds: Vec<_> = std::iter::from_fn(|| brx.try_recv().ok()).map(|e| e.unwrap().kind).collect();
+    assert!(kinds.iter().any(|k| matches!(k, Some(pb::session_event::Kind::LeaseRecall(r)) if r.lease_id == ex.id)));
+    let (p, k) = first_key(&ex);
+    assert_eq!(fx.leases.keys().pin(&k, b, ex.generation, p, 1, true).unwrap_err(), Refusal::Revoked);
+    // Revoked, it holds nothing: a new grant over the range is not refused for it.
+    fx.leases.acquire(a, key("ns", "x"), 0, 4096, Mode::Read).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_grant_given_up_mid_recall_leaves_no_lease_and_no_marker() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, _arx) = session(&fx);
+    let (b, _brx) = session(&fx);
+    fx.leases.acquire(a, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
+    // The requester gives up while the recall waits for the holder.
+    let r = tokio::time::timeout(BREAK / 2, fx.leases.grant(exclusive_req(b, 0, 4096))).await;
+    assert!(r.is_err(), "still recalling");
+    // The owned task finishes the recall, grants, finds nobody to hand it to and releases it.
+    tokio::time::sleep(BREAK * 2).await;
+    until("the abandoned exclusive lease to be gone", || {
+        fx.leases.list(Some(b)).iter().all(|l| !l.state.live()) && fx.leases.lock().markers.is_empty()
+    })
+    .await;
+    fx.leases.acquire(a, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
 }
