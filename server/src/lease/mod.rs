@@ -25,6 +25,7 @@
 //! ([`LeaseManager::grant`]); the caller gets a [`GrantHandle`] that gives the lease back if
 //! it is dropped before the grant reached the client.
 
+mod exclusive;
 mod hold;
 pub mod keys;
 mod limits;
@@ -286,14 +287,6 @@ impl Inner {
     fn marked(&self, object: &ObjectKey, lo: u64, hi: u64, except: Option<u64>) -> bool {
         self.markers.iter().any(|m| Some(m.id) != except && m.object == *object && overlaps((m.lo, m.hi), (lo, hi)))
     }
-
-    /// A live exclusive lease over part of the range.
-    fn exclusive_holder(&self, object: &ObjectKey, lo: u64, hi: u64) -> Option<u64> {
-        self.leases
-            .iter()
-            .find(|(_, l)| l.exclusive && l.state.live() && l.object == *object && overlaps((l.lo, l.hi), (lo, hi)))
-            .map(|(id, _)| *id)
-    }
 }
 
 /// The lease manager of one daemon.
@@ -480,25 +473,6 @@ impl LeaseManager {
             }
         }
         Ok(handle)
-    }
-
-    /// An exclusive grant: refused at once over another live exclusive lease; otherwise a
-    /// marker on the range (new grants there wait), every other holder recalled, revoked at
-    /// the break deadline and drained, then the grant under that marker, which lifts once the
-    /// lease is in place (from then on the lease itself keeps others off).
-    async fn acquire_exclusive(self: &Arc<Self>, req: &GrantRequest) -> Result<Grant, LeaseError> {
-        let end = req.offset.checked_add(req.len).ok_or(LeaseError::Invalid("offset + length overflows"))?;
-        if let Some(id) = self.lock().exclusive_holder(&req.object, req.offset, end) {
-            return Err(LeaseError::Exclusive(id));
-        }
-        let brk = self.recall(&req.object, req.offset, end, "an exclusive lease was requested").await?;
-        lease_failpoint!("exclusive.recalled");
-        let g =
-            self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, Some(brk.marker)).await?;
-        self.lock().leases.get_mut(&g.id).expect("just granted").exclusive = true;
-        drop(brk);
-        info!(lease = g.id, session = %req.session, object = %req.object, "lease is exclusive");
-        Ok(g)
     }
 
     /// Grant a lease on `[offset, offset + len)` of `object` to `session`, with keys for the
@@ -804,36 +778,6 @@ impl LeaseManager {
         if let Some(t) = transport {
             t.lease_ended(id);
         }
-    }
-
-    /// Leases, optionally of one session.
-    pub fn list(&self, session: Option<SessionId>) -> Vec<LeaseSummary> {
-        let now = Instant::now();
-        let mut v: Vec<LeaseSummary> = self
-            .lock()
-            .leases
-            .iter()
-            .filter(|(_, l)| session.is_none_or(|s| s == l.session))
-            .map(|(id, l)| LeaseSummary {
-                id: *id,
-                session: l.session,
-                object: l.object.clone(),
-                offset: l.lo,
-                len: l.hi - l.lo,
-                mode: l.mode,
-                generation: l.generation,
-                state: l.state,
-                pins: l.pins.count(),
-                expires_in_ms: if l.expires >= now {
-                    (l.expires - now).as_millis() as i64
-                } else {
-                    -((now - l.expires).as_millis() as i64)
-                },
-                exclusive: l.exclusive,
-            })
-            .collect();
-        v.sort_by_key(|l| l.id);
-        v
     }
 }
 
