@@ -56,6 +56,9 @@ fn start(args: Args) -> anyhow::Result<()> {
     for k in &cfg.unknown_keys {
         tracing::warn!(key = %k, "unknown config key ignored (`rdaxd check-config` rejects it)");
     }
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);

@@ -420,6 +420,8 @@ pub struct Config {
     pub principals: crate::auth::Principals,
     /// The admin Unix socket, unless "off".
     pub admin_socket: Option<PathBuf>,
+    /// Something the daemon should warn about at start (a setting it had to drop).
+    pub warnings: Vec<String>,
     /// gRPC idle timeout.
     pub grpc_idle_timeout: Duration,
     /// Data-plane idle timeout.
@@ -563,7 +565,7 @@ impl Config {
                  or pass --insecure-plaintext if the network is trusted"
             )));
         }
-        let admin_socket = admin::resolve(args, &file.admin, &state_dir)?;
+        let (admin_socket, admin_warning) = admin::resolve(args, &file.admin, &state_dir)?;
         let data_tls = args.data_tls || file.dataplane.tls.unwrap_or(false);
         if data_tls && tls.is_none() {
             return Err(invalid(
@@ -635,6 +637,7 @@ impl Config {
             principals_file,
             principals,
             admin_socket,
+            warnings: admin_warning.into_iter().collect(),
             tls,
             insecure_plaintext,
             grpc_idle_timeout: Duration::from_millis(grpc_idle_ms),
@@ -759,6 +762,11 @@ mod tests {
         let args = Args::parse_from(["rdaxd", "--admin-socket", &long, "--state-dir", "/tmp/x"]);
         let e = Config::resolve(&args).unwrap_err().to_string();
         assert!(e.contains("at most 107"), "{e}");
+        // A default that would be too long is dropped with a warning, not a refusal to start.
+        let deep = format!("/tmp/{}", "d".repeat(120));
+        let c = Config::resolve(&Args::parse_from(["rdaxd", "--state-dir", &deep])).unwrap();
+        assert_eq!(c.admin_socket, None);
+        assert!(c.warnings[0].contains("without an admin socket"), "{:?}", c.warnings);
         let args = Args::parse_from(["rdaxd", "--admin-socket", "off", "--state-dir", "/tmp/x"]);
         assert_eq!(Config::resolve(&args).unwrap().admin_socket, None);
         let args = Args::parse_from(["rdaxd", "--tls-cert", "/x.pem", "--state-dir", "/tmp/x"]);
