@@ -9,7 +9,6 @@
 //! Time is tokio's clock, so expiry is tested on paused virtual time.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -109,7 +108,7 @@ struct Entry {
     credential: Option<[u8; 32]>,
     secret: SessionSecret,
     client_name: String,
-    peer: Option<SocketAddr>,
+    peer: Option<Arc<str>>,
     opened: SystemTime,
     last_seen: Instant,
     /// The attached stream: its generation, event sender and stop token.
@@ -128,7 +127,7 @@ pub struct SessionSummary {
     /// Client label.
     pub client_name: String,
     /// Peer address of the attached stream.
-    pub peer: Option<SocketAddr>,
+    pub peer: Option<Arc<str>>,
     /// When opened.
     pub opened: SystemTime,
     /// Since the last keepalive.
@@ -213,7 +212,7 @@ impl SessionManager {
         &self,
         owner: &Owner,
         client_name: String,
-        peer: Option<SocketAddr>,
+        peer: Option<Arc<str>>,
         tx: EventSender,
         stop: CancellationToken,
     ) -> Result<(SessionId, u64, SessionSecret), SessionError> {
@@ -238,7 +237,7 @@ impl SessionManager {
             credential: owner.credential,
             secret,
             client_name,
-            peer,
+            peer: peer.clone(),
             opened: SystemTime::now(),
             last_seen: Instant::now(),
             stream: Some((generation, tx, stop)),
@@ -246,7 +245,7 @@ impl SessionManager {
         };
         s.insert(id, entry);
         self.secrets().insert(secret, id);
-        info!(session = %id, principal = %owner.principal, peer = ?peer, "session opened");
+        info!(session = %id, principal = %owner.principal, peer = peer.as_deref().unwrap_or("-"), "session opened");
         Ok((id, generation, secret))
     }
 
@@ -296,7 +295,7 @@ impl SessionManager {
         &self,
         id: SessionId,
         owner: &Owner,
-        peer: Option<SocketAddr>,
+        peer: Option<Arc<str>>,
         tx: EventSender,
         stop: CancellationToken,
     ) -> Result<u64, SessionError> {
@@ -312,9 +311,9 @@ impl SessionManager {
         if let Some((_, _, old)) = e.stream.replace((generation, tx, stop)) {
             old.cancel();
         }
+        info!(session = %id, peer = peer.as_deref().unwrap_or("-"), "session resumed");
         e.peer = peer;
         e.last_seen = Instant::now();
-        info!(session = %id, peer = ?peer, "session resumed");
         Ok(generation)
     }
 
@@ -409,7 +408,7 @@ impl SessionManager {
                 id: *id,
                 principal: e.principal.clone(),
                 client_name: e.client_name.clone(),
-                peer: e.peer,
+                peer: e.peer.clone(),
                 opened: e.opened,
                 idle: now.duration_since(e.last_seen),
                 connected: e.stream.is_some(),

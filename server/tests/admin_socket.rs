@@ -52,6 +52,8 @@ async fn local_admin_over_the_socket_and_nothing_over_tcp_without_a_credential()
     let listed = c.sessions().await.unwrap();
     let mine = listed.iter().find(|x| x.session_id == s.id()).expect("listed");
     assert_eq!(mine.principal, format!("local:{me}"));
+    let uid = rustix::process::geteuid().as_raw();
+    assert!(mine.peer.starts_with(&format!("unix:uid={uid},pid=")), "the peer is the local user: {}", mine.peer);
     // Admin rights: revoke and evict.
     c.revoke_lease(l.id(), true).await.unwrap();
     c.evict_session(s.id(), "test").await.unwrap();

@@ -98,7 +98,14 @@ impl Sessions for SessionsService {
 
     async fn open(&self, req: Request<Streaming<pb::SessionRequest>>) -> Result<Response<Self::OpenStream>, Status> {
         api(async {
-            let peer = req.remote_addr();
+            // Who is at the other end: an address, or the admin socket's local user.
+            let peer: Option<std::sync::Arc<str>> = match req.extensions().get::<crate::net::ConnInfo>() {
+                Some(c) if c.local.is_some() => c.local.as_ref().map(|l| match l.pid {
+                    Some(pid) => format!("unix:uid={},pid={pid}", l.uid).into(),
+                    None => format!("unix:uid={}", l.uid).into(),
+                }),
+                _ => req.remote_addr().map(|a| a.to_string().into()),
+            };
             let owner = caller(&req)?.owner();
             let mut inbound = req.into_inner();
             let ttl = self.0.sessions.ttl();
@@ -198,7 +205,7 @@ impl Admin for AdminService {
                     session_id: s.id.to_string(),
                     principal: s.principal.to_string(),
                     client_name: s.client_name,
-                    peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
+                    peer: s.peer.as_deref().unwrap_or_default().to_string(),
                     opened_unix_ms: s.opened.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
                     idle_ms: s.idle.as_millis() as u64,
                     connected: s.connected,
