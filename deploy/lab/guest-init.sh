@@ -23,6 +23,25 @@ mount --bind /lib/modules $R/usr/lib/modules
 mkdir -p $R$JOB && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none job $R$JOB
 if [ -f $R$JOB/rw_path ]; then RW=$(cat $R$JOB/rw_path); mkdir -p $R$RW; mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none rw $R$RW; fi
 ip link set lo up
+if grep -q labsystemd /proc/cmdline; then
+  # systemd as PID 1 (lab.sh run --systemd): the job runs as a unit, writes its status and
+  # powers the VM off itself.
+  cat > $R/etc/systemd/system/lab-job.service <<UNIT
+[Unit]
+Description=rdax lab job
+After=basic.target
+[Service]
+Type=oneshot
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+ExecStart=/bin/bash -c 'cd $JOB && /bin/bash $JOB/job.sh; echo \$\$? > $JOB/rc; sync; systemctl --force --force poweroff'
+UNIT
+  # The host's root is a container image: without this systemd thinks it runs in docker
+  # and would ignore what the kernel command line says.
+  rm -f $R/.dockerenv $R/run/.containerenv
+  exec chroot $R /lib/systemd/systemd --unit=lab-job.service --show-status=false
+fi
 chroot $R /bin/bash -c "cd $JOB && exec /bin/bash $JOB/job.sh" > /dev/console 2>&1 < /dev/null
 echo $? > $R$JOB/rc
 sync; umount $R$JOB 2>/dev/null; [ -n "$RW" ] && umount $R$RW 2>/dev/null

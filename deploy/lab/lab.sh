@@ -14,6 +14,7 @@
 #   --fsdax DIR   (LAB_FSDAX)   reconfigure as fs-DAX, mkfs.ext4 and mount -o dax on DIR
 #   --rw DIR      (LAB_RW)      share host DIR read-write at the same path (results out)
 #   --timeout S   (LAB_TIMEOUT, default 900)
+#   --systemd     (LAB_SYSTEMD=1) boot systemd as PID 1 and run CMD as a unit of it
 # Inside: veth0 10.77.0.1 (rxe0) <-> veth1 10.77.0.2 (rxe1), GID index 1 (RoCE v2).
 # Nothing leaves the VM: qemu runs with -nic none.
 set -euo pipefail
@@ -85,6 +86,7 @@ build_initramfs() {
 
 run() {
   local pmem=${LAB_PMEM:-} devdax=${LAB_DEVDAX:-} fsdax=${LAB_FSDAX:-} rw=${LAB_RW:-} timeout=${LAB_TIMEOUT:-900}
+  local systemd=${LAB_SYSTEMD:-}
   while [ $# -gt 0 ]; do
     case $1 in
       --pmem) pmem=$2; shift 2;;
@@ -92,6 +94,7 @@ run() {
       --fsdax) fsdax=$2; shift 2;;
       --rw) rw=$2; shift 2;;
       --timeout) timeout=$2; shift 2;;
+      --systemd) systemd=1; shift;;
       --) shift; break;;
       *) break;;
     esac
@@ -101,6 +104,8 @@ run() {
   { [ -n "$devdax" ] || [ -n "$fsdax" ]; } && [ -z "$pmem" ] && pmem=1G
   local kver job
   kver=$(ls "$X/lib/modules" | head -n1)
+  # An edited init must not meet a stale initramfs.
+  [ "$HERE/guest-init.sh" -nt "$LAB/initramfs.cpio.gz" ] && build_initramfs "$kver"
   job=$(mktemp -d "$LAB/job.XXXXXX")
   trap 'rm -rf "$job"' EXIT
   {
@@ -119,6 +124,9 @@ run() {
     extra+=(-object "memory-backend-file,id=pm,share=on,mem-path=$img,size=$pmem" -device nvdimm,id=nv0,memdev=pm)
   fi
   [ -n "$rw" ] && extra+=(-virtfs "local,path=$rw,mount_tag=rw,security_model=none,multidevs=remap")
+  # systemd starts only the job and what it needs: the host root's own enabled units are not
+  # this VM's (guest-init.sh passes --unit=lab-job.service).
+  [ -n "$systemd" ] && append="$append labsystemd"
   set +e
   LD_LIBRARY_PATH="$X/usr/lib/x86_64-linux-gnu:$X/lib/x86_64-linux-gnu" \
   timeout --foreground -k 10 "$timeout" "$X/usr/bin/qemu-system-x86_64" -L "$X/usr/share/qemu" -L "$X/usr/share/seabios" \

@@ -2,7 +2,9 @@
 # The RDMA lab stage: build rdax with the `rdma` feature (release), then in two lab VM runs
 #   1. device-DAX: verbs facts, the RDMA end-to-end tests, and the bench next to
 #      ib_write_bw / ib_read_lat / iperf3 on the same rxe pair and veth;
-#   2. fs-DAX: the registration refusal, and the tests that RDMA is refused and TCP serves.
+#   2. fs-DAX: the registration refusal, and the tests that RDMA is refused and TCP serves;
+#   3. systemd as PID 1: the hardened unit installed and driven as the README says
+#      (deploy/lab/systemd-check.sh).
 # Results (logs, figures) land in $LAB_OUT (default target/lab-out). Needs root for the
 # one-time `lab.sh setup` (apt). Usage: deploy/lab/rdma-lab.sh [--no-bench]
 set -euo pipefail
@@ -34,6 +36,8 @@ lap "VM 1: device-DAX"
 "$here/lab.sh" run --devdax --rw "$out" --timeout 900 -- env LAB_BENCH=$bench "$here/in-vm.sh" devdax "$testbin" "$out" || rc=1
 lap "VM 2: fs-DAX"
 "$here/lab.sh" run --fsdax /mnt/pmem --rw "$out" --timeout 600 -- "$here/in-vm.sh" fsdax "$testbin" "$out" /mnt/pmem || rc=1
+lap "VM 3: systemd as PID 1, the unit installed as the README says"
+"$here/lab.sh" run --systemd --timeout 600 -- "$here/systemd-check.sh" "$root/target/lab-bin" || rc=1
 [ -f "$out/bench-summary.txt" ] && { echo; cat "$out/bench-summary.txt"; }
 lap "done (status $rc)"
 exit $rc
