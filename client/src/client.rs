@@ -114,8 +114,8 @@ pub struct Client {
 impl Client {
     /// Connect to `endpoint`: `http://host:port` (a bare `host:port` means `http://`),
     /// `https://host:port` (with [`ConnectOptions::tls`]), or `unix:PATH` / `unix:///PATH`,
-    /// a daemon's admin socket, where root, rdaxd's user and its group are admin without a
-    /// token.
+    /// a daemon's admin socket, where root, rdaxd's user and the members of its `admin.group`
+    /// are admin without a token.
     pub async fn connect(endpoint: impl AsRef<str>, opts: ConnectOptions) -> Result<Self> {
         let ep = endpoint.as_ref();
         if let Some(path) = crate::unix::socket_path(ep) {

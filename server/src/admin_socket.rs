@@ -2,10 +2,11 @@
 //!
 //! It serves the same services as the TCP listener, through the same request layer; what
 //! differs is how a caller is known. Every connection's peer is checked against
-//! [`crate::auth::local`] as it is accepted: root, rdaxd's user and the members of its group
-//! become the principal `local:<user>` with every right; anyone else is closed at once.
-//! The socket file is created mode 0660, replaces a stale one left by a crash (never a live
-//! one, and never a file that is not a socket), and is removed at shutdown.
+//! [`crate::auth::local`] as it is accepted: root, rdaxd's user and the members of
+//! `admin.group` become the principal `local:<user>` with every right; anyone else is closed
+//! at once. The socket file is created mode 0600, or 0660 and given to `admin.group`,
+//! replaces a stale one left by a crash (never a live one, and never a file that is not a
+//! socket), and is removed at shutdown.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -68,11 +69,13 @@ pub enum SocketError {
 pub struct AdminSocket {
     path: PathBuf,
     listener: Option<UnixListener>,
+    group: Option<u32>,
 }
 
 impl AdminSocket {
-    /// Bind `path` (mode 0660), replacing a stale socket file.
-    pub async fn bind(path: &Path) -> Result<AdminSocket, SocketError> {
+    /// Bind `path` (mode 0600; 0660 and owned by `group` when given), replacing a stale socket
+    /// file.
+    pub async fn bind(path: &Path, group: Option<u32>) -> Result<AdminSocket, SocketError> {
         let io = |what: &'static str| move |source| SocketError::Io { path: path.into(), what, source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             std::fs::create_dir_all(dir).map_err(io("create its directory"))?;
@@ -91,8 +94,16 @@ impl AdminSocket {
             Err(e) => return Err(io("inspect the path")(e)),
         }
         let listener = UnixListener::bind(path).map_err(io("bind"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io("chmod 0660"))?;
-        Ok(AdminSocket { path: path.into(), listener: Some(listener) })
+        let mode = match group {
+            Some(g) => {
+                rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(g)))
+                    .map_err(|e| io("give it to admin.group")(e.into()))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))?;
+        Ok(AdminSocket { path: path.into(), listener: Some(listener), group })
     }
 
     /// The socket's path.
@@ -110,15 +121,15 @@ impl AdminSocket {
         tx: mpsc::Sender<io::Result<GrpcIo>>,
     ) {
         let listener = self.listener.take().expect("served once");
+        let me = Me { group: self.group, ..Me::current() };
         tokio::spawn(async move {
-            let me = Me::current();
             let mut acceptor = Acceptor::new(listener, limits.0, limits.1, "admin socket");
             while let Some((s, creds, permit)) = acceptor.accept(&cut).await {
                 if !local::may_administer(me, &creds) {
                     warn!(
                         uid = creds.uid,
                         pid = creds.pid,
-                        "admin socket: refused a peer that is neither root, rdaxd's user nor a member of its group"
+                        "admin socket: refused a peer that is neither root, rdaxd's user nor a member of admin.group"
                     );
                     continue;
                 }
@@ -158,21 +169,21 @@ mod tests {
     async fn a_stale_socket_is_replaced_a_live_one_and_other_files_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/rdaxd.sock");
-        let a = AdminSocket::bind(&path).await.unwrap();
+        let a = AdminSocket::bind(&path, None).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        assert!(matches!(AdminSocket::bind(&path).await, Err(SocketError::InUse(_))), "a live socket stays");
+        assert_eq!(mode, 0o600, "no group: owner only");
+        assert!(matches!(AdminSocket::bind(&path, None).await, Err(SocketError::InUse(_))), "a live socket stays");
         drop(a);
         assert!(!path.exists(), "removed when dropped");
         // A socket file nobody listens on is stale.
         let lone = dir.path().join("lone.sock");
         drop(std::os::unix::net::UnixListener::bind(&lone).unwrap());
-        let c = AdminSocket::bind(&lone).await.unwrap();
+        let c = AdminSocket::bind(&lone, None).await.unwrap();
         assert!(UnixStream::connect(&lone).await.is_ok(), "the stale file was replaced by a live socket");
         drop(c);
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(AdminSocket::bind(&file).await, Err(SocketError::NotASocket(_))));
+        assert!(matches!(AdminSocket::bind(&file, None).await, Err(SocketError::NotASocket(_))));
         assert_eq!(std::fs::read(&file).unwrap(), b"x", "a file in the way is left alone");
     }
 }

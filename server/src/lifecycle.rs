@@ -198,6 +198,8 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.tls.is_some() != old.tls.is_some()
         || new.data_listen != old.data_listen
         || new.data_tls != old.data_tls
+        || new.admin_socket != old.admin_socket
+        || new.admin_group_name != old.admin_group_name
         || new.metrics_listen != old.metrics_listen
         || new.rdma_listen != old.rdma_listen
         || new.rdma_keys != old.rdma_keys
@@ -206,7 +208,9 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.grpc_idle_timeout != old.grpc_idle_timeout
         || new.log_format != old.log_format;
     if restart_only {
-        warn!("changed addresses, pool, limits, log format or TLS on/off take effect only after a restart");
+        warn!(
+            "changed addresses, the admin socket, pool, limits, log format or TLS on/off take effect only after a restart"
+        );
     }
     info!("configuration reloaded");
     systemd::notify(&[NotifyState::Ready]);
@@ -245,8 +249,8 @@ pub async fn run_with_reload(
     // Bound before anything is served, so a second daemon on the same state fails early.
     let mut admin = match &cfg.admin_socket {
         Some(p) => {
-            let a = crate::admin_socket::AdminSocket::bind(p).await?;
-            info!(path = %p.display(), "admin socket: root, rdaxd's user and members of its group are admin here");
+            let a = crate::admin_socket::AdminSocket::bind(p, cfg.admin_group).await?;
+            info!(path = %p.display(), group = cfg.admin_group, "admin socket: root, rdaxd's user and members of admin.group are admin here");
             Some(a)
         }
         None => None,

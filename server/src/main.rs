@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn start(args: Args) -> anyhow::Result<()> {
-    let cfg = Config::resolve(&args).map_err(|e| ConfigFailure(format!("load the configuration: {e}")))?;
+    let mut cfg = Config::resolve(&args).map_err(|e| ConfigFailure(format!("load the configuration: {e}")))?;
     if let Some(Command::CheckConfig { quiet }) = args.command {
         if !cfg.unknown_keys.is_empty() {
             let keys = cfg.unknown_keys.join(", ");
@@ -52,6 +52,7 @@ fn start(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    cfg.resolve_admin_group().map_err(|e| ConfigFailure(format!("load the configuration: {e}")))?;
     rdaxd::logging::init(cfg.log_format, &cfg.log_level)?;
     for k in &cfg.unknown_keys {
         tracing::warn!(key = %k, "unknown config key ignored (`rdaxd check-config` rejects it)");

@@ -1,8 +1,8 @@
 //! The admin Unix socket against a real rdaxd: with no credential configured, TCP clients get
 //! nothing, while local administrators get every right on the socket (the SDK's `unix:`
 //! endpoints and `rdaxctl`'s default); anyone else is refused by the socket's mode and, past
-//! that, by the peer check; the socket survives an unclean stop and goes away with a clean
-//! one.
+//! that, by the peer check; members of `admin.group` are admitted when it is set, and only
+//! then; the socket survives an unclean stop and goes away with a clean one.
 
 mod common;
 
@@ -27,7 +27,7 @@ async fn local_admin_over_the_socket_and_nothing_over_tcp_without_a_credential()
     assert_eq!(sock, dir.path().join("rdaxd.sock"), "the default is <state dir>/rdaxd.sock");
     let meta = std::fs::metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
-    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "no admin.group: owner only");
 
     // TCP: no anonymous access, and the refusal says where to go.
     let tcp = Client::connect(&d.endpoint, ConnectOptions::default()).await.unwrap();
@@ -98,10 +98,10 @@ async fn other_users_are_refused_by_the_mode_and_then_by_the_peer_check() {
     std::fs::copy(common::rdaxd_bin().with_file_name("rdaxctl"), &ctl).unwrap();
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let as_nobody = |args: &[&str]| {
+    let as_user = |uid: u32, gid: u32, sock: &std::path::Path, args: &[&str]| {
         std::process::Command::new(&ctl)
-            .uid(65534)
-            .gid(65534)
+            .uid(uid)
+            .gid(gid)
             .env("HOME", "/nonexistent")
             .arg("--endpoint")
             .arg(format!("unix:{}", sock.display()))
@@ -109,6 +109,7 @@ async fn other_users_are_refused_by_the_mode_and_then_by_the_peer_check() {
             .output()
             .unwrap()
     };
+    let as_nobody = |args: &[&str]| as_user(65534, 65534, &sock, args);
     // The socket's mode keeps nobody out (connect: EACCES).
     let out = as_nobody(&["create", "a/nobody", "--size", "1M"]);
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
@@ -119,8 +120,28 @@ async fn other_users_are_refused_by_the_mode_and_then_by_the_peer_check() {
     common::poll(Duration::from_secs(10), "the refusal in the log", || {
         d.log().lines().any(|l| l.contains("admin socket: refused a peer") && l.contains("uid=65534")).then_some(())
     });
+    // Sharing rdaxd's group (root's, here) is not enough without admin.group.
+    let out = as_user(65534, 0, &sock, &["create", "a/nobody", "--size", "1M"]);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let c = Client::connect(unix(&d), ConnectOptions::default()).await.unwrap();
     assert_eq!(c.object("a", "nobody").unwrap().stat().await.unwrap_err().kind(), ErrorKind::NotFound);
+    drop(c);
+    drop(d);
+
+    // With admin.group, its members are admin: the socket is 0660 and theirs.
+    let dir2 = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir2.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start_bare(dir2.path(), &["--admin-group", "root"]);
+    let sock = d.admin_socket.clone().unwrap();
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.permissions().mode() & 0o777, std::os::unix::fs::MetadataExt::gid(&meta)), (0o660, 0));
+    let out = as_user(65534, 0, &sock, &["create", "a/member", "--size", "1M"]);
+    assert!(out.status.success(), "a member of admin.group: {}", String::from_utf8_lossy(&out.stderr));
+    let out = as_user(65534, 65534, &sock, &["create", "a/outsider", "--size", "1M"]);
+    assert_eq!(out.status.code(), Some(7), "not a member: kept out by the mode");
+    let c = Client::connect(unix(&d), ConnectOptions::default()).await.unwrap();
+    let listed = c.list_all("a").await.unwrap();
+    assert_eq!(listed.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["member"]);
 }
 
 #[test]
@@ -156,4 +177,13 @@ fn the_socket_outlives_a_crash_and_goes_away_with_a_clean_stop() {
     let d = Daemon::start_bare(dir.path(), &["--admin-socket", "off"]);
     assert!(d.admin_socket.is_none());
     assert!(!sock.exists());
+    drop(d);
+    // An admin.group that does not exist is a configuration error at start (exit 78).
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--state-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "off", "--rdma-listen", "off", "--admin-group", "no-such-group-for-rdax"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such group"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,11 +1,12 @@
 //! Local administration: who may use the admin Unix socket.
 //!
-//! The socket file is mode 0660 and belongs to rdaxd's user and group, so the kernel lets
-//! only root, that user and the group's members connect. The daemon checks again on every
-//! connection, from the peer's credentials as the kernel recorded them at `connect`
-//! (`SO_PEERCRED` for the user and primary group, `SO_PEERGROUPS` for the supplementary
-//! groups): a peer that is root, rdaxd's own user, or in rdaxd's group becomes the principal
-//! `local:<user>` with every right. Anyone else is refused before a byte of gRPC is read, so
+//! The socket file belongs to rdaxd's user: mode 0600, or 0660 with the group `admin.group`
+//! when one is configured (the unit's `rdax`), so the kernel lets only root, that user and the
+//! group's members connect. The daemon checks again on every connection, from the peer's
+//! credentials as the kernel recorded them at `connect` (`SO_PEERCRED` for the user and
+//! primary group, `SO_PEERGROUPS` for the supplementary groups): a peer that is root, rdaxd's
+//! own user, or in the configured group becomes the principal `local:<user>` with every right.
+//! (No group by default: a personal daemon's primary group may be one many users share.) Anyone else is refused before a byte of gRPC is read, so
 //! a socket made world-writable by mistake (a `chmod`, a bind mount) still admits nobody
 //! else. Nothing here reads the password or group databases for the decision; the user name
 //! is looked up only to name the principal.
@@ -39,25 +40,38 @@ pub struct PeerCredentials {
     pub pid: Option<i32>,
 }
 
-/// Who the daemon is, for the check.
+/// Who may administer besides root.
 #[derive(Debug, Clone, Copy)]
 pub struct Me {
     /// rdaxd's effective user id.
     pub uid: u32,
-    /// rdaxd's effective group id: its members may administer.
-    pub gid: u32,
+    /// The group whose members may administer too (`admin.group`), if any.
+    pub group: Option<u32>,
 }
 
 impl Me {
-    /// The running process.
+    /// The running process, with no group.
     pub fn current() -> Me {
-        Me { uid: rustix::process::geteuid().as_raw(), gid: rustix::process::getegid().as_raw() }
+        Me { uid: rustix::process::geteuid().as_raw(), group: None }
     }
 }
 
 /// Whether `peer` may administer this daemon.
 pub fn may_administer(me: Me, peer: &PeerCredentials) -> bool {
-    peer.uid == 0 || peer.uid == me.uid || peer.gid == me.gid || peer.groups.contains(&me.gid)
+    peer.uid == 0 || peer.uid == me.uid || me.group.is_some_and(|g| peer.gid == g || peer.groups.contains(&g))
+}
+
+/// The gid of the group `name` (`None` if there is none, or the lookup failed).
+pub fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: all-zero is a valid `group` (null pointers, gid 0) for getgrnam_r to fill.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the size passed; getgrnam_r writes the
+    // strings into `buf` and points `gr`'s fields there, and sets `out` to `&gr` or null.
+    let r = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out) };
+    (r == 0 && !out.is_null()).then_some(gr.gr_gid)
 }
 
 /// The credentials of the peer of a connected Unix socket.
@@ -135,14 +149,25 @@ mod tests {
     }
 
     #[test]
-    fn root_the_daemon_user_and_its_group_may_administer_and_nobody_else() {
-        let me = Me { uid: 990, gid: 990 };
+    fn root_the_daemon_user_and_the_configured_group_may_administer_and_nobody_else() {
+        let me = Me { uid: 990, group: Some(990) };
         assert!(may_administer(me, &creds(0, 0, &[])), "root");
         assert!(may_administer(me, &creds(990, 100, &[])), "rdaxd's own user");
         assert!(may_administer(me, &creds(1000, 990, &[])), "primary group");
         assert!(may_administer(me, &creds(1000, 1000, &[27, 990])), "supplementary group");
         assert!(!may_administer(me, &creds(1000, 1000, &[27, 100])), "another user");
         assert!(!may_administer(me, &creds(65534, 65534, &[])), "nobody");
+        // No group configured: sharing a group with rdaxd is not enough.
+        let alone = Me { uid: 990, group: None };
+        assert!(may_administer(alone, &creds(0, 0, &[])));
+        assert!(may_administer(alone, &creds(990, 990, &[])));
+        assert!(!may_administer(alone, &creds(1000, 990, &[990])), "a member of rdaxd's group");
+    }
+
+    #[test]
+    fn groups_are_looked_up_by_name() {
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-for-rdax"), None);
     }
 
     #[test]
@@ -151,7 +176,7 @@ mod tests {
         let c = peer_credentials(a.as_fd()).unwrap();
         let me = Me::current();
         assert_eq!(c.uid, me.uid);
-        assert_eq!(c.gid, me.gid);
+        assert_eq!(c.gid, rustix::process::getegid().as_raw());
         assert_eq!(c.pid, Some(std::process::id() as i32));
         // The supplementary groups are this process's own.
         let mut mine = rustix::process::getgroups().unwrap().iter().map(|g| g.as_raw()).collect::<Vec<_>>();

@@ -15,7 +15,7 @@ mod admin;
 mod limits;
 mod tls;
 
-pub use admin::AdminSection;
+pub use admin::{AdminSection, group_gid};
 pub use limits::{Limits, LimitsSection};
 pub use tls::{TlsFiles, TlsSection};
 
@@ -50,8 +50,8 @@ Config keys without a flag:
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
     /default.pool (1 GiB, allocated on disk), serves gRPC on 127.0.0.1:7400 (no access
-  without a credential) and on the admin socket <state dir>/rdaxd.sock (0660: root,
-  rdaxd's user and its group are admin there; rdaxctl uses it by default).";
+  without a credential) and on the admin socket <state dir>/rdaxd.sock (0600: root and
+  rdaxd's own user are admin there, plus --admin-group's members; rdaxctl uses it by default).";
 
 /// rdaxd — serve persistent memory to remote clients by direct memory access.
 #[derive(clap::Parser, Debug, Default, Clone)]
@@ -94,6 +94,10 @@ pub struct Args {
     /// token [admin.socket] (default <state dir>/rdaxd.sock; "off" for none).
     #[arg(long, env = "RDAX_ADMIN_SOCKET")]
     pub admin_socket: Option<String>,
+    /// Members of this group (name or gid) are admin on the admin socket too; without it, only
+    /// root and rdaxd's own user are, and the socket is mode 0600 [admin.group].
+    #[arg(long, env = "RDAX_ADMIN_GROUP")]
+    pub admin_group: Option<String>,
     /// Removed: there is no anonymous access any more (see the admin socket).
     #[arg(long, hide = true)]
     pub allow_no_token: bool,
@@ -420,6 +424,10 @@ pub struct Config {
     pub principals: crate::auth::Principals,
     /// The admin Unix socket, unless "off".
     pub admin_socket: Option<PathBuf>,
+    /// `admin.group` as written (looked up at start: [`Config::resolve_admin_group`]).
+    pub admin_group_name: Option<String>,
+    /// The group whose members are admin on the socket too (`None`: only root and rdaxd's user).
+    pub admin_group: Option<u32>,
     /// Something the daemon should warn about at start (a setting it had to drop).
     pub warnings: Vec<String>,
     /// gRPC idle timeout.
@@ -566,6 +574,7 @@ impl Config {
             )));
         }
         let (admin_socket, admin_warning) = admin::resolve(args, &file.admin, &state_dir)?;
+        let admin_group_name = admin::group_name(args, &file.admin);
         let data_tls = args.data_tls || file.dataplane.tls.unwrap_or(false);
         if data_tls && tls.is_none() {
             return Err(invalid(
@@ -637,6 +646,8 @@ impl Config {
             principals_file,
             principals,
             admin_socket,
+            admin_group_name,
+            admin_group: None,
             warnings: admin_warning.into_iter().collect(),
             tls,
             insecure_plaintext,
@@ -659,6 +670,15 @@ impl Config {
             ports_file: args.ports_file.clone().or(file.ports_file.clone()),
             unknown_keys,
         })
+    }
+
+    /// Look `admin.group` up (at start, where the group must exist).
+    pub fn resolve_admin_group(&mut self) -> Result<(), ConfigError> {
+        self.admin_group = match &self.admin_group_name {
+            Some(name) => Some(admin::group_gid(name)?),
+            None => None,
+        };
+        Ok(())
     }
 
     /// Keepalive interval clients are told to use: a third of the TTL.
