@@ -40,6 +40,11 @@ UNIT
   # The host's root is a container image: without this systemd thinks it runs in docker
   # and would ignore what the kernel command line says.
   rm -f $R/.dockerenv $R/run/.containerenv
+  # /tmp is the host's (a CI clone lives there): no fresh tmpfs over it, and no boot-time
+  # clean-up, which would hide it all behind overlay whiteouts (tmpfiles' `D /tmp`).
+  ln -sf /dev/null $R/etc/systemd/system/tmp.mount
+  mkdir -p $R/etc/tmpfiles.d
+  printf 'd /tmp 1777 root root -\nd /var/tmp 1777 root root -\n' > $R/etc/tmpfiles.d/tmp.conf
   exec chroot $R /lib/systemd/systemd --unit=lab-job.service --show-status=false
 fi
 chroot $R /bin/bash -c "cd $JOB && exec /bin/bash $JOB/job.sh" > /dev/console 2>&1 < /dev/null
