@@ -17,6 +17,9 @@ use super::{Grant, GrantRequest, Inner, LeaseError, LeaseManager, LeaseSummary, 
 impl Inner {
     /// A live exclusive lease over part of the range.
     pub(super) fn exclusive_holder(&self, object: &ObjectKey, lo: u64, hi: u64) -> Option<u64> {
+        if self.exclusive_live == 0 {
+            return None; // the common case, and no scan over every lease on the grant path
+        }
         self.leases
             .iter()
             .find(|(_, l)| l.exclusive && l.state.live() && l.object == *object && overlaps((l.lo, l.hi), (lo, hi)))
@@ -38,7 +41,14 @@ impl LeaseManager {
         lease_failpoint!("exclusive.recalled");
         let g =
             self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, Some(brk.marker)).await?;
-        self.lock().leases.get_mut(&g.id).expect("just granted").exclusive = true;
+        {
+            let mut i = self.lock();
+            let l = i.leases.get_mut(&g.id).expect("just granted");
+            if l.state.live() {
+                l.exclusive = true;
+                i.exclusive_live += 1;
+            }
+        }
         drop(brk);
         info!(lease = g.id, session = %req.session, object = %req.object, "lease is exclusive");
         Ok(g)

@@ -271,6 +271,8 @@ struct Inner {
     live_by_session: HashMap<SessionId, Usage>,
     /// Live leases per principal.
     live_by_principal: HashMap<Arc<str>, usize>,
+    /// Live exclusive leases, so that grants skip the search for one when there is none.
+    exclusive_live: usize,
     next_id: u64,
     next_generation: u64,
     next_marker: u64,

@@ -50,6 +50,9 @@ impl LeaseManager {
         let l = g.leases.get_mut(&id)?;
         self.keys.remove(&l.keys);
         let (was_live, session, nkeys) = (l.state.live(), l.session, l.keys.len());
+        if was_live && l.exclusive {
+            g.exclusive_live -= 1;
+        }
         l.state = state;
         let transport = l.transport.clone();
         let principal = l.principal.clone();
