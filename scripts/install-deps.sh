@@ -3,7 +3,8 @@
 # needs nothing else (protobuf compilation is pure Rust). The `rdma` feature (crate
 # rdax-verbs, through rdma-mummy-sys) builds a small C shim with cmake and generates bindings
 # with libclang; at run time it loads libibverbs/librdmacm if they are there (rdma-core,
-# ibverbs-providers), and works without them (no RDMA). Idempotent; apt only when missing.
+# ibverbs-providers), and works without them (no RDMA). The NBD tests need libnbd-bin and
+# qemu-utils. Idempotent; apt only when missing.
 set -euo pipefail
 for c in rustfmt cargo-clippy; do
   command -v "$c" >/dev/null || { echo "missing $c: install the Rust toolchain with rustup (components rustfmt, clippy)" >&2; exit 1; }
@@ -11,6 +12,10 @@ done
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+# The NBD tests drive rdaxd with real NBD clients: libnbd's nbdcopy and nbdinfo, qemu-img and
+# qemu-io.
+command -v nbdcopy >/dev/null && command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
 if ((${#need[@]})); then
   echo "install-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -41,7 +41,16 @@ impl Object {
     /// `AlreadyExists` for its own success).
     pub async fn create(&self, size: u64) -> Result<pb::ObjectStat> {
         let mut c = self.client.objects.clone();
-        let r = self.client.request(pb::CreateRequest { object: Some(self.oref()), size });
+        let r = self.client.request(pb::CreateRequest { object: Some(self.oref()), size, ..Default::default() });
+        Ok(c.create(r).await?.into_inner())
+    }
+
+    /// Create it as a block volume of `size` bytes (a non-zero multiple of 4 KiB), exported
+    /// by the daemon's NBD server as `namespace/name`: allocated in full, or left `sparse`.
+    /// Not retried.
+    pub async fn create_volume(&self, size: u64, sparse: bool) -> Result<pb::ObjectStat> {
+        let mut c = self.client.objects.clone();
+        let r = self.client.request(pb::CreateRequest { object: Some(self.oref()), size, volume: true, sparse });
         Ok(c.create(r).await?.into_inner())
     }
 
@@ -78,10 +87,20 @@ impl Object {
             .await
     }
 
-    /// Delete it. Not retried.
+    /// Delete it. Not retried. A volume that NBD clients have open is refused
+    /// ([`ErrorKind::FailedPrecondition`]); see [`Object::delete_force`].
     pub async fn delete(&self) -> Result<()> {
+        self.delete_with(false).await
+    }
+
+    /// Delete it, disconnecting the NBD clients of a volume first. Not retried.
+    pub async fn delete_force(&self) -> Result<()> {
+        self.delete_with(true).await
+    }
+
+    async fn delete_with(&self, force: bool) -> Result<()> {
         let mut c = self.client.objects.clone();
-        c.delete(self.client.request(pb::DeleteRequest { object: Some(self.oref()) })).await?;
+        c.delete(self.client.request(pb::DeleteRequest { object: Some(self.oref()), force })).await?;
         Ok(())
     }
 

@@ -141,12 +141,19 @@ pub struct CreateObject {
     pub key: ObjectKey,
     /// Initial size.
     pub size: u64,
+    /// A block volume.
+    pub volume: bool,
+    /// A volume left unallocated.
+    pub sparse: bool,
 }
 
 impl TryFrom<pb::CreateRequest> for CreateObject {
     type Error = ProtocolError;
     fn try_from(r: pb::CreateRequest) -> Result<Self, ProtocolError> {
-        Ok(Self { key: r.object.try_into()?, size: r.size })
+        if r.sparse && !r.volume {
+            return Err(ProtocolError::Invalid { field: "sparse", reason: "only volumes have this choice" });
+        }
+        Ok(Self { key: r.object.try_into()?, size: r.size, volume: r.volume, sparse: r.sparse })
     }
 }
 

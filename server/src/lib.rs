@@ -49,6 +49,7 @@ pub mod lease;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod nbd;
 pub mod net;
 pub mod pool;
 pub mod rdma;

@@ -116,14 +116,16 @@ fn write_ports_file(
     metrics: Option<std::net::SocketAddr>,
     rdma: &str,
     admin: Option<&Path>,
+    nbd: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let metrics = metrics.map_or_else(|| "null".to_string(), |m| format!("\"{m}\""));
     let rdma = if rdma.is_empty() { "null".to_string() } else { format!("\"{rdma}\"") };
     // A path is JSON-escaped by its Debug form for every printable path we create.
     let admin = admin.map_or_else(|| "null".to_string(), |p| format!("{:?}", p.display().to_string()));
+    let nbd = nbd.map_or_else(|| "null".to_string(), |a| format!("\"{a}\""));
     let body = format!(
-        "{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"rdma\":{rdma},\"admin\":{admin},\"pid\":{}}}\n",
+        "{{\"grpc\":\"{grpc}\",\"data\":\"{data}\",\"metrics\":{metrics},\"rdma\":{rdma},\"admin\":{admin},\"nbd\":{nbd},\"pid\":{}}}\n",
         std::process::id()
     );
     std::fs::write(&tmp, body).with_context(|| format!("write {}", tmp.display()))?;
@@ -202,6 +204,7 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.admin_group_name != old.admin_group_name
         || new.metrics_listen != old.metrics_listen
         || new.rdma_listen != old.rdma_listen
+        || new.nbd != old.nbd
         || new.rdma_keys != old.rdma_keys
         || new.pool_path != old.pool_path
         || new.limits != old.limits
@@ -321,7 +324,50 @@ pub async fn run_with_reload(
         }
         None => None,
     };
+    let registry = Arc::new(crate::nbd::Registry::default());
+    let nbd_stop = CancellationToken::new();
+    let nbd = match &cfg.nbd {
+        Some(n) => {
+            let l = TcpListener::bind(n.listen).await.with_context(|| format!("listen for NBD on {}", n.listen))?;
+            let a = l.local_addr().context("read the NBD address")?;
+            let srv = Arc::new(crate::nbd::NbdServer {
+                deps: crate::nbd::Deps {
+                    leases: leases.clone(),
+                    sessions: sessions.clone(),
+                    pool: pool.clone(),
+                    media: pool.media().clone(),
+                    gate: gate.clone(),
+                    transport: dataplane.clone(),
+                    exclusive: n.exclusive,
+                },
+                registry: registry.clone(),
+                auth: auth.clone(),
+                principal: n.principal.clone(),
+                timing: crate::nbd::Timing {
+                    handshake: n.handshake_timeout,
+                    idle: n.idle_timeout,
+                    stall: cfg.data_op_timeout,
+                    lease_wait: cfg.lease_break_timeout * 2 + Duration::from_secs(5),
+                },
+            });
+            let task = tokio::spawn(srv.serve(
+                l,
+                cfg.limits.max_data_connections,
+                cfg.limits.max_connections_per_source,
+                nbd_stop.clone(),
+            ));
+            if !a.ip().is_loopback() {
+                warn!(nbd = %a, "serving NBD beyond loopback without TLS (--insecure-plaintext): volumes cross the network in the clear");
+            }
+            info!(nbd = %a, principal = %n.principal, exclusive = n.exclusive, "serving volumes over NBD");
+            Some((a, task))
+        }
+        None => None,
+    };
+    let nbd_local = nbd.as_ref().map(|n| n.0);
     let shared = Shared {
+        nbd: registry.clone(),
+        nbd_endpoint: nbd_local.map(|a| a.to_string()).unwrap_or_default(),
         auth: auth.clone(),
         pool: pool.clone(),
         sessions: sessions.clone(),
@@ -370,12 +416,17 @@ pub async fn run_with_reload(
             metrics_local,
             &rdma.status().endpoint,
             admin.as_ref().map(|a| a.path()),
+            nbd_local,
         )?;
     }
-    match cfg.admin_socket.as_deref() {
-        Some(p) => println!("rdaxd: listening grpc={local} data={data_local} admin=unix:{}", p.display()),
-        None => println!("rdaxd: listening grpc={local} data={data_local}"),
+    let mut line = format!("rdaxd: listening grpc={local} data={data_local}");
+    if let Some(p) = cfg.admin_socket.as_deref() {
+        line.push_str(&format!(" admin=unix:{}", p.display()));
     }
+    if let Some(a) = nbd_local {
+        line.push_str(&format!(" nbd={a}"));
+    }
+    println!("{line}");
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
     // Both listeners accept and recovery is done: tell systemd.
     let status = systemd::status_line(&pool, &sessions, &leases);
@@ -430,6 +481,7 @@ pub async fn run_with_reload(
     }
     rdma.shutdown();
     data_stop.cancel();
+    nbd_stop.cancel();
     sessions.shutdown();
     stop_serving.cancel();
     timed("close connections", close_connections(&mut server, &cut)).await;
@@ -440,6 +492,9 @@ pub async fn run_with_reload(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), data_task).await;
+    if let Some((_, task)) = nbd {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
     let clean = timed("close the pool", close_pool(pool, CLOSE_BOUND)).await;
     if let Some(p) = &cfg.ports_file {
         // Nothing listens there any more.

@@ -100,15 +100,16 @@ fn body(path: &str, ns: &str, sid: &str) -> Vec<u8> {
     match path {
         "/rdax.v1.Pool/Info" => pb::InfoRequest {}.encode_to_vec(),
         "/rdax.v1.Pool/Stats" => pb::StatsRequest {}.encode_to_vec(),
-        "/rdax.v1.Objects/Create" => pb::CreateRequest { object: o, size: 4096 }.encode_to_vec(),
+        "/rdax.v1.Objects/Create" => pb::CreateRequest { object: o, size: 4096, ..Default::default() }.encode_to_vec(),
         "/rdax.v1.Objects/Stat" => pb::StatRequest { object: o }.encode_to_vec(),
         "/rdax.v1.Objects/List" => pb::ListRequest { namespace: ns.into(), ..Default::default() }.encode_to_vec(),
         "/rdax.v1.Objects/Resize" => pb::ResizeRequest { object: o, size: 8192 }.encode_to_vec(),
         "/rdax.v1.Objects/PunchHole" => pb::PunchHoleRequest { object: o, offset: 0, length: 4096 }.encode_to_vec(),
-        "/rdax.v1.Objects/Delete" => {
-            pb::DeleteRequest { object: Some(pb::ObjectRef { namespace: ns.into(), name: "gone".into() }) }
-                .encode_to_vec()
+        "/rdax.v1.Objects/Delete" => pb::DeleteRequest {
+            object: Some(pb::ObjectRef { namespace: ns.into(), name: "gone".into() }),
+            force: false,
         }
+        .encode_to_vec(),
         "/rdax.v1.Objects/Read" => pb::ReadRequest { object: o, ..Default::default() }.encode_to_vec(),
         "/rdax.v1.Objects/Write" => pb::WriteChunk {
             header: Some(pb::WriteHeader { object: o, offset: 0, ..Default::default() }),

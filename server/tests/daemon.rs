@@ -108,12 +108,12 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         (
             "empty name",
             Code::InvalidArgument,
-            raw.create(CreateRequest { object: r("ns", ""), size: 1 }).await.map(drop),
+            raw.create(CreateRequest { object: r("ns", ""), size: 1, ..Default::default() }).await.map(drop),
         ),
         (
             "bad namespace",
             Code::InvalidArgument,
-            raw.create(CreateRequest { object: r("a/b", "x"), size: 1 }).await.map(drop),
+            raw.create(CreateRequest { object: r("a/b", "x"), size: 1, ..Default::default() }).await.map(drop),
         ),
         (
             "long name",
@@ -122,11 +122,15 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         ),
         ("no object", Code::InvalidArgument, raw.stat(StatRequest { object: None }).await.map(drop)),
         ("unknown object", Code::NotFound, raw.stat(StatRequest { object: r("ns", "missing") }).await.map(drop)),
-        ("exists", Code::AlreadyExists, raw.create(CreateRequest { object: r("ns", "o"), size: 1 }).await.map(drop)),
+        (
+            "exists",
+            Code::AlreadyExists,
+            raw.create(CreateRequest { object: r("ns", "o"), size: 1, ..Default::default() }).await.map(drop),
+        ),
         (
             "huge size",
             Code::InvalidArgument,
-            raw.create(CreateRequest { object: r("ns", "h"), size: u64::MAX }).await.map(drop),
+            raw.create(CreateRequest { object: r("ns", "h"), size: u64::MAX, ..Default::default() }).await.map(drop),
         ),
         (
             "overflowing punch",

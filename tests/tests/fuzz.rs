@@ -146,7 +146,7 @@ fn protos(seed: u64, execs: u64) -> Vec<String> {
         rep.run(|| format!("{read:?}"), || drop(ReadObject::try_from(read.clone())));
         let list = pb::ListRequest { namespace: pick(&mut rng), after: pick(&mut rng), limit: rng.next_u64() as u32 };
         rep.run(|| format!("{list:?}"), || drop(ListObjects::try_from(list.clone())));
-        let create = pb::CreateRequest { object: obj.clone(), size: a };
+        let create = pb::CreateRequest { object: obj.clone(), size: a, ..Default::default() };
         rep.run(|| format!("{create:?}"), || drop(CreateObject::try_from(create.clone())));
         let resize = pb::ResizeRequest { object: obj.clone(), size: b };
         rep.run(|| format!("{resize:?}"), || drop(ResizeObject::try_from(resize.clone())));
@@ -225,7 +225,7 @@ fn mutate_pool(rng: &mut SplitMix64, img: &mut [u8]) -> String {
                 img[off as usize..(off + layout::OBJ_SLOT) as usize].try_into().unwrap();
             let mut o = match ObjSlot::decode(&raw, i) {
                 SlotState::Live(o) => o,
-                _ => ObjSlot { id: 1, size: 0, created_ns: 0, ns: b"ns".to_vec(), name: b"z".to_vec() },
+                _ => ObjSlot { id: 1, size: 0, created_ns: 0, flags: 0, ns: b"ns".to_vec(), name: b"z".to_vec() },
             };
             match rng.below(3) {
                 0 => o.size = edge_or_random(rng, o.size),

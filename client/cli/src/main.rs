@@ -7,6 +7,7 @@ mod bench;
 mod offline;
 mod online;
 mod output;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +22,8 @@ Exit status:
   1  fsck found damage              6  unauthenticated or not permitted
   2  usage or local error           7  daemon unavailable or unreachable
   3  not found                      8  pool full or a limit reached
-  4  already exists                 9  other server error";
+  4  already exists                 9  other server error
+                                    10 refused in the current state (in use, exclusively leased)";
 
 #[derive(Parser, Debug)]
 #[command(name = "rdaxctl", version, about = "Manage rdax pools, objects and sessions", after_help = EXIT_CODES)]
@@ -224,6 +226,11 @@ enum Cmd {
         /// Print the secret in the `session_opened` line (it is a credential: not for logs).
         #[arg(long)]
         print_secret: bool,
+    },
+    /// Block volumes, exported over NBD as NAMESPACE/NAME: create, ls, resize, rm.
+    Volume {
+        #[command(subcommand)]
+        cmd: volume::VolumeCmd,
     },
     /// Leases: hold one (for demos and debugging), list, revoke.
     Lease {

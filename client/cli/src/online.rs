@@ -53,6 +53,7 @@ fn stat_json(s: &ObjectStat) -> Value {
     json!({
         "id": s.id, "namespace": s.namespace, "name": s.name, "size": s.size,
         "allocated_bytes": s.allocated_bytes, "extents": s.extents, "created_unix_ns": s.created_unix_ns,
+        "volume": s.volume, "nbd_clients": s.nbd_clients,
     })
 }
 
@@ -105,11 +106,13 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                 "format_version": i.format_version, "pool_size": i.pool_size, "block_size": i.block_size,
                 "data_blocks": i.data_blocks, "max_objects": i.max_objects, "max_extents": i.max_extents,
                 "replayed_transaction": i.replayed_transaction, "previous_shutdown_clean": i.previous_shutdown_clean,
-                "server_version": i.server_version,
+                "server_version": i.server_version, "nbd_endpoint": i.nbd_endpoint,
                 "rdma": i.rdma.as_ref().map(|r| json!({
                     "state": r.state, "detail": r.detail, "endpoint": r.endpoint, "keys": r.keys, "device": r.device,
                 })),
             });
+            let nbd =
+                if i.nbd_endpoint.is_empty() { "off".to_string() } else { format!("serving on {}", i.nbd_endpoint) };
             let r = i.rdma.clone().unwrap_or_default();
             let rdma = match r.state.as_str() {
                 "serving" => format!("serving on {} ({}, keys: {})", r.endpoint, r.device, r.keys),
@@ -118,7 +121,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             };
             emit(json, &v, || {
                 format!(
-                    "pool        {}\nuuid        {}\nmode        {} (persistence: {})\nsize        {} ({} data blocks)\ncapacity    {} objects, {} extents\nlast stop   {}\nrdaxd       {}\nrdma        {rdma}",
+                    "pool        {}\nuuid        {}\nmode        {} (persistence: {})\nsize        {} ({} data blocks)\ncapacity    {} objects, {} extents\nlast stop   {}\nrdaxd       {}\nrdma        {rdma}\nnbd         {nbd}",
                     i.path,
                     i.uuid,
                     i.mode,
@@ -278,6 +281,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Lease { cmd } => lease(cli, &client, cmd, json).await?,
+        Cmd::Volume { cmd } => crate::volume::run(&client, cmd, json).await?,
         Cmd::Mkpool { .. }
         | Cmd::Fsck { .. }
         | Cmd::Token { .. }

@@ -17,6 +17,11 @@ impl Failure {
         Self { code: 2, error }
     }
 
+    /// An invalid argument found locally: exit 5.
+    pub fn invalid(error: anyhow::Error) -> Self {
+        Self { code: 5, error }
+    }
+
     /// `fsck` found damage: exit 1 (the report is already printed).
     pub fn damaged() -> Self {
         Self { code: 1, error: anyhow::anyhow!("the pool is damaged") }
@@ -44,6 +49,7 @@ impl From<rdax_client::Error> for Failure {
             ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => 6,
             ErrorKind::Unavailable | ErrorKind::Connect | ErrorKind::DeadlineExceeded | ErrorKind::Unsupported => 7,
             ErrorKind::ResourceExhausted => 8,
+            ErrorKind::FailedPrecondition => 10,
             ErrorKind::Io => 2,
             _ => 9,
         };

@@ -79,6 +79,7 @@ pub struct Principals {
     by_cn: HashMap<String, Arc<Principal>>,
     metrics: HashSet<[u8; 32]>,
     names: Vec<Arc<str>>,
+    by_name: HashMap<Arc<str>, Arc<Principal>>,
 }
 
 impl std::fmt::Debug for Principals {
@@ -97,6 +98,7 @@ impl Principals {
             by_cn: HashMap::new(),
             metrics: HashSet::new(),
             names: vec![p.name.clone()],
+            by_name: HashMap::from([(p.name.clone(), p.clone())]),
         }
     }
 
@@ -159,6 +161,7 @@ impl Principals {
                 }
             }
             out.names.push(p.name.clone());
+            out.by_name.insert(p.name.clone(), p);
         }
         for t in f.metrics.map(|m| m.tokens).unwrap_or_default() {
             let h = parse_hash(&t).ok_or("[metrics] tokens must be `sha256:` and 64 hex digits")?;
@@ -178,12 +181,18 @@ impl Principals {
         self.by_cn.extend(other.by_cn);
         self.metrics.extend(other.metrics);
         self.names.extend(other.names);
+        self.by_name.extend(other.by_name);
         Ok(())
     }
 
     /// The principal a bearer token belongs to.
     pub fn by_token(&self, token: &str) -> Option<Arc<Principal>> {
         self.by_hash.get(&hash_token(token)).cloned()
+    }
+
+    /// The principal called `name` (the NBD listener acts as one).
+    pub fn by_name(&self, name: &str) -> Option<Arc<Principal>> {
+        self.by_name.get(name).cloned()
     }
 
     /// The principal a verified TLS client certificate's Common Name belongs to.

@@ -13,10 +13,12 @@ use serde::Deserialize;
 
 mod admin;
 mod limits;
+mod nbd;
 mod tls;
 
 pub use admin::{AdminSection, group_gid};
 pub use limits::{Limits, LimitsSection};
+pub use nbd::{Nbd, NbdSection};
 pub use tls::{TlsFiles, TlsSection};
 
 /// Default gRPC address: loopback only.
@@ -46,6 +48,9 @@ Config keys without a flag:
   [limits] max_keys_per_session = 65536       keys (RDMA: memory regions) of a session's leases
   [limits] max_rdma_bytes_per_session = \"1T\"  bytes a session may have registered for RDMA
   [limits] max_alloc_bytes_per_request = \"64G\" holes one read-write Acquire may fill
+  [nbd] exclusive = true          writable NBD exports take exclusive leases
+  [nbd] idle_timeout_ms = 600000  an NBD connection with no request for this long is closed
+  [nbd] handshake_timeout_ms = 10000  bound on an NBD client's whole handshake
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
@@ -167,6 +172,12 @@ pub struct Args {
     /// Log filter, e.g. info or rdaxd=debug [log.level] (default info).
     #[arg(long, env = "RDAX_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Serve volumes over NBD at this address [nbd.listen] (default: no NBD server).
+    #[arg(long, env = "RDAX_NBD_LISTEN")]
+    pub nbd_listen: Option<SocketAddr>,
+    /// The principal NBD clients act as (NBD has no credential of its own) [nbd.principal].
+    #[arg(long, env = "RDAX_NBD_PRINCIPAL")]
+    pub nbd_principal: Option<String>,
     /// Write the bound addresses here as JSON once listening [ports_file].
     #[arg(long, env = "RDAX_PORTS_FILE")]
     pub ports_file: Option<PathBuf>,
@@ -264,6 +275,8 @@ pub struct ConfigFile {
     pub metrics: MetricsSection,
     /// `[rdma]`.
     pub rdma: RdmaSection,
+    /// `[nbd]`.
+    pub nbd: NbdSection,
 }
 
 /// `[rdma]`.
@@ -461,6 +474,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// The NBD server, if on.
+    pub nbd: Option<Nbd>,
     /// Where to report bound addresses.
     pub ports_file: Option<PathBuf>,
     /// Config-file keys that were not recognised.
@@ -573,6 +588,7 @@ impl Config {
                  or pass --insecure-plaintext if the network is trusted"
             )));
         }
+        let nbd = nbd::resolve(args, &file.nbd, &principals, insecure_plaintext)?;
         let (admin_socket, admin_warning) = admin::resolve(args, &file.admin, &state_dir)?;
         let admin_group_name = admin::group_name(args, &file.admin);
         let data_tls = args.data_tls || file.dataplane.tls.unwrap_or(false);
@@ -667,6 +683,7 @@ impl Config {
             lease_break_timeout: Duration::from_millis(break_ms),
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),
             log_level,
+            nbd,
             ports_file: args.ports_file.clone().or(file.ports_file.clone()),
             unknown_keys,
         })

@@ -78,6 +78,7 @@ impl PoolService {
                     device: r.device.clone(),
                 }
             }),
+            nbd_endpoint: self.0.nbd_endpoint.clone(),
         })
     }
 }

@@ -53,6 +53,7 @@ impl Leases for LeasesService {
                 len: r.range.length,
                 mode,
                 exclusive,
+                allocate: true,
                 transport,
             };
             // The grant (lease, then transport keys) runs in a task the lease manager owns; if

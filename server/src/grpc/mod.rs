@@ -40,6 +40,10 @@ pub struct Shared {
     pub tcp: Arc<dyn crate::dma::Transport>,
     /// The RDMA transport (or why there is none).
     pub rdma: Arc<crate::rdma::Rdma>,
+    /// The NBD exports (empty when the NBD server is off).
+    pub nbd: Arc<crate::nbd::Registry>,
+    /// The NBD server's address ("" when off).
+    pub nbd_endpoint: String,
     /// The credential check (shared, reloadable).
     pub auth: Auth,
     /// Configuration.

@@ -31,12 +31,28 @@ fn to_pb(s: ObjectStat) -> pb::ObjectStat {
         allocated_bytes: s.allocated_bytes,
         extents: s.extents,
         created_unix_ns: s.created_ns,
+        volume: s.volume,
+        nbd_clients: 0,
     }
 }
+
+/// How long a forced delete waits for a volume's NBD export to let go of its lease.
+const DISCONNECT_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `Objects` service.
 #[derive(Clone)]
 pub struct ObjectsService(pub Shared);
+
+impl ObjectsService {
+    fn stat_pb(&self, s: ObjectStat) -> pb::ObjectStat {
+        let clients = if s.volume {
+            self.0.nbd.clients(&ObjectKey { namespace: s.namespace.clone(), name: s.name.clone() })
+        } else {
+            0
+        };
+        pb::ObjectStat { nbd_clients: clients as u32, ..to_pb(s) }
+    }
+}
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadChunk, Status>> + Send>>;
 
@@ -47,13 +63,27 @@ impl Objects for ObjectsService {
             let who = caller(&req)?;
             let r = CreateObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
-            let span = info_span!("create", object = %r.key, size = r.size);
+            let span = info_span!("create", object = %r.key, size = r.size, volume = r.volume);
             let st = self
                 .0
-                .blocking(move |p| p.create_object(&r.key.namespace, &r.key.name, r.size))
+                .blocking(move |p| {
+                    let (ns, name) = (&r.key.namespace, &r.key.name);
+                    if !r.volume {
+                        return p.create_object(ns, name, r.size);
+                    }
+                    p.create_volume(ns, name, r.size)?;
+                    if !r.sparse
+                        && let Err(e) = p.allocate(ns, name, 0, r.size)
+                    {
+                        // All or nothing: a volume that could not be allocated is not left behind.
+                        let _ = p.delete(ns, name);
+                        return Err(e);
+                    }
+                    p.stat(ns, name)
+                })
                 .instrument(span)
                 .await??;
-            Ok(Response::new(to_pb(st)))
+            Ok(Response::new(self.stat_pb(st)))
         })
         .await
     }
@@ -64,7 +94,7 @@ impl Objects for ObjectsService {
             let key = ObjectKey::try_from(req.into_inner().object)?;
             who.principal.require(Rights::READ, &key.namespace, &key.name)?;
             let st = self.0.blocking(move |p| p.stat(&key.namespace, &key.name)).await??;
-            Ok(Response::new(to_pb(st)))
+            Ok(Response::new(self.stat_pb(st)))
         })
         .await
     }
@@ -84,7 +114,7 @@ impl Objects for ObjectsService {
             // Only what the principal may read (a scope may cover part of a namespace).
             let visible = |o: &ObjectStat| who.principal.allows(Rights::READ, &o.namespace, &o.name);
             Ok(Response::new(pb::ListResponse {
-                objects: page.objects.into_iter().filter(visible).map(to_pb).collect(),
+                objects: page.objects.into_iter().filter(visible).map(|o| self.stat_pb(o)).collect(),
                 next_after: page.next.unwrap_or_default(),
             }))
         })
@@ -97,17 +127,20 @@ impl Objects for ObjectsService {
             let r = ResizeObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("resize", object = %r.key, size = r.size);
-            // Shrinking takes blocks away: the leases past the new end are recalled first.
+            // Shrinking takes blocks away: the leases past the new end are recalled first. A
+            // volume's leases are all recalled, so that its NBD export leases the new size.
             let (key, size) = (r.key.clone(), r.size);
+            let k = r.key.clone();
+            let volume = self.0.blocking(move |p| p.stat(&k.namespace, &k.name)).await??.volume;
+            let (from, why) =
+                if volume { (0, "the volume is being resized") } else { (size, "the object is being truncated") };
             let st = self
                 .0
                 .leases
-                .change_layout(r.key, size, u64::MAX, "the object is being truncated", move |p| {
-                    p.resize(&key.namespace, &key.name, size)
-                })
+                .change_layout(r.key, from, u64::MAX, why, move |p| p.resize(&key.namespace, &key.name, size))
                 .instrument(span)
                 .await?;
-            Ok(Response::new(to_pb(st)))
+            Ok(Response::new(self.stat_pb(st)))
         })
         .await
     }
@@ -135,9 +168,21 @@ impl Objects for ObjectsService {
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         api(async {
             let who = caller(&req)?;
-            let key = ObjectKey::try_from(req.into_inner().object)?;
+            let r = req.into_inner();
+            let key = ObjectKey::try_from(r.object)?;
             who.principal.require(Rights::WRITE, &key.namespace, &key.name)?;
             let span = info_span!("delete", object = %key);
+            let clients = self.0.nbd.clients(&key);
+            if clients > 0 && !r.force {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume `{key}` has {clients} NBD client(s) connected; disconnect them, or delete with force \
+                     (rdaxctl volume rm --force), which disconnects them first"
+                )));
+            }
+            if clients > 0 {
+                let n = self.0.nbd.disconnect(&key, DISCONNECT_BOUND).instrument(span.clone()).await;
+                tracing::info!(object = %key, clients = n, "NBD clients disconnected for a forced delete");
+            }
             let k = key.clone();
             self.0
                 .leases

@@ -44,6 +44,9 @@ pub enum ApiError {
     /// An authenticated principal without the right.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The request cannot be done in the object's present state (a volume with NBD clients).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A client that did not send in time.
     #[error("{0}")]
     TooSlow(&'static str),
@@ -131,6 +134,7 @@ impl ApiError {
             ApiError::TooSlow(_) => Code::DeadlineExceeded,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Stream(s) => s.code(),
             ApiError::Internal(_) => Code::Internal,
         }

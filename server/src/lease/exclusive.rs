@@ -39,8 +39,8 @@ impl LeaseManager {
         }
         let brk = self.recall(&req.object, req.offset, end, "an exclusive lease was requested").await?;
         lease_failpoint!("exclusive.recalled");
-        let g =
-            self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, Some(brk.marker)).await?;
+        let how = super::How { own: Some(brk.marker), allocate: req.allocate };
+        let g = self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, how).await?;
         {
             let mut i = self.lock();
             let l = i.leases.get_mut(&g.id).expect("just granted");

@@ -26,6 +26,7 @@
 //! it is dropped before the grant reached the client.
 
 mod exclusive;
+mod fill;
 mod hold;
 pub mod keys;
 mod limits;
@@ -222,6 +223,9 @@ pub struct GrantRequest {
     /// Exclusive: recall every other holder of the range first, and keep new overlapping
     /// grants off it until this lease ends.
     pub exclusive: bool,
+    /// Read-write only: fill the range's holes at grant time (SDK grants always do). Off, holes
+    /// come back unkeyed, for [`LeaseManager::fill`] later (see `fill.rs`).
+    pub allocate: bool,
     /// The transport that makes the keys.
     pub transport: Arc<dyn Transport>,
 }
@@ -450,7 +454,8 @@ impl LeaseManager {
         let g = if req.exclusive {
             self.acquire_exclusive(&req).await?
         } else {
-            self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, None).await?
+            let how = How { own: None, allocate: req.allocate };
+            self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, how).await?
         };
         let id = g.id;
         let mut handle = GrantHandle { mgr: self.clone(), session: req.session, grant: Some(g) };
@@ -487,10 +492,11 @@ impl LeaseManager {
         len: u64,
         mode: Mode,
     ) -> Result<Grant, LeaseError> {
-        self.acquire_with(session, object, offset, len, mode, None).await
+        self.acquire_with(session, object, offset, len, mode, How { own: None, allocate: true }).await
     }
 
-    /// [`LeaseManager::acquire`], past the marker `own` (an exclusive grant's own recall).
+    /// [`LeaseManager::acquire`], past the marker `how.own` (an exclusive grant's own recall),
+    /// filling holes or not.
     async fn acquire_with(
         self: &Arc<Self>,
         session: SessionId,
@@ -498,8 +504,9 @@ impl LeaseManager {
         offset: u64,
         len: u64,
         mode: Mode,
-        own: Option<u64>,
+        how: How,
     ) -> Result<Grant, LeaseError> {
+        let own = how.own;
         if !self.sessions.is_live(session) {
             return Err(LeaseError::SessionNotFound);
         }
@@ -529,8 +536,10 @@ impl LeaseManager {
                         return Err(ObjError::OutOfRange { offset, len, size, hint: "; resize the object first" });
                     }
                     match mode {
-                        Mode::ReadWrite => p.allocate_capped(&k.namespace, &k.name, offset, len, cap).map(Some),
-                        Mode::Read => Ok(None),
+                        Mode::ReadWrite if how.allocate => {
+                            p.allocate_capped(&k.namespace, &k.name, offset, len, cap).map(Some)
+                        }
+                        Mode::ReadWrite | Mode::Read => Ok(None),
                     }
                 })
                 .await??;
@@ -781,6 +790,15 @@ impl LeaseManager {
             t.lease_ended(id);
         }
     }
+}
+
+/// How a grant treats markers and holes.
+#[derive(Clone, Copy)]
+struct How {
+    /// The marker an exclusive grant put up itself, which it may pass.
+    own: Option<u64>,
+    /// Fill holes (read-write).
+    allocate: bool,
 }
 
 /// The arguments of one key installation.

@@ -343,6 +343,7 @@ fn grant_req(s: SessionId, object: &str, len: u64, t: Arc<Nic>) -> GrantRequest 
         len,
         mode: Mode::ReadWrite,
         exclusive: false,
+        allocate: true,
         transport: t,
     }
 }
@@ -534,6 +535,7 @@ fn exclusive_req(s: SessionId, offset: u64, len: u64) -> GrantRequest {
         len,
         mode: Mode::ReadWrite,
         exclusive: true,
+        allocate: true,
         transport: Arc::new(Plain),
     }
 }

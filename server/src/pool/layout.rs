@@ -28,6 +28,11 @@ pub const FLAG_VIRGIN_ZERO: u32 = 1;
 
 const META_MAGIC: u32 = u32::from_le_bytes(*b"RDMH");
 const OBJ_LIVE: u32 = u32::from_le_bytes(*b"OBJ1");
+/// Object flag (slot byte 34): the object is a block volume (fixed size, exported over NBD).
+pub const OBJ_FLAG_VOLUME: u8 = 1;
+/// Every object flag this version knows; a slot with another bit set is refused as damaged
+/// rather than served with a meaning we do not know.
+const OBJ_FLAGS_KNOWN: u8 = OBJ_FLAG_VOLUME;
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -341,6 +346,8 @@ pub struct ObjSlot {
     pub size: u64,
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_ns: u64,
+    /// Flags ([`OBJ_FLAG_VOLUME`]).
+    pub flags: u8,
     /// Namespace bytes.
     pub ns: Vec<u8>,
     /// Name bytes.
@@ -374,6 +381,7 @@ impl ObjSlot {
         put_u64(&mut b, 24, self.created_ns);
         b[32] = self.ns.len() as u8;
         b[33] = self.name.len() as u8;
+        b[34] = self.flags;
         b[64..64 + self.ns.len()].copy_from_slice(&self.ns);
         b[64 + self.ns.len()..64 + self.ns.len() + self.name.len()].copy_from_slice(&self.name);
         let crc = slot_crc(index, &b[8..]);
@@ -401,10 +409,14 @@ impl ObjSlot {
         if id == 0 {
             return SlotState::Damaged("object id 0");
         }
+        if b[34] & !OBJ_FLAGS_KNOWN != 0 {
+            return SlotState::Damaged("unknown object flags");
+        }
         SlotState::Live(Self {
             id,
             size: get_u64(b, 16),
             created_ns: get_u64(b, 24),
+            flags: b[34],
             ns: b[64..64 + nl].to_vec(),
             name: b[64 + nl..64 + nl + ml].to_vec(),
         })
@@ -499,7 +511,14 @@ mod tests {
 
     #[test]
     fn slots_roundtrip_and_detect_misplacement_and_damage() {
-        let o = ObjSlot { id: 3, size: 12345, created_ns: 9, ns: b"ns".to_vec(), name: b"obj".to_vec() };
+        let o = ObjSlot {
+            id: 3,
+            size: 12345,
+            created_ns: 9,
+            flags: OBJ_FLAG_VOLUME,
+            ns: b"ns".to_vec(),
+            name: b"obj".to_vec(),
+        };
         let b = o.encode(4);
         assert_eq!(ObjSlot::decode(&b, 4), SlotState::Live(o));
         assert!(matches!(ObjSlot::decode(&b, 5), SlotState::Damaged(_)));

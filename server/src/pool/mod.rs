@@ -177,6 +177,8 @@ pub(crate) struct Obj {
     pub id: u64,
     pub size: u64,
     pub created_ns: u64,
+    /// Slot flags (`layout::OBJ_FLAG_*`).
+    pub flags: u8,
     pub map: ExtentMap,
     /// Bumped by every change that takes blocks away (DRAM only: a grant compares it before
     /// and after reading the layout).
@@ -316,8 +318,14 @@ impl Pool {
         let mut names = BTreeMap::new();
         for o in a.objects {
             names.insert(name_key(&o.rec.ns, &o.rec.name), o.slot);
-            objects[o.slot as usize] =
-                Some(Obj { id: o.rec.id, size: o.rec.size, created_ns: o.rec.created_ns, map: o.map, epoch: 0 });
+            objects[o.slot as usize] = Some(Obj {
+                id: o.rec.id,
+                size: o.rec.size,
+                created_ns: o.rec.created_ns,
+                flags: o.rec.flags,
+                map: o.map,
+                epoch: 0,
+            });
         }
         let previous_clean = hdr.clean;
         let mut meta = Meta {

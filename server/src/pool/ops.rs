@@ -6,7 +6,7 @@ use super::alloc::Run;
 use super::error::{ObjError, validate_name, validate_ns};
 use super::extmap::{Ext, ExtentMap, Removal};
 use super::journal::{Journal, Txn};
-use super::layout::{BLOCK, EXT_SLOT, ExtSlot, FLAG_VIRGIN_ZERO, Geometry, OBJ_SLOT, ObjSlot};
+use super::layout::{BLOCK, EXT_SLOT, ExtSlot, FLAG_VIRGIN_ZERO, Geometry, OBJ_FLAG_VOLUME, OBJ_SLOT, ObjSlot};
 use super::{Meta, Obj, Pool, lock, name_key, now_ns};
 
 /// Largest object size (keeps every byte-offset computation far from overflow).
@@ -32,6 +32,8 @@ pub struct ObjectStat {
     pub extents: u64,
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_ns: u64,
+    /// A block volume (fixed size, exported over NBD).
+    pub volume: bool,
 }
 
 /// One page of a listing.
@@ -95,6 +97,7 @@ fn put_obj(txn: &mut Txn, geo: &Geometry, slot: u32, o: &Obj, ns: &str, name: &s
         id: o.id,
         size: o.size,
         created_ns: o.created_ns,
+        flags: o.flags,
         ns: ns.as_bytes().to_vec(),
         name: name.as_bytes().to_vec(),
     };
@@ -110,6 +113,7 @@ fn stat_of(o: &Obj, ns: &str, name: &str) -> ObjectStat {
         allocated_bytes: o.map.allocated_blocks() * BLOCK,
         extents: o.map.len() as u64,
         created_ns: o.created_ns,
+        volume: o.flags & OBJ_FLAG_VOLUME != 0,
     }
 }
 
@@ -133,6 +137,18 @@ impl Pool {
 
     /// Create an empty (sparse) object of `size` bytes.
     pub fn create_object(&self, ns: &str, name: &str, size: u64) -> Result<ObjectStat, ObjError> {
+        self.create_object_flags(ns, name, size, 0)
+    }
+
+    /// Create an empty (sparse) block volume of `size` bytes, a multiple of the block size.
+    pub fn create_volume(&self, ns: &str, name: &str, size: u64) -> Result<ObjectStat, ObjError> {
+        if size == 0 || !size.is_multiple_of(BLOCK) {
+            return Err(ObjError::InvalidArgument("a volume's size must be a non-zero multiple of 4 KiB"));
+        }
+        self.create_object_flags(ns, name, size, OBJ_FLAG_VOLUME)
+    }
+
+    fn create_object_flags(&self, ns: &str, name: &str, size: u64, flags: u8) -> Result<ObjectStat, ObjError> {
         let key = validate(ns, name)?;
         if size > MAX_OBJECT_SIZE {
             return Err(ObjError::InvalidArgument("size larger than 2^60 bytes"));
@@ -150,7 +166,8 @@ impl Pool {
             meta.objects.push(None);
             (meta.hdr.obj_hwm - 1) as u32
         });
-        let obj = Obj { id: meta.hdr.next_object_id, size, created_ns: now_ns(), map: ExtentMap::default(), epoch: 0 };
+        let obj =
+            Obj { id: meta.hdr.next_object_id, size, created_ns: now_ns(), flags, map: ExtentMap::default(), epoch: 0 };
         meta.hdr.next_object_id += 1;
         let mut txn = Txn::new();
         put_obj(&mut txn, geo, slot, &obj, ns, name);
@@ -168,6 +185,26 @@ impl Pool {
         let meta = self.read_meta();
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
         Ok(stat_of(meta.objects[slot as usize].as_ref().expect("indexed slot is live"), ns, name))
+    }
+
+    /// Up to `limit` block volumes of every namespace, in name order (the NBD export list).
+    /// A scan over every object: volumes are few, and this runs once per `NBD_OPT_LIST`.
+    pub fn volumes(&self, limit: usize) -> Vec<ObjectStat> {
+        let meta = self.read_meta();
+        let mut out = Vec::new();
+        for (k, &slot) in &meta.names {
+            let o = meta.objects[slot as usize].as_ref().expect("live");
+            if o.flags & OBJ_FLAG_VOLUME == 0 {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            let Some(z) = k.iter().position(|&b| b == 0) else { continue };
+            let (ns, name) = (String::from_utf8_lossy(&k[..z]), String::from_utf8_lossy(&k[z + 1..]));
+            out.push(stat_of(o, &ns, &name));
+        }
+        out
     }
 
     /// List up to `limit` objects of namespace `ns` whose names sort after `after`.
@@ -213,6 +250,10 @@ impl Pool {
         let geo = &self.sb.geo;
         let mut meta = self.write_meta_open()?;
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+        let volume = meta.objects[slot as usize].as_ref().expect("live").flags & OBJ_FLAG_VOLUME != 0;
+        if volume && (new_size == 0 || !new_size.is_multiple_of(BLOCK)) {
+            return Err(ObjError::InvalidArgument("a volume's size must be a non-zero multiple of 4 KiB"));
+        }
         let mut obj = meta.objects[slot as usize].take().expect("live");
         let mut txn = Txn::new();
         let mut removal = Removal::default();

@@ -19,6 +19,8 @@ pub struct Daemon {
     pub metrics: String,
     /// RDMA endpoint, empty when not serving.
     pub rdma: String,
+    /// NBD address, empty when not serving.
+    pub nbd: String,
     pub envs: Vec<(String, String)>,
     pub dir: PathBuf,
     pub args: Vec<String>,
@@ -117,6 +119,7 @@ impl Daemon {
             data: String::new(),
             metrics: String::new(),
             rdma: String::new(),
+            nbd: String::new(),
             envs,
             dir: dir.to_path_buf(),
             args,
@@ -153,8 +156,10 @@ impl Daemon {
             let metrics = v["metrics"].as_str().unwrap_or_default().to_string();
             let rdma = v["rdma"].as_str().unwrap_or_default().to_string();
             let admin = v["admin"].as_str().map(PathBuf::from);
-            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics, rdma, admin))
+            let nbd = v["nbd"].as_str().unwrap_or_default().to_string();
+            Some((v["grpc"].as_str()?.to_string(), v["data"].as_str()?.to_string(), metrics, rdma, admin, nbd))
         });
+        self.nbd = addr.5;
         self.admin_socket = addr.4;
         self.endpoint = format!("http://{}", addr.0);
         self.data = addr.1;

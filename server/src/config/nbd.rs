@@ -1,0 +1,111 @@
+//! `[nbd]`: the NBD server (off unless `listen` is set).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Args, ConfigError};
+
+/// `[nbd]` as written.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct NbdSection {
+    /// Listen address; unset: no NBD server.
+    pub listen: Option<SocketAddr>,
+    /// The principal every NBD client acts as.
+    pub principal: Option<String>,
+    /// Writable exports take exclusive leases.
+    pub exclusive: Option<bool>,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout_ms: Option<u64>,
+    /// Bound on the whole handshake.
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+/// The NBD server's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nbd {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The principal its clients act as.
+    pub principal: String,
+    /// Writable exports take exclusive leases (default true).
+    pub exclusive: bool,
+    /// Idle timeout (default 10 minutes: a mounted filesystem may be quiet for long).
+    pub idle_timeout: Duration,
+    /// Handshake timeout (default 10 s).
+    pub handshake_timeout: Duration,
+}
+
+/// `[nbd]` from flags over the file; `None` when off.
+pub(super) fn resolve(
+    args: &Args,
+    file: &NbdSection,
+    principals: &crate::auth::Principals,
+    insecure_plaintext: bool,
+) -> Result<Option<Nbd>, ConfigError> {
+    let Some(listen) = args.nbd_listen.or(file.listen) else {
+        return Ok(None);
+    };
+    let invalid = ConfigError::Invalid;
+    let principal = args.nbd_principal.clone().or(file.principal.clone()).ok_or_else(|| {
+        invalid(
+            "nbd.listen is set but nbd.principal is not: NBD has no credential of its own, so name the principal \
+             its clients act as (--nbd-principal; `admin` for the token file's principal)"
+                .into(),
+        )
+    })?;
+    if principals.by_name(&principal).is_none() {
+        return Err(invalid(format!(
+            "nbd.principal `{principal}` is not a configured principal (auth.principals_file, or `admin` for \
+             auth.token_file)"
+        )));
+    }
+    if !listen.ip().is_loopback() && !insecure_plaintext {
+        return Err(invalid(format!(
+            "refusing to serve NBD on {listen}: the NBD server has no TLS yet, so beyond loopback it needs \
+             --insecure-plaintext (a trusted network), or listen on loopback"
+        )));
+    }
+    let idle = file.idle_timeout_ms.unwrap_or(600_000);
+    let handshake = file.handshake_timeout_ms.unwrap_or(10_000);
+    for (name, v) in [("nbd.idle_timeout_ms", idle), ("nbd.handshake_timeout_ms", handshake)] {
+        if !(10..=86_400_000).contains(&v) {
+            return Err(invalid(format!("{name} must be between 10 and 86400000, not {v}")));
+        }
+    }
+    Ok(Some(Nbd {
+        listen,
+        principal,
+        exclusive: file.exclusive.unwrap_or(true),
+        idle_timeout: Duration::from_millis(idle),
+        handshake_timeout: Duration::from_millis(handshake),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn resolve_args(argv: &[&str], insecure: bool) -> Result<Option<Nbd>, ConfigError> {
+        let args = Args::parse_from(std::iter::once("rdaxd").chain(argv.iter().copied()));
+        resolve(&args, &NbdSection::default(), &crate::auth::Principals::single("admin", "t0ken"), insecure)
+    }
+
+    #[test]
+    fn nbd_needs_a_known_principal_and_loopback_or_an_explicit_plaintext() {
+        assert_eq!(resolve_args(&[], false).unwrap(), None, "off by default");
+        let e = resolve_args(&["--nbd-listen", "127.0.0.1:10809"], false).unwrap_err().to_string();
+        assert!(e.contains("nbd.principal"), "{e}");
+        let e = resolve_args(&["--nbd-listen", "127.0.0.1:10809", "--nbd-principal", "bob"], false).unwrap_err();
+        assert!(e.to_string().contains("not a configured principal"), "{e}");
+        let n = resolve_args(&["--nbd-listen", "127.0.0.1:10809", "--nbd-principal", "admin"], false).unwrap().unwrap();
+        assert!(n.exclusive && n.principal == "admin" && n.idle_timeout == Duration::from_secs(600));
+        let wide = ["--nbd-listen", "0.0.0.0:10809", "--nbd-principal", "admin"];
+        assert!(resolve_args(&wide, false).unwrap_err().to_string().contains("--insecure-plaintext"));
+        assert!(resolve_args(&wide, true).unwrap().is_some());
+    }
+}

@@ -1,0 +1,116 @@
+//! The NBD server: rdax volumes as network block devices for qemu, libnbd (`nbdcopy`,
+//! `nbdinfo`, fio's `nbd` engine) and the kernel's `nbd-client`.
+//!
+//! The protocol is NetworkBlockDevice/nbd `doc/proto.md`, implemented here rather than taken
+//! from a crate: it is small, and what matters is how requests meet leases (`conn.rs`), which
+//! no crate would do for us. Fixed newstyle negotiation only (`negotiate.rs`); structured
+//! replies; READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with `NO_HOLE`), DISC, FUA and
+//! BLOCK_STATUS over `base:allocation`; multi-conn. Block sizes: any byte alignment works,
+//! 4 KiB is preferred, payloads are at most [`MAX_PAYLOAD`].
+//!
+//! NBD has no credential of its own, so every client of the listener acts as one configured
+//! principal (`nbd.principal`): it sees the volumes that principal may read, writes those it
+//! may write, and gets a read-only export where it may only read. The listener is bounded
+//! like the others: a connection cap (total and per source), accept back-off, a handshake
+//! timeout, an idle timeout and a bound on every socket wait.
+
+mod conn;
+pub mod export;
+mod io;
+mod negotiate;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+pub use export::{Deps, Registry};
+
+/// The largest READ or WRITE payload (the protocol's recommended ceiling, 32 MiB).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Timings of the NBD listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// The whole handshake.
+    pub handshake: Duration,
+    /// A connection with no request for this long is closed.
+    pub idle: Duration,
+    /// Each socket wait within a request.
+    pub stall: Duration,
+    /// How long a request waits for the volume's lease (while it is being re-acquired).
+    pub lease_wait: Duration,
+}
+
+/// The NBD server of one daemon.
+pub struct NbdServer {
+    /// What exports use.
+    pub deps: Deps,
+    /// The exports.
+    pub registry: Arc<Registry>,
+    /// The credential check (for `nbd.principal`'s rights, reloadable).
+    pub auth: crate::grpc::Auth,
+    /// The principal every client acts as.
+    pub principal: String,
+    /// Timings.
+    pub timing: Timing,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer").field("principal", &self.principal).field("timing", &self.timing).finish()
+    }
+}
+
+impl NbdServer {
+    /// Accept connections until `cancel`, at most `cap` at a time and `per_source` from one
+    /// address.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cap: usize,
+        per_source: usize,
+        cancel: CancellationToken,
+    ) {
+        let mut acceptor = crate::net::Acceptor::new(listener, cap, per_source, "nbd");
+        while let Some((stream, peer, permit)) = acceptor.accept(&cancel).await {
+            let srv = self.clone();
+            let c = cancel.clone();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let _ = stream.set_nodelay(true);
+                    match srv.connection(stream, &c).await {
+                        Ok(()) => debug!("NBD connection closed"),
+                        Err(e) => info!(error = %e, "NBD connection ended"),
+                    }
+                }
+                .instrument(info_span!("nbd", peer = %peer)),
+            );
+        }
+    }
+
+    async fn connection(&self, stream: tokio::net::TcpStream, cancel: &CancellationToken) -> std::io::Result<()> {
+        let Some(principal) = self.auth.principals().by_name(&self.principal) else {
+            warn!(principal = %self.principal, "nbd.principal is not a configured principal; refusing NBD clients");
+            return Ok(());
+        };
+        let mut io = io::Io::new(stream, self.timing.stall);
+        let n = match tokio::time::timeout(self.timing.handshake, self.negotiate(&mut io, &principal)).await {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                info!(timeout = ?self.timing.handshake, "NBD handshake timed out");
+                return Ok(());
+            }
+        };
+        info!(volume = %n.attached.export.key, writable = n.writable, size = n.size, structured = n.structured, "NBD client attached");
+        let served =
+            conn::Served { n, gate: &self.deps.gate, wait: self.timing.lease_wait, idle: self.timing.idle, cancel };
+        served.run(&mut io).await
+    }
+}
