@@ -343,6 +343,7 @@ pub async fn run_with_reload(
                 registry: registry.clone(),
                 auth: auth.clone(),
                 principal: n.principal.clone(),
+                tls: if n.tls { tls.clone() } else { None },
                 timing: crate::nbd::Timing {
                     handshake: n.handshake_timeout,
                     idle: n.idle_timeout,
@@ -356,10 +357,11 @@ pub async fn run_with_reload(
                 cfg.limits.max_connections_per_source,
                 nbd_stop.clone(),
             ));
-            if !a.ip().is_loopback() {
+            if !a.ip().is_loopback() && !n.tls {
                 warn!(nbd = %a, "serving NBD beyond loopback without TLS (--insecure-plaintext): volumes cross the network in the clear");
             }
-            info!(nbd = %a, principal = %n.principal, exclusive = n.exclusive, "serving volumes over NBD");
+            let principal = n.principal.as_deref().unwrap_or("named by each client certificate");
+            info!(nbd = %a, principal, tls = n.tls, exclusive = n.exclusive, "serving volumes over NBD");
             Some((a, task))
         }
         None => None,

@@ -21,7 +21,11 @@ use crate::config::LogFormat;
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 fn parse(filter: &str) -> anyhow::Result<EnvFilter> {
-    EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("invalid log level `{filter}`: {e}"))
+    // rustls warns about what peers send that it ignores, such as the IP address GnuTLS clients
+    // (libnbd, qemu) put in SNI when they connect by address: noise for the journal, so only its
+    // errors are shown unless the filter names rustls itself.
+    let full = if filter.contains("rustls") { filter.to_string() } else { format!("{filter},rustls::msgs=error") };
+    EnvFilter::try_new(&full).map_err(|e| anyhow::anyhow!("invalid log level `{filter}`: {e}"))
 }
 
 /// The syslog priority of a level.

@@ -71,11 +71,16 @@ pub const DATA_IO_BUFFER: usize = 256 << 10;
 /// ALPN of the TCP data plane over TLS.
 pub const DATA_ALPN: &[u8] = b"rdax-data";
 
-/// Build a server configuration from `files`, offering the ALPN protocol `alpn`.
+/// NBD over TLS (`NBD_OPT_STARTTLS`) negotiates no ALPN protocol: NBD clients send none.
+pub const NBD_ALPN: &[u8] = b"";
+
+/// Build a server configuration from `files`, offering the ALPN protocol `alpn` (none for
+/// [`NBD_ALPN`]). The data plane and NBD carry bulk data: they get [`data_provider`].
 pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certs("tls.cert", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("tls.key", &files.key, e))?;
-    let provider = Arc::new(if alpn == DATA_ALPN { data_provider() } else { rustls::crypto::ring::default_provider() });
+    let bulk = alpn == DATA_ALPN || alpn == NBD_ALPN;
+    let provider = Arc::new(if bulk { data_provider() } else { rustls::crypto::ring::default_provider() });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -93,8 +98,10 @@ pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::Server
         }
     };
     let mut cfg = builder.with_single_cert(chain, key).map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    if alpn == DATA_ALPN {
+    if !alpn.is_empty() {
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+    }
+    if bulk {
         // Bulk data: the daemon's cipher preference (AES-128-GCM first) decides.
         cfg.ignore_client_order = true;
         // Data-plane clients do not resume sessions; a ticket would only be a record the
@@ -118,6 +125,7 @@ pub fn data_provider() -> rustls::crypto::CryptoProvider {
 pub struct Tls {
     config: RwLock<Arc<rustls::ServerConfig>>,
     data: RwLock<Arc<rustls::ServerConfig>>,
+    nbd: RwLock<Arc<rustls::ServerConfig>>,
 }
 
 impl Tls {
@@ -126,14 +134,17 @@ impl Tls {
         Ok(Tls {
             config: RwLock::new(server_config(files, b"h2")?),
             data: RwLock::new(server_config(files, DATA_ALPN)?),
+            nbd: RwLock::new(server_config(files, NBD_ALPN)?),
         })
     }
 
     /// Load `files` again; on error the running configuration stays.
     pub fn reload(&self, files: &TlsFiles) -> Result<(), TlsError> {
-        let (c, d) = (server_config(files, b"h2")?, server_config(files, DATA_ALPN)?);
+        let (c, d, n) =
+            (server_config(files, b"h2")?, server_config(files, DATA_ALPN)?, server_config(files, NBD_ALPN)?);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
         *self.data.write().unwrap_or_else(|e| e.into_inner()) = d;
+        *self.nbd.write().unwrap_or_else(|e| e.into_inner()) = n;
         Ok(())
     }
 
@@ -144,6 +155,18 @@ impl Tls {
         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    }
+
+    /// The TLS handshake of an NBD connection after `NBD_OPT_STARTTLS`, bounded by
+    /// [`HANDSHAKE_TIMEOUT`]. Returns the stream and the client certificate's Common Name.
+    pub async fn accept_nbd(&self, io: tokio::net::TcpStream) -> io::Result<(TlsStream<DataIo>, Option<String>)> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.nbd.read().unwrap_or_else(|e| e.into_inner()).clone());
+        let io = tokio::io::BufStream::with_capacity(DATA_IO_BUFFER, DATA_IO_BUFFER, io);
+        let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+        Ok((s, cn))
     }
 
     /// Handshake on an accepted connection, bounded by [`HANDSHAKE_TIMEOUT`].

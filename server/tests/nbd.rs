@@ -485,3 +485,76 @@ fn a_principal_with_only_read_gets_a_read_only_export_and_nothing_outside_its_sc
     assert_eq!(kind, 0x8000_0002, "{msg}");
     assert!(msg.contains("no `read` right"), "{msg}");
 }
+
+#[test]
+fn nbd_over_tls_requires_starttls_and_client_certificates_name_the_principal() {
+    use common::certs::{ca, leaf, write};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, other) = (ca("rdax test CA"), ca("another CA"));
+    let (cert, key) = leaf(&ca1, "rdaxd", true, false);
+    // libnbd reads a directory: ca-cert.pem, client-cert.pem, client-key.pem.
+    let client_dir = |name: &str, by: &common::certs::Ca, cn: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let (c, k) = leaf(by, cn, false, false);
+        write(&d, "ca-cert.pem", &ca1.cert.pem());
+        write(&d, "client-cert.pem", &c);
+        write(&d, "client-key.pem", &k);
+        d
+    };
+    let reader = client_dir("reader", &ca1, "reader");
+    let writer = client_dir("writer", &ca1, "writer");
+    let stranger = client_dir("stranger", &other, "writer");
+    let principals = write(
+        dir.path(),
+        "principals.toml",
+        "[[principal]]\nname = \"reader\"\ncert_common_names = [\"reader\"]\nscopes = [\"a/:read\"]\n\n\
+         [[principal]]\nname = \"writer\"\ncert_common_names = [\"writer\"]\nscopes = [\"a/:write\"]\n",
+    );
+    std::fs::set_permissions(&principals, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--pool-size",
+            "64M",
+            "--principals-file",
+            principals.to_str().unwrap(),
+            "--tls-cert",
+            write(dir.path(), "server.pem", &cert).to_str().unwrap(),
+            "--tls-key",
+            write(dir.path(), "server.key", &key).to_str().unwrap(),
+            "--tls-client-ca",
+            write(dir.path(), "clients.pem", &ca1.cert.pem()).to_str().unwrap(),
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-tls",
+        ],
+    );
+    let admin = format!("unix:{}", d.admin_socket.as_ref().unwrap().display());
+    ok(
+        rdaxctl().arg("--endpoint").arg(&admin).args(["volume", "create", "a/v", "--size", "1M"]).output().unwrap(),
+        "create",
+    );
+    let tls_uri = |certs: &std::path::Path| format!("nbds://{}/a/v?tls-certificates={}", d.nbd, certs.display());
+    // The writer's certificate: a writable export, and bytes round-trip over TLS.
+    let info = ok(tool("nbdinfo").arg(tls_uri(&writer)).output().unwrap(), "nbdinfo over TLS");
+    assert!(info.contains("with TLS") && info.contains("is_read_only: false"), "{info}");
+    let data = pattern(11, 1 << 20);
+    let mut c = tool("nbdcopy").args(["-", &tls_uri(&writer)]).stdin(Stdio::piped()).spawn().unwrap();
+    c.stdin.take().unwrap().write_all(&data).unwrap();
+    assert!(c.wait().unwrap().success(), "nbdcopy over TLS");
+    let back = tool("nbdcopy").args([&tls_uri(&writer), "-"]).output().unwrap();
+    assert!(back.status.success() && back.stdout == data, "the bytes did not round-trip over TLS");
+    // The reader's: read-only.
+    let info = ok(tool("nbdinfo").arg(tls_uri(&reader)).output().unwrap(), "nbdinfo as reader");
+    assert!(info.contains("is_read_only: true"), "{info}");
+    // A certificate from another CA fails the handshake; plaintext gets "TLS first".
+    assert!(!tool("nbdinfo").arg(tls_uri(&stranger)).output().unwrap().status.success(), "unknown CA accepted");
+    assert!(!tool("nbdinfo").arg(uri(&d, "a/v")).output().unwrap().status.success(), "plaintext accepted");
+    let mut r = Raw::connect(&d);
+    assert_eq!(r.opt(3, &[])[0].0, 0x8000_0005, "LIST before STARTTLS: ERR_TLS_REQD");
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"a/v\0\0");
+    assert_eq!(r.opt(7, &go)[0].0, 0x8000_0005, "GO before STARTTLS: ERR_TLS_REQD");
+    assert_eq!(r.opt(5, b"x")[0].0, 0x8000_0003, "STARTTLS with data: ERR_INVALID");
+}

@@ -178,6 +178,9 @@ pub struct Args {
     /// The principal NBD clients act as (NBD has no credential of its own) [nbd.principal].
     #[arg(long, env = "RDAX_NBD_PRINCIPAL")]
     pub nbd_principal: Option<String>,
+    /// Require TLS on NBD (NBD_OPT_STARTTLS) with the [tls] certificate [nbd.tls].
+    #[arg(long, env = "RDAX_NBD_TLS")]
+    pub nbd_tls: bool,
     /// Write the bound addresses here as JSON once listening [ports_file].
     #[arg(long, env = "RDAX_PORTS_FILE")]
     pub ports_file: Option<PathBuf>,
@@ -588,7 +591,7 @@ impl Config {
                  or pass --insecure-plaintext if the network is trusted"
             )));
         }
-        let nbd = nbd::resolve(args, &file.nbd, &principals, insecure_plaintext)?;
+        let nbd = nbd::resolve(args, &file.nbd, &principals, insecure_plaintext, tls.as_ref())?;
         let (admin_socket, admin_warning) = admin::resolve(args, &file.admin, &state_dir)?;
         let admin_group_name = admin::group_name(args, &file.admin);
         let data_tls = args.data_tls || file.dataplane.tls.unwrap_or(false);

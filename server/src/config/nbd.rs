@@ -13,8 +13,10 @@ use super::{Args, ConfigError};
 pub struct NbdSection {
     /// Listen address; unset: no NBD server.
     pub listen: Option<SocketAddr>,
-    /// The principal every NBD client acts as.
+    /// The principal every NBD client acts as (without client certificates).
     pub principal: Option<String>,
+    /// Require TLS (`NBD_OPT_STARTTLS`) with the `[tls]` certificate.
+    pub tls: Option<bool>,
     /// Writable exports take exclusive leases.
     pub exclusive: Option<bool>,
     /// A connection with no request for this long is closed.
@@ -28,8 +30,10 @@ pub struct NbdSection {
 pub struct Nbd {
     /// Where it listens.
     pub listen: SocketAddr,
-    /// The principal its clients act as.
-    pub principal: String,
+    /// The principal its clients act as; `None` when TLS client certificates name it.
+    pub principal: Option<String>,
+    /// TLS required (`NBD_OPT_STARTTLS` before anything else).
+    pub tls: bool,
     /// Writable exports take exclusive leases (default true).
     pub exclusive: bool,
     /// Idle timeout (default 10 minutes: a mounted filesystem may be quiet for long).
@@ -44,28 +48,40 @@ pub(super) fn resolve(
     file: &NbdSection,
     principals: &crate::auth::Principals,
     insecure_plaintext: bool,
+    tls: Option<&super::TlsFiles>,
 ) -> Result<Option<Nbd>, ConfigError> {
     let Some(listen) = args.nbd_listen.or(file.listen) else {
         return Ok(None);
     };
     let invalid = ConfigError::Invalid;
-    let principal = args.nbd_principal.clone().or(file.principal.clone()).ok_or_else(|| {
-        invalid(
-            "nbd.listen is set but nbd.principal is not: NBD has no credential of its own, so name the principal \
-             its clients act as (--nbd-principal; `admin` for the token file's principal)"
-                .into(),
-        )
-    })?;
-    if principals.by_name(&principal).is_none() {
-        return Err(invalid(format!(
-            "nbd.principal `{principal}` is not a configured principal (auth.principals_file, or `admin` for \
-             auth.token_file)"
-        )));
+    let want_tls = args.nbd_tls || file.tls.unwrap_or(false);
+    if want_tls && tls.is_none() {
+        return Err(invalid("nbd.tls (--nbd-tls) uses the [tls] certificate: set tls.cert and tls.key too".into()));
     }
-    if !listen.ip().is_loopback() && !insecure_plaintext {
+    // With client certificates, each certificate's Common Name names the principal.
+    let certs_name_principals = want_tls && tls.is_some_and(|t| t.client_ca.is_some());
+    let principal = args.nbd_principal.clone().or(file.principal.clone());
+    match &principal {
+        None if !certs_name_principals => {
+            return Err(invalid(
+                "nbd.listen is set but nbd.principal is not: NBD has no credential of its own, so name the \
+                 principal its clients act as (--nbd-principal; `admin` for the token file's principal), or \
+                 require client certificates (nbd.tls with tls.client_ca)"
+                    .into(),
+            ));
+        }
+        Some(p) if principals.by_name(p).is_none() => {
+            return Err(invalid(format!(
+                "nbd.principal `{p}` is not a configured principal (auth.principals_file, or `admin` for \
+                 auth.token_file)"
+            )));
+        }
+        _ => {}
+    }
+    if !listen.ip().is_loopback() && !want_tls && !insecure_plaintext {
         return Err(invalid(format!(
-            "refusing to serve NBD on {listen}: the NBD server has no TLS yet, so beyond loopback it needs \
-             --insecure-plaintext (a trusted network), or listen on loopback"
+            "refusing to serve NBD on {listen} without TLS: set nbd.tls (--nbd-tls, with the [tls] \
+             certificate), or pass --insecure-plaintext if the network is trusted"
         )));
     }
     let idle = file.idle_timeout_ms.unwrap_or(600_000);
@@ -77,7 +93,8 @@ pub(super) fn resolve(
     }
     Ok(Some(Nbd {
         listen,
-        principal,
+        principal: if certs_name_principals { None } else { principal },
+        tls: want_tls,
         exclusive: file.exclusive.unwrap_or(true),
         idle_timeout: Duration::from_millis(idle),
         handshake_timeout: Duration::from_millis(handshake),
@@ -92,7 +109,7 @@ mod tests {
 
     fn resolve_args(argv: &[&str], insecure: bool) -> Result<Option<Nbd>, ConfigError> {
         let args = Args::parse_from(std::iter::once("rdaxd").chain(argv.iter().copied()));
-        resolve(&args, &NbdSection::default(), &crate::auth::Principals::single("admin", "t0ken"), insecure)
+        resolve(&args, &NbdSection::default(), &crate::auth::Principals::single("admin", "t0ken"), insecure, None)
     }
 
     #[test]
@@ -103,9 +120,11 @@ mod tests {
         let e = resolve_args(&["--nbd-listen", "127.0.0.1:10809", "--nbd-principal", "bob"], false).unwrap_err();
         assert!(e.to_string().contains("not a configured principal"), "{e}");
         let n = resolve_args(&["--nbd-listen", "127.0.0.1:10809", "--nbd-principal", "admin"], false).unwrap().unwrap();
-        assert!(n.exclusive && n.principal == "admin" && n.idle_timeout == Duration::from_secs(600));
+        assert!(n.exclusive && n.principal.as_deref() == Some("admin") && n.idle_timeout == Duration::from_secs(600));
         let wide = ["--nbd-listen", "0.0.0.0:10809", "--nbd-principal", "admin"];
         assert!(resolve_args(&wide, false).unwrap_err().to_string().contains("--insecure-plaintext"));
         assert!(resolve_args(&wide, true).unwrap().is_some());
+        let e = resolve_args(&["--nbd-listen", "127.0.0.1:1", "--nbd-principal", "admin", "--nbd-tls"], false);
+        assert!(e.unwrap_err().to_string().contains("tls.cert"), "TLS needs the certificate");
     }
 }

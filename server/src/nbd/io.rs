@@ -52,6 +52,11 @@ impl<S: DpStream> Io<S> {
         }
     }
 
+    /// The stream (for a TLS upgrade; nothing may be buffered).
+    pub fn into_inner(self) -> S {
+        self.s
+    }
+
     /// Bytes read from the socket and not yet consumed.
     pub fn buffered(&self) -> usize {
         self.rend - self.rpos

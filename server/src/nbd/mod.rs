@@ -9,8 +9,10 @@
 //! 4 KiB is preferred, payloads are at most [`MAX_PAYLOAD`].
 //!
 //! NBD has no credential of its own, so every client of the listener acts as one configured
-//! principal (`nbd.principal`): it sees the volumes that principal may read, writes those it
-//! may write, and gets a read-only export where it may only read. The listener is bounded
+//! principal (`nbd.principal`), or, with `nbd.tls` and client certificates, as the principal
+//! its certificate's Common Name names: it sees the volumes that principal may read, writes
+//! those it may write, and gets a read-only export where it may only read. With `nbd.tls`
+//! every client must start TLS (`NBD_OPT_STARTTLS`) before anything else. The listener is bounded
 //! like the others: a connection cap (total and per source), accept back-off, a handshake
 //! timeout, an idle timeout and a bound on every socket wait.
 
@@ -53,8 +55,10 @@ pub struct NbdServer {
     pub registry: Arc<Registry>,
     /// The credential check (for `nbd.principal`'s rights, reloadable).
     pub auth: crate::grpc::Auth,
-    /// The principal every client acts as.
-    pub principal: String,
+    /// The principal every client acts as; `None`: each client certificate names its own.
+    pub principal: Option<String>,
+    /// TLS, required of every client (`nbd.tls`).
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// Timings.
     pub timing: Timing,
 }
@@ -94,20 +98,88 @@ impl NbdServer {
     }
 
     async fn connection(&self, stream: tokio::net::TcpStream, cancel: &CancellationToken) -> std::io::Result<()> {
-        let Some(principal) = self.auth.principals().by_name(&self.principal) else {
-            warn!(principal = %self.principal, "nbd.principal is not a configured principal; refusing NBD clients");
-            return Ok(());
-        };
+        use negotiate::{Outcome, TlsState};
+        let handshake = self.timing.handshake;
         let mut io = io::Io::new(stream, self.timing.stall);
-        let n = match tokio::time::timeout(self.timing.handshake, self.negotiate(&mut io, &principal)).await {
-            Ok(Ok(Some(n))) => n,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
+        let first = tokio::time::timeout(handshake, async {
+            let Some(no_zeroes) = self.greet(&mut io).await? else { return Ok((Outcome::Closed, false)) };
+            let (state, principal) = match &self.tls {
+                Some(_) => (TlsState::Required, None),
+                None => match self.named_principal() {
+                    Some(p) => (TlsState::Off, Some(p)),
+                    None => return Ok((Outcome::Closed, no_zeroes)),
+                },
+            };
+            let o = self.haggle(&mut io, principal.as_ref(), state, no_zeroes).await?;
+            Ok::<_, std::io::Error>((o, no_zeroes))
+        });
+        let (outcome, no_zeroes) = match first.await {
+            Ok(r) => r?,
             Err(_) => {
-                info!(timeout = ?self.timing.handshake, "NBD handshake timed out");
+                info!(timeout = ?handshake, "NBD handshake timed out");
                 return Ok(());
             }
         };
+        match outcome {
+            Outcome::Closed => Ok(()),
+            Outcome::Go(n) => self.transmit(io, n, cancel).await,
+            Outcome::StartTls => {
+                if io.buffered() > 0 {
+                    info!("NBD client sent data before the TLS handshake; closing");
+                    return Ok(());
+                }
+                let tls = self.tls.clone().expect("STARTTLS is accepted only with TLS configured");
+                let (s, cn) = match tls.accept_nbd(io.into_inner()).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        info!(error = %e, "NBD TLS handshake failed");
+                        return Ok(());
+                    }
+                };
+                let principal = match (&self.principal, &cn) {
+                    (Some(_), _) => self.named_principal(),
+                    (None, Some(cn)) => self.auth.principals().by_common_name(cn),
+                    (None, None) => None,
+                };
+                let Some(principal) = principal else {
+                    info!(
+                        common_name = cn.as_deref().unwrap_or("-"),
+                        "NBD client certificate names no principal; closing"
+                    );
+                    return Ok(());
+                };
+                let mut io = io::Io::new(s, self.timing.stall);
+                let again =
+                    tokio::time::timeout(handshake, self.haggle(&mut io, Some(&principal), TlsState::On, no_zeroes));
+                match again.await {
+                    Ok(Ok(Outcome::Go(n))) => self.transmit(io, n, cancel).await,
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => {
+                        info!(timeout = ?handshake, "NBD handshake timed out");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    /// `nbd.principal`, looked up now (principals reload on SIGHUP).
+    fn named_principal(&self) -> Option<Arc<crate::auth::Principal>> {
+        let name = self.principal.as_deref()?;
+        let p = self.auth.principals().by_name(name);
+        if p.is_none() {
+            warn!(principal = %name, "nbd.principal is not a configured principal; refusing NBD clients");
+        }
+        p
+    }
+
+    async fn transmit<S: crate::dataplane::DpStream>(
+        &self,
+        mut io: io::Io<S>,
+        n: negotiate::Negotiated,
+        cancel: &CancellationToken,
+    ) -> std::io::Result<()> {
         info!(volume = %n.attached.export.key, writable = n.writable, size = n.size, structured = n.structured, "NBD client attached");
         let served =
             conn::Served { n, gate: &self.deps.gate, wait: self.timing.lease_wait, idle: self.timing.idle, cancel };

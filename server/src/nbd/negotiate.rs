@@ -1,8 +1,11 @@
 //! The handshake: fixed newstyle negotiation and option haggling.
 //!
-//! Options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
+//! Options: `EXPORT_NAME`, `ABORT`, `LIST`, `STARTTLS`, `INFO`, `GO`, `STRUCTURED_REPLY`,
 //! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (`base:allocation`). Anything else gets
-//! `NBD_REP_ERR_UNSUP` and haggling goes on. Bad input gets an error reply wherever the
+//! `NBD_REP_ERR_UNSUP` and haggling goes on. With `nbd.tls` the server is FORCEDTLS: until
+//! the client starts TLS, every option but `STARTTLS` and `ABORT` gets `NBD_REP_ERR_TLS_REQD`
+//! (and `EXPORT_NAME`, which cannot be refused in words, closes the connection); after it,
+//! haggling starts over with no state kept, as the protocol requires. Bad input gets an error reply wherever the
 //! protocol has one (`ERR_INVALID` for malformed data, `ERR_TOO_BIG` for an option over
 //! [`MAX_OPTION`]); only what cannot be answered in step — a wrong magic, unknown client
 //! flags, an option too long to skip — closes the connection. The caller bounds the whole
@@ -29,6 +32,27 @@ const MAX_SKIP: u32 = 1 << 20;
 pub const MAX_OPTIONS: usize = 256;
 /// Exports listed by `NBD_OPT_LIST`.
 const MAX_LIST: usize = 10_000;
+
+/// Where TLS stands on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// The server offers none.
+    Off,
+    /// Required, and the client has not started it: only `STARTTLS` and `ABORT` are served.
+    Required,
+    /// On.
+    On,
+}
+
+/// How haggling ended.
+pub enum Outcome {
+    /// Transmission on this export.
+    Go(Negotiated),
+    /// The client asked for TLS and was told yes: the TLS handshake comes next.
+    StartTls,
+    /// The client ended it, or was cut off.
+    Closed,
+}
 
 /// What a successful handshake leads to.
 pub struct Negotiated {
@@ -92,13 +116,9 @@ impl NbdServer {
         Ok(Resolved { key, size: st.size, writable })
     }
 
-    /// Run the handshake. `Ok(None)`: the client ended it (ABORT, or an export it could not
-    /// have), or it was cut off for bad input.
-    pub(super) async fn negotiate<S: DpStream>(
-        &self,
-        io: &mut Io<S>,
-        principal: &Arc<Principal>,
-    ) -> std::io::Result<Option<Negotiated>> {
+    /// The greeting and the client's flags. `Ok(None)`: unknown client flags (closed);
+    /// `Ok(Some(no_zeroes))` otherwise.
+    pub(super) async fn greet<S: DpStream>(&self, io: &mut Io<S>) -> std::io::Result<Option<bool>> {
         io.out.extend_from_slice(&wire::greeting());
         io.write_out().await?;
         let mut b4 = [0u8; 4];
@@ -108,7 +128,18 @@ impl NbdServer {
             info!(flags = cflags, "NBD client sent unknown client flags; closing");
             return Ok(None);
         }
-        let no_zeroes = cflags & wire::FLAG_C_NO_ZEROES != 0;
+        Ok(Some(cflags & wire::FLAG_C_NO_ZEROES != 0))
+    }
+
+    /// Option haggling, until an export is chosen, TLS is started, or the client leaves.
+    /// `principal` is who the client is (`None` only while TLS is still required).
+    pub(super) async fn haggle<S: DpStream>(
+        &self,
+        io: &mut Io<S>,
+        principal: Option<&Arc<Principal>>,
+        tls: TlsState,
+        no_zeroes: bool,
+    ) -> std::io::Result<Outcome> {
         let (mut structured, mut meta) = (false, false);
         for _ in 0..MAX_OPTIONS {
             let mut h = [0u8; 16];
@@ -118,13 +149,13 @@ impl NbdServer {
             let len = u32::from_be_bytes(h[12..16].try_into().expect("4"));
             if magic != wire::IHAVEOPT {
                 info!("NBD client sent an option without the IHAVEOPT magic; closing");
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
             if len > MAX_OPTION {
                 let msg = format!("option data of {len} bytes; at most {MAX_OPTION}");
                 if len > MAX_SKIP {
                     reply_err(io, option, rep::ERR_TOO_BIG, &msg).await?;
-                    return Ok(None);
+                    return Ok(Outcome::Closed);
                 }
                 io.skip(len as usize).await?;
                 reply_err(io, option, rep::ERR_TOO_BIG, &msg).await?;
@@ -133,24 +164,60 @@ impl NbdServer {
             let mut data = vec![0u8; len as usize];
             io.read_exact(&mut data).await?;
             debug!(option, len, "NBD option");
+            if option == opt::STARTTLS {
+                match tls {
+                    _ if !data.is_empty() => reply_err(io, option, rep::ERR_INVALID, "STARTTLS takes no data").await?,
+                    TlsState::Off => reply_err(io, option, rep::ERR_UNSUP, "TLS is not configured (nbd.tls)").await?,
+                    TlsState::On => reply_err(io, option, rep::ERR_INVALID, "TLS is already on").await?,
+                    TlsState::Required => {
+                        wire::opt_reply(&mut io.out, option, rep::ACK, &[]);
+                        io.write_out().await?;
+                        return Ok(Outcome::StartTls);
+                    }
+                }
+                continue;
+            }
+            let principal = match (tls, principal) {
+                (TlsState::Required, _) | (_, None) => match option {
+                    opt::ABORT => {
+                        wire::opt_reply(&mut io.out, option, rep::ACK, &[]);
+                        let _ = io.write_out().await;
+                        return Ok(Outcome::Closed);
+                    }
+                    // No way to say "TLS first" to this one: close.
+                    opt::EXPORT_NAME => return Ok(Outcome::Closed),
+                    _ => {
+                        let msg = "this server requires TLS: send NBD_OPT_STARTTLS first";
+                        reply_err(io, option, rep::ERR_TLS_REQD, msg).await?;
+                        continue;
+                    }
+                },
+                (_, Some(p)) => p,
+            };
             match option {
                 opt::ABORT => {
                     wire::opt_reply(&mut io.out, option, rep::ACK, &[]);
                     let _ = io.write_out().await;
                     let _ = io.s.shutdown().await;
-                    return Ok(None);
+                    return Ok(Outcome::Closed);
                 }
                 opt::EXPORT_NAME => {
                     // No way to report an error: refusing means closing.
-                    let Ok(r) = self.resolve(principal, &data).await else { return Ok(None) };
-                    let Ok(attached) = self.attach(&r) else { return Ok(None) };
+                    let Ok(r) = self.resolve(principal, &data).await else { return Ok(Outcome::Closed) };
+                    let Ok(attached) = self.attach(&r) else { return Ok(Outcome::Closed) };
                     io.out.extend_from_slice(&r.size.to_be_bytes());
                     io.out.extend_from_slice(&flags_for(r.writable, structured).to_be_bytes());
                     if !no_zeroes {
                         io.out.extend_from_slice(&[0u8; 124]);
                     }
                     io.write_out().await?;
-                    return Ok(Some(Negotiated { attached, size: r.size, writable: r.writable, structured, meta }));
+                    return Ok(Outcome::Go(Negotiated {
+                        attached,
+                        size: r.size,
+                        writable: r.writable,
+                        structured,
+                        meta,
+                    }));
                 }
                 opt::LIST => {
                     if !data.is_empty() {
@@ -220,7 +287,13 @@ impl NbdServer {
                     wire::opt_reply(&mut io.out, option, rep::ACK, &[]);
                     io.write_out().await?;
                     if let Some(attached) = attached {
-                        return Ok(Some(Negotiated { attached, size: r.size, writable: r.writable, structured, meta }));
+                        return Ok(Outcome::Go(Negotiated {
+                            attached,
+                            size: r.size,
+                            writable: r.writable,
+                            structured,
+                            meta,
+                        }));
                     }
                 }
                 opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
@@ -251,16 +324,13 @@ impl NbdServer {
                     wire::opt_reply(&mut io.out, option, rep::ACK, &[]);
                     io.write_out().await?;
                 }
-                opt::STARTTLS => {
-                    reply_err(io, option, rep::ERR_UNSUP, "this NBD server does not offer TLS (yet)").await?;
-                }
                 _ => {
                     reply_err(io, option, rep::ERR_UNSUP, "unknown option").await?;
                 }
             }
         }
         info!(max = MAX_OPTIONS, "NBD client sent too many options; closing");
-        Ok(None)
+        Ok(Outcome::Closed)
     }
 
     fn attach(&self, r: &Resolved) -> Result<Attached, String> {
