@@ -4,7 +4,9 @@
 #      ib_write_bw / ib_read_lat / iperf3 on the same rxe pair and veth;
 #   2. fs-DAX: the registration refusal, and the tests that RDMA is refused and TCP serves;
 #   3. systemd as PID 1: the hardened unit installed and driven as the README says
-#      (deploy/lab/systemd-check.sh).
+#      (deploy/lab/systemd-check.sh);
+#   4. block volumes: ext4 on the kernel's nbd device, kill -9 during writes, fsck
+#      (deploy/lab/nbd-check.sh).
 # Results (logs, figures) land in $LAB_OUT (default target/lab-out). Needs root for the
 # one-time `lab.sh setup` (apt). Usage: deploy/lab/rdma-lab.sh [--no-bench]
 set -euo pipefail
@@ -19,6 +21,12 @@ cd "$root"
 if [ ! -f "${LAB:-$root/target/lab}/initramfs.cpio.gz" ]; then
   lap "setting up the lab (once)"
   if [ "$(id -u)" = 0 ]; then "$here/lab.sh" setup; else sudo -E "$here/lab.sh" setup; fi
+fi
+# VM 4 runs the host's nbd-client, mkfs/fsck and fio (the guest's root is the host's).
+if ! command -v nbd-client >/dev/null || ! command -v fio >/dev/null || ! command -v mkfs.ext4 >/dev/null; then
+  lap "installing nbd-client, fio and e2fsprogs (for VM 4)"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nbd-client fio e2fsprogs >/dev/null
 fi
 lap "building (release, --features rdma)"
 feats=rdaxd/rdma,rdaxctl/rdma
@@ -38,6 +46,9 @@ lap "VM 2: fs-DAX"
 "$here/lab.sh" run --fsdax /mnt/pmem --rw "$out" --timeout 600 -- "$here/in-vm.sh" fsdax "$testbin" "$out" /mnt/pmem || rc=1
 lap "VM 3: systemd as PID 1, the unit installed as the README says"
 "$here/lab.sh" run --systemd --timeout 600 -- "$here/systemd-check.sh" "$root/target/lab-bin" || rc=1
+lap "VM 4: block volumes: ext4 on the kernel's nbd device, kill -9 during writes"
+"$here/lab.sh" run --devdax --rw "$out" --timeout 600 -- "$here/nbd-check.sh" "$root/target/lab-bin" "$out" || rc=1
+[ -f "$out/nbd-fio.txt" ] && { echo "fio on ext4 on /dev/nbd1 (TCG VM):"; cat "$out/nbd-fio.txt"; }
 [ -f "$out/bench-summary.txt" ] && { echo; cat "$out/bench-summary.txt"; }
 lap "done (status $rc)"
 exit $rc

@@ -80,27 +80,40 @@ impl Served<'_> {
     pub async fn run<S: DpStream>(&self, io: &mut Io<S>) -> std::io::Result<()> {
         let ex = self.export().clone();
         let mut hdr = [0u8; wire::REQUEST_LEN];
+        // One idle timer for the connection, pushed out lazily: requests only note the time.
+        let mut last = tokio::time::Instant::now();
+        let idle = tokio::time::sleep(self.idle);
+        tokio::pin!(idle);
         loop {
             if io.buffered() < wire::REQUEST_LEN {
+                // Nothing more to answer without waiting: send the replies, then wait.
                 io.write_out().await?;
-            }
-            tokio::select! {
-                biased;
-                r = io.read_exact_unbounded(&mut hdr) => match r {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e),
-                },
-                _ = ex.disconnect.cancelled() => {
-                    info!("NBD client disconnected: the volume is being deleted or its export ended");
-                    return close(io).await;
+                tokio::select! {
+                    biased;
+                    r = io.fill_to(wire::REQUEST_LEN) => match r {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                        Err(e) => return Err(e),
+                    },
+                    _ = ex.disconnect.cancelled() => {
+                        info!("NBD client disconnected: the volume is being deleted or its export ended");
+                        return close(io).await;
+                    }
+                    _ = self.cancel.cancelled() => return close(io).await,
+                    _ = &mut idle => {
+                        if last.elapsed() >= self.idle {
+                            debug!(idle = ?self.idle, "idle NBD connection closed");
+                            return close(io).await;
+                        }
+                        idle.as_mut().reset(last + self.idle);
+                        continue;
+                    }
                 }
-                _ = self.cancel.cancelled() => return close(io).await,
-                _ = tokio::time::sleep(self.idle) => {
-                    debug!(idle = ?self.idle, "idle NBD connection closed");
-                    return close(io).await;
-                }
+            } else if ex.disconnect.is_cancelled() || self.cancel.is_cancelled() {
+                return close(io).await;
             }
+            io.take(&mut hdr);
+            last = tokio::time::Instant::now();
             let Some(req) = wire::Request::decode(&hdr) else {
                 info!("NBD request with a bad magic; closing the connection");
                 return close(io).await;

@@ -184,6 +184,9 @@ pub enum Unavailable {
 impl Export {
     /// The current view, waiting (at most `bound`) while the lease is being re-acquired.
     pub async fn view(&self, bound: Duration) -> Result<Arc<View>, Unavailable> {
+        if let Held::Ready(v) = &*self.held.borrow() {
+            return Ok(v.clone()); // the common case: no waiting, no timer
+        }
         let mut rx = self.held.clone();
         let r = tokio::time::timeout(bound, rx.wait_for(|h| !matches!(h, Held::Pending))).await;
         match r {

@@ -79,23 +79,20 @@ impl<S: DpStream> Io<S> {
         Ok(())
     }
 
-    /// Fill `dst` without a bound on the first byte (the caller bounds the wait for a request).
-    pub async fn read_exact_unbounded(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < dst.len() {
-            if self.buffered() == 0 {
-                if done == 0 {
-                    self.fill().await?;
-                } else {
-                    tokio::time::timeout(self.stall, self.fill()).await.map_err(|_| timed_out())??;
-                }
-            }
-            let n = (dst.len() - done).min(self.buffered());
-            dst[done..done + n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
-            self.rpos += n;
-            done += n;
+    /// Read until at least `n` bytes are buffered (`n` at most half the buffer), without a
+    /// bound (the caller's idle timer is one). Cancel-safe: nothing is consumed, and bytes
+    /// read stay buffered.
+    pub async fn fill_to(&mut self, n: usize) -> std::io::Result<()> {
+        while self.buffered() < n {
+            self.fill().await?;
         }
         Ok(())
+    }
+
+    /// Take `dst.len()` buffered bytes (the caller checked [`Io::buffered`]).
+    pub fn take(&mut self, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.rbuf[self.rpos..self.rpos + dst.len()]);
+        self.rpos += dst.len();
     }
 
     /// Fill `dst`; each wait bounded by the stall timeout.
