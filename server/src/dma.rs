@@ -120,6 +120,24 @@ pub trait Transport: Send + Sync + 'static {
     fn lease_ended(&self, lease: u64);
 }
 
+/// A transport with nothing to bind and nothing to check, for unit tests of lease holders.
+#[cfg(test)]
+pub struct NoBind;
+
+#[cfg(test)]
+impl Transport for NoBind {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+    fn check(&self, _: SessionId) -> Result<(), DmaError> {
+        Ok(())
+    }
+    fn bind(self: Arc<Self>, req: BindRequest) -> BoxFuture<Result<Vec<Option<RemoteKey>>, DmaError>> {
+        Box::pin(async move { Ok(vec![None; req.segments.len()]) })
+    }
+    fn lease_ended(&self, _: u64) {}
+}
+
 /// Why a HELLO was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HelloRefusal {

@@ -424,9 +424,13 @@ async fn an_exported_volume_is_exclusive_against_sdk_writers() {
         "the SDK lease was not recalled for the NBD export: {notice:?}"
     );
     let mut r = nbd.await.unwrap();
-    // While the export holds it, an SDK writer is refused.
+    // While the export holds it, an SDK writer is refused, and so is a gRPC write.
     let e = s.acquire("a", "v", 0, 4096, LeaseMode::ReadWrite).await.unwrap_err();
     assert_eq!(e.kind(), rdax_client::ErrorKind::FailedPrecondition, "{e}");
+    let f = dir.path().join("junk");
+    std::fs::write(&f, b"junk").unwrap();
+    let put = d.ctl(&["put", "a/v", f.to_str().unwrap(), "--offset", "0"]);
+    assert_eq!(put.status.code(), Some(10), "{}", String::from_utf8_lossy(&put.stderr));
     // Once the NBD client leaves, the SDK gets its lease again.
     r.request(2, 9, 0, 0, &[]);
     assert!(r.at_eof());

@@ -274,6 +274,11 @@ impl Objects for ObjectsService {
             // Either way the data is durable before the reply.
             let msync_pool = self.0.pool.media().persistence() == crate::pool::media::Persistence::Msync;
             let per_chunk_persist = start.persist && !msync_pool;
+            // A write takes no lease, so an exclusive one (a mounted NBD volume, say) must keep
+            // it out, as it keeps out every other holder.
+            if let Some(id) = self.0.leases.exclusive_over(&start.key, start.offset, u64::MAX) {
+                return Err(ApiError::Lease(crate::lease::LeaseError::Exclusive(id)));
+            }
             async move {
                 let mut at = start.offset;
                 let mut pending = Some(first.data);

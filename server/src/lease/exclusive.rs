@@ -54,6 +54,12 @@ impl LeaseManager {
         Ok(g)
     }
 
+    /// The live exclusive lease over part of `[lo, hi)` of `object`, if any (writes that take
+    /// no lease, such as `Objects.Write`, are refused under one).
+    pub fn exclusive_over(&self, object: &ObjectKey, lo: u64, hi: u64) -> Option<u64> {
+        self.lock().exclusive_holder(object, lo, hi)
+    }
+
     /// Leases, optionally of one session.
     pub fn list(&self, session: Option<SessionId>) -> Vec<LeaseSummary> {
         let now = Instant::now();

@@ -512,20 +512,7 @@ mod cancelled {
 }
 
 /// A transport with nothing to bind, like the TCP data plane.
-struct Plain;
-
-impl Transport for Plain {
-    fn kind(&self) -> TransportKind {
-        TransportKind::Tcp
-    }
-    fn check(&self, _: SessionId) -> Result<(), DmaError> {
-        Ok(())
-    }
-    fn bind(self: Arc<Self>, req: BindRequest) -> crate::dma::BoxFuture<Result<Vec<Option<RemoteKey>>, DmaError>> {
-        Box::pin(async move { Ok(vec![None; req.segments.len()]) })
-    }
-    fn lease_ended(&self, _: u64) {}
-}
+use crate::dma::NoBind as Plain;
 
 fn exclusive_req(s: SessionId, offset: u64, len: u64) -> GrantRequest {
     GrantRequest {

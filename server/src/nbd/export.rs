@@ -532,3 +532,101 @@ async fn lease_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{LeaseConfig, LeaseLimits};
+    use crate::pool::layout::FormatOptions;
+    use crate::pool::media::sim::SimMedia;
+
+    struct Fx {
+        media: Arc<SimMedia>,
+        deps: Deps,
+        registry: Arc<Registry>,
+    }
+
+    fn fixture() -> Fx {
+        let media = Arc::new(SimMedia::new(32 << 20));
+        let pool = Arc::new(Pool::format_media(media.clone(), true, FormatOptions::default(), None).unwrap());
+        pool.create_volume("a", "v", 8 << 20).unwrap();
+        let sessions = Arc::new(SessionManager::new(Duration::from_secs(3600), 16));
+        let limits = LeaseLimits {
+            per_session: 8,
+            total: 64,
+            segments: 4096,
+            keys_per_session: 4096,
+            per_principal: 64,
+            alloc_per_request: 64 << 20,
+        };
+        let cfg = LeaseConfig {
+            ttl: Duration::from_secs(30),
+            break_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+            limits,
+        };
+        let gate = Gate::default();
+        let leases = LeaseManager::new(pool.clone(), sessions.clone(), cfg, gate.clone());
+        let deps = Deps {
+            leases,
+            sessions,
+            media: pool.media().clone(),
+            pool,
+            gate,
+            transport: Arc::new(crate::dma::NoBind),
+            exclusive: true,
+        };
+        Fx { media, deps, registry: Arc::new(Registry::default()) }
+    }
+
+    /// Write `data` at volume offset `off` as a WRITE does (fill, pin, copy, note dirty).
+    async fn write(ex: &Export, off: u64, data: &[u8]) -> u64 {
+        let mut view = ex.view(Duration::from_secs(5)).await.unwrap();
+        let i = view.find(off);
+        if view.segs[i].target.is_none() {
+            view = ex.fill(&view, off).await.unwrap();
+        }
+        let s = &view.segs[view.find(off)];
+        let (pool, key) = s.target.unwrap();
+        let p = pool + (off - s.off);
+        let _pin = ex.pin(&view, &key, p, data.len() as u64, true).unwrap();
+        ex.media().write(p, data);
+        ex.dirty(p, data.len() as u64);
+        p
+    }
+
+    #[tokio::test]
+    async fn flush_makes_every_connections_writes_durable_and_nothing_before_it_does() {
+        let fx = fixture();
+        let key = ObjectKey::new("a", "v").unwrap();
+        // Two connections of one export.
+        let c1 = fx.registry.attach(&fx.deps, &key, true).unwrap();
+        let c2 = fx.registry.attach(&fx.deps, &key, true).unwrap();
+        assert!(Arc::ptr_eq(&c1.export, &c2.export));
+        let a = vec![0xa5u8; 64 << 10];
+        let b = vec![0x5au8; 4096];
+        let pa = write(&c1.export, 0, &a).await;
+        let pb = write(&c2.export, 5 << 20, &b).await;
+        let durable = |p: u64, len: usize| fx.media.durable_image()[p as usize..p as usize + len].to_vec();
+        assert_ne!(durable(pa, a.len()), a, "written but not flushed: not durable yet");
+        assert_ne!(durable(pb, b.len()), b);
+        // A FLUSH on either connection covers both.
+        c2.export.flush().await.unwrap();
+        assert_eq!(durable(pa, a.len()), a, "FLUSH on one connection covers another's write");
+        assert_eq!(durable(pb, b.len()), b);
+        // The holes filled by the writes are keyed into the one lease; the rest stays a hole.
+        let view = c1.export.view(Duration::from_secs(5)).await.unwrap();
+        let holes: u64 = view.segs.iter().filter(|s| s.target.is_none()).map(|s| s.len).sum();
+        assert_eq!(holes, (8 << 20) - 2 * FILL_MIN, "two 2 MiB pieces filled");
+        // The last connection leaving ends the export and returns its lease.
+        drop((c1, c2));
+        let leases = fx.deps.leases.clone();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while leases.list(None).iter().any(|l| l.state == crate::lease::State::Active) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the export returned its lease");
+    }
+}
