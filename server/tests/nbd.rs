@@ -562,3 +562,34 @@ fn nbd_over_tls_requires_starttls_and_client_certificates_name_the_principal() {
     assert_eq!(r.opt(7, &go)[0].0, 0x8000_0005, "GO before STARTTLS: ERR_TLS_REQD");
     assert_eq!(r.opt(5, b"x")[0].0, 0x8000_0003, "STARTTLS with data: ERR_INVALID");
 }
+
+#[test]
+fn an_idle_export_outlives_the_session_and_lease_ttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--pool-size",
+            "64M",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-principal",
+            "admin",
+            "--session-ttl-ms",
+            "200",
+            "--lease-ttl-ms",
+            "3000",
+        ],
+    );
+    ok(d.ctl(&["volume", "create", "a/v", "--size", "1M"]), "volume create");
+    let mut r = Raw::connect(&d);
+    r.go("a/v").unwrap();
+    r.request(1, 1, 0, 4, b"live");
+    assert_eq!(Raw::error_of(&r.chunk().unwrap()), 0);
+    // Several session TTLs pass with no request: the export keeps its session and lease itself.
+    std::thread::sleep(Duration::from_millis(1500));
+    r.request(0, 2, 0, 4, &[]);
+    let c = r.chunk().unwrap();
+    assert_eq!((Raw::error_of(&c), &c.3[8..]), (0, &b"live"[..]), "the export died while idle");
+    assert!(!d.log().contains("the export's session was ended"), "{}", d.log());
+}

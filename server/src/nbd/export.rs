@@ -502,12 +502,14 @@ async fn lease_loop(
             segs: grant.segments.iter().map(|s| Seg { off: s.object_offset, len: s.len, target: s.target }).collect(),
         });
         e.held_tx.send_replace(Held::Ready(view));
-        let renew_every = (grant.ttl / 3).max(Duration::from_millis(100));
+        // Keep both the lease and the session alive: whichever TTL is shorter sets the pace
+        // (read again each time round: a reload may change the session TTL).
+        let renew_every = || (grant.ttl.min(d.sessions.ttl()) / 3).max(Duration::from_millis(30));
         let ended = loop {
             tokio::select! {
                 _ = e.disconnect.cancelled() => break Some("every client disconnected"),
                 _ = session_ended.cancelled() => break Some("the export's session was ended"),
-                _ = tokio::time::sleep(renew_every) => {
+                _ = tokio::time::sleep(renew_every()) => {
                     let _ = d.sessions.touch(session);
                     if d.leases.renew(session, grant.id).is_err() {
                         break None; // revoked meanwhile: lease again
