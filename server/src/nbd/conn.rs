@@ -414,6 +414,10 @@ impl Served<'_> {
         if req.flags & cflag::REQ_ONE != 0 {
             out.truncate(1);
         }
+        if out.is_empty() {
+            let m = format!("the volume is now {} bytes (it was resized); reconnect to see the new size", view.size);
+            return Err(Fail(errno::EIO, m));
+        }
         wire::chunk_header(&mut io.out, reply::FLAG_DONE, reply::BLOCK_STATUS, req.cookie, 4 + 8 * out.len() as u32);
         io.out.extend_from_slice(&wire::BASE_ALLOCATION_ID.to_be_bytes());
         for (len, flags) in out {

@@ -480,7 +480,7 @@ async fn lease_loop(
             Ok(h) => h.into_grant(),
             // Resized between our look at its size and the grant: look again.
             Err(LeaseError::Pool(crate::pool::ObjError::OutOfRange { .. })) => continue,
-            Err(LeaseError::Exclusive(_) | LeaseError::Breaking { .. } | LeaseError::Limit { .. }) => {
+            Err(LeaseError::Exclusive(_) | LeaseError::Breaking { .. }) => {
                 if !warned {
                     warn!(volume = %e.key, "the volume's lease is held elsewhere or being changed; NBD requests wait until it can be leased");
                     warned = true;
