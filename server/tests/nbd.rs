@@ -593,3 +593,51 @@ fn an_idle_export_outlives_the_session_and_lease_ttls() {
     assert_eq!((Raw::error_of(&c), &c.3[8..]), (0, &b"live"[..]), "the export died while idle");
     assert!(!d.log().contains("the export's session was ended"), "{}", d.log());
 }
+
+#[test]
+fn sigterm_with_nbd_clients_attached_shuts_down_cleanly_and_keeps_flushed_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stalled payload is cut off after the op timeout, well inside the shutdown timeout.
+    let mut d = Daemon::start(
+        dir.path(),
+        &[
+            "--pool-size",
+            "64M",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-principal",
+            "admin",
+            "--data-op-timeout-ms",
+            "1000",
+        ],
+    );
+    ok(d.ctl(&["volume", "create", "a/v", "--size", "4M", "--sparse"]), "volume create");
+    // One client idle after a flushed write, one in the middle of a write's payload.
+    let mut idle = Raw::connect(&d);
+    idle.go("a/v").unwrap();
+    idle.request(1, 1, 0, 5, b"kept!");
+    assert_eq!(Raw::error_of(&idle.chunk().unwrap()), 0);
+    idle.request(3, 2, 0, 0, &[]);
+    assert_eq!(Raw::error_of(&idle.chunk().unwrap()), 0, "FLUSH");
+    let mut busy = Raw::connect(&d);
+    busy.go("a/v").unwrap();
+    let mut hdr = 0x2560_9513u32.to_be_bytes().to_vec();
+    hdr.extend_from_slice(&0u16.to_be_bytes());
+    hdr.extend_from_slice(&1u16.to_be_bytes());
+    hdr.extend_from_slice(&3u64.to_be_bytes());
+    hdr.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    hdr.extend_from_slice(&65536u32.to_be_bytes());
+    busy.0.write_all(&hdr).unwrap();
+    busy.0.write_all(&[9u8; 1000]).unwrap(); // the rest never comes
+    let st = d.signal_and_wait(libc::SIGTERM, Duration::from_secs(60));
+    assert!(st.success(), "rdaxd exit status {st}\n{}", d.log());
+    assert!(d.log().contains("shutdown finished"), "{}", d.log());
+    assert!(idle.at_eof(), "the idle client's connection was closed");
+    // The stalled write was cut off by the op timeout or the shutdown, never half-answered.
+    let mut rest = Vec::new();
+    let _ = busy.0.read_to_end(&mut rest);
+    assert!(rest.is_empty() || rest.len() >= 20, "a torn reply: {rest:?}");
+    let d = start(dir.path(), "64M");
+    let out = ok(qemu_io(&d, "a/v", &["read -P 0x6b 0 1", "read -v 0 5"]), "qemu-io read after the restart");
+    assert!(out.contains("6b 65 70 74 21"), "{out}");
+}

@@ -435,6 +435,11 @@ impl LeaseManager {
         if !self.sessions.is_live(req.session) {
             return Err(LeaseError::SessionNotFound);
         }
+        // Refused at once during shutdown: an exclusive grant would otherwise first wait for
+        // the recalled leases to drain, holding shutdown up.
+        if self.lock().shutting_down {
+            return Err(LeaseError::ShuttingDown);
+        }
         req.transport.check(req.session)?;
         let guard = self.gate.enter(Work::Grant).map_err(|_| LeaseError::ShuttingDown)?;
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -602,3 +602,21 @@ async fn an_exclusive_grant_given_up_mid_recall_leaves_no_lease_and_no_marker() 
     .await;
     fx.leases.acquire(a, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn grants_are_refused_at_once_once_shutdown_recalled_everything() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, _arx) = session(&fx);
+    let (b, _brx) = session(&fx);
+    // A returned lease whose DMA is still in flight (a pin held): a grant over it would wait
+    // for the drain.
+    let g = fx.leases.acquire(a, key("ns", "x"), 0, 8192, Mode::ReadWrite).await.unwrap();
+    let (pool, k) = first_key(&g);
+    let _pin = fx.leases.keys().pin(&k, a, g.generation, pool, 4096, true).unwrap();
+    fx.leases.release(a, g.id).unwrap();
+    fx.leases.recall_all().await;
+    // Refused now, not after the pin or a deadline: shutdown waits for every grant in flight.
+    let r = tokio::time::timeout(Duration::from_millis(1), fx.leases.grant(exclusive_req(b, 0, 4096))).await;
+    assert_eq!(r.expect("refused at once").unwrap_err(), LeaseError::ShuttingDown);
+}
