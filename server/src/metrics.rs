@@ -67,6 +67,9 @@ pub enum DpOp {
 
 const DP_NAMES: [&str; 3] = ["read", "write", "flush"];
 
+/// NBD commands counted, in this order.
+pub const NBD_COMMANDS: [&str; 6] = ["read", "write", "flush", "trim", "write_zeroes", "block_status"];
+
 /// Every process-wide metric.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -95,6 +98,11 @@ pub struct Metrics {
     dp_ops: [AtomicU64; 3],
     dp_bytes: [AtomicU64; 3],
     dp_refusals: AtomicU64,
+    nbd_requests: [AtomicU64; 6],
+    nbd_bytes: [AtomicU64; 2],
+    nbd_errors: AtomicU64,
+    /// NBD connections in transmission now.
+    pub nbd_connections: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -106,6 +114,20 @@ impl Metrics {
     pub fn dp(&self, op: DpOp, bytes: u64) {
         self.dp_ops[op as usize].fetch_add(1, Relaxed);
         self.dp_bytes[op as usize].fetch_add(bytes, Relaxed);
+    }
+
+    /// One NBD request of command `cmd` (an index into [`NBD_COMMANDS`]) moved `bytes`
+    /// (READ, WRITE); `ok` false for an error reply.
+    pub fn nbd(&self, cmd: usize, bytes: u64, ok: bool) {
+        if let Some(c) = self.nbd_requests.get(cmd) {
+            c.fetch_add(1, Relaxed);
+        }
+        if let Some(b) = self.nbd_bytes.get(cmd) {
+            b.fetch_add(bytes, Relaxed);
+        }
+        if !ok {
+            self.nbd_errors.fetch_add(1, Relaxed);
+        }
     }
 
     /// A refused data-plane operation.
@@ -233,6 +255,23 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
         "Refused data-plane operations.",
         &[("{transport=\"tcp\"}".into(), m.dp_refusals.load(Relaxed))],
     );
+    let reqs: Vec<(String, u64)> =
+        NBD_COMMANDS.iter().zip(&m.nbd_requests).map(|(n, c)| (format!("{{cmd=\"{n}\"}}"), c.load(Relaxed))).collect();
+    counter(&mut out, "rdax_nbd_requests_total", "NBD requests answered, by command.", &reqs);
+    let bytes: Vec<(String, u64)> = NBD_COMMANDS[..2]
+        .iter()
+        .zip(&m.nbd_bytes)
+        .map(|(n, c)| (format!("{{cmd=\"{n}\"}}"), c.load(Relaxed)))
+        .collect();
+    counter(&mut out, "rdax_nbd_bytes_total", "Bytes read and written by NBD clients.", &bytes);
+    counter(
+        &mut out,
+        "rdax_nbd_errors_total",
+        "NBD requests answered with an error.",
+        &[(String::new(), m.nbd_errors.load(Relaxed))],
+    );
+    out.push_str("# HELP rdax_nbd_connections NBD connections in transmission.\n# TYPE rdax_nbd_connections gauge\n");
+    out.push_str(&format!("rdax_nbd_connections {}\n", m.nbd_connections.load(Relaxed)));
     let errors: Vec<(String, u64)> = m
         .errors
         .lock()

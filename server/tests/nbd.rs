@@ -108,6 +108,8 @@ fn nbdcopy_round_trips_a_random_image_over_several_connections_and_qemu_img_agre
     copy_in(&d, "a/big", &data, 4);
     let back = copy_out(&d, "a/big");
     assert!(back == data, "the image read back differs from the one written ({} bytes back)", back.len());
+    assert!(d.metric("rdax_nbd_bytes_total{cmd=\"write\"}") >= (256 << 20) as f64, "NBD write bytes counted");
+    assert!(d.metric("rdax_nbd_bytes_total{cmd=\"read\"}") >= (256 << 20) as f64, "NBD read bytes counted");
 
     // qemu-img compares an image file with the export, and tells a one-byte difference.
     let small = pattern(7, 16 << 20);
@@ -487,6 +489,7 @@ fn a_principal_with_only_read_gets_a_read_only_export_and_nothing_outside_its_sc
     let mut r = Raw::connect(&d);
     let (kind, msg) = r.go("b/secret").unwrap_err();
     assert_eq!(kind, 0x8000_0002, "{msg}");
+    assert!(d.metric("rdax_nbd_errors_total") >= 2.0, "the EPERM replies were counted");
     assert!(msg.contains("no `read` right"), "{msg}");
 }
 

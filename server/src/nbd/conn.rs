@@ -155,6 +155,16 @@ impl Served<'_> {
                 cmd::BLOCK_STATUS => self.block_status(io, &req).await,
                 other => Err(Fail(errno::EINVAL, format!("unknown command {other}"))),
             };
+            let cmd = match req.kind {
+                cmd::READ => 0,
+                cmd::WRITE => 1,
+                cmd::FLUSH => 2,
+                cmd::TRIM => 3,
+                cmd::WRITE_ZEROES => 4,
+                cmd::BLOCK_STATUS => 5,
+                _ => usize::MAX,
+            };
+            crate::metrics::METRICS.nbd(cmd, if r.is_ok() { req.len as u64 } else { 0 }, r.is_ok());
             match r {
                 // READ, WRITE and BLOCK_STATUS answered themselves (their replies carry data
                 // or must follow the payload).

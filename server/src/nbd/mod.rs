@@ -183,6 +183,14 @@ impl NbdServer {
         info!(volume = %n.attached.export.key, writable = n.writable, size = n.size, structured = n.structured, "NBD client attached");
         let served =
             conn::Served { n, gate: &self.deps.gate, wait: self.timing.lease_wait, idle: self.timing.idle, cancel };
+        struct Counted;
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                crate::metrics::METRICS.nbd_connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        crate::metrics::METRICS.nbd_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _counted = Counted;
         served.run(&mut io).await
     }
 }
