@@ -1,5 +1,6 @@
 //! Lease manager tests on paused (virtual) time, over a simulated pool.
 use super::*;
+use crate::dma::BindRequest;
 use crate::pool::layout::FormatOptions;
 use crate::pool::media::sim::SimMedia;
 use rdax_proto::pb;
