@@ -19,7 +19,14 @@ fn tool(name: &str) -> Command {
 }
 
 fn start(dir: &std::path::Path, pool: &str) -> Daemon {
-    Daemon::start(dir, &["--pool-size", pool, "--nbd-listen", "127.0.0.1:0", "--nbd-principal", "admin"])
+    start_with(dir, pool, &[])
+}
+
+/// An NBD server acting as the harness's `admin`, with `extra` flags.
+fn start_with(dir: &std::path::Path, pool: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--pool-size", pool, "--nbd-listen", "127.0.0.1:0", "--nbd-principal", "admin"];
+    args.extend_from_slice(extra);
+    Daemon::start(dir, &args)
 }
 
 fn uri(d: &Daemon, vol: &str) -> String {
@@ -495,10 +502,9 @@ fn a_principal_with_only_read_gets_a_read_only_export_and_nothing_outside_its_sc
 
 #[test]
 fn nbd_over_tls_requires_starttls_and_client_certificates_name_the_principal() {
-    use common::certs::{ca, leaf, write};
+    use common::certs::{ca, leaf, mtls_flags, write};
     let dir = tempfile::tempdir().unwrap();
     let (ca1, other) = (ca("rdax test CA"), ca("another CA"));
-    let (cert, key) = leaf(&ca1, "rdaxd", true, false);
     // libnbd reads a directory: ca-cert.pem, client-cert.pem, client-key.pem.
     let client_dir = |name: &str, by: &common::certs::Ca, cn: &str| {
         let d = dir.path().join(name);
@@ -519,24 +525,10 @@ fn nbd_over_tls_requires_starttls_and_client_certificates_name_the_principal() {
          [[principal]]\nname = \"writer\"\ncert_common_names = [\"writer\"]\nscopes = [\"a/:write\"]\n",
     );
     std::fs::set_permissions(&principals, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--pool-size",
-            "64M",
-            "--principals-file",
-            principals.to_str().unwrap(),
-            "--tls-cert",
-            write(dir.path(), "server.pem", &cert).to_str().unwrap(),
-            "--tls-key",
-            write(dir.path(), "server.key", &key).to_str().unwrap(),
-            "--tls-client-ca",
-            write(dir.path(), "clients.pem", &ca1.cert.pem()).to_str().unwrap(),
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--nbd-tls",
-        ],
-    );
+    let mut flags = mtls_flags(dir.path(), &ca1);
+    flags.extend(["--pool-size", "64M", "--nbd-listen", "127.0.0.1:0", "--nbd-tls"].map(String::from));
+    flags.extend(["--principals-file".to_string(), principals.display().to_string()]);
+    let d = Daemon::start(dir.path(), &flags.iter().map(String::as_str).collect::<Vec<_>>());
     let admin = format!("unix:{}", d.admin_socket.as_ref().unwrap().display());
     ok(
         rdaxctl().arg("--endpoint").arg(&admin).args(["volume", "create", "a/v", "--size", "1M"]).output().unwrap(),
@@ -569,21 +561,7 @@ fn nbd_over_tls_requires_starttls_and_client_certificates_name_the_principal() {
 #[test]
 fn an_idle_export_outlives_the_session_and_lease_ttls() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--pool-size",
-            "64M",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--nbd-principal",
-            "admin",
-            "--session-ttl-ms",
-            "200",
-            "--lease-ttl-ms",
-            "3000",
-        ],
-    );
+    let d = start_with(dir.path(), "64M", &["--session-ttl-ms", "200", "--lease-ttl-ms", "3000"]);
     ok(d.ctl(&["volume", "create", "a/v", "--size", "1M"]), "volume create");
     let mut r = Raw::connect(&d);
     r.go("a/v").unwrap();
@@ -601,19 +579,7 @@ fn an_idle_export_outlives_the_session_and_lease_ttls() {
 fn sigterm_with_nbd_clients_attached_shuts_down_cleanly_and_keeps_flushed_data() {
     let dir = tempfile::tempdir().unwrap();
     // A stalled payload is cut off after the op timeout, well inside the shutdown timeout.
-    let mut d = Daemon::start(
-        dir.path(),
-        &[
-            "--pool-size",
-            "64M",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--nbd-principal",
-            "admin",
-            "--data-op-timeout-ms",
-            "1000",
-        ],
-    );
+    let mut d = start_with(dir.path(), "64M", &["--data-op-timeout-ms", "1000"]);
     ok(d.ctl(&["volume", "create", "a/v", "--size", "4M", "--sparse"]), "volume create");
     // One client idle after a flushed write, one in the middle of a write's payload.
     let mut idle = Raw::connect(&d);

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::Daemon;
-use common::certs::{Ca, ca, leaf, write};
+use common::certs::{Ca, ca, leaf, mtls_flags, write};
 use rdax_client::{Client, ConnectOptions, ErrorKind, TlsOptions};
 
 fn https(d: &Daemon) -> String {
@@ -38,7 +38,6 @@ const ROOT: &str = "root-token-tls-0a1b2c3d4e5f6071";
 async fn mutual_tls_serves_certificates_it_trusts_and_refuses_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let (ca1, ca2) = (ca("rdax test CA"), ca("another CA"));
-    let (cert, key) = leaf(&ca1, "rdaxd", true, false);
     let pf = write(
         dir.path(),
         "principals.toml",
@@ -48,19 +47,9 @@ async fn mutual_tls_serves_certificates_it_trusts_and_refuses_the_rest() {
             rdaxd::auth::hash_text(ROOT)
         ),
     );
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--tls-cert",
-            write(dir.path(), "server.pem", &cert).to_str().unwrap(),
-            "--tls-key",
-            write(dir.path(), "server.key", &key).to_str().unwrap(),
-            "--tls-client-ca",
-            write(dir.path(), "clients.pem", &ca1.cert.pem()).to_str().unwrap(),
-            "--principals-file",
-            pf.to_str().unwrap(),
-        ],
-    );
+    let mut flags = mtls_flags(dir.path(), &ca1);
+    flags.extend(["--principals-file".to_string(), pf.display().to_string()]);
+    let d = Daemon::start(dir.path(), &flags.iter().map(String::as_str).collect::<Vec<_>>());
     let ep = https(&d);
     let alice = leaf(&ca1, "alice", false, false);
     // A client certificate names its principal: alice may write a/, not b/.

@@ -187,24 +187,23 @@ impl Export {
         if let Held::Ready(v) = &*self.held.borrow() {
             return Ok(v.clone()); // the common case: no waiting, no timer
         }
-        let mut rx = self.held.clone();
-        let r = tokio::time::timeout(bound, rx.wait_for(|h| !matches!(h, Held::Pending))).await;
-        match r {
-            Ok(Ok(h)) => match &*h {
-                Held::Ready(v) => Ok(v.clone()),
-                Held::Ended(why) => Err(Unavailable::Ended(why.clone())),
-                Held::Pending => unreachable!("waited for it to change"),
-            },
-            Ok(Err(_)) => Err(Unavailable::Ended("the export ended".into())),
-            Err(_) => Err(Unavailable::Timeout),
-        }
+        self.wait_until(bound, |_| true).await
     }
 
     /// Wait until the view is no longer `old` (its lease ended), at most `bound`.
     pub async fn changed_from(&self, old: &Arc<View>, bound: Duration) -> Result<Arc<View>, Unavailable> {
+        self.wait_until(bound, |v| !Arc::ptr_eq(v, old)).await
+    }
+
+    /// Wait, at most `bound`, for a view that `fits`, or for the export to end.
+    async fn wait_until(&self, bound: Duration, fits: impl Fn(&Arc<View>) -> bool) -> Result<Arc<View>, Unavailable> {
         let mut rx = self.held.clone();
-        let differs = |h: &Held| !matches!(h, Held::Ready(v) if Arc::ptr_eq(v, old)) && !matches!(h, Held::Pending);
-        match tokio::time::timeout(bound, rx.wait_for(differs)).await {
+        let done = |h: &Held| match h {
+            Held::Pending => false,
+            Held::Ready(v) => fits(v),
+            Held::Ended(_) => true,
+        };
+        match tokio::time::timeout(bound, rx.wait_for(done)).await {
             Ok(Ok(h)) => match &*h {
                 Held::Ready(v) => Ok(v.clone()),
                 Held::Ended(why) => Err(Unavailable::Ended(why.clone())),

@@ -75,6 +75,12 @@ struct Resolved {
     writable: bool,
 }
 
+impl Resolved {
+    fn negotiated(&self, attached: Attached, structured: bool, meta: bool) -> Negotiated {
+        Negotiated { attached, size: self.size, writable: self.writable, structured, meta }
+    }
+}
+
 fn flags_for(writable: bool, structured: bool) -> u16 {
     let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_FUA | tflag::CAN_MULTI_CONN;
     if writable {
@@ -211,13 +217,7 @@ impl NbdServer {
                         io.out.extend_from_slice(&[0u8; 124]);
                     }
                     io.write_out().await?;
-                    return Ok(Outcome::Go(Negotiated {
-                        attached,
-                        size: r.size,
-                        writable: r.writable,
-                        structured,
-                        meta,
-                    }));
+                    return Ok(Outcome::Go(r.negotiated(attached, structured, meta)));
                 }
                 opt::LIST => {
                     if !data.is_empty() {
@@ -287,13 +287,7 @@ impl NbdServer {
                     wire::opt_reply(&mut io.out, option, rep::ACK, &[]);
                     io.write_out().await?;
                     if let Some(attached) = attached {
-                        return Ok(Outcome::Go(Negotiated {
-                            attached,
-                            size: r.size,
-                            writable: r.writable,
-                            structured,
-                            meta,
-                        }));
+                        return Ok(Outcome::Go(r.negotiated(attached, structured, meta)));
                     }
                 }
                 opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {

@@ -40,3 +40,18 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// A server certificate from `ca` for 127.0.0.1, written into `dir`, as rdaxd flags that
+/// also require client certificates signed by `ca` (mTLS).
+pub fn mtls_flags(dir: &Path, ca: &Ca) -> Vec<String> {
+    let (cert, key) = leaf(ca, "rdaxd", true, false);
+    let path = |name: &str, text: &str| write(dir, name, text).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        path("server.pem", &cert),
+        "--tls-key".into(),
+        path("server.key", &key),
+        "--tls-client-ca".into(),
+        path("clients.pem", &ca.cert.pem()),
+    ]
+}
