@@ -202,6 +202,18 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
         "Share of free space not available as 2 MiB-aligned runs.",
         &[(String::new(), s.fragmentation)],
     );
+    counter(
+        &mut out,
+        "rdax_journal_commits_total",
+        "Journal commits (each one a group of metadata transactions).",
+        &[(String::new(), s.journal_commits)],
+    );
+    counter(
+        &mut out,
+        "rdax_journal_transactions_total",
+        "Metadata transactions made durable by the journal commits.",
+        &[(String::new(), s.journal_transactions)],
+    );
     gauge(&mut out, "rdax_sessions", "Open sessions.", &[(String::new(), sessions.len() as f64)]);
     let list = leases.list(None);
     let by_state: Vec<(String, f64)> = ["active", "breaking", "released", "revoked", "drained", "quarantined"]

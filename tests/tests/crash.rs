@@ -9,7 +9,9 @@
 //! * the operation in flight is all-or-nothing (a write in flight: every byte old or new).
 //!
 //! Then the workload goes on from the recovered pool, so recovery of recovered pools is
-//! tested too. `RDAX_CRASH_POINTS` sets the number of crash points (default 1,000); the
+//! tested too. A second workload runs several threads at once, each on names of its own, so
+//! that their transactions share group commits: every thread's acknowledged operations must
+//! survive, and each thread's operation in flight is all-or-nothing. `RDAX_CRASH_POINTS` sets the number of crash points (default 1,000); the
 //! ignored test `ten_thousand_crash_points` runs 10,000. A failure prints the seed; pin it as
 //! a named test below.
 
@@ -40,7 +42,11 @@ enum Op {
 }
 
 fn random_op(rng: &mut SplitMix64, model: &Model, seq: u64) -> Op {
-    let name = NAMES[rng.below(NAMES.len() as u64) as usize];
+    random_op_on(rng, model, seq, &NAMES)
+}
+
+fn random_op_on(rng: &mut SplitMix64, model: &Model, seq: u64, names: &[&'static str]) -> Op {
+    let name = names[rng.below(names.len() as u64) as usize];
     let size = model.get(name).map(|v| v.len() as u64);
     let Some(size) = size else {
         let s = if rng.chance(1, 5) { rng.below(MAX_SIZE) } else { rng.below(64 << 10) };
@@ -205,6 +211,78 @@ fn run_seed(seed: u64, cycles: u64) -> u64 {
     cycles
 }
 
+/// Transactions that shared a journal commit with another one, over a concurrent run.
+static GROUPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Like [`run_seed`], with `threads` threads at once (each on names of its own, so each keeps
+/// its own model and has at most one operation in flight when the crash fires).
+fn run_concurrent_seed(seed: u64, cycles: u64, threads: usize) -> u64 {
+    let mut rng = SplitMix64::new(seed);
+    let names: Vec<Vec<&'static str>> =
+        (0..threads).map(|t| (0..3).map(|i| &*Box::leak(format!("t{t}-{i}").into_boxed_str())).collect()).collect();
+    let media = Arc::new(SimMedia::new(POOL));
+    let opts = FormatOptions { max_objects: Some(64), max_extents: Some(8192) };
+    let mut pool = Pool::format_media(media.clone(), true, opts, None).unwrap();
+    let mut media = media;
+    let mut models: Vec<Model> = vec![Model::new(); threads];
+    let mut seq = 0u64;
+    for cycle in 0..cycles {
+        let ctx = format!(
+            "concurrent seed {seed} cycle {cycle} (pin with run_concurrent_seed({seed}, {}, {threads}))",
+            cycle + 1
+        );
+        let crash_seed = rng.next_u64();
+        media.arm_crash(rng.below(200), crash_seed);
+        let seeds: Vec<u64> = (0..threads).map(|_| rng.next_u64()).collect();
+        seq += 1000;
+        let outcome: Vec<(Model, Option<Op>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (pool, media, names) = (&pool, &media, &names[t]);
+                    let mut model = models[t].clone();
+                    let mut rng = SplitMix64::new(seeds[t]);
+                    s.spawn(move || {
+                        for i in 0..40 {
+                            let op = random_op_on(&mut rng, &model, seq + i, names);
+                            let ok = run(pool, &op);
+                            // Acknowledged before the crash fired only if it has not fired yet.
+                            if media.crashed() {
+                                return (model, Some(op));
+                            }
+                            if ok {
+                                apply(&mut model, &op);
+                            }
+                        }
+                        (model, None)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("worker")).collect()
+        });
+        let image = media.take_crash_image().unwrap_or_else(|| media.power_cut_now(crash_seed));
+        let st = pool.stats();
+        GROUPED.fetch_add(st.journal_transactions - st.journal_commits, std::sync::atomic::Ordering::Relaxed);
+        drop(pool);
+        media = Arc::new(SimMedia::from_image(image));
+        pool = match Pool::open_media(media.clone() as Arc<dyn Media>, None) {
+            Ok(p) => p,
+            Err(e) => panic!("{ctx}: reopen failed: {e}"),
+        };
+        let report = pool.check();
+        assert!(report.clean, "{ctx}: check after crash: {:?}", report.problems);
+        let found = snapshot(&pool);
+        for (t, (model, in_flight)) in outcome.into_iter().enumerate() {
+            let mine: Model = found
+                .iter()
+                .filter(|(k, _)| names[t].contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            models[t] = verify(&mine, &model, in_flight.as_ref(), &format!("{ctx}, thread {t}"));
+        }
+    }
+    cycles
+}
+
 fn crash_points(total: u64) {
     let per_seed = 25;
     let base = std::env::var("RDAX_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED_0000u64);
@@ -218,6 +296,26 @@ fn crash_points(total: u64) {
 }
 
 #[test]
+fn concurrent_crash_points() {
+    let n: u64 = std::env::var("RDAX_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000) / 5;
+    concurrent_points(n);
+}
+
+fn concurrent_points(n: u64) {
+    let base = std::env::var("RDAX_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xC0C0_0000u64);
+    let (mut done, mut seed) = (0, base);
+    while done < n {
+        done += run_concurrent_seed(seed, 20.min(n - done), 4);
+        seed += 1;
+    }
+    let grouped = GROUPED.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "concurrent crash points exercised: {done} (4 threads, seeds {base:#x}..{seed:#x}); \
+         {grouped} transactions shared a journal commit"
+    );
+}
+
+#[test]
 fn thousand_crash_points() {
     let n = std::env::var("RDAX_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     crash_points(n);
@@ -227,4 +325,5 @@ fn thousand_crash_points() {
 #[ignore = "opt-in: 10,000 crash points (cargo test -p rdax-tests --test crash -- --ignored)"]
 fn ten_thousand_crash_points() {
     crash_points(10_000);
+    concurrent_points(2_000);
 }

@@ -34,6 +34,22 @@ enum Rec {
     Zero { off: u64, len: u64 },
 }
 
+impl Rec {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Rec::Write { off, data } => (*off, data.len() as u64),
+            Rec::Zero { off, len } => (*off, *len),
+        }
+    }
+
+    fn encoded_len(&self) -> u64 {
+        match self {
+            Rec::Write { data, .. } => REC_HDR + (data.len() as u64).div_ceil(8) * 8,
+            Rec::Zero { .. } => REC_HDR,
+        }
+    }
+}
+
 /// A transaction being built. Nothing reaches the medium until [`Journal::commit`].
 #[derive(Debug, Default)]
 pub struct Txn {
@@ -49,8 +65,9 @@ impl Txn {
 
     /// Record that `data` must be stored at `off`.
     pub fn write(&mut self, off: u64, data: &[u8]) {
-        self.bytes += REC_HDR + (data.len() as u64).div_ceil(8) * 8;
-        self.recs.push(Rec::Write { off, data: data.to_vec() });
+        let r = Rec::Write { off, data: data.to_vec() };
+        self.bytes += r.encoded_len();
+        self.recs.push(r);
     }
 
     /// Record that `len` bytes at `off` must become zero.
@@ -61,6 +78,34 @@ impl Txn {
         assert!(len <= u32::MAX as u64, "zero record too long");
         self.bytes += REC_HDR;
         self.recs.push(Rec::Zero { off, len });
+    }
+
+    /// Append `other`'s records after this one's (group commit: the records of several
+    /// operations, applied in the order the operations changed DRAM). A write that an appended
+    /// write of the same range replaces, with nothing overlapping in between, is dropped —
+    /// every operation rewrites the meta header, and a group needs it once. Only the last few
+    /// records are searched: the header record of the previous operation is among them.
+    pub fn append(&mut self, other: Txn) {
+        const LOOK_BACK: usize = 16;
+        for r in other.recs {
+            if let Rec::Write { off, data } = &r {
+                let (lo, hi) = (*off, *off + data.len() as u64);
+                let floor = self.recs.len().saturating_sub(LOOK_BACK);
+                for i in (floor..self.recs.len()).rev() {
+                    let (o, l) = self.recs[i].range();
+                    if o == lo && o + l == hi && matches!(self.recs[i], Rec::Write { .. }) {
+                        let old = self.recs.remove(i);
+                        self.bytes -= old.encoded_len();
+                        break;
+                    }
+                    if o < hi && lo < o + l {
+                        break; // an overlapping record in between: keep both
+                    }
+                }
+            }
+            self.bytes += r.encoded_len();
+            self.recs.push(r);
+        }
     }
 
     /// Encoded bytes of the records.
@@ -179,6 +224,11 @@ impl Journal {
         media.persist(self.off, 8);
     }
 
+    /// Bytes of the journal area.
+    pub fn area_len(&self) -> u64 {
+        self.len
+    }
+
     /// Last sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -256,18 +306,15 @@ fn target_allowed(geo: &Geometry, off: u64, len: u64) -> bool {
 }
 
 fn apply(media: &dyn Media, recs: &[Rec]) {
+    let mut ranges = Vec::with_capacity(recs.len());
     for r in recs {
         match r {
-            Rec::Write { off, data } => {
-                media.write(*off, data);
-                media.flush(*off, data.len() as u64);
-            }
-            Rec::Zero { off, len } => {
-                media.fill(*off, *len, 0);
-                media.flush(*off, *len);
-            }
+            Rec::Write { off, data } => media.write(*off, data),
+            Rec::Zero { off, len } => media.fill(*off, *len, 0),
         }
+        ranges.push(r.range());
     }
+    media.flush_ranges(&mut ranges);
     media.drain();
 }
 
@@ -325,6 +372,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn appending_drops_only_a_write_that_is_wholly_replaced_with_nothing_overlapping_between() {
+        let (_, geo) = setup();
+        let (h, o) = (geo.meta_off, geo.objtab_off);
+        let mut a = Txn::new();
+        a.write(o, &[1; 8]);
+        a.write(h, &[1; 64]);
+        let mut b = Txn::new();
+        b.write(o + 256, &[2; 8]);
+        b.write(h, &[2; 64]);
+        a.append(b);
+        assert_eq!(a.recs.len(), 3, "the first header write is replaced");
+        assert!(matches!(&a.recs[2], Rec::Write { off, data } if *off == h && data[0] == 2));
+        assert_eq!(a.encoded_len(), a.recs.iter().map(Rec::encoded_len).sum::<u64>());
+        // A zero overlapping the range in between: both writes stay.
+        let mut c = Txn::new();
+        c.zero(h + 8, 8);
+        c.write(h, &[3; 64]);
+        a.append(c);
+        assert_eq!(a.recs.len(), 5);
+        // A write of a different length: both stay.
+        let mut d = Txn::new();
+        d.write(h, &[4; 32]);
+        a.append(d);
+        assert_eq!(a.recs.len(), 6);
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! ```text
 //!  Pool ─┬─ media      (Media: mapped DAX/file region, or simulated pmem)
 //!        ├─ superblock (geometry, identity; written once)
-//!        ├─ meta       (RwLock: journal, object table in DRAM, names index)
+//!        ├─ meta       (RwLock: object table in DRAM, names index)
+//!        ├─ group      (the journal, and the transactions queued for its next group commit)
 //!        └─ alloc      (Mutex: free extents; reached through the release hook too)
 //! ```
 //!
-//! Every metadata change is one journal transaction ([`journal`]); data bytes go straight to
-//! the mapping. Lock order: `meta` before `alloc`. Blocks leave an object through
+//! Every metadata change is one journal transaction ([`journal`]), committed together with
+//! those of concurrent operations ([`group`]); data bytes go straight to the mapping. Lock
+//! order: `meta` before `alloc`, and `meta` before the group's locks. Blocks leave an object through
 //! [`ReleasedBlocks`], handed to the release hook once the metadata lock is dropped: the
 //! default hook frees them at once; the lease layer holds them until every lease that covered
 //! them has drained (invariant 1).
@@ -19,6 +21,7 @@ pub mod alloc;
 pub mod check;
 pub mod error;
 pub mod extmap;
+mod group;
 pub mod journal;
 pub mod layout;
 pub mod media;
@@ -86,6 +89,11 @@ pub struct PoolStats {
     pub free: FreeStats,
     /// Share of free space not available as 2 MiB-aligned runs.
     pub fragmentation: f64,
+    /// Journal commits since the pool was opened.
+    pub journal_commits: u64,
+    /// Metadata transactions made durable by them (more than `journal_commits` when
+    /// concurrent operations shared a group commit).
+    pub journal_transactions: u64,
 }
 
 /// Options for opening an existing pool.
@@ -187,7 +195,6 @@ pub(crate) struct Obj {
 
 pub(crate) struct Meta {
     pub hdr: MetaHeader,
-    pub journal: Journal,
     /// Indexed by object slot; `len() == hdr.obj_hwm`.
     pub objects: Vec<Option<Obj>>,
     /// `namespace \0 name` → slot. Ordered, so listing a namespace is a range scan.
@@ -203,6 +210,7 @@ pub struct Pool {
     sb: Superblock,
     path: Option<PathBuf>,
     meta: RwLock<Meta>,
+    group: group::Group,
     alloc: Arc<Mutex<Allocator>>,
     held: Arc<AtomicU64>,
     quarantined: Arc<AtomicU64>,
@@ -304,7 +312,7 @@ impl Pool {
         let sb = read_superblock(media.as_ref(), &p)?;
         let geo = sb.geo;
         let damaged = |detail: String| OpenError::Damaged { path: p.clone(), detail };
-        let (journal, recovered) = Journal::recover(media.as_ref(), &geo).map_err(|e| damaged(e.to_string()))?;
+        let (mut journal, recovered) = Journal::recover(media.as_ref(), &geo).map_err(|e| damaged(e.to_string()))?;
         let hdr =
             read_meta_header(media.as_ref(), &geo).ok_or_else(|| damaged("meta header checksum mismatch".into()))?;
         let mut a = scan::analyze(media.as_ref(), &geo, &hdr, false);
@@ -330,7 +338,6 @@ impl Pool {
         let previous_clean = hdr.clean;
         let mut meta = Meta {
             hdr,
-            journal,
             objects,
             names,
             free_obj: a.free_obj_slots.into_iter().rev().collect(),
@@ -342,13 +349,14 @@ impl Pool {
             meta.hdr.clean = false;
             let mut txn = journal::Txn::new();
             txn.write(geo.meta_off, &meta.hdr.encode());
-            meta.journal.commit(media.as_ref(), &txn).expect("one-record transaction fits");
+            journal.commit(media.as_ref(), &txn).expect("one-record transaction fits");
         }
         let pool = Self {
             media,
             sb,
             path: path.map(Path::to_path_buf),
             meta: RwLock::new(meta),
+            group: group::Group::new(journal),
             alloc: Arc::new(Mutex::new(allocator)),
             held: Arc::new(AtomicU64::new(0)),
             quarantined: Arc::new(AtomicU64::new(0)),
@@ -407,7 +415,10 @@ impl Pool {
         meta.hdr.clean = true;
         let mut txn = journal::Txn::new();
         txn.write(self.sb.geo.meta_off, &meta.hdr.encode());
-        meta.journal.commit(self.media.as_ref(), &txn).expect("one-record transaction fits");
+        // Behind whatever is still queued; the leader never takes `meta`, so waiting here
+        // while holding it is safe.
+        let t = self.group.enqueue(txn);
+        self.group.wait(self.media.as_ref(), t);
         info!(path = ?self.path, "closed pool cleanly");
     }
 
@@ -417,6 +428,7 @@ impl Pool {
         let free = lock(&self.alloc).stats();
         let held = self.held.load(Ordering::Relaxed);
         let quarantined = self.quarantined.load(Ordering::Relaxed);
+        let (commits, transactions) = self.group.figures();
         let geo = &self.sb.geo;
         PoolStats {
             objects: meta.names.len() as u64,
@@ -427,6 +439,8 @@ impl Pool {
             quarantined_blocks: quarantined,
             fragmentation: free.fragmentation(),
             free,
+            journal_commits: commits,
+            journal_transactions: transactions,
         }
     }
 

@@ -1,6 +1,12 @@
-//! Object operations. Each one validates everything first, then builds exactly one journal
-//! transaction (allocation may use several, see [`Pool::allocate`]), commits it, and only
-//! then changes DRAM state — so an error always leaves the pool as it was.
+//! Object operations. Each one validates everything first (so a refused operation leaves the
+//! pool as it was), then, under the metadata write lock, changes DRAM and queues exactly one
+//! journal transaction (allocation may queue several, see [`Pool::allocate`]); it returns once
+//! that transaction is durable (group commit, see [`super::group`]). Only a storage failure
+//! can fail an operation after that point, and it stops the pool (see
+//! [`Pool::storage_failed`]).
+//!
+//! Readers wait for the durability of what they saw ([`Pool::seen`]): nobody acts on a change
+//! a crash could still take back.
 
 use super::alloc::Run;
 use super::error::{ObjError, validate_name, validate_ns};
@@ -118,17 +124,41 @@ fn stat_of(o: &Obj, ns: &str, name: &str) -> ObjectStat {
 }
 
 impl Pool {
-    /// Commit `txn`. Fails only when the storage reported an error while persisting it (then
-    /// the pool refuses every further change, see [`Pool::storage_failed`]), and the caller
-    /// leaves DRAM as it was.
-    fn commit(&self, meta: &mut Meta, txn: &Txn) -> Result<(), ObjError> {
-        // Tests pause, delay or crash (`exit`) the process on either side of a commit.
-        let _ = crate::failpoint_blocking!("journal.before_commit");
-        // Every operation bounds its transaction before building it (max extents per object
-        // and the allocation batch are derived from the journal size), so this cannot fail.
-        meta.journal.commit(self.media.as_ref(), txn).expect("transaction sized within the journal");
-        let _ = crate::failpoint_blocking!("journal.after_commit");
+    /// Queue `txn` for the next group commit and return its ticket; the caller holds the
+    /// metadata write lock (`_meta`), has already changed DRAM, and calls [`Pool::durable`]
+    /// with the ticket once it has dropped the lock. Every operation bounds its transaction
+    /// before building it (max extents per object and the allocation batch are derived from
+    /// the journal size), so it always fits.
+    fn commit(&self, _meta: &mut Meta, txn: Txn) -> u64 {
+        self.group.enqueue(txn)
+    }
+
+    /// Wait until `ticket` is durable. Fails only when the storage reported an error while
+    /// persisting it; then the pool refuses every further change.
+    fn durable(&self, ticket: u64) -> Result<(), ObjError> {
+        self.group.wait(self.media.as_ref(), ticket);
         self.storage_ok()
+    }
+
+    /// The ticket that covers every change visible now (read it under the metadata lock).
+    fn seen(&self) -> u64 {
+        self.group.queued()
+    }
+
+    /// Wait until what a reader saw (`ticket`, from [`Pool::seen`]) is durable. Reads keep
+    /// working after a storage failure, so this does not report one.
+    fn settle(&self, ticket: u64) {
+        self.group.wait(self.media.as_ref(), ticket);
+    }
+
+    /// Run `f` under the metadata read lock, then wait until what it saw is durable.
+    fn observe<R>(&self, f: impl FnOnce(&Meta) -> R) -> R {
+        let meta = self.read_meta();
+        let seen = self.seen();
+        let r = f(&meta);
+        drop(meta);
+        self.settle(seen);
+        r
     }
 
     fn put_hdr(&self, txn: &mut Txn, meta: &Meta) {
@@ -172,19 +202,22 @@ impl Pool {
         let mut txn = Txn::new();
         put_obj(&mut txn, geo, slot, &obj, ns, name);
         self.put_hdr(&mut txn, &meta);
-        self.commit(&mut meta, &txn)?;
+        let t = self.commit(&mut meta, txn);
         let st = stat_of(&obj, ns, name);
         meta.objects[slot as usize] = Some(obj);
         meta.names.insert(key, slot);
+        drop(meta);
+        self.durable(t)?;
         Ok(st)
     }
 
     /// Describe an object.
     pub fn stat(&self, ns: &str, name: &str) -> Result<ObjectStat, ObjError> {
         let key = validate(ns, name)?;
-        let meta = self.read_meta();
-        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        Ok(stat_of(meta.objects[slot as usize].as_ref().expect("indexed slot is live"), ns, name))
+        self.observe(|meta| {
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            Ok(stat_of(meta.objects[slot as usize].as_ref().expect("indexed slot is live"), ns, name))
+        })
     }
 
     /// Up to `limit` block volumes of every namespace, in name order (the NBD export list).
@@ -204,6 +237,9 @@ impl Pool {
             let (ns, name) = (String::from_utf8_lossy(&k[..z]), String::from_utf8_lossy(&k[z + 1..]));
             out.push(stat_of(o, &ns, &name));
         }
+        let seen = self.seen();
+        drop(meta);
+        self.settle(seen);
         out
     }
 
@@ -236,6 +272,9 @@ impl Pool {
             let name = String::from_utf8_lossy(&k[ns.len() + 1..]).into_owned();
             objects.push(stat_of(meta.objects[slot as usize].as_ref().expect("live"), ns, &name));
         }
+        let seen = self.seen();
+        drop(meta);
+        self.settle(seen);
         let next = if more { objects.last().map(|o| o.name.clone()) } else { None };
         Ok(ListPage { objects, next })
     }
@@ -272,15 +311,12 @@ impl Pool {
         obj.size = new_size;
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
         put_obj(&mut txn, geo, slot, &obj, ns, name);
-        if let Err(e) = self.commit(&mut meta, &txn) {
-            meta.objects[slot as usize] = Some(obj);
-            return Err(e);
-        }
+        let t = self.commit(&mut meta, txn);
         let st = stat_of(&obj, ns, name);
         meta.objects[slot as usize] = Some(obj);
         let freed = self.finish_removal(&mut meta, removal);
         drop(meta);
-        self.release(freed);
+        self.durable_then_release(t, freed)?;
         Ok(st)
     }
 
@@ -336,13 +372,11 @@ impl Pool {
         obj.map = trial;
         obj.epoch += 1;
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
-        let r = self.commit(&mut meta, &txn);
+        let t = self.commit(&mut meta, txn);
         meta.objects[slot as usize] = Some(obj);
-        r?;
         let freed = self.finish_removal(&mut meta, removal);
         drop(meta);
-        self.release(freed);
-        Ok(())
+        self.durable_then_release(t, freed)
     }
 
     /// Delete an object and free its blocks.
@@ -356,14 +390,20 @@ impl Pool {
         let mut txn = Txn::new();
         self.apply_removal(&mut txn, &mut meta, &mut obj, &removal);
         txn.zero(geo.obj_slot_off(slot as u64), OBJ_SLOT);
-        if let Err(e) = self.commit(&mut meta, &txn) {
-            meta.objects[slot as usize] = Some(obj);
-            return Err(e);
-        }
+        let t = self.commit(&mut meta, txn);
         meta.names.remove(&key);
         meta.free_obj.push(slot);
         let freed = self.finish_removal(&mut meta, removal);
         drop(meta);
+        self.durable_then_release(t, freed)
+    }
+
+    /// Wait for `ticket`, then hand the blocks its transaction freed to the release hook: not
+    /// before, or they could be reused while a crash could still give them back to their old
+    /// owner. After a storage failure they stay out of the allocator (the pool takes no more
+    /// changes anyway).
+    fn durable_then_release(&self, ticket: u64, freed: Vec<Run>) -> Result<(), ObjError> {
+        self.durable(ticket)?;
         self.release(freed);
         Ok(())
     }
@@ -437,9 +477,12 @@ impl Pool {
             }
             // Small, or contended twice already: zero under the lock, as one step.
             if total * BLOCK <= ZERO_UNLOCKED_ABOVE || attempt >= 2 {
-                self.fill_holes(&mut meta, slot, ns, name, lo, hi)?;
+                let t = self.fill_holes(&mut meta, slot, ns, name, lo, hi)?;
                 let o = meta.objects[slot as usize].as_ref().expect("live");
-                return Ok((o.id, o.epoch));
+                let r = (o.id, o.epoch);
+                drop(meta);
+                self.durable(t)?;
+                return Ok(r);
             }
             let runs =
                 lock(&self.alloc).alloc(total).map_err(|e| ObjError::NoSpace { needed: e.needed, free: e.free })?;
@@ -457,9 +500,12 @@ impl Pool {
             let same = meta.lookup(&key).and_then(|s| meta.objects[s as usize].as_ref().map(|o| (s, o)));
             match same {
                 Some((slot, o)) if o.id == id && o.map.holes(lo, hi) == holes => {
-                    self.install_runs(&mut meta, slot, &holes, runs)?;
+                    let t = self.install_runs(&mut meta, slot, &holes, runs)?;
                     let o = meta.objects[slot as usize].as_ref().expect("live");
-                    return Ok((o.id, o.epoch));
+                    let r = (o.id, o.epoch);
+                    drop(meta);
+                    self.durable(t)?;
+                    return Ok(r);
                 }
                 // The object changed while we zeroed: give the blocks back and start over.
                 _ => self.give_back(&runs),
@@ -473,11 +519,12 @@ impl Pool {
         self.allocate_capped(ns, name, offset, len, u64::MAX)
     }
 
-    fn fill_holes(&self, meta: &mut Meta, slot: u32, ns: &str, name: &str, lo: u64, hi: u64) -> Result<(), ObjError> {
+    /// Allocate the holes of file blocks `[lo, hi)`; returns the ticket to wait for.
+    fn fill_holes(&self, meta: &mut Meta, slot: u32, ns: &str, name: &str, lo: u64, hi: u64) -> Result<u64, ObjError> {
         let holes = meta.objects[slot as usize].as_ref().expect("live").map.holes(lo, hi);
         let total: u64 = holes.iter().map(|h| h.1).sum();
         if total == 0 {
-            return Ok(());
+            return Ok(self.seen());
         }
         let runs = lock(&self.alloc).alloc(total).map_err(|e| ObjError::NoSpace { needed: e.needed, free: e.free })?;
         self.zero_runs(&runs, meta.hdr.data_hwm);
@@ -491,8 +538,9 @@ impl Pool {
     }
 
     /// Make zeroed `runs` the blocks of `holes` of the object in `slot` (the caller holds the
-    /// metadata lock). On failure the runs go back to the allocator.
-    fn install_runs(&self, meta: &mut Meta, slot: u32, holes: &[Run], runs: Vec<Run>) -> Result<(), ObjError> {
+    /// metadata lock, and waits for the returned ticket once it has dropped it). On failure
+    /// the runs go back to the allocator.
+    fn install_runs(&self, meta: &mut Meta, slot: u32, holes: &[Run], runs: Vec<Run>) -> Result<u64, ObjError> {
         let geo = &self.sb.geo;
         let pieces = lay_out(holes, &runs);
         let obj_exts = meta.objects[slot as usize].as_ref().expect("live").map.len() as u64;
@@ -510,6 +558,7 @@ impl Pool {
         }
         let batch = ((Journal::capacity(geo.journal_len) - 1024) / 64) as usize;
         let mut obj = meta.objects[slot as usize].take().expect("live");
+        let mut ticket = self.seen();
         for chunk in pieces.chunks(batch) {
             let mut txn = Txn::new();
             for &(f, p, n) in chunk {
@@ -525,13 +574,10 @@ impl Pool {
                 meta.hdr.data_hwm = meta.hdr.data_hwm.max(p + n);
             }
             self.put_hdr(&mut txn, meta);
-            if let Err(e) = self.commit(meta, &txn) {
-                meta.objects[slot as usize] = Some(obj);
-                return Err(e);
-            }
+            ticket = self.commit(meta, txn);
         }
         meta.objects[slot as usize] = Some(obj);
-        Ok(())
+        Ok(ticket)
     }
 
     /// Blocks taken from the allocator may hold an earlier owner's bytes: zero them (durably)
@@ -554,23 +600,24 @@ impl Pool {
     /// Holes read as zero.
     pub fn read(&self, ns: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<usize, ObjError> {
         let key = validate(ns, name)?;
-        let meta = self.read_meta();
-        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        let obj = meta.objects[slot as usize].as_ref().expect("live");
-        if offset > obj.size {
-            return Err(ObjError::range(offset, buf.len() as u64, obj.size, ""));
-        }
-        let n = (buf.len() as u64).min(obj.size - offset) as usize;
-        let mut at = 0usize;
-        for seg in segments_of(obj, offset, n as u64) {
-            let dst = &mut buf[at..at + seg.len as usize];
-            match seg.pool_offset {
-                Some(p) => self.media.read(p, dst),
-                None => dst.fill(0),
+        self.observe(|meta| {
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            let obj = meta.objects[slot as usize].as_ref().expect("live");
+            if offset > obj.size {
+                return Err(ObjError::range(offset, buf.len() as u64, obj.size, ""));
             }
-            at += seg.len as usize;
-        }
-        Ok(n)
+            let n = (buf.len() as u64).min(obj.size - offset) as usize;
+            let mut at = 0usize;
+            for seg in segments_of(obj, offset, n as u64) {
+                let dst = &mut buf[at..at + seg.len as usize];
+                match seg.pool_offset {
+                    Some(p) => self.media.read(p, dst),
+                    None => dst.fill(0),
+                }
+                at += seg.len as usize;
+            }
+            Ok(n)
+        })
     }
 
     /// Write `data` at `offset` (within the current size), allocating holes first. With
@@ -581,18 +628,22 @@ impl Pool {
         if self.is_closed() {
             return Err(ObjError::Closed);
         }
-        {
-            let meta = self.read_meta();
+        // Allocated already (the common case): copy under the read lock.
+        let done = self.observe(|meta| {
             let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
             let obj = meta.objects[slot as usize].as_ref().expect("live");
             let end = end_of(offset, len, obj.size)?;
             if end > obj.size {
                 return Err(ObjError::range(offset, len, obj.size, "; resize the object first"));
             }
-            if obj.map.holes(offset / BLOCK, end.div_ceil(BLOCK)).is_empty() {
-                self.copy_in(obj, offset, data, persist);
-                return if persist { self.storage_ok() } else { Ok(()) };
+            if !obj.map.holes(offset / BLOCK, end.div_ceil(BLOCK)).is_empty() {
+                return Ok(false);
             }
+            self.copy_in(obj, offset, data, persist);
+            Ok(true)
+        })?;
+        if done {
+            return if persist { self.storage_ok() } else { Ok(()) };
         }
         let mut meta = self.write_meta_open()?;
         // Re-validate: the object may have changed between the two locks.
@@ -602,7 +653,12 @@ impl Pool {
         if end > size {
             return Err(ObjError::range(offset, len, size, "; resize the object first"));
         }
-        self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))?;
+        let t = self.fill_holes(&mut meta, slot, ns, name, offset / BLOCK, end.div_ceil(BLOCK))?;
+        // The allocation must be durable before the bytes land: blocks above the durable data
+        // high-water mark are taken as never written (and not zeroed) after a crash. Waiting
+        // with the lock held is safe (the commit leader never takes it), and this path (a write
+        // into holes) is not the hot one.
+        self.durable(t)?;
         self.copy_in(meta.objects[slot as usize].as_ref().expect("live"), offset, data, persist);
         if persist { self.storage_ok() } else { Ok(()) }
     }
@@ -627,33 +683,36 @@ impl Pool {
     /// Make `[offset, offset + len)` durable.
     pub fn persist(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(), ObjError> {
         let key = validate(ns, name)?;
-        let meta = self.read_meta();
-        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        let obj = meta.objects[slot as usize].as_ref().expect("live");
-        let end = end_of(offset, len, obj.size)?;
-        if end > obj.size {
-            return Err(ObjError::range(offset, len, obj.size, ""));
-        }
-        for seg in segments_of(obj, offset, len) {
-            if let Some(p) = seg.pool_offset {
-                self.media.flush(p, seg.len);
+        self.observe(|meta| {
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            let obj = meta.objects[slot as usize].as_ref().expect("live");
+            let end = end_of(offset, len, obj.size)?;
+            if end > obj.size {
+                return Err(ObjError::range(offset, len, obj.size, ""));
             }
-        }
-        self.media.drain();
+            for seg in segments_of(obj, offset, len) {
+                if let Some(p) = seg.pool_offset {
+                    self.media.flush(p, seg.len);
+                }
+            }
+            self.media.drain();
+            Ok(())
+        })?;
         self.storage_ok()
     }
 
     /// The physical layout of `[offset, offset + len)`: pool byte ranges and holes, in order.
     pub fn segments(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<Vec<Segment>, ObjError> {
         let key = validate(ns, name)?;
-        let meta = self.read_meta();
-        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        let obj = meta.objects[slot as usize].as_ref().expect("live");
-        let end = end_of(offset, len, obj.size)?;
-        if end > obj.size {
-            return Err(ObjError::range(offset, len, obj.size, ""));
-        }
-        Ok(segments_of(obj, offset, len))
+        self.observe(|meta| {
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            let obj = meta.objects[slot as usize].as_ref().expect("live");
+            let end = end_of(offset, len, obj.size)?;
+            if end > obj.size {
+                return Err(ObjError::range(offset, len, obj.size, ""));
+            }
+            Ok(segments_of(obj, offset, len))
+        })
     }
 
     /// [`segments`](Self::segments), then `f` on them while the metadata lock is still held:
@@ -669,14 +728,16 @@ impl Pool {
         f: impl FnOnce(u64, u64, &[Segment]) -> R,
     ) -> Result<R, ObjError> {
         let key = validate(ns, name)?;
-        let meta = self.read_meta();
-        let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        let obj = meta.objects[slot as usize].as_ref().expect("live");
-        let end = end_of(offset, len, obj.size)?;
-        if end > obj.size {
-            return Err(ObjError::range(offset, len, obj.size, "; resize the object first"));
-        }
-        Ok(f(obj.id, obj.epoch, &segments_of(obj, offset, len)))
+        // Whatever `f` installs is handed out only after the layout it saw is durable.
+        self.observe(|meta| {
+            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
+            let obj = meta.objects[slot as usize].as_ref().expect("live");
+            let end = end_of(offset, len, obj.size)?;
+            if end > obj.size {
+                return Err(ObjError::range(offset, len, obj.size, "; resize the object first"));
+            }
+            Ok(f(obj.id, obj.epoch, &segments_of(obj, offset, len)))
+        })
     }
 
     /// Every allocated run of every object: `(pool block, blocks, object id, file block)`,

@@ -556,6 +556,33 @@ impl Media for MappedMedia {
         }
     }
 
+    fn flush_ranges(&self, ranges: &mut [(u64, u64)]) {
+        if self.persistence != Persistence::Msync {
+            for &(off, len) in ranges.iter() {
+                self.flush(off, len);
+            }
+            return;
+        }
+        // One msync per cluster of ranges: a call costs far more than walking the clean
+        // pages between the ranges of one cluster.
+        const GAP: u64 = 1 << 20;
+        ranges.sort_unstable();
+        let mut span: Option<(u64, u64)> = None;
+        for &(off, len) in ranges.iter().filter(|r| r.1 > 0) {
+            span = match span {
+                Some((s, e)) if off <= e + GAP => Some((s, e.max(off + len))),
+                Some((s, e)) => {
+                    self.flush(s, e - s);
+                    Some((off, off + len))
+                }
+                None => Some((off, off + len)),
+            };
+        }
+        if let Some((s, e)) = span {
+            self.flush(s, e - s);
+        }
+    }
+
     fn drain(&self) {
         if matches!(self.persistence, Persistence::Clwb | Persistence::Clflushopt | Persistence::Clflush) {
             flush::sfence();

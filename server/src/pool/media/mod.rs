@@ -100,6 +100,14 @@ pub trait Media: Send + Sync + 'static {
     }
     /// Start writing back the cache lines covering `[off, off + len)`.
     fn flush(&self, off: u64, len: u64);
+    /// [`Media::flush`] of every range in `ranges` (any order; the vector may be reordered).
+    /// A medium whose flush is a system call per range (`msync`) merges nearby ranges into
+    /// one call.
+    fn flush_ranges(&self, ranges: &mut [(u64, u64)]) {
+        for &(off, len) in ranges.iter() {
+            self.flush(off, len);
+        }
+    }
     /// Wait until every flush issued so far has reached the persistence domain.
     fn drain(&self);
     /// `flush` + `drain`.
