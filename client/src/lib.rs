@@ -39,4 +39,4 @@ pub use object::{Object, Progress};
 pub use rdax_proto::pb;
 pub use rdax_proto::pb::LeaseInfo;
 pub use rdax_proto::pb::{ObjectStat, PoolInfo, PoolStats, SessionInfo};
-pub use session::{Session, SessionNotice, SessionOptions, Transport};
+pub use session::{LeaseRange, Session, SessionNotice, SessionOptions, Transport};

@@ -111,6 +111,15 @@ async fn attach(
     }
 }
 
+/// The session's RDMA connection, as a lease keeps it.
+#[cfg(feature = "rdma")]
+type LinkHandle = Arc<crate::rdma::RdmaLink>;
+#[cfg(not(feature = "rdma"))]
+type LinkHandle = std::convert::Infallible;
+
+mod batch;
+pub use batch::LeaseRange;
+
 /// A grant not yet handed to the caller: dropped, it gives the lease back.
 struct Undelivered {
     grant: Option<pb::LeaseGrant>,
@@ -339,6 +348,18 @@ impl Session {
             let _ = tx.send(r.map(|g| Undelivered { grant: Some(g), client, session_id }));
         });
         let grant = rx.await.map_err(|_| Error::new(ErrorKind::Protocol, "the acquire task ended"))??.take();
+        self.deliver(grant, object, offset, len, link)
+    }
+
+    /// Turn a grant into the caller's [`Lease`].
+    fn deliver(
+        &self,
+        grant: pb::LeaseGrant,
+        object: ObjectKey,
+        offset: u64,
+        len: u64,
+        link: Option<LinkHandle>,
+    ) -> Result<Lease> {
         let endpoint = grant
             .data_endpoints
             .first()

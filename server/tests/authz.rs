@@ -133,6 +133,20 @@ fn body(path: &str, ns: &str, sid: &str) -> Vec<u8> {
             ..Default::default()
         }
         .encode_to_vec(),
+        "/rdax.v1.Leases/AcquireBatch" => pb::AcquireBatchRequest {
+            requests: vec![pb::AcquireRequest {
+                session_id: sid.into(),
+                object: o,
+                offset: 0,
+                length: 4096,
+                mode: pb::LeaseMode::Read as i32,
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec(),
+        "/rdax.v1.Leases/ReleaseBatch" => {
+            pb::ReleaseBatchRequest { session_id: sid.into(), lease_ids: vec![999, 998] }.encode_to_vec()
+        }
         "/rdax.v1.Leases/Renew" => pb::RenewRequest { session_id: sid.into(), lease_id: 999 }.encode_to_vec(),
         "/rdax.v1.Leases/Release" => pb::ReleaseRequest { session_id: sid.into(), lease_id: 999 }.encode_to_vec(),
         "/rdax.v1.Leases/List" => pb::ListLeasesRequest { session_id: sid.into() }.encode_to_vec(),
@@ -223,6 +237,23 @@ async fn every_rpc_by_every_kind_of_caller() {
     // A lease on b/ cannot be had, and its keys cannot be used, by a principal scoped to a/.
     let e = mine.acquire("b", "x", 0, 4096, LeaseMode::Read).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    // Nor in a batch: one range out of scope refuses the whole batch, and nothing is granted.
+    let before = alice.leases(Some(mine.id())).await.unwrap().len();
+    let r = |ns| rdax_client::LeaseRange { namespace: ns, name: "x", offset: 0, len: 4096, mode: LeaseMode::Read };
+    let e = mine.acquire_batch(&[r("a"), r("b"), r("a")]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert_eq!(alice.leases(Some(mine.id())).await.unwrap().len(), before, "a refused batch granted something");
+    // A batch item for another principal's session is refused the same way.
+    let theirs_item = pb::AcquireRequest {
+        session_id: theirs.id().into(),
+        object: obj("a"),
+        offset: 0,
+        length: 4096,
+        mode: pb::LeaseMode::Read as i32,
+        ..Default::default()
+    };
+    let body = pb::AcquireBatchRequest { requests: vec![theirs_item] }.encode_to_vec();
+    assert_eq!(call(&d.endpoint, "/rdax.v1.Leases/AcquireBatch", body, Some(ALICE)).await, Code::PermissionDenied);
     let on_b = theirs.acquire("b", "x", 0, 4096, LeaseMode::ReadWrite).await.unwrap();
     let (pool, key) = on_b.segments()[0].target.unwrap();
     // Listing leases without a session: an administrator sees this one, alice does not.

@@ -126,6 +126,31 @@ async fn an_acquire_abandoned_at_any_step_leaves_no_lease() {
         c.object("ns", "x").unwrap().resize(MIB).await.unwrap();
         assert!(t0.elapsed() < Duration::from_secs(2), "{step}");
     }
+    // An abandoned AcquireBatch (raw RPC): every grant it had started is given back.
+    t.set("grant.installed", "pause").await;
+    let mut raw = pb::leases_client::LeasesClient::new(d.channel().await);
+    let item = |offset| pb::AcquireRequest {
+        session_id: s.id().to_string(),
+        object: Some(pb::ObjectRef { namespace: "ns".into(), name: "x".into() }),
+        offset,
+        length: 4096,
+        mode: pb::LeaseMode::ReadWrite as i32,
+        transport: pb::Transport::Tcp as i32,
+        exclusive: false,
+    };
+    let req = pb::AcquireBatchRequest { requests: vec![item(0), item(4096), item(8192)] };
+    let call = tokio::spawn(async move { raw.acquire_batch(req).await });
+    t.paused_at("grant.installed").await;
+    call.abort();
+    let _ = call.await;
+    t.handler_dropped().await;
+    t.set("grant.installed", "off").await;
+    let t0 = Instant::now();
+    while !c.leases(None).await.unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "an abandoned batch left a lease");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t.clean("grant.installed").await;
     // The SDK's own acquire, abandoned by its caller, also leaves nothing.
     t.set("grant.installed", "pause").await;
     let s = std::sync::Arc::new(s);

@@ -44,6 +44,8 @@ pub const TABLE: &[(&str, Need)] = &[
     ("/rdax.v1.Leases/Renew", Need::OwnSession),
     ("/rdax.v1.Leases/Release", Need::OwnSession),
     ("/rdax.v1.Leases/List", Need::OwnSession),
+    ("/rdax.v1.Leases/AcquireBatch", Need::Lease),
+    ("/rdax.v1.Leases/ReleaseBatch", Need::OwnSession),
     ("/rdax.v1.Admin/ListSessions", Need::Admin),
     ("/rdax.v1.Admin/EvictSession", Need::Admin),
     ("/rdax.v1.Admin/RevokeLease", Need::Admin),

@@ -440,21 +440,22 @@ impl LeaseManager {
             }
             // Allocate (read-write) and note the object's layout epoch; then, under the
             // metadata lock, read the segments and install the keys in one step.
+            // (Nothing to allocate: one trip to the pool, below, does it all — it checks the
+            // range against the size the same way.)
             let (k, cap) = (object.clone(), self.config().limits.alloc_per_request);
-            let expect = self
-                .blocking(move |p| {
-                    let size = p.stat(&k.namespace, &k.name)?.size;
-                    if end > size {
-                        return Err(ObjError::OutOfRange { offset, len, size, hint: "; resize the object first" });
-                    }
-                    match mode {
-                        Mode::ReadWrite if how.allocate => {
-                            p.allocate_capped(&k.namespace, &k.name, offset, len, cap).map(Some)
+            let expect = match mode {
+                Mode::ReadWrite if how.allocate => {
+                    self.blocking(move |p| {
+                        let size = p.stat(&k.namespace, &k.name)?.size;
+                        if end > size {
+                            return Err(ObjError::OutOfRange { offset, len, size, hint: "; resize the object first" });
                         }
-                        Mode::ReadWrite | Mode::Read => Ok(None),
-                    }
-                })
-                .await??;
+                        p.allocate_capped(&k.namespace, &k.name, offset, len, cap).map(Some)
+                    })
+                    .await??
+                }
+                Mode::ReadWrite | Mode::Read => None,
+            };
             lease_failpoint!("grant.allocated");
             let (k, this) = (object.clone(), self.clone());
             let installed = self

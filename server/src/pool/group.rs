@@ -18,8 +18,8 @@
 //! then `queue`, never the metadata lock, and holds no other lock of the group's while it
 //! commits).
 
-use std::sync::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use super::journal::{Journal, Txn};
 use super::lock;
