@@ -211,6 +211,9 @@ pub struct Pool {
     path: Option<PathBuf>,
     meta: RwLock<Meta>,
     group: group::Group,
+    /// Commit at once when the journal is idle (cache-flush media; see
+    /// [`group::Group::commit_now`]).
+    commit_inline: bool,
     alloc: Arc<Mutex<Allocator>>,
     held: Arc<AtomicU64>,
     quarantined: Arc<AtomicU64>,
@@ -351,12 +354,18 @@ impl Pool {
             txn.write(geo.meta_off, &meta.hdr.encode());
             journal.commit(media.as_ref(), &txn).expect("one-record transaction fits");
         }
+        let commit_inline = matches!(
+            media.persistence(),
+            Persistence::Clwb | Persistence::Clflushopt | Persistence::Clflush | Persistence::None
+        );
         let pool = Self {
             media,
             sb,
             path: path.map(Path::to_path_buf),
             meta: RwLock::new(meta),
             group: group::Group::new(journal),
+            // Simulated pmem queues every commit, so the crash tests drive group commit.
+            commit_inline,
             alloc: Arc::new(Mutex::new(allocator)),
             held: Arc::new(AtomicU64::new(0)),
             quarantined: Arc::new(AtomicU64::new(0)),

@@ -130,7 +130,7 @@ impl Pool {
     /// before building it (max extents per object and the allocation batch are derived from
     /// the journal size), so it always fits.
     fn commit(&self, _meta: &mut Meta, txn: Txn) -> u64 {
-        self.group.enqueue(txn)
+        if self.commit_inline { self.group.commit_now(self.media.as_ref(), txn) } else { self.group.enqueue(txn) }
     }
 
     /// Wait until `ticket` is durable. Fails only when the storage reported an error while
