@@ -5,6 +5,11 @@
 //! cargo bench -p rdaxd --bench leases
 //! ```
 //! Under `cargo test` (no `--bench` flag) it runs a tiny smoke pass.
+//!
+//! For figures worth comparing, run it on an otherwise idle machine (`uptime` load well
+//! under 0.5 before starting, no build or test in the background) and compare ratios from the
+//! same run only: client, daemon and the raw TCP peer share the machine's cores, so any other
+//! load moves rdax and its baseline differently.
 
 mod common;
 
@@ -203,9 +208,10 @@ async fn main() {
         let raw = raw_throughput(req, resp, 8, total, size as usize).await;
         let raw_hot = raw_throughput(req, resp, 8, total, 0).await;
         println!(
-            "1 MiB QD8 {}: {mbs:.0} MB/s | raw TCP, same footprint {raw:.0} MB/s (cache-hot buffer {raw_hot:.0}) | ratio {:.2} [target >= 0.8]",
+            "1 MiB QD8 {}: {mbs:.0} MB/s | raw TCP, same footprint {raw:.0} MB/s (cache-hot buffer {raw_hot:.0}) | ratio {:.2} [target >= {}]",
             if write { "write" } else { "read " },
-            mbs / raw
+            mbs / raw,
+            if write { "0.9" } else { "0.95" }
         );
     }
 
