@@ -41,6 +41,21 @@ pub(crate) struct Group {
     commits: AtomicU64,
 }
 
+/// Ends a leader's turn, even if its commit panicked (a bug): followers must not wait for a
+/// leader that is gone.
+struct Lead<'a>(&'a Group);
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.leading);
+        st.leading = false;
+        // A lone operation (the common case on an idle pool) pays no wake-up call.
+        if st.waiting > 0 {
+            self.0.done.notify_all();
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Leading {
     leading: bool,
@@ -131,13 +146,10 @@ impl Group {
             }
             st.leading = true;
             drop(st);
+            let lead = Lead(self);
             self.lead(media);
+            drop(lead);
             st = lock(&self.leading);
-            st.leading = false;
-            // A lone operation (the common case on an idle pool) pays no wake-up call.
-            if st.waiting > 0 {
-                self.done.notify_all();
-            }
         }
     }
 
