@@ -141,6 +141,21 @@ async fn an_acquire_abandoned_at_any_step_leaves_no_lease() {
     let req = pb::AcquireBatchRequest { requests: vec![item(0), item(4096), item(8192)] };
     let call = tokio::spawn(async move { raw.acquire_batch(req).await });
     t.paused_at("grant.installed").await;
+    // Let the first item finish (setting the failpoint again releases it; the second pauses),
+    // so the batch is abandoned holding one finished grant and one half-made.
+    t.set("grant.installed", "pause").await;
+    let t0 = Instant::now();
+    loop {
+        let p = t.point("grant.installed").await;
+        if p.hits >= 2 && p.paused == 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "the second item did not reach the failpoint: {p:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The first item's lease (finished, not yet handed over) and the second's (installed,
+    // its keys on the way).
+    assert_eq!(c.leases(None).await.unwrap().len(), 2);
     call.abort();
     let _ = call.await;
     t.handler_dropped().await;

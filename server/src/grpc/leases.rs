@@ -11,7 +11,7 @@ use super::status::{ApiError, api};
 use super::{Caller, Shared, caller};
 use crate::auth::Rights;
 use crate::dma::{Transport, TransportKind};
-use crate::lease::{GrantRequest, Mode};
+use crate::lease::{Grant, GrantHandle, GrantRequest, Mode};
 
 fn mode_pb(m: Mode) -> i32 {
     match m {
@@ -62,16 +62,23 @@ impl LeasesService {
 
 /// Grant `req` and describe the grant for the wire.
 async fn grant(shared: &Shared, req: GrantRequest) -> Result<pb::LeaseGrant, ApiError> {
+    Ok(describe(shared, grant_handle(shared, req).await?.into_grant()))
+}
+
+/// Grant `req`. The grant (lease, then transport keys) runs in a task the lease manager owns;
+/// if this future, or the handle it returns, is dropped, the lease is given back.
+async fn grant_handle(shared: &Shared, req: GrantRequest) -> Result<GrantHandle, ApiError> {
     let span = info_span!("acquire", session = %req.session, object = %req.object, offset = req.offset);
-    // The grant (lease, then transport keys) runs in a task the lease manager owns; if this
-    // future is dropped, the handle is dropped with it and the lease given back.
-    let handle = shared.leases.grant(req).instrument(span).await?;
-    let g = handle.into_grant();
+    Ok(shared.leases.grant(req).instrument(span).await?)
+}
+
+/// A grant, for the wire.
+fn describe(shared: &Shared, g: Grant) -> pb::LeaseGrant {
     let transport = match g.transport {
         TransportKind::Rdma => pb::Transport::Rdma,
         TransportKind::Tcp => pb::Transport::Tcp,
     };
-    Ok(pb::LeaseGrant {
+    pb::LeaseGrant {
         transport: transport as i32,
         lease_id: g.id,
         generation: g.generation,
@@ -92,7 +99,7 @@ async fn grant(shared: &Shared, req: GrantRequest) -> Result<pb::LeaseGrant, Api
                 rkey: s.remote.map_or(0, |k| k.rkey),
             })
             .collect(),
-    })
+    }
 }
 
 /// One batch item's error, as the single-item call would have returned it.
@@ -140,29 +147,27 @@ impl Leases for LeasesService {
                     r => Ok(r),
                 })
                 .collect::<Result<_, _>>()?;
-            // The grants run at once, each in a task: dropping this handler aborts them, and a
-            // grant aborted on its way gives its lease back (see `LeaseManager::grant`).
-            let mut set = tokio::task::JoinSet::new();
-            let mut results: Vec<Option<pb::AcquireResult>> = vec![None; prepared.len()];
-            for (i, p) in prepared.into_iter().enumerate() {
-                match p {
-                    Ok(req) => {
-                        let shared = self.0.clone();
-                        set.spawn(async move { (i, grant(&shared, req).await) });
-                    }
-                    Err(e) => results[i] = Some(failed(e)),
-                }
-            }
-            while let Some(done) = set.join_next().await {
-                let (i, r) = done.map_err(|_| ApiError::Internal("a grant task failed"))?;
-                results[i] = Some(match r {
-                    Ok(g) => pb::AcquireResult { result: Some(pb::acquire_result::Result::Grant(g)) },
-                    Err(e) => failed(e),
+            // One after another, in order, as if each were its own call: a later item sees what
+            // an earlier one allocated. The handles are kept until every item is done, so a
+            // handler dropped at any await (a deadline, a disconnect) gives back every lease
+            // it had been granted; only the finished response hands them over.
+            let mut handles: Vec<Result<GrantHandle, ApiError>> = Vec::with_capacity(prepared.len());
+            for p in prepared {
+                handles.push(match p {
+                    Ok(req) => grant_handle(&self.0, req).await,
+                    Err(e) => Err(e),
                 });
             }
-            Ok(Response::new(pb::AcquireBatchResponse {
-                results: results.into_iter().map(|r| r.expect("every item has a result")).collect(),
-            }))
+            let results = handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => pb::AcquireResult {
+                        result: Some(pb::acquire_result::Result::Grant(describe(&self.0, h.into_grant()))),
+                    },
+                    Err(e) => failed(e),
+                })
+                .collect();
+            Ok(Response::new(pb::AcquireBatchResponse { results }))
         })
         .await
     }
