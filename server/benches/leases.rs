@@ -91,6 +91,52 @@ async fn raw_latency(req_payload: usize, resp_payload: usize, n: usize) -> Vec<f
 
 async fn raw_throughput(req_payload: usize, resp_payload: usize, qd: usize, total: usize, span: usize) -> f64 {
     let addr = raw_peer_conns(req_payload, resp_payload, span, qd).await;
+    raw_throughput_at(addr, req_payload, resp_payload, qd, total, span).await
+}
+
+/// The raw peer in a process of its own (this bench binary again, with `--raw-peer`), as
+/// rdaxd is: client and server then do not share one runtime's workers. Returns the figure
+/// like [`raw_throughput`].
+async fn raw_throughput_other_process(
+    req_payload: usize,
+    resp_payload: usize,
+    qd: usize,
+    total: usize,
+    span: usize,
+) -> f64 {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--raw-peer", &req_payload.to_string(), &resp_payload.to_string(), &span.to_string(), &qd.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr: SocketAddr = line.trim().parse().unwrap();
+    let r = raw_throughput_at(addr, req_payload, resp_payload, qd, total, span).await;
+    drop(child.stdin.take()); // the peer exits when its stdin closes
+    let _ = child.wait();
+    r
+}
+
+/// `--raw-peer REQ RESP SPAN CONNS`: serve as a raw peer, print the address, run until stdin
+/// closes.
+async fn raw_peer_process(args: &[String]) {
+    let n = |i: usize| args[i].parse::<usize>().unwrap();
+    let addr = raw_peer_conns(n(0), n(1), n(2), n(3)).await;
+    println!("{addr}");
+    let _ = tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())).await;
+}
+
+async fn raw_throughput_at(
+    addr: SocketAddr,
+    req_payload: usize,
+    resp_payload: usize,
+    qd: usize,
+    total: usize,
+    span: usize,
+) -> f64 {
     let per = total / qd;
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -115,6 +161,10 @@ async fn raw_throughput(req_payload: usize, resp_payload: usize, qd: usize, tota
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--raw-peer") {
+        return raw_peer_process(&args[i + 1..]).await;
+    }
     let smoke = !std::env::args().any(|a| a == "--bench");
     let scale = |full: usize, tiny: usize| if smoke { tiny } else { full };
     println!(
@@ -207,10 +257,13 @@ async fn main() {
         let (req, resp) = if write { (1 << 20, 0) } else { (0, 1 << 20) };
         let raw = raw_throughput(req, resp, 8, total, size as usize).await;
         let raw_hot = raw_throughput(req, resp, 8, total, 0).await;
+        let raw_apart = raw_throughput_other_process(req, resp, 8, total, size as usize).await;
         println!(
-            "1 MiB QD8 {}: {mbs:.0} MB/s | raw TCP, same footprint {raw:.0} MB/s (cache-hot buffer {raw_hot:.0}) | ratio {:.2} [target >= {}]",
+            "1 MiB QD8 {}: {mbs:.0} MB/s | raw TCP, same footprint {raw:.0} MB/s (cache-hot buffer {raw_hot:.0}; \
+             peer in a process of its own, as rdaxd is: {raw_apart:.0}) | ratio {:.2}, {:.2} to the separate peer [target >= {}]",
             if write { "write" } else { "read " },
             mbs / raw,
+            mbs / raw_apart,
             if write { "0.9" } else { "0.95" }
         );
     }
