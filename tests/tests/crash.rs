@@ -140,6 +140,18 @@ fn snapshot(pool: &Pool) -> Model {
     }
 }
 
+/// Open the pool a crash left in `image`; it must open and check clean.
+fn reopen(image: Vec<u8>, ctx: &str) -> (Arc<SimMedia>, Pool) {
+    let media = Arc::new(SimMedia::from_image(image));
+    let pool = match Pool::open_media(media.clone() as Arc<dyn Media>, None) {
+        Ok(p) => p,
+        Err(e) => panic!("{ctx}: reopen failed: {e}"),
+    };
+    let report = pool.check();
+    assert!(report.clean, "{ctx}: check after crash: {:?}", report.problems);
+    (media, pool)
+}
+
 /// After a crash during `op` (None: between operations), the recovered state must equal the
 /// model before `op` or after it; a write may be torn byte by byte between the two.
 fn verify(found: &Model, before: &Model, op: Option<&Op>, ctx: &str) -> Model {
@@ -200,13 +212,7 @@ fn run_seed(seed: u64, cycles: u64) -> u64 {
         }
         let image = media.take_crash_image().unwrap_or_else(|| media.power_cut_now(crash_seed));
         drop(pool);
-        media = Arc::new(SimMedia::from_image(image));
-        pool = match Pool::open_media(media.clone() as Arc<dyn Media>, None) {
-            Ok(p) => p,
-            Err(e) => panic!("{ctx}: reopen failed: {e}"),
-        };
-        let report = pool.check();
-        assert!(report.clean, "{ctx}: check after crash: {:?}", report.problems);
+        (media, pool) = reopen(image, &ctx);
         model = verify(&snapshot(&pool), &model, in_flight.as_ref(), &ctx);
     }
     cycles
@@ -264,13 +270,7 @@ fn run_concurrent_seed(seed: u64, cycles: u64, threads: usize) -> u64 {
         let st = pool.stats();
         GROUPED.fetch_add(st.journal_transactions - st.journal_commits, std::sync::atomic::Ordering::Relaxed);
         drop(pool);
-        media = Arc::new(SimMedia::from_image(image));
-        pool = match Pool::open_media(media.clone() as Arc<dyn Media>, None) {
-            Ok(p) => p,
-            Err(e) => panic!("{ctx}: reopen failed: {e}"),
-        };
-        let report = pool.check();
-        assert!(report.clean, "{ctx}: check after crash: {:?}", report.problems);
+        (media, pool) = reopen(image, &ctx);
         let found = snapshot(&pool);
         for (t, (model, in_flight)) in outcome.into_iter().enumerate() {
             let mine: Model = found

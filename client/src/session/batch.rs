@@ -156,8 +156,10 @@ impl Session {
     /// operations, like [`Lease::release`]. One result per lease, in order; a lease the daemon
     /// had already ended (revoked, expired) counts as released.
     pub async fn release_batch(&self, leases: Vec<Lease>) -> Result<Vec<Result<()>>> {
+        // One 30 s bound for the whole list, as for one lease, not 30 s per lease.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for l in &leases {
-            l.inner.quiesce(Duration::from_secs(30)).await;
+            l.inner.quiesce(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
         }
         let mut out = Vec::with_capacity(leases.len());
         for chunk in leases.chunks(RELEASE_CHUNK) {

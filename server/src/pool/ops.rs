@@ -76,6 +76,25 @@ fn end_of(offset: u64, len: u64, size: u64) -> Result<u64, ObjError> {
     offset.checked_add(len).ok_or_else(|| ObjError::range(offset, len, size, ": offset + length overflows"))
 }
 
+/// The live object `key` names, if `[offset, offset + len)` lies within it (`hint` ends the
+/// out-of-range message).
+fn locate<'m>(
+    meta: &'m Meta,
+    key: &[u8],
+    ns: &str,
+    name: &str,
+    offset: u64,
+    len: u64,
+    hint: &'static str,
+) -> Result<&'m Obj, ObjError> {
+    let slot = meta.lookup(key).ok_or_else(|| not_found(ns, name))?;
+    let obj = meta.objects[slot as usize].as_ref().expect("live");
+    if end_of(offset, len, obj.size)? > obj.size {
+        return Err(ObjError::range(offset, len, obj.size, hint));
+    }
+    Ok(obj)
+}
+
 impl Meta {
     fn ext_slots_available(&self, geo: &Geometry) -> u64 {
         self.free_ext.len() as u64 + (geo.exttab_slots - self.hdr.ext_hwm)
@@ -684,12 +703,7 @@ impl Pool {
     pub fn persist(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<(), ObjError> {
         let key = validate(ns, name)?;
         self.observe(|meta| {
-            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-            let obj = meta.objects[slot as usize].as_ref().expect("live");
-            let end = end_of(offset, len, obj.size)?;
-            if end > obj.size {
-                return Err(ObjError::range(offset, len, obj.size, ""));
-            }
+            let obj = locate(meta, &key, ns, name, offset, len, "")?;
             for seg in segments_of(obj, offset, len) {
                 if let Some(p) = seg.pool_offset {
                     self.media.flush(p, seg.len);
@@ -704,15 +718,7 @@ impl Pool {
     /// The physical layout of `[offset, offset + len)`: pool byte ranges and holes, in order.
     pub fn segments(&self, ns: &str, name: &str, offset: u64, len: u64) -> Result<Vec<Segment>, ObjError> {
         let key = validate(ns, name)?;
-        self.observe(|meta| {
-            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-            let obj = meta.objects[slot as usize].as_ref().expect("live");
-            let end = end_of(offset, len, obj.size)?;
-            if end > obj.size {
-                return Err(ObjError::range(offset, len, obj.size, ""));
-            }
-            Ok(segments_of(obj, offset, len))
-        })
+        self.observe(|meta| Ok(segments_of(locate(meta, &key, ns, name, offset, len, "")?, offset, len)))
     }
 
     /// [`segments`](Self::segments), then `f` on them while the metadata lock is still held:
@@ -730,12 +736,7 @@ impl Pool {
         let key = validate(ns, name)?;
         // Whatever `f` installs is handed out only after the layout it saw is durable.
         self.observe(|meta| {
-            let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-            let obj = meta.objects[slot as usize].as_ref().expect("live");
-            let end = end_of(offset, len, obj.size)?;
-            if end > obj.size {
-                return Err(ObjError::range(offset, len, obj.size, "; resize the object first"));
-            }
+            let obj = locate(meta, &key, ns, name, offset, len, "; resize the object first")?;
             Ok(f(obj.id, obj.epoch, &segments_of(obj, offset, len)))
         })
     }
