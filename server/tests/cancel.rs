@@ -27,6 +27,14 @@ async fn a_layout_change_abandoned_at_any_step_still_holds_off_grants_and_comple
     d.allow("not returned before the break deadline");
     let c = client(&d).await;
     let mut t = Testing::new(&d).await;
+    // The grantee waits out the change however long this machine takes between pausing and
+    // releasing it: each attempt waits one break timeout (200 ms) for the range, then the SDK
+    // retries `Unavailable` with back-off; the default three retries (~1.2 s in all) is
+    // shorter than the audit below takes on a loaded 2-core machine.
+    let patient =
+        rdax_client::Client::connect(&d.endpoint, rdax_client::ConnectOptions { retries: 8, ..d.connect_options() })
+            .await
+            .unwrap();
     let deaf = c
         .open_session_with(SessionOptions { client_name: "deaf".into(), ignore_recalls: true, ..Default::default() })
         .await
@@ -54,7 +62,7 @@ async fn a_layout_change_abandoned_at_any_step_still_holds_off_grants_and_comple
         // The range is still marked: a grant over it waits.
         let waiting = t.point("grant.waiting").await.hits;
         let name2 = name.clone();
-        let s2 = c.open_session("grantee").await.unwrap();
+        let s2 = patient.open_session("grantee").await.unwrap();
         let grant = tokio::spawn(async move { s2.acquire("ns", &name2, 0, MIB, LeaseMode::ReadWrite).await.map(drop) });
         let t0 = Instant::now();
         while t.point("grant.waiting").await.hits == waiting {
