@@ -74,11 +74,17 @@ impl RdmaLink {
         let id = ch.create_id().map_err(e("rdma_create_id"))?;
         id.resolve_addr(source.map(|ip| SocketAddr::new(ip, 0)), dst, 5000).map_err(e("address resolution"))?;
         drop(ch.expect(event::ADDR_RESOLVED, t, "address resolution").await.map_err(e("address resolution"))?);
+        // A kernel without the option keeps rdma_cm's timeout: slower recovery, same results.
+        if let Err(x) = id.set_ack_timeout(rdax_verbs::ACK_TIMEOUT) {
+            tracing::debug!(error = %x, "RDMA: keeping rdma_cm's ACK timeout");
+        }
         id.resolve_route(5000).map_err(e("route resolution"))?;
         drop(ch.expect(event::ROUTE_RESOLVED, t, "route resolution").await.map_err(e("route resolution"))?);
         // SAFETY: rdma_cm keeps the resolved device context open for the process lifetime.
         let pd = unsafe { Pd::alloc(id.context()) }.map_err(e("ibv_alloc_pd"))?;
         let (conn, mut inbox) = Conn::create(id, pd.clone()).map_err(e("queue pair"))?;
+        // The caller's runtime may run its requests on many threads; keep them in order.
+        conn.post_from_one_thread();
         tokio::spawn(conn.clone().drive());
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);

@@ -91,6 +91,10 @@ timeout 60 iperf3 -s -B $S -p 5201 -1 > "$out/iperf3.server.txt" 2>&1 & sp=$!
 wait_port 5201 && timeout 60 iperf3 -c $S -B $C -p 5201 -t "$secs" > "$out/iperf3.txt" 2>&1; wait $sp
 lb --transport tcp lease-bench --op write --size 1M --depth 4 --seconds "$secs" > "$out/rdax-tcp-write.json" || fail=1
 kill -TERM $dpid; wait $dpid
+# RDMA READ with requests in flight, next to ib_read_bw at the same depth (its own daemon).
+step "bench: RDMA READ depth sweep (read-depth.sh)"
+"$root/deploy/lab/read-depth.sh" "$bin" "$out" 65536 1 2 3 4 8 || fail=1
+"$root/deploy/lab/read-depth.sh" "$bin" "$out" 4096 1 16 || fail=1
 
 python3 - "$out" <<'PY' | tee "$out/bench-summary.txt"
 import json, re, sys, glob, statistics as st
@@ -122,6 +126,25 @@ print(f"RDMA READ 2 B latency (us): ib_read_lat typical {', '.join(f'{x:.2f}' fo
 ip = [l for l in open(f"{out}/iperf3.txt") if "receiver" in l]
 ipv = ip[-1].split()[6:8] if ip else ["n/a", ""]
 t = j("rdax-tcp-write.json")["mb_per_s"]
+# The depth sweep: every depth should move at least as much as depth 1 (serial), within the
+# VM's drift, which is why the flag is at 0.9.
+for size in (65536, 4096):
+    try:
+        sweep = [json.loads(l) for l in open(f"{out}/read-depth.{size}.jsonl")]
+    except OSError:
+        print(f"RDMA READ depth sweep {size} B: not run"); continue
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    serial = next((r["rdax_mb_per_s"] for r in sweep if r["depth"] == 1), None)
+    cells, slower = [], []
+    for r in sweep:
+        ib, rd = r["ib_read_bw_mb_per_s"], r["rdax_mb_per_s"]
+        ratio = f" = {rd / ib:.2f}x" if ib and rd is not None else ""
+        cells.append(f"depth {r['depth']}: ib_read_bw {fmt(ib)}, rdax {fmt(rd)}{ratio} (p99 {fmt(r['rdax_lat_us_p99'])} us)")
+        if r["depth"] > 1 and (rd is None or (serial and rd < 0.9 * serial)):
+            slower.append(str(r["depth"]))
+    verdict = (f"TARGET MISSED: slower than serial at depth {', '.join(slower)}" if slower
+               else "pipelined never slower than serial (within 10 %)")
+    print(f"RDMA READ {size} B depth sweep (MB/s): {'; '.join(cells)}; {verdict}")
 print(f"TCP over the veth: iperf3 {' '.join(ipv)}; rdax TCP data plane (1 MiB writes x4) {t:.2f} MB/s = {t * 8 / 1000:.3f} Gbit/s")
 PY
 echo "in-vm: fail=$fail"

@@ -344,6 +344,30 @@ impl CmId {
         check(unsafe { sys::rdma_resolve_route(self.raw(), timeout_ms) }, "rdma_resolve_route")
     }
 
+    /// The local ACK timeout of the QP this id connects: 4.096 µs × 2^`exp` before the
+    /// requester retransmits an unacknowledged request (rdma_cm otherwise takes it from the
+    /// path record). Set after address resolution, before the route is resolved (client) or
+    /// the request accepted (server).
+    pub fn set_ack_timeout(&self, exp: u8) -> Result<()> {
+        // From rdma_cma.h: option level RDMA_OPTION_ID, option RDMA_OPTION_ID_ACK_TIMEOUT.
+        const RDMA_OPTION_ID: i32 = 0;
+        const RDMA_OPTION_ID_ACK_TIMEOUT: i32 = 3;
+        let mut v = exp;
+        // SAFETY: a live id; the option is a u8 valid for the call, which copies it.
+        check(
+            unsafe {
+                sys::rdma_set_option(
+                    self.raw(),
+                    RDMA_OPTION_ID,
+                    RDMA_OPTION_ID_ACK_TIMEOUT,
+                    (&raw mut v).cast(),
+                    std::mem::size_of::<u8>(),
+                )
+            },
+            "rdma_set_option(ACK_TIMEOUT)",
+        )
+    }
+
     /// Refuse a connection request (before any QP or PD is made for it); the peer gets
     /// REJECTED. Dropping the id afterwards destroys it.
     pub fn reject(&self) {

@@ -96,6 +96,14 @@ impl Drop for Credit {
     }
 }
 
+/// The QP's local ACK timeout exponent: a request unacknowledged for 4.096 µs × 2^14
+/// (about 67 ms, perftest's default) is sent again, up to `retry_count` (7) times. Without it
+/// rdma_cm takes the timeout from the path record; in the lab (rxe, Linux 6.1) a dropped
+/// packet then stalled a request, and every request behind it, for seconds: 64 KiB reads at
+/// depth 3 had a p99 of 4.6 s with rdma_cm's timeout and with 2^20 set, 0.18 s with 2^14
+/// (the lab's read-depth sweep, `deploy/lab/read-depth.sh`).
+pub const ACK_TIMEOUT: u8 = 14;
+
 /// RNR retries before a sender whose peer has no receive posted gets an error (7 would be
 /// "forever").
 pub const RNR_RETRY: u8 = 6;
@@ -131,6 +139,10 @@ pub struct Conn {
     why: Mutex<Option<String>>,
     closed_tx: tokio::sync::watch::Sender<bool>,
     wake: Notify,
+    /// Whether requests posted while others are in flight go through one thread
+    /// ([`Conn::post_from_one_thread`]), and that thread's queue once started.
+    one_poster: AtomicBool,
+    poster: std::sync::OnceLock<Option<std::sync::mpsc::Sender<(u64, Posted)>>>,
 }
 
 // SAFETY: verbs objects are thread-safe; mutable state is behind atomics and a mutex.
@@ -224,6 +236,8 @@ impl Conn {
             why: Mutex::new(None),
             closed_tx: tokio::sync::watch::channel(false).0,
             wake: Notify::new(),
+            one_poster: AtomicBool::new(false),
+            poster: std::sync::OnceLock::new(),
         };
         // SAFETY: a live channel.
         let fd = unsafe { (*ch.as_ptr()).fd };
@@ -427,8 +441,14 @@ impl Conn {
         let permit = self.sq.clone().acquire_owned().await.map_err(|_| Error::Closed(self.closed_why()))?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(id, Pending { tx, _permit: permit, _keep: keep });
-        if let Err(e) = self.post_now(id, &p) {
+        let busy = {
+            let mut g = self.pending.lock().expect("pending");
+            let busy = !g.is_empty();
+            g.insert(id, Pending { tx, _permit: permit, _keep: keep });
+            busy
+        };
+        let queued = busy && self.one_poster.load(Ordering::Relaxed) && self.post_queued(id, p);
+        if !queued && let Err(e) = self.post_now(id, &p) {
             self.pending.lock().expect("pending").remove(&id);
             return Err(e);
         }
@@ -463,6 +483,47 @@ impl Conn {
         self.poll_all();
         let status = rx.await.map_err(|_| Error::Closed(self.closed_why()))?;
         Ok((op, status))
+    }
+
+    /// From now on, a request submitted while others are in flight is posted by one thread of
+    /// this connection's own instead of the submitter's (a request alone in flight is still
+    /// posted at once, for latency).
+    ///
+    /// Why: soft-RoCE (rxe) sends a request's packets, and the responder its responses, from
+    /// the CPU that posted it. Requests posted from several threads (a multi-threaded tokio
+    /// runtime) leave from several CPUs, through per-CPU queues, and overtake each other; the
+    /// requester takes a read response that arrives ahead of an earlier read as loss and
+    /// retransmits everything after it. In the lab, 64 KiB reads at depth 3 fell to 0.4–12 MB/s
+    /// (against 29–33 at depth 1) with hundreds of retransmissions; with every post from one
+    /// thread they ran at 29–30 MB/s with none. perftest, single-threaded, never hits this.
+    pub fn post_from_one_thread(&self) {
+        self.one_poster.store(true, Ordering::Relaxed);
+    }
+
+    /// Hand `p` to the posting thread (started on first use). False if there is none (the
+    /// thread could not be started): the caller posts it itself.
+    fn post_queued(&self, id: u64, p: Posted) -> bool {
+        let tx = self.poster.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, Posted)>();
+            let me = self.me.get().cloned()?;
+            let spawned = std::thread::Builder::new().name("rdax-verbs-post".into()).spawn(move || {
+                // Ends when the connection (and with it the sender) is gone.
+                while let Ok((id, p)) = rx.recv() {
+                    let Some(c) = me.upgrade() else { return };
+                    if let Err(e) = c.post_now(id, &p) {
+                        // The submitter sees its request fail as the connection closing.
+                        c.mark_closed(&format!("posting a work request failed: {e}"));
+                        let _ = c.fence();
+                        c.pending.lock().expect("pending").remove(&id);
+                    }
+                }
+            });
+            spawned.ok().map(|_| tx)
+        });
+        match tx {
+            Some(tx) => tx.send((id, p)).is_ok(),
+            None => false,
+        }
     }
 
     /// Request a completion event for the next completion.

@@ -12,7 +12,7 @@ mod error;
 mod mem;
 
 pub use cm::{CmEvent, CmId, EventChannel, event, event_str};
-pub use conn::{ArmGuard, Conn, MSG_LEN, Msg, RD_ATOMIC, RECV_SLOTS, RNR_RETRY, Received, SEND_DEPTH, Wr};
+pub use conn::{ACK_TIMEOUT, ArmGuard, Conn, MSG_LEN, Msg, RD_ATOMIC, RECV_SLOTS, RNR_RETRY, Received, SEND_DEPTH, Wr};
 pub use device::{DeviceCaps, NoRdma, devices, query};
 pub use error::{Error, Result};
 pub use mem::{Access, Mr, Mw, Pd, RegBuf};

@@ -409,6 +409,11 @@ impl RdmaTransport {
             }
         };
         let key = cm.raw_addr();
+        // The daemon is the requester for its own messages (replies, recall notices). A kernel
+        // without the option keeps rdma_cm's timeout: slower recovery from loss, same results.
+        if let Err(e) = cm.set_ack_timeout(rdax_verbs::ACK_TIMEOUT) {
+            debug!(error = %e, "RDMA: keeping rdma_cm's ACK timeout");
+        }
         let (conn, inbox) = match rdax_verbs::Conn::create(cm, pd) {
             Ok(x) => x,
             Err(e) => {
