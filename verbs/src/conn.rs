@@ -11,19 +11,19 @@
 //! after its future has returned.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdma_mummy_sys as sys;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 
 use crate::cm::{BorrowedRawFd, CmId, conn_param, set_nonblocking};
 use crate::error::{Error, Result, check, last};
 use crate::mem::{Access, Mr, Mw, Pd, RegBuf};
+use crate::slots::{NOT_POSTED, Slots};
 
 /// Size of a message frame.
 pub const MSG_LEN: usize = 64;
@@ -34,8 +34,10 @@ pub const SEND_DEPTH: u32 = 256;
 /// RDMA READs in flight per direction.
 pub const RD_ATOMIC: u8 = 16;
 const RECV_TAG: u64 = 1 << 63;
-/// How long a poster polls the CQ itself before waiting for a completion event.
+/// How long a poster polls the CQ itself before waiting for a completion event: at least
+/// `SPIN_POLLS` polls, then until `SPIN` has passed.
 const SPIN: Duration = Duration::from_micros(200);
+const SPIN_POLLS: u32 = 256;
 
 /// A message frame.
 pub type Msg = [u8; MSG_LEN];
@@ -56,12 +58,6 @@ impl Drop for ArmGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-struct Pending {
-    tx: oneshot::Sender<u32>,
-    _permit: OwnedSemaphorePermit,
-    _keep: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 /// A received message. Dropping it gives its receive buffer back to the peer (a credit).
@@ -128,9 +124,8 @@ pub struct Conn {
     inbox: mpsc::UnboundedSender<Received>,
     /// This connection, for the credits its messages carry.
     me: std::sync::OnceLock<std::sync::Weak<Conn>>,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next: AtomicU64,
-    sq: Arc<Semaphore>,
+    /// The send queue's requests in flight (`wr_id` = slot index).
+    slots: Slots,
     closed: AtomicBool,
     /// Futures waiting for a completion event.
     waiting: AtomicUsize,
@@ -227,9 +222,7 @@ impl Conn {
             recv,
             inbox: tx,
             me: std::sync::OnceLock::new(),
-            pending: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
-            sq: Arc::new(Semaphore::new(SEND_DEPTH as usize)),
+            slots: Slots::new(SEND_DEPTH as usize),
             closed: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             holds: AtomicUsize::new(0),
@@ -438,39 +431,37 @@ impl Conn {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(self.closed_why()));
         }
-        let permit = self.sq.clone().acquire_owned().await.map_err(|_| Error::Closed(self.closed_why()))?;
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let busy = {
-            let mut g = self.pending.lock().expect("pending");
-            let busy = !g.is_empty();
-            g.insert(id, Pending { tx, _permit: permit, _keep: keep });
-            busy
-        };
-        let queued = busy && self.one_poster.load(Ordering::Relaxed) && self.post_queued(id, p);
+        let mut t = self.slots.take(keep).await.ok_or_else(|| Error::Closed(self.closed_why()))?;
+        let id = t.id();
+        let alone = self.slots.inflight() == 1;
+        let queued = !alone && self.one_poster.load(Ordering::Relaxed) && self.post_queued(id, p);
         if !queued && let Err(e) = self.post_now(id, &p) {
-            self.pending.lock().expect("pending").remove(&id);
+            t.unpost();
             return Err(e);
         }
-        let mut rx = rx;
+        let status = |s: u32| {
+            if s == NOT_POSTED { Err(Error::Closed(self.closed_why())) } else { Ok((op, s)) }
+        };
         // Alone in flight (latency-bound), poll the CQ from here for a short while before
         // falling back to the completion channel: a wakeup through epoll costs system calls and
         // context switches, which dominate small-operation latency (perftest's latency tests
         // never sleep either). With other requests in flight (bandwidth-bound) the channel is
         // cheap per request, and spinning would take CPU from a software device (rxe) that
         // needs it.
-        if self.pending.lock().expect("pending").len() == 1 {
-            let spin_until = std::time::Instant::now() + SPIN;
+        if alone {
+            // The clock is read only once most requests would be done (a clock read costs
+            // about as much as a poll under emulation), then every 32 polls.
+            let mut spin_until = None;
             for i in 0u32.. {
                 self.poll_all();
-                match rx.try_recv() {
-                    Ok(status) => return Ok((op, status)),
-                    Err(oneshot::error::TryRecvError::Closed) => return Err(Error::Closed(self.closed_why())),
-                    Err(oneshot::error::TryRecvError::Empty) => {}
+                if let Some(s) = t.try_status() {
+                    return status(s);
                 }
-                // Reading the clock can cost more than a poll (a VM without a stable TSC).
-                if i % 32 == 31 && std::time::Instant::now() >= spin_until {
-                    break;
+                if i >= SPIN_POLLS && i % 32 == 0 {
+                    let now = std::time::Instant::now();
+                    if now >= *spin_until.get_or_insert(now + SPIN) {
+                        break;
+                    }
                 }
                 std::hint::spin_loop();
             }
@@ -481,8 +472,7 @@ impl Conn {
         let _waiter = Waiter(&self.waiting);
         self.arm();
         self.poll_all();
-        let status = rx.await.map_err(|_| Error::Closed(self.closed_why()))?;
-        Ok((op, status))
+        status(t.await)
     }
 
     /// From now on, a request submitted while others are in flight is posted by one thread of
@@ -514,7 +504,7 @@ impl Conn {
                         // The submitter sees its request fail as the connection closing.
                         c.mark_closed(&format!("posting a work request failed: {e}"));
                         let _ = c.fence();
-                        c.pending.lock().expect("pending").remove(&id);
+                        c.slots.complete(id, NOT_POSTED);
                     }
                 }
             });
@@ -572,6 +562,8 @@ impl Conn {
     fn mark_closed(&self, why: &str) {
         self.why.lock().expect("why").get_or_insert_with(|| why.to_string());
         self.closed.store(true, Ordering::Release);
+        // A submitter waiting for a free slot gets the closed error now.
+        self.slots.close();
         self.closed_tx.send_replace(true);
     }
 
@@ -620,7 +612,7 @@ impl Conn {
         let afd = self.afd.as_ref().expect("registered");
         loop {
             self.poll_all();
-            if self.closed.load(Ordering::Acquire) && self.pending.lock().expect("pending").is_empty() {
+            if self.closed.load(Ordering::Acquire) && self.slots.inflight() == 0 {
                 return;
             }
             tokio::select! {
@@ -685,13 +677,7 @@ impl Conn {
                     }
                     continue;
                 }
-                let done = self.pending.lock().expect("pending").remove(&wc.wr_id);
-                if let Some(Pending { tx, _permit, _keep }) = done {
-                    // Release what the request kept alive before waking its owner, who may
-                    // then expect to hold the only reference.
-                    drop((_keep, _permit));
-                    let _ = tx.send(wc.status);
-                }
+                self.slots.complete(wc.wr_id, wc.status);
                 if wc.status != 0 && wc.status != sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
                     // The QP is in the error state now; nothing more will succeed on it.
                     self.mark_closed(&format!("a work request completed with {}", crate::wc_status_str(wc.status)));

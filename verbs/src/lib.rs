@@ -10,6 +10,7 @@ mod conn;
 mod device;
 mod error;
 mod mem;
+mod slots;
 
 pub use cm::{CmEvent, CmId, EventChannel, event, event_str};
 pub use conn::{ACK_TIMEOUT, ArmGuard, Conn, MSG_LEN, Msg, RD_ATOMIC, RECV_SLOTS, RNR_RETRY, Received, SEND_DEPTH, Wr};
