@@ -485,7 +485,8 @@ impl Conn {
     /// requester takes a read response that arrives ahead of an earlier read as loss and
     /// retransmits everything after it. In the lab, 64 KiB reads at depth 3 fell to 0.4–12 MB/s
     /// (against 29–33 at depth 1) with hundreds of retransmissions; with every post from one
-    /// thread they ran at 29–30 MB/s with none. perftest, single-threaded, never hits this.
+    /// thread they ran at 29–30 MB/s with almost none. perftest, single-threaded, does not hit
+    /// this.
     pub fn post_from_one_thread(&self) {
         self.one_poster.store(true, Ordering::Relaxed);
     }
