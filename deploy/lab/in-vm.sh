@@ -60,16 +60,8 @@ perf() { # name server-args -- client-args
   wait $sp
   return $rc
 }
-work=$(mktemp -d)
-"$bin/rdaxctl" mkpool /dev/dax0.0 --force > /dev/null
-"$bin/rdaxd" --pool /dev/dax0.0 --listen 127.0.0.1:0 --data-listen $S:0 --rdma-listen $S:0 --admin-socket "$work/admin.sock" \
-  --metrics-listen off --ports-file "$work/ports.json" --log-level warn 2> "$out/rdaxd-bench.log" &
-dpid=$!
-end=$(( $(date +%s) + 30 ))
-until [ -s "$work/ports.json" ]; do [ "$(date +%s)" -lt "$end" ] || { echo "rdaxd did not start"; exit 1; }; sleep 0.05; done
-# The bench is root's own: it administers through the admin socket, no token.
-ep=unix:$work/admin.sock
-lb() { "$bin/rdaxctl" --endpoint "$ep" --rdma-source $C --json "$@"; }
+. "$root/deploy/lab/bench-daemon.sh"
+bench_daemon "$bin" "$out/rdaxd-bench.log" || exit 1
 # Interleaved, because a TCG VM's speed drifts by ±10 % over a minute: perftest, rdax, perftest, ...
 # Write bandwidth at 64 KiB: rdax from registered buffers (zero-copy, as perftest does) at
 # depth 1, three times, so that medians compare with medians and best with best — a software
@@ -92,7 +84,7 @@ rl 4
 timeout 60 iperf3 -s -B $S -p 5201 -1 > "$out/iperf3.server.txt" 2>&1 & sp=$!
 wait_port 5201 && timeout 60 iperf3 -c $S -B $C -p 5201 -t "$secs" > "$out/iperf3.txt" 2>&1; wait $sp
 lb --transport tcp lease-bench --op write --size 1M --depth 4 --seconds "$secs" > "$out/rdax-tcp-write.json" || fail=1
-kill -TERM $dpid; wait $dpid
+bench_daemon_stop
 # RDMA READ with requests in flight, next to ib_read_bw at the same depth (its own daemon).
 step "bench: RDMA READ depth sweep (read-depth.sh)"
 # Depth 1 first and last: the serial figure is their mean (a TCG VM drifts within a minute).

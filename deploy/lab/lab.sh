@@ -29,7 +29,7 @@ setup() {
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # Tools the guest runs come from the host's root: install them on the host.
-  apt-get install -y -qq --no-install-recommends ibverbs-utils perftest ndctl daxctl iperf3 rdma-core iproute2 nbd-client fio e2fsprogs >/dev/null
+  apt-get install -y -qq --no-install-recommends ibverbs-utils perftest ndctl daxctl iperf3 rdma-core iproute2 nbd-client fio e2fsprogs nvme-cli >/dev/null
   # qemu and the kernel are only downloaded and unpacked: installing qemu-system-x86 would
   # replace this machine's qemu-utils, and linux-image pulls in udev and initramfs-tools.
   apt-get install -y -qq --no-install-recommends --download-only -o Dir::Cache::archives="$LAB/debs" qemu-system-x86 >/dev/null

@@ -6,9 +6,11 @@
 #   3. systemd as PID 1: the hardened unit installed and driven as the README says
 #      (deploy/lab/systemd-check.sh);
 #   4. block volumes: ext4 on the kernel's nbd device, kill -9 during writes, fsck
-#      (deploy/lab/nbd-check.sh).
+#      (deploy/lab/nbd-check.sh);
+#   5. an NVMe-oF peer: nvmet-rdma + nvme-rdma on the NVDIMM and the rxe pair, fio next to
+#      rdax leases doing the same patterns (deploy/lab/nvmf-bench.sh; skipped by --no-bench).
 # Results (logs, figures) land in $LAB_OUT (default target/lab-out). Needs root for the
-# one-time `lab.sh setup` (apt). Usage: deploy/lab/rdma-lab.sh [--no-bench]
+# one-time `lab.sh setup` and the tools below (apt). Usage: deploy/lab/rdma-lab.sh [--no-bench]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -22,11 +24,12 @@ if [ ! -f "${LAB:-$root/target/lab}/initramfs.cpio.gz" ]; then
   lap "setting up the lab (once)"
   if [ "$(id -u)" = 0 ]; then "$here/lab.sh" setup; else sudo -E "$here/lab.sh" setup; fi
 fi
-# VM 4 runs the host's nbd-client, mkfs/fsck and fio (the guest's root is the host's).
-if ! command -v nbd-client >/dev/null || ! command -v fio >/dev/null || ! command -v mkfs.ext4 >/dev/null; then
-  lap "installing nbd-client, fio and e2fsprogs (for VM 4)"
+# VMs 4 and 5 run the host's nbd-client, mkfs/fsck, fio and nvme-cli (the guest's root is the host's).
+if ! command -v nbd-client >/dev/null || ! command -v fio >/dev/null || ! command -v mkfs.ext4 >/dev/null \
+  || ! command -v nvme >/dev/null; then
+  lap "installing nbd-client, fio, e2fsprogs and nvme-cli (for VMs 4 and 5)"
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -E"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nbd-client fio e2fsprogs >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nbd-client fio e2fsprogs nvme-cli >/dev/null
 fi
 lap "building (release, --features rdma)"
 feats=rdaxd/rdma,rdaxctl/rdma
@@ -48,7 +51,12 @@ lap "VM 3: systemd as PID 1, the unit installed as the README says"
 "$here/lab.sh" run --systemd --timeout 600 -- "$here/systemd-check.sh" "$root/target/lab-bin" || rc=1
 lap "VM 4: block volumes: ext4 on the kernel's nbd device, kill -9 during writes"
 "$here/lab.sh" run --devdax --rw "$out" --timeout 600 -- "$here/nbd-check.sh" "$root/target/lab-bin" "$out" || rc=1
+if [ $bench = 1 ]; then
+  lap "VM 5: an NVMe-oF peer (nvmet-rdma) next to rdax leases"
+  "$here/lab.sh" run --pmem 1G --rw "$out" --timeout 600 -- "$here/nvmf-bench.sh" "$root/target/lab-bin" "$out" || rc=1
+fi
 [ -f "$out/nbd-fio.txt" ] && { echo "fio on ext4 on /dev/nbd1 (TCG VM):"; cat "$out/nbd-fio.txt"; }
 [ -f "$out/bench-summary.txt" ] && { echo; cat "$out/bench-summary.txt"; }
+[ -f "$out/nvmf-summary.txt" ] && { echo; cat "$out/nvmf-summary.txt"; }
 lap "done (status $rc)"
 exit $rc

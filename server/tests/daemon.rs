@@ -379,6 +379,18 @@ fn rdaxctl_commands_and_exit_codes() {
     assert_eq!(unreachable.status.code(), Some(7));
     let comp = ok(&["completions", "bash"]);
     assert!(comp.contains("rdaxctl"));
+    // lease-bench over the TCP data plane, random 4 KiB reads, two in flight: it moves bytes,
+    // says what it ran, and cleans up its object.
+    let args = ["--json", "--transport", "tcp", "lease-bench", "--op", "read", "--random", "--size", "4K"];
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&[&args[..], &["--depth", "2", "--region", "256K", "--seconds", "0.3"]].concat()))
+            .unwrap();
+    assert_eq!(
+        (v["transport"].as_str(), v["random"].as_bool(), v["size"].as_u64()),
+        (Some("tcp"), Some(true), Some(4096))
+    );
+    assert!(v["ops"].as_f64().unwrap() > 0.0 && v["ops_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(code(&["stat", "rdax-bench/lease-bench"]), Some(3));
 }
 
 #[test]

@@ -136,6 +136,10 @@ pub(crate) struct LeaseBenchArgs {
     /// bytes straight from registered buffers (`Lease::write_buf`/`read_buf`).
     #[arg(long)]
     copy: bool,
+    /// Pick each operation's slot at random (uniform, as fio's randread/randwrite do) instead
+    /// of cycling through the region's slots in order.
+    #[arg(long)]
+    random: bool,
 }
 
 /// Bandwidth or latency through one lease, over whichever data plane the session chose.
@@ -176,7 +180,7 @@ pub(crate) async fn lease_bench(
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..a.depth.max(1) {
-        let (l, fill, read) = (l.clone(), fill.clone(), a.op == "read");
+        let (l, fill, read, random) = (l.clone(), fill.clone(), a.op == "read", a.random);
         let depth = a.depth.max(1) as u64;
         #[cfg(feature = "rdma")]
         let mut rbuf = if zero_copy {
@@ -190,12 +194,22 @@ pub(crate) async fn lease_bench(
             let mut lat = Vec::new();
             let mut buf = vec![0u8; size as usize];
             let mut n = t as u64;
+            // xorshift64: cheap, and good enough to spread offsets; one seed per task.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             // One clock read per operation (its end is the next one's start), as perftest
             // reads its cycle counter once per iteration: in the lab's TCG VM a clock read
             // costs about 0.5 µs, which three reads per operation would add to rdax's latency.
             let mut s = Instant::now();
             while s < deadline {
-                let off = (n % slots) * size;
+                let slot = if random {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x % slots
+                } else {
+                    n % slots
+                };
+                let off = slot * size;
                 #[cfg(feature = "rdma")]
                 if let Some(b) = rbuf.take() {
                     let (r, b) = if read {
@@ -240,7 +254,7 @@ pub(crate) async fn lease_bench(
     o.delete().await?;
     let v = json!({
         "transport": transport, "zero_copy": zero_copy, "op": a.op, "size": size, "depth": a.depth, "seconds": secs,
-        "ops": ops, "mb_per_s": mbs, "lat_us_p50": pct(0.5), "lat_us_p99": pct(0.99),
+        "random": a.random, "ops": ops, "ops_per_s": ops / secs, "mb_per_s": mbs, "lat_us_p50": pct(0.5), "lat_us_p99": pct(0.99),
         "lat_us_min": pct(0.0), "lat_us_avg": lat.iter().sum::<u64>() as f64 / ops.max(1.0) / 1e3,
     });
     crate::output::emit(json_out, &v, || {
