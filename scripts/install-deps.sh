@@ -4,7 +4,8 @@
 # rdax-verbs, through rdma-mummy-sys) builds a small C shim with cmake and generates bindings
 # with libclang; at run time it loads libibverbs/librdmacm if they are there (rdma-core,
 # ibverbs-providers), and works without them (no RDMA). The NBD tests need libnbd-bin and
-# qemu-utils. Idempotent; apt only when missing.
+# qemu-utils; the `cluster` feature protoc, and its tests etcd. Idempotent; apt only when
+# missing.
 set -euo pipefail
 for c in rustfmt cargo-clippy; do
   command -v "$c" >/dev/null || { echo "missing $c: install the Rust toolchain with rustup (components rustfmt, clippy)" >&2; exit 1; }
@@ -16,6 +17,13 @@ ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/de
 # qemu-io.
 command -v nbdcopy >/dev/null && command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || need+=(qemu-utils)
+# The `cluster` feature: the etcd client crate compiles etcd's API with protoc at build time
+# (well-known types from libprotobuf-dev); its tests start their own etcd and read it with
+# etcdctl.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
 if ((${#need[@]})); then
   echo "install-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -2,8 +2,9 @@
 # The whole test suite (the README's test command). Extra arguments go to `cargo test`.
 # `--all-targets` covers unit, integration, real-process and bench-smoke tests; it skips
 # doctests, so they run in a separate pass. The suite runs twice: as the default build
-# (no RDMA code at all) and with the `rdma` feature (on a host without an RDMA device, which
-# the daemon must detect and report). Both passes add rdaxd's `testing` feature: failpoints
+# (no RDMA or cluster code at all) and with the `rdma` and `cluster` features (on a host
+# without an RDMA device, which the daemon must detect and report; the cluster tests start
+# their own etcd on loopback). Both passes add rdaxd's `testing` feature: failpoints
 # and the test-only Testing service, which the cancellation, torture and shutdown tests drive.
 # Release builds never enable it. The RDMA end-to-end tests need the lab VM:
 # deploy/lab/rdma-lab.sh (a CI stage of its own).
@@ -13,5 +14,5 @@ scripts/install-deps.sh
 echo "== default build"
 cargo test --workspace --all-targets --features rdaxd/testing "$@"
 cargo test --workspace --doc "$@"
-echo "== with the rdma feature"
-cargo test --workspace --all-targets --features rdaxd/testing,rdaxd/rdma,rdaxctl/rdma,rdax-client/rdma "$@"
+echo "== with the rdma and cluster features"
+cargo test --workspace --all-targets --features rdaxd/testing,rdaxd/rdma,rdaxd/cluster,rdaxctl/rdma,rdax-client/rdma "$@"

@@ -38,6 +38,8 @@ macro_rules! failpoint_blocking {
 
 pub mod admin_socket;
 pub mod auth;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod dma;

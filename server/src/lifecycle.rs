@@ -205,6 +205,7 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.metrics_listen != old.metrics_listen
         || new.rdma_listen != old.rdma_listen
         || new.nbd != old.nbd
+        || new.cluster != old.cluster
         || new.rdma_keys != old.rdma_keys
         || new.pool_path != old.pool_path
         || new.limits != old.limits
@@ -212,7 +213,7 @@ fn apply_reload(old: &Config, new: &Config, live: &Live) {
         || new.log_format != old.log_format;
     if restart_only {
         warn!(
-            "changed addresses, the admin socket, pool, limits, log format or TLS on/off take effect only after a restart"
+            "changed addresses, the admin socket, pool, limits, cluster settings, log format or TLS on/off take effect only after a restart"
         );
     }
     info!("configuration reloaded");
@@ -430,6 +431,20 @@ pub async fn run_with_reload(
     }
     println!("{line}");
     info!(grpc = %local, data = %data_local, pool = %cfg.pool_path.display(), "rdaxd ready");
+    #[cfg(feature = "cluster")]
+    let membership = cfg.cluster.clone().map(|c| {
+        let rdma_at = rdma.status().endpoint.parse::<std::net::SocketAddr>().ok();
+        let record = crate::cluster::NodeRecord {
+            node_id: c.node_id.clone(),
+            grpc: c.advertised(local),
+            data: c.advertised(data_local),
+            rdma: rdma_at.map(|a| c.advertised(a)),
+            capacity_bytes: pool.stats().data_blocks * crate::pool::layout::BLOCK,
+            pool_uuid: info.uuid.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        crate::cluster::Membership::start(c, record, leases.clone())
+    });
     // Both listeners accept and recovery is done: tell systemd.
     let status = systemd::status_line(&pool, &sessions, &leases);
     systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
@@ -480,6 +495,11 @@ pub async fn run_with_reload(
             .await;
     if !finished {
         warn!(inside = %gate.describe(), timeout = ?bound, "in-flight work did not finish within the shutdown timeout; closing its connections");
+    }
+    // Leave the cluster once the leases are back: the node's key goes with its etcd lease.
+    #[cfg(feature = "cluster")]
+    if let Some(m) = membership {
+        timed("leave the cluster", m.stop()).await;
     }
     rdma.shutdown();
     data_stop.cancel();

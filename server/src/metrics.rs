@@ -103,6 +103,10 @@ pub struct Metrics {
     nbd_errors: AtomicU64,
     /// NBD connections in transmission now.
     pub nbd_connections: AtomicU64,
+    /// Times this node registered in the cluster (the first join and every rejoin).
+    pub cluster_joins: AtomicU64,
+    /// Times this node fenced itself (its membership lapsed).
+    pub cluster_fences: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -284,6 +288,24 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
     );
     out.push_str("# HELP rdax_nbd_connections NBD connections in transmission.\n# TYPE rdax_nbd_connections gauge\n");
     out.push_str(&format!("rdax_nbd_connections {}\n", m.nbd_connections.load(Relaxed)));
+    if leases.fence().enabled() {
+        out.push_str(
+            "# HELP rdax_cluster_member 1 while this node's cluster membership is current (it grants leases), 0 while fenced.\n# TYPE rdax_cluster_member gauge\n",
+        );
+        out.push_str(&format!("rdax_cluster_member {}\n", u8::from(leases.fence().is_open())));
+        counter(
+            &mut out,
+            "rdax_cluster_joins_total",
+            "Times this node registered in the cluster (first join and rejoins).",
+            &[(String::new(), m.cluster_joins.load(Relaxed))],
+        );
+        counter(
+            &mut out,
+            "rdax_cluster_fences_total",
+            "Times this node fenced itself because its membership lapsed.",
+            &[(String::new(), m.cluster_fences.load(Relaxed))],
+        );
+    }
     let errors: Vec<(String, u64)> = m
         .errors
         .lock()

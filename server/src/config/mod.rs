@@ -11,12 +11,14 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod admin;
+mod cluster;
 mod credentials;
 mod limits;
 mod nbd;
 mod tls;
 
 pub use admin::{AdminSection, group_gid};
+pub use cluster::{Cluster, ClusterSection};
 pub use credentials::{Secret, read_token_file};
 use credentials::{principals_of, resolve_token};
 pub use limits::{Limits, LimitsSection};
@@ -53,6 +55,9 @@ Config keys without a flag:
   [nbd] exclusive = true          writable NBD exports take exclusive leases
   [nbd] idle_timeout_ms = 600000  an NBD connection with no request for this long is closed
   [nbd] handshake_timeout_ms = 10000  bound on an NBD client's whole handshake
+  [cluster] lease_ttl_ms = 10000  TTL of the etcd lease the node's registration lives under
+  [cluster] prefix = \"/rdax\"      etcd key prefix (clusters sharing one etcd use their own)
+  [cluster] advertise = \"host\"    what other nodes dial (default: the listen addresses)
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
@@ -183,6 +188,16 @@ pub struct Args {
     /// Require TLS on NBD (NBD_OPT_STARTTLS) with the [tls] certificate [nbd.tls].
     #[arg(long, env = "RDAX_NBD_TLS")]
     pub nbd_tls: bool,
+    /// Join the cluster kept in this etcd (client URL; repeat or comma-separate for several)
+    /// [cluster.etcd] (default: a single node, no cluster).
+    #[arg(long, env = "RDAX_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// This node's id in the cluster [cluster.node_id].
+    #[arg(long, env = "RDAX_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Copies of each object in the cluster, 1-3 [cluster.replicas] (default 2).
+    #[arg(long, env = "RDAX_REPLICAS")]
+    pub replicas: Option<u8>,
     /// Write the bound addresses here as JSON once listening [ports_file].
     #[arg(long, env = "RDAX_PORTS_FILE")]
     pub ports_file: Option<PathBuf>,
@@ -282,6 +297,8 @@ pub struct ConfigFile {
     pub rdma: RdmaSection,
     /// `[nbd]`.
     pub nbd: NbdSection,
+    /// `[cluster]`.
+    pub cluster: ClusterSection,
 }
 
 /// `[rdma]`.
@@ -457,6 +474,8 @@ pub struct Config {
     pub log_level: String,
     /// The NBD server, if on.
     pub nbd: Option<Nbd>,
+    /// Cluster membership, if configured.
+    pub cluster: Option<Cluster>,
     /// Where to report bound addresses.
     pub ports_file: Option<PathBuf>,
     /// Config-file keys that were not recognised.
@@ -570,6 +589,7 @@ impl Config {
             )));
         }
         let nbd = nbd::resolve(args, &file.nbd, &principals, insecure_plaintext, tls.as_ref())?;
+        let cluster = cluster::resolve(args, &file.cluster, listen)?;
         let (admin_socket, admin_warning) = admin::resolve(args, &file.admin, &state_dir)?;
         let admin_group_name = admin::group_name(args, &file.admin);
         let data_tls = args.data_tls || file.dataplane.tls.unwrap_or(false);
@@ -665,6 +685,7 @@ impl Config {
             log_format: args.log_format.or(file.log.format).unwrap_or_default(),
             log_level,
             nbd,
+            cluster,
             ports_file: args.ports_file.clone().or(file.ports_file.clone()),
             unknown_keys,
         })

@@ -104,7 +104,8 @@ fn refusal_status(r: Refusal) -> Status {
     METRICS.dp_refused();
     match r {
         Refusal::UnknownKey => Status::UnknownKey,
-        Refusal::Revoked => Status::Revoked,
+        // A fenced node is revoking every lease: to the client, the same thing.
+        Refusal::Revoked | Refusal::Fenced => Status::Revoked,
         Refusal::WrongSession => Status::WrongSession,
         Refusal::StaleGeneration => Status::StaleGeneration,
         Refusal::OutOfRange => Status::OutOfRange,

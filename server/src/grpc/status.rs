@@ -98,7 +98,7 @@ fn lease_code(e: &LeaseError) -> Code {
     match e {
         L::SessionNotFound | L::NotFound(_) => Code::NotFound,
         L::NotActive(_) | L::Exclusive(_) => Code::FailedPrecondition,
-        L::Breaking { .. } | L::DrainTimeout(_) | L::ShuttingDown => Code::Unavailable,
+        L::Breaking { .. } | L::DrainTimeout(_) | L::ShuttingDown | L::Fenced => Code::Unavailable,
         L::Invalid(_) => Code::InvalidArgument,
         L::Injected(_) => Code::Internal,
         L::Limit { .. } => Code::ResourceExhausted,
@@ -185,6 +185,7 @@ mod tests {
             (SessionError::ShuttingDown.into(), Code::Unavailable),
             (LeaseError::Breaking { retry_after_ms: 5 }.into(), Code::Unavailable),
             (LeaseError::NotActive(1).into(), Code::FailedPrecondition),
+            (LeaseError::Fenced.into(), Code::Unavailable),
             (LeaseError::Exclusive(1).into(), Code::FailedPrecondition),
             (LeaseError::Dma(DmaError::Ended).into(), Code::Aborted),
             (DmaError::Unavailable("x".into()).into(), Code::FailedPrecondition),

@@ -59,6 +59,9 @@ impl LeaseManager {
         if self.lock().shutting_down {
             return Err(LeaseError::ShuttingDown);
         }
+        if !self.fence().is_open() {
+            return Err(LeaseError::Fenced);
+        }
         req.transport.check(req.session)?;
         let guard = self.gate.enter(Work::Grant).map_err(|_| LeaseError::ShuttingDown)?;
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -118,6 +118,10 @@ pub enum Refusal {
     /// A write under a read-only lease.
     #[error("the lease does not allow writes")]
     Mode,
+    /// This node is fenced (a cluster member whose membership lapsed); its leases are being
+    /// revoked.
+    #[error("this node is fenced: its cluster membership lapsed")]
+    Fenced,
 }
 
 #[derive(Default)]
@@ -131,6 +135,7 @@ struct Table {
 #[derive(Default)]
 pub struct KeyTable {
     t: RwLock<Table>,
+    fence: Arc<super::fence::Fence>,
 }
 
 impl std::fmt::Debug for KeyTable {
@@ -147,6 +152,11 @@ pub fn random_key() -> Key {
 }
 
 impl KeyTable {
+    /// The fence every operation passes first.
+    pub fn fence(&self) -> &Arc<super::fence::Fence> {
+        &self.fence
+    }
+
     /// Check an operation and pin its lease.
     pub fn pin(
         &self,
@@ -157,6 +167,9 @@ impl KeyTable {
         len: u64,
         write: bool,
     ) -> Result<PinGuard, Refusal> {
+        if !self.fence.is_open() {
+            return Err(Refusal::Fenced);
+        }
         let t = self.t.read().unwrap_or_else(|e| e.into_inner());
         let Some(e) = t.live.get(key) else {
             return Err(if t.dead.contains_key(key) { Refusal::Revoked } else { Refusal::UnknownKey });

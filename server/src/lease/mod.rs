@@ -26,6 +26,7 @@
 //! it is dropped before the grant reached the client.
 
 mod exclusive;
+mod fence;
 mod fill;
 mod grant;
 mod hold;
@@ -42,6 +43,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info};
 
+pub use fence::Fence;
 pub use grant::GrantHandle;
 pub use keys::{Key, KeyTable, Mode, PinGuard, Pins, Refusal};
 pub use limits::LeaseLimits;
@@ -128,6 +130,11 @@ pub enum LeaseError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// This node fenced itself: it is a cluster member whose membership lapsed.
+    #[error(
+        "this node grants no leases: its cluster membership lapsed (etcd unreachable, or its etcd lease expired); retry later or use another replica"
+    )]
+    Fenced,
     /// A failure injected by a test (failpoint).
     #[error("injected failure at {0}")]
     Injected(&'static str),
@@ -360,6 +367,11 @@ impl LeaseManager {
         &self.keys
     }
 
+    /// The fence grants and operations pass (always open on a single node).
+    pub fn fence(&self) -> &Arc<Fence> {
+        self.keys.fence()
+    }
+
     /// The shutdown gate its tasks hold.
     pub fn gate(&self) -> &Gate {
         &self.gate
@@ -487,6 +499,11 @@ impl LeaseManager {
         let mut g = self.lock();
         if g.shutting_down {
             return Err(LeaseError::ShuttingDown);
+        }
+        // Checked under the lock `fence_revoke` takes: a grant installed after the fence
+        // closed is refused here, one installed before is revoked there.
+        if !self.keys.fence().is_open() {
+            return Err(LeaseError::Fenced);
         }
         if g.marked(a.object, a.offset, a.end, a.own) {
             return Ok(None);
@@ -641,6 +658,9 @@ impl LeaseManager {
         }
         if !l.state.live() {
             return Err(Refusal::Revoked);
+        }
+        if !self.keys.fence().is_open() {
+            return Err(Refusal::Fenced);
         }
         Ok(l.pins.pin(id))
     }

@@ -362,6 +362,17 @@ impl LeaseManager {
         }
     }
 
+    /// Revoke every live lease at once: this node fenced itself (its cluster membership
+    /// lapsed). The fence already refuses new grants and operations. Returns how many; their
+    /// drains run as for any revoke.
+    pub fn fence_revoke(self: &Arc<Self>) -> usize {
+        let live: Vec<u64> = self.lock().leases.iter().filter(|(_, l)| l.state.live()).map(|(id, _)| *id).collect();
+        for &id in &live {
+            self.revoke(id, "this node fenced itself: its cluster membership lapsed", false);
+        }
+        live.len()
+    }
+
     /// Revoke leases whose TTL passed without renewal. Returns how many.
     pub fn expire(self: &Arc<Self>) -> usize {
         let now = Instant::now();

@@ -621,3 +621,28 @@ async fn grants_are_refused_at_once_once_shutdown_recalled_everything() {
     let r = tokio::time::timeout(Duration::from_millis(1), fx.leases.grant(exclusive_req(b, 0, 4096))).await;
     assert_eq!(r.expect("refused at once").unwrap_err(), LeaseError::ShuttingDown);
 }
+
+#[tokio::test]
+async fn a_closed_fence_refuses_grants_and_operations_and_fence_revoke_ends_every_lease() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (s, _rx) = session(&fx);
+    fx.leases.fence().enable();
+    let e = fx.leases.acquire(s, key("ns", "x"), 0, 4096, Mode::Read).await.unwrap_err();
+    assert_eq!(e, LeaseError::Fenced, "a member not yet registered grants nothing");
+    fx.leases.fence().open_until(std::time::Instant::now() + Duration::from_secs(600));
+    let a = fx.leases.acquire(s, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
+    let b = fx.leases.acquire(s, key("ns", "y"), 0, 4096, Mode::ReadWrite).await.unwrap();
+    let ((pa, ka), (pb_, kb)) = (first_key(&a), first_key(&b));
+    assert!(fx.leases.keys().pin(&ka, s, a.generation, pa, 1, true).is_ok());
+    // Closed (its deadline passed, as after a SIGSTOP): refused on the spot, before any revoke.
+    fx.leases.fence().close();
+    assert_eq!(fx.leases.keys().pin(&ka, s, a.generation, pa, 1, true).unwrap_err(), Refusal::Fenced);
+    assert_eq!(fx.leases.pin_lease(s, b.id).unwrap_err(), Refusal::Fenced);
+    assert_eq!(fx.leases.fence_revoke(), 2);
+    // Open again (rejoined): new grants work, the revoked leases stay dead.
+    fx.leases.fence().open_until(std::time::Instant::now() + Duration::from_secs(600));
+    assert_eq!(fx.leases.keys().pin(&kb, s, b.generation, pb_, 1, true).unwrap_err(), Refusal::Revoked);
+    assert!(fx.leases.acquire(s, key("ns", "x"), 0, 4096, Mode::Read).await.is_ok());
+    assert_eq!(fx.leases.fence_revoke(), 1, "only the live lease");
+}

@@ -1,0 +1,194 @@
+//! `[cluster]`: membership of a cluster kept in etcd (off unless `etcd` is set).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Args, ConfigError};
+
+/// `[cluster]` as written.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(default)]
+pub struct ClusterSection {
+    /// etcd client URLs (`http://host:port`); unset: a single node, no cluster.
+    pub etcd: Option<Vec<String>>,
+    /// This node's name in the cluster.
+    pub node_id: Option<String>,
+    /// Copies of each object (1-3).
+    pub replicas: Option<u8>,
+    /// TTL of the etcd lease the node's registration lives under (whole seconds).
+    pub lease_ttl_ms: Option<u64>,
+    /// Key prefix in etcd (several clusters can share one etcd).
+    pub prefix: Option<String>,
+    /// Host or address other nodes and cluster clients reach this one at (default: the
+    /// listen addresses' own).
+    pub advertise: Option<String>,
+}
+
+/// The cluster settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// This node's id.
+    pub node_id: String,
+    /// Replication factor.
+    pub replicas: u8,
+    /// etcd lease TTL.
+    pub lease_ttl: Duration,
+    /// Key prefix, without a trailing `/`.
+    pub prefix: String,
+    /// Advertised host, if not the listen addresses'.
+    pub advertise: Option<String>,
+}
+
+impl Cluster {
+    /// The etcd key of this node's registration.
+    pub fn node_key(&self) -> String {
+        format!("{}/nodes/{}", self.prefix, self.node_id)
+    }
+
+    /// How often the etcd lease is renewed: a quarter of its TTL.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.lease_ttl / 4
+    }
+
+    /// How long after the send of the last renewal etcd acknowledged the node may still act
+    /// as a member: three quarters of the TTL. etcd counts the TTL from when it received that
+    /// renewal, which is later, so the node fences itself at least a quarter TTL before etcd
+    /// can forget it; that quarter is the time to revoke its leases.
+    pub fn member_for(&self) -> Duration {
+        self.lease_ttl * 3 / 4
+    }
+
+    /// `host:port` others reach `addr` at.
+    pub fn advertised(&self, addr: SocketAddr) -> String {
+        match &self.advertise {
+            Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:{}", addr.port()),
+            Some(h) => format!("{h}:{}", addr.port()),
+            None => addr.to_string(),
+        }
+    }
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `[cluster]` from flags over the file; `None` without etcd endpoints.
+pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) -> Result<Option<Cluster>, ConfigError> {
+    let invalid = ConfigError::Invalid;
+    let etcd = if args.etcd.is_empty() { file.etcd.clone().unwrap_or_default() } else { args.etcd.clone() };
+    if etcd.is_empty() {
+        let set =
+            args.node_id.is_some() || args.replicas.is_some() || file.node_id.is_some() || file.replicas.is_some();
+        return if set {
+            Err(invalid(
+                "cluster.node_id and cluster.replicas need cluster.etcd (--etcd URL): the cluster lives in etcd".into(),
+            ))
+        } else {
+            Ok(None)
+        };
+    }
+    if !cfg!(feature = "cluster") {
+        return Err(invalid(
+            "cluster.etcd is set but this rdaxd was built without cluster support: build it with \
+             `--features cluster` (it needs protoc: scripts/install-deps.sh installs it)"
+                .into(),
+        ));
+    }
+    for u in &etcd {
+        let rest = u.strip_prefix("http://").ok_or_else(|| {
+            invalid(format!(
+                "cluster.etcd `{u}`: give a client URL like http://127.0.0.1:2379 (https is not supported yet)"
+            ))
+        })?;
+        let host_port = rest.trim_end_matches('/');
+        if host_port.is_empty() || host_port.contains('/') || !host_port.contains(':') {
+            return Err(invalid(format!("cluster.etcd `{u}`: expected http://host:port")));
+        }
+    }
+    let node_id =
+        args.node_id.clone().or(file.node_id.clone()).ok_or_else(|| {
+            invalid("cluster.etcd is set but cluster.node_id is not (--node-id): name this node".into())
+        })?;
+    if !valid_node_id(&node_id) {
+        return Err(invalid(format!("cluster.node_id `{node_id}`: use 1-64 characters from A-Z a-z 0-9 . _ -")));
+    }
+    let replicas = args.replicas.or(file.replicas).unwrap_or(2);
+    if !(1..=3).contains(&replicas) {
+        return Err(invalid(format!("cluster.replicas must be 1, 2 or 3, not {replicas}")));
+    }
+    let ttl_ms = file.lease_ttl_ms.unwrap_or(10_000);
+    if !(2_000..=300_000).contains(&ttl_ms) || !ttl_ms.is_multiple_of(1000) {
+        return Err(invalid(format!(
+            "cluster.lease_ttl_ms must be a whole number of seconds (etcd lease TTLs are) between 2000 and \
+             300000, not {ttl_ms}"
+        )));
+    }
+    let prefix = file.prefix.clone().unwrap_or_else(|| "/rdax".into());
+    let prefix = prefix.trim_end_matches('/').to_string();
+    if !prefix.starts_with('/') || prefix.len() < 2 {
+        return Err(invalid(format!("cluster.prefix `{prefix}`: use an absolute key prefix such as /rdax")));
+    }
+    let advertise = file.advertise.clone();
+    if advertise.is_none() && listen.ip().is_unspecified() {
+        return Err(invalid(format!(
+            "gRPC listens on {listen}, which other nodes cannot dial: set cluster.advertise to this host's \
+             name or address"
+        )));
+    }
+    Ok(Some(Cluster { etcd, node_id, replicas, lease_ttl: Duration::from_millis(ttl_ms), prefix, advertise }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(etcd: &[&str], node: Option<&str>) -> Args {
+        Args { etcd: etcd.iter().map(|s| s.to_string()).collect(), node_id: node.map(Into::into), ..Default::default() }
+    }
+
+    fn lo() -> SocketAddr {
+        "127.0.0.1:7400".parse().unwrap()
+    }
+
+    #[test]
+    fn without_etcd_there_is_no_cluster() {
+        assert_eq!(resolve(&args(&[], None), &ClusterSection::default(), lo()).unwrap(), None);
+        let e = resolve(&args(&[], Some("n1")), &ClusterSection::default(), lo()).unwrap_err().to_string();
+        assert!(e.contains("need cluster.etcd"), "{e}");
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn settings_are_checked() {
+        let file = ClusterSection::default();
+        let c = resolve(&args(&["http://127.0.0.1:2379"], Some("n-1.a_b")), &file, lo()).unwrap().unwrap();
+        assert_eq!((c.replicas, c.lease_ttl, c.prefix.as_str()), (2, Duration::from_secs(10), "/rdax"));
+        assert_eq!(c.node_key(), "/rdax/nodes/n-1.a_b");
+        assert!(c.member_for() < c.lease_ttl && c.keepalive_interval() < c.member_for());
+        let err = |a: Args, f: &ClusterSection, l: SocketAddr| resolve(&a, f, l).unwrap_err().to_string();
+        assert!(err(args(&["http://h:1"], None), &file, lo()).contains("node_id is not"));
+        assert!(err(args(&["http://h:1"], Some("bad id")), &file, lo()).contains("1-64 characters"));
+        assert!(err(args(&["https://h:1"], Some("n")), &file, lo()).contains("https is not supported"));
+        assert!(err(args(&["h:1"], Some("n")), &file, lo()).contains("client URL"));
+        let r4 = Args { replicas: Some(4), ..args(&["http://h:1"], Some("n")) };
+        assert!(err(r4, &file, lo()).contains("1, 2 or 3"));
+        let ttl = ClusterSection { lease_ttl_ms: Some(2500), ..Default::default() };
+        assert!(err(args(&["http://h:1"], Some("n")), &ttl, lo()).contains("whole number of seconds"));
+        let any: SocketAddr = "0.0.0.0:7400".parse().unwrap();
+        assert!(err(args(&["http://h:1"], Some("n")), &file, any).contains("cluster.advertise"));
+        let adv = ClusterSection { advertise: Some("fd00::5".into()), ..Default::default() };
+        let c = resolve(&args(&["http://h:1"], Some("n")), &adv, any).unwrap().unwrap();
+        assert_eq!(c.advertised(any), "[fd00::5]:7400");
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    #[test]
+    fn a_build_without_the_feature_says_how_to_get_it() {
+        let e = resolve(&args(&["http://127.0.0.1:2379"], Some("n1")), &ClusterSection::default(), lo()).unwrap_err();
+        assert!(e.to_string().contains("--features cluster"), "{e}");
+    }
+}

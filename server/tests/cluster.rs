@@ -1,0 +1,295 @@
+//! Cluster membership against a real etcd (Debian's `etcd-server`, started by each test on
+//! loopback ports with its own data directory) and real rdaxd processes: registration and
+//! renewal, a duplicate node id, fencing when etcd stops answering, no grant or write after a
+//! stop past the etcd lease's TTL, rejoining after an etcd restart.
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, client, poll};
+use rdax_client::{ErrorKind, LeaseMode};
+
+const MIB: u64 = 1 << 20;
+/// The etcd lease TTL the daemons use here: short, with room for a loaded machine's delays
+/// in the quarter TTL between the fence and etcd's expiry.
+const TTL: Duration = Duration::from_secs(3);
+
+/// One etcd member on two free loopback ports.
+struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client: String,
+    peer: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn etcdctl(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", url, "--command-timeout=2s"])
+        .args(args)
+        .output()
+        .expect("etcdctl (Debian's etcd-client; scripts/install-deps.sh installs it)")
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Self {
+        let mut e = Self {
+            child: None,
+            dir: dir.join("etcd"),
+            client: format!("http://127.0.0.1:{}", free_port()),
+            peer: format!("http://127.0.0.1:{}", free_port()),
+        };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &self.client, "--advertise-client-urls", &self.client])
+            .args(["--listen-peer-urls", &self.peer, "--initial-advertise-peer-urls", &self.peer])
+            .args(["--initial-cluster", &format!("t={}", self.peer), "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (Debian's etcd-server; scripts/install-deps.sh installs it)");
+        self.child = Some(child);
+        poll(Duration::from_secs(30), "etcd to be healthy", || {
+            etcdctl(&self.client, &["endpoint", "health"]).status.success().then_some(())
+        });
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The values under `key` (a prefix when `prefix`).
+    fn get(&self, key: &str, prefix: bool) -> Vec<serde_json::Value> {
+        let mut args = vec!["get", key, "--print-value-only"];
+        if prefix {
+            args.push("--prefix");
+        }
+        let out = etcdctl(&self.client, &args);
+        assert!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).expect("a node record is JSON"))
+            .collect()
+    }
+
+    /// The etcd lease `key` is attached to (0: none, or no key).
+    fn lease_of(&self, key: &str) -> i64 {
+        let out = etcdctl(&self.client, &["get", key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["kvs"][0]["lease"].as_i64().unwrap_or(0)
+    }
+
+    /// Seconds etcd still gives `lease` (-1: it has expired).
+    fn ttl_of(&self, lease: i64) -> i64 {
+        let out = etcdctl(&self.client, &["lease", "timetolive", &format!("{lease:x}"), "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["ttl"].as_i64().unwrap_or(-1)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid: a stopped etcd must run to die.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        self.kill();
+    }
+}
+
+/// A daemon in the cluster at `etcd` as `node`, with the test's short etcd lease TTL.
+fn member(dir: &Path, etcd: &Etcd, node: &str) -> Daemon {
+    let cfg = dir.join("rdaxd.toml");
+    std::fs::write(&cfg, format!("[cluster]\nlease_ttl_ms = {}\n", TTL.as_millis())).unwrap();
+    let d = Daemon::start(dir, &["--config", cfg.to_str().unwrap(), "--etcd", &etcd.client, "--node-id", node]);
+    d.allow("lost the etcd lease renewal").allow("cannot register in the cluster").allow("fenced:");
+    d
+}
+
+fn key(node: &str) -> String {
+    format!("/rdax/nodes/{node}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_register_their_endpoints_and_keep_their_etcd_lease_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Daemon> = dirs.iter().enumerate().map(|(i, d)| member(d.path(), &etcd, &format!("n{i}"))).collect();
+    let records = poll(Duration::from_secs(20), "three registrations", || {
+        let v = etcd.get("/rdax/nodes/", true);
+        (v.len() == 3).then_some(v)
+    });
+    for (i, d) in nodes.iter().enumerate() {
+        let r = records.iter().find(|r| r["node_id"] == format!("n{i}")).expect("each node registered");
+        assert_eq!(format!("http://{}", r["grpc"].as_str().unwrap()), d.endpoint);
+        assert_eq!(r["data"].as_str().unwrap(), d.data);
+        assert!(r["capacity_bytes"].as_u64().unwrap() > 32 * MIB, "{r}");
+        assert_eq!(d.metric("rdax_cluster_member"), 1.0);
+    }
+    // Renewal: across two TTLs the key stays under the same etcd lease, which etcd keeps
+    // topping up (it never expires: -1).
+    let lease = etcd.lease_of(&key("n0"));
+    assert_ne!(lease, 0, "the registration lives under an etcd lease");
+    let end = Instant::now() + TTL * 2;
+    while Instant::now() < end {
+        assert!(etcd.ttl_of(lease) >= 0, "the etcd lease ran out while the node was healthy");
+        assert_eq!(etcd.lease_of(&key("n0")), lease);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A member grants leases.
+    let c = client(&nodes[0]).await;
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let s = c.open_session("t").await.unwrap();
+    s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap().write_persist(0, b"member").await.unwrap();
+    // Leaving (SIGTERM) revokes the etcd lease: the key goes at once, not a TTL later.
+    let mut n1 = nodes.into_iter().nth(1).unwrap();
+    assert!(n1.signal_and_wait(libc::SIGTERM, Duration::from_secs(30)).success());
+    assert!(etcd.get(&key("n1"), false).is_empty(), "the key of a node that left is gone");
+    assert!(n1.log().contains("left the cluster"), "{}", n1.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_with_the_same_node_id_is_refused_and_grants_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = member(da.path(), &etcd, "same");
+    poll(Duration::from_secs(20), "the first registration", || {
+        (!etcd.get(&key("same"), false).is_empty()).then_some(())
+    });
+    let b = member(db.path(), &etcd, "same");
+    poll(Duration::from_secs(20), "the second daemon to report the clash", || {
+        b.log().contains("is registered by another live daemon").then_some(())
+    });
+    let record = &etcd.get(&key("same"), false)[0];
+    assert_eq!(format!("http://{}", record["grpc"].as_str().unwrap()), a.endpoint, "the first keeps its key");
+    assert_eq!(b.metric("rdax_cluster_member"), 0.0);
+    let c = client(&b).await;
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let e = c.open_session("t").await.unwrap().acquire("ns", "x", 0, MIB, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("cluster membership lapsed"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_cannot_renew_fences_itself_before_etcd_forgets_it_and_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(dir.path());
+    let nd = tempfile::tempdir().unwrap();
+    let d = member(nd.path(), &etcd, "n1");
+    poll(Duration::from_secs(20), "registration", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
+    let c = client(&d).await;
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let s = c.open_session("t").await.unwrap();
+    let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    lease.write_persist(0, b"before").await.unwrap();
+    // etcd stops answering (it is stopped, not gone: the connection stays up). The node must
+    // fence itself within the etcd lease's TTL of its last acknowledged renewal, which was at
+    // most a quarter TTL (one renewal interval) before the stop.
+    let stopped = Instant::now();
+    etcd.signal(libc::SIGSTOP);
+    poll(TTL * 4, "the node to fence itself", || (d.metric("rdax_cluster_member") == 0.0).then_some(()));
+    let fenced_after = stopped.elapsed();
+    assert!(fenced_after < TTL, "fenced {fenced_after:?} after etcd stopped: etcd could have forgotten it first");
+    assert_eq!(d.metric("rdax_cluster_fences_total"), 1.0);
+    let e = lease.write(0, b"fenced").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked, "a write under a fenced node's lease: {e}");
+    let e = s.acquire("ns", "x", 0, MIB, LeaseMode::Read).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    // The data already written stays readable through the control plane: fencing stops DMA
+    // grants, not the daemon.
+    assert_eq!(c.object("ns", "x").unwrap().read(0, 6).await.unwrap(), b"before");
+    // etcd is killed and started again on the same data: the node rejoins and grants again.
+    etcd.signal(libc::SIGCONT);
+    etcd.kill();
+    etcd.spawn();
+    poll(Duration::from_secs(30), "the node to rejoin", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
+    assert!(!etcd.get(&key("n1"), false).is_empty(), "registered again");
+    // The lease granted before the fence stays revoked: rejoining does not bring it back.
+    assert_eq!(lease.write(0, b"stale!").await.unwrap_err().kind(), ErrorKind::Revoked);
+    let again = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    again.write_persist(0, b"after!").await.unwrap();
+    assert_eq!(c.object("ns", "x").unwrap().read(0, 6).await.unwrap(), b"after!");
+    assert!(d.metric("rdax_cluster_joins_total") >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_stopped_past_its_etcd_lease_accepts_no_write_and_grants_nothing_when_it_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path());
+    let nd = tempfile::tempdir().unwrap();
+    let d = member(nd.path(), &etcd, "n1");
+    poll(Duration::from_secs(20), "registration", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
+    let c = client(&d).await;
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let s = c.open_session("t").await.unwrap();
+    let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    lease.write_persist(0, b"before").await.unwrap();
+    let lease_id = etcd.lease_of(&key("n1"));
+    // SIGSTOP the daemon until etcd has forgotten it (its key went with the expired lease).
+    d.signal(libc::SIGSTOP);
+    poll(TTL * 10, "etcd to expire the stopped node's lease", || etcd.get(&key("n1"), false).is_empty().then_some(()));
+    assert!(etcd.ttl_of(lease_id) < 0);
+    d.signal(libc::SIGCONT);
+    // At once, before it can have re-registered: a write under the old lease is refused, and
+    // so is a grant (or, if it has already rejoined, the grant is of its new membership).
+    let e = lease.write(0, b"stale!").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked, "a write after the stop: {e}");
+    assert_eq!(c.object("ns", "x").unwrap().read(0, 6).await.unwrap(), b"before", "the stale write landed");
+    // It rejoins under a new etcd lease.
+    poll(Duration::from_secs(20), "the node to rejoin", || {
+        let l = etcd.lease_of(&key("n1"));
+        (l != 0 && l != lease_id).then_some(())
+    });
+    poll(Duration::from_secs(20), "membership current", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
+    assert_eq!(lease.write(0, b"stale!").await.unwrap_err().kind(), ErrorKind::Revoked, "the old lease came back");
+    s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap().write_persist(0, b"again!").await.unwrap();
+    assert_eq!(c.object("ns", "x").unwrap().read(0, 6).await.unwrap(), b"again!");
+    assert!(d.log().contains("fenced:"), "{}", d.log());
+}
+
+#[test]
+fn without_cluster_settings_a_daemon_reports_no_membership() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let text = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&d.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut t = String::new();
+        s.read_to_string(&mut t).unwrap();
+        t
+    };
+    assert!(text.contains("rdax_leases"), "{text}");
+    assert!(!text.contains("rdax_cluster_member"), "a single node reports no membership");
+}
