@@ -683,6 +683,9 @@ impl LeaseManager {
         if !l.state.live() {
             return Err(Refusal::Revoked);
         }
+        if !self.keys.fence().is_open() {
+            return Err(Refusal::Fenced);
+        }
         let end = offset.checked_add(len).ok_or(Refusal::OutOfRange)?;
         let mut out = Vec::new();
         let mut covered = 0;

@@ -138,7 +138,7 @@ async fn flush(t: &RdmaTransport, session: rdax_proto::model::SessionId, m: &Msg
     let (pin, ranges) = match t.leases().pin_range(session, m.lease, m.offset, m.len) {
         Ok(x) => x,
         Err(Refusal::WrongSession) => return Status::WrongSession,
-        Err(Refusal::Revoked) => return Status::Revoked,
+        Err(Refusal::Revoked | Refusal::Fenced) => return Status::Revoked,
         Err(Refusal::OutOfRange) => return Status::OutOfRange,
         Err(_) => return Status::UnknownKey,
     };
