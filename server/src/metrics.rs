@@ -107,6 +107,8 @@ pub struct Metrics {
     pub cluster_joins: AtomicU64,
     /// Times this node fenced itself (its membership lapsed).
     pub cluster_fences: AtomicU64,
+    /// 1 while this node is the cluster's elected coordinator.
+    pub cluster_coordinator: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -293,6 +295,8 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
             "# HELP rdax_cluster_member 1 while this node's cluster membership is current (it grants leases), 0 while fenced.\n# TYPE rdax_cluster_member gauge\n",
         );
         out.push_str(&format!("rdax_cluster_member {}\n", u8::from(leases.fence().is_open())));
+        out.push_str("# HELP rdax_cluster_coordinator 1 while this node is the elected coordinator (it keeps the PG map).\n# TYPE rdax_cluster_coordinator gauge\n");
+        out.push_str(&format!("rdax_cluster_coordinator {}\n", m.cluster_coordinator.load(Relaxed)));
         counter(
             &mut out,
             "rdax_cluster_joins_total",

@@ -132,6 +132,7 @@ fn member(dir: &Path, etcd: &Etcd, node: &str) -> Daemon {
     std::fs::write(&cfg, format!("[cluster]\nlease_ttl_ms = {}\n", TTL.as_millis())).unwrap();
     let d = Daemon::start(dir, &["--config", cfg.to_str().unwrap(), "--etcd", &etcd.client, "--node-id", node]);
     d.allow("lost the etcd lease renewal").allow("cannot register in the cluster").allow("fenced:");
+    d.allow("stopped coordinating");
     d
 }
 
@@ -292,4 +293,59 @@ fn without_cluster_settings_a_daemon_reports_no_membership() {
     };
     assert!(text.contains("rdax_leases"), "{text}");
     assert!(!text.contains("rdax_cluster_member"), "a single node reports no membership");
+}
+
+/// The PG map in etcd, once it satisfies `f`.
+fn map_when(etcd: &Etcd, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    poll(Duration::from_secs(30), what, || etcd.get("/rdax/pgmap", false).pop().filter(|m| f(m)))
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path());
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Daemon> =
+        dirs.iter().enumerate().map(|(i, d)| member(d.path(), &etcd, &format!("n{i}"))).collect();
+    let all: Vec<String> = (0..5).map(|i| format!("n{i}")).collect();
+    let before = map_when(&etcd, "a map of all five nodes", |m| names(&m["nodes"]) == all);
+    assert_eq!(before["pgs"], 128);
+    assert_eq!(before["replicas"], 2);
+    for r in before["pg"].as_array().unwrap() {
+        let r = names(r);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0] != r[1] && r.iter().all(|n| all.contains(n)), "{r:?}");
+    }
+    // Exactly one coordinator, and it wrote the map.
+    let coord: Vec<usize> = (0..5).filter(|&i| nodes[i].metric("rdax_cluster_coordinator") == 1.0).collect();
+    assert_eq!(coord.len(), 1, "coordinators: {coord:?}");
+    let c = coord[0];
+    assert_eq!(before["coordinator"], format!("n{c}"));
+    // kill -9 the coordinator: its etcd lease expires, another member is elected and writes
+    // the next epoch without it; PGs the dead node was not in keep their replicas.
+    let dead = format!("n{c}");
+    nodes[c].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+    let after = map_when(&etcd, "a map without the killed coordinator", |m| !names(&m["nodes"]).contains(&dead));
+    assert!(after["epoch"].as_u64() > before["epoch"].as_u64(), "{after}");
+    assert_ne!(after["coordinator"], before["coordinator"]);
+    let new = poll(Duration::from_secs(20), "the new coordinator's own word", || {
+        (0..5).filter(|&i| i != c).find(|&i| nodes[i].metric("rdax_cluster_coordinator") == 1.0)
+    });
+    assert_eq!(after["coordinator"], format!("n{new}"));
+    for (b, a) in before["pg"].as_array().unwrap().iter().zip(after["pg"].as_array().unwrap()) {
+        let (b, a) = (names(b), names(a));
+        assert!(!a.contains(&dead) && a.len() == 2, "{a:?}");
+        if !b.contains(&dead) {
+            assert_eq!(a, b, "a PG the dead node was not in moved");
+        }
+    }
+    // It comes back (same pool, a restart): one more epoch, and it is placed again.
+    nodes[c].start_again();
+    let back = map_when(&etcd, "a map with it again", |m| names(&m["nodes"]) == all);
+    assert!(back["epoch"].as_u64() > after["epoch"].as_u64());
+    assert_eq!(back["pg"], before["pg"], "placement is a function of the members alone");
 }

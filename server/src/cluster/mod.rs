@@ -26,6 +26,9 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, T
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+mod coordinator;
+pub mod placement;
+
 use crate::config::Cluster;
 use crate::lease::LeaseManager;
 use crate::metrics::METRICS;
@@ -62,8 +65,10 @@ enum JoinError {
     Duplicate { id: String, grpc: String, pool: String },
     #[error("the etcd lease expired")]
     Expired,
-    #[error("etcd closed the lease renewal stream")]
+    #[error("etcd closed the stream")]
     Closed,
+    #[error("no longer the coordinator (its election key or the PG map changed)")]
+    NotCoordinator,
 }
 
 /// A running membership.
@@ -159,9 +164,11 @@ impl Member {
                     METRICS.cluster_joins.fetch_add(1, Relaxed);
                     self.joined.store(true, Relaxed);
                     info!(node = %self.record.node_id, key = %self.key, "registered in the cluster: granting leases");
+                    let stand = self.stand(held.client.clone(), held.lease);
                     let e = tokio::select! {
                         _ = cancel.cancelled() => break,
                         e = self.renew(held) => e,
+                        _ = stand => unreachable!("standing for coordinator never ends by itself"),
                     };
                     if matches!(e, JoinError::Expired) {
                         lease = None;
@@ -268,6 +275,18 @@ impl Member {
             info!(node = %self.record.node_id, "replaced the registration this pool's previous run left");
         }
         Ok(())
+    }
+
+    /// Stand for coordinator for as long as the held lease is renewed (the caller drops this
+    /// when renewal ends): after each loss of leadership or etcd error, stand again.
+    async fn stand(&self, client: Client, lease: i64) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let e = self.coordinate(client.clone(), lease).await;
+            warn!(node = %self.record.node_id, error = %e, "stopped coordinating; standing again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.cfg.keepalive_interval());
+        }
     }
 
     /// Renew the held lease every quarter TTL until renewal fails; each acknowledged renewal

@@ -17,6 +17,8 @@ pub struct ClusterSection {
     pub node_id: Option<String>,
     /// Copies of each object (1-3).
     pub replicas: Option<u8>,
+    /// Placement groups: fixed by the cluster's first PG map.
+    pub pgs: Option<u32>,
     /// TTL of the etcd lease the node's registration lives under (whole seconds).
     pub lease_ttl_ms: Option<u64>,
     /// Key prefix in etcd (several clusters can share one etcd).
@@ -35,6 +37,8 @@ pub struct Cluster {
     pub node_id: String,
     /// Replication factor.
     pub replicas: u8,
+    /// Placement groups, for the first PG map.
+    pub pgs: u32,
     /// etcd lease TTL.
     pub lease_ttl: Duration,
     /// Key prefix, without a trailing `/`.
@@ -127,6 +131,10 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
              300000, not {ttl_ms}"
         )));
     }
+    let pgs = file.pgs.unwrap_or(128);
+    if !(1..=4096).contains(&pgs) {
+        return Err(invalid(format!("cluster.pgs must be between 1 and 4096, not {pgs}")));
+    }
     let prefix = file.prefix.clone().unwrap_or_else(|| "/rdax".into());
     let prefix = prefix.trim_end_matches('/').to_string();
     if !prefix.starts_with('/') || prefix.len() < 2 {
@@ -139,7 +147,7 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
              name or address"
         )));
     }
-    Ok(Some(Cluster { etcd, node_id, replicas, lease_ttl: Duration::from_millis(ttl_ms), prefix, advertise }))
+    Ok(Some(Cluster { etcd, node_id, replicas, pgs, lease_ttl: Duration::from_millis(ttl_ms), prefix, advertise }))
 }
 
 #[cfg(test)]

@@ -169,6 +169,12 @@ impl Daemon {
         self.rdma = addr.3;
     }
 
+    /// Start again with the same arguments, after it exited.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "rdaxd is still running");
+        self.spawn();
+    }
+
     /// Stop with SIGTERM and start again with the same arguments.
     pub fn restart(&mut self) {
         let st = self.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));

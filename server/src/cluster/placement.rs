@@ -1,0 +1,144 @@
+//! Placement: which nodes hold each placement group (PG), by rendezvous hashing weighted by
+//! capacity.
+//!
+//! Every PG ranks every node by `w / -ln(u)`, where `u` in (0, 1) is a hash of the PG and the
+//! node id and `w` the node's capacity; the R best are its replicas, best first (the primary).
+//! A node's share of PGs is proportional to its capacity, and when a node joins or leaves
+//! only the PGs it enters or leaves move: no other PG changes its replicas. The hash is ours
+//! (FNV-1a, then SplitMix64's finaliser) so that a map computed by one version is computed the
+//! same by every other.
+//!
+//! An object's PG is the same hash of its namespace and name, modulo the PG count.
+
+use serde::{Deserialize, Serialize};
+
+/// The PG map as kept in etcd (`<prefix>/pgmap`, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PgMap {
+    /// Bumped by every change; requests will carry it.
+    pub epoch: u64,
+    /// Number of PGs (fixed for the cluster's life).
+    pub pgs: u32,
+    /// Replicas each PG should have.
+    pub replicas: u8,
+    /// The coordinator that wrote this map.
+    pub coordinator: String,
+    /// The members it was computed from, sorted.
+    pub nodes: Vec<String>,
+    /// For each PG, its replicas, primary first (fewer than `replicas` when the cluster has
+    /// fewer nodes).
+    pub pg: Vec<Vec<String>>,
+}
+
+impl PgMap {
+    /// Whether `other` places every PG the same way (epochs and authors aside).
+    pub fn same_placement(&self, other: &PgMap) -> bool {
+        self.pgs == other.pgs && self.replicas == other.replicas && self.nodes == other.nodes && self.pg == other.pg
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The PG of object `name` in `namespace`, of `pgs`.
+pub fn pg_of(namespace: &str, name: &str, pgs: u32) -> u32 {
+    let h = mix(fnv1a(namespace.as_bytes()) ^ mix(fnv1a(name.as_bytes())));
+    (h % u64::from(pgs.max(1))) as u32
+}
+
+fn score(pg: u32, node: &str, weight: f64) -> f64 {
+    let h = mix(fnv1a(node.as_bytes()) ^ mix(u64::from(pg) ^ 0x5047_5047_5047_5047));
+    // u in (0, 1): never 0 or 1, so the logarithm is finite and negative.
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    weight / -u.ln()
+}
+
+/// The replicas of each of `pgs` PGs over `nodes` (id, capacity in bytes), `replicas` each.
+/// Nodes of capacity 0 hold nothing.
+pub fn place(nodes: &[(String, u64)], pgs: u32, replicas: u8) -> Vec<Vec<String>> {
+    let live: Vec<&(String, u64)> = nodes.iter().filter(|(_, c)| *c > 0).collect();
+    (0..pgs)
+        .map(|pg| {
+            let mut ranked: Vec<(f64, &str)> =
+                live.iter().map(|(id, cap)| (score(pg, id, *cap as f64), id.as_str())).collect();
+            ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+            ranked.into_iter().take(usize::from(replicas)).map(|(_, id)| id.to_string()).collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+        list.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+    }
+
+    #[test]
+    fn every_pg_gets_distinct_replicas_primary_first() {
+        let n = nodes(&[("a", 100), ("b", 100), ("c", 100)]);
+        let m = place(&n, 256, 2);
+        assert_eq!(m.len(), 256);
+        for r in &m {
+            assert_eq!(r.len(), 2);
+            assert_ne!(r[0], r[1]);
+        }
+        let primaries = |id: &str| m.iter().filter(|r| r[0] == id).count();
+        for id in ["a", "b", "c"] {
+            assert!((60..=110).contains(&primaries(id)), "{id} is primary of {} of 256", primaries(id));
+        }
+        // Fewer nodes than replicas: every node, once.
+        assert!(place(&n[..1], 8, 3).iter().all(|r| r == &vec!["a".to_string()]));
+        assert!(place(&[], 8, 2).iter().all(Vec::is_empty));
+    }
+
+    #[test]
+    fn shares_follow_capacity() {
+        let n = nodes(&[("small", 1 << 30), ("big", 3 << 30)]);
+        let m = place(&n, 4096, 1);
+        let big = m.iter().filter(|r| r[0] == "big").count() as f64 / 4096.0;
+        assert!((0.70..=0.80).contains(&big), "big holds {big:.3} of PGs, expected about 0.75");
+        assert!(place(&nodes(&[("empty", 0), ("x", 1)]), 16, 2).iter().all(|r| r == &vec!["x".to_string()]));
+    }
+
+    #[test]
+    fn a_node_leaving_or_joining_moves_only_its_own_pgs() {
+        let five = nodes(&[("n0", 10), ("n1", 10), ("n2", 20), ("n3", 10), ("n4", 10)]);
+        let before = place(&five, 512, 2);
+        let four: Vec<_> = five.iter().filter(|(n, _)| n != "n2").cloned().collect();
+        let after = place(&four, 512, 2);
+        for (b, a) in before.iter().zip(&after) {
+            if !b.contains(&"n2".to_string()) {
+                assert_eq!(a, b, "a PG without the lost node changed");
+            } else {
+                // The survivor keeps its place; one replacement joins.
+                let kept: Vec<_> = b.iter().filter(|n| *n != "n2").collect();
+                assert!(kept.iter().all(|k| a.contains(k)), "{b:?} -> {a:?}");
+            }
+        }
+        // Joining is the same movement backwards.
+        assert_eq!(place(&five, 512, 2), before, "placement is a pure function of the members");
+    }
+
+    #[test]
+    fn the_hash_is_stable_across_versions() {
+        // Fixed outputs: a change here would move every object of every existing cluster.
+        let got: Vec<u32> = ["a", "b", "c", "d"].iter().map(|n| pg_of("ns", n, 1 << 20)).collect();
+        assert_eq!(got, vec![930511, 568077, 325188, 328799]);
+        let m = place(&nodes(&[("n0", 1), ("n1", 1), ("n2", 1)]), 4, 2);
+        assert_eq!(m, [["n2", "n1"], ["n2", "n1"], ["n0", "n2"], ["n2", "n0"]].map(|r| r.map(String::from).to_vec()));
+    }
+}
