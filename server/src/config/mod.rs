@@ -57,6 +57,7 @@ Config keys without a flag:
   [nbd] handshake_timeout_ms = 10000  bound on an NBD client's whole handshake
   [cluster] lease_ttl_ms = 10000  TTL of the etcd lease the node's registration lives under
   [cluster] prefix = \"/rdax\"      etcd key prefix (clusters sharing one etcd use their own)
+  [cluster] pgs = 128             placement groups, fixed by the cluster's first PG map
   [cluster] advertise = \"host\"    what other nodes dial (default: the listen addresses)
 
 With no configuration at all, rdaxd creates (first start) or opens
