@@ -200,6 +200,13 @@ async fn a_second_daemon_with_the_same_node_id_is_refused_and_grants_nothing() {
     let e = c.open_session("t").await.unwrap().acquire("ns", "x", 0, MIB, LeaseMode::Read).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(e.to_string().contains("cluster membership lapsed"), "{e}");
+    // One member and two replicas wanted: every PG is degraded, and the refused daemon is not
+    // a node of the cluster.
+    map_when(&etcd, "a map of the one member", |m| names(&m["nodes"]) == ["same"]);
+    let st = status(&etcd);
+    assert_eq!(st["pg_states"], serde_json::json!({"healthy": 0, "degraded": 128, "unavailable": 0}));
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(format!("http://{}", st["nodes"][0]["grpc"].as_str().unwrap()), a.endpoint);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -348,4 +355,25 @@ async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
     let back = map_when(&etcd, "a map with it again", |m| names(&m["nodes"]) == all);
     assert!(back["epoch"].as_u64() > after["epoch"].as_u64());
     assert_eq!(back["pg"], before["pg"], "placement is a function of the members alone");
+    // What an operator sees.
+    let st = status(&etcd);
+    assert_eq!(st["map"]["epoch"], back["epoch"]);
+    assert_eq!(st["coordinator"], back["coordinator"]);
+    assert_eq!(st["pg_states"], serde_json::json!({"healthy": 128, "degraded": 0, "unavailable": 0}));
+    let up: Vec<_> = st["nodes"].as_array().unwrap().iter().filter(|n| n["state"] == "up").collect();
+    assert_eq!(up.len(), 5);
+    let held: u64 = up.iter().map(|n| n["pgs"].as_u64().unwrap()).sum();
+    assert_eq!(held, 256, "128 PGs x 2 replicas");
+}
+
+/// `rdaxctl --cluster etcd://... --json cluster status`.
+fn status(etcd: &Etcd) -> serde_json::Value {
+    let spec = etcd.client.replacen("http://", "etcd://", 1);
+    let out = common::rdaxctl().args(["--cluster", &spec, "--json", "cluster", "status"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rdaxctl cluster status (build rdaxctl with --features cluster; scripts/test.sh does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

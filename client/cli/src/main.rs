@@ -4,6 +4,7 @@
 //! pool file or device directly (offline). Every command that prints accepts `--json`.
 
 mod bench;
+mod cluster;
 mod offline;
 mod online;
 mod output;
@@ -54,6 +55,12 @@ pub(crate) struct Cli {
     /// Local IP for the RDMA connection (default: chosen by routing).
     #[arg(long, global = true, env = "RDAX_RDMA_SOURCE")]
     rdma_source: Option<std::net::IpAddr>,
+    /// The cluster's etcd, for `cluster` commands: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, global = true, env = "RDAX_CLUSTER")]
+    cluster: Option<String>,
+    /// The cluster's etcd key prefix (its daemons' cluster.prefix).
+    #[arg(long, global = true, env = "RDAX_CLUSTER_PREFIX", default_value = "/rdax")]
+    cluster_prefix: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -242,6 +249,11 @@ enum Cmd {
     /// Data-plane bench through one lease (RDMA or TCP, per --transport): bandwidth with
     /// --depth operations in flight, or latency with --depth 1. Prints figures.
     LeaseBench(bench::LeaseBenchArgs),
+    /// The cluster (with --cluster etcd://...): `status`. Reads etcd; asks no daemon.
+    Cluster {
+        #[command(subcommand)]
+        cmd: cluster::ClusterCmd,
+    },
     /// Credentials for a principals file (`auth.principals_file`).
     Token {
         #[command(subcommand)]
@@ -332,6 +344,16 @@ fn main() -> ExitCode {
                 &mut std::io::stdout(),
             );
             Ok(())
+        }
+        Cmd::Cluster { cmd } => {
+            match (&cli.cluster, tokio::runtime::Builder::new_current_thread().enable_all().build()) {
+                (None, _) => Err(Failure::invalid(anyhow::anyhow!(
+                    "`cluster` commands need --cluster etcd://HOST:PORT (or RDAX_CLUSTER)"
+                ))),
+                (Some(spec), Ok(rt)) => cluster::etcd_urls(spec)
+                    .and_then(|urls| rt.block_on(cluster::run(urls, &cli.cluster_prefix, cmd, json))),
+                (Some(_), Err(e)) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),
+            }
         }
         _ => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => rt.block_on(online::run(&cli)),

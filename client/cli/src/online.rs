@@ -285,6 +285,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
         Cmd::Mkpool { .. }
         | Cmd::Fsck { .. }
         | Cmd::Token { .. }
+        | Cmd::Cluster { .. }
         | Cmd::Completions { .. }
         | Cmd::Bench(_)
         | Cmd::LeaseBench(_) => {

@@ -22,6 +22,12 @@ impl Failure {
         Self { code: 5, error }
     }
 
+    /// A service (etcd) did not answer: exit 7, as for an unreachable daemon.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub fn unavailable(error: anyhow::Error) -> Self {
+        Self { code: 7, error }
+    }
+
     /// `fsck` found damage: exit 1 (the report is already printed).
     pub fn damaged() -> Self {
         Self { code: 1, error: anyhow::anyhow!("the pool is damaged") }

@@ -126,3 +126,22 @@ fn fsck_on_something_that_is_not_a_pool_exits_2() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("No such file"), "{}", text(&o));
 }
+
+#[test]
+fn cluster_status_says_what_it_needs() {
+    let o = rdaxctl(&["cluster", "status"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("--cluster etcd://"), "{}", text(&o));
+    let o = rdaxctl(&["--cluster", "http://127.0.0.1:2379", "cluster", "status"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("expected etcd://"), "{}", text(&o));
+    // Nothing listens on port 1: unreachable (7), or, in a build without the feature, a local
+    // refusal that says how to get it (2).
+    let o = rdaxctl(&["--cluster", "etcd://127.0.0.1:1", "cluster", "status"]);
+    if cfg!(feature = "cluster") {
+        assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    } else {
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(text(&o).contains("--features cluster"), "{}", text(&o));
+    }
+}

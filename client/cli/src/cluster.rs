@@ -1,0 +1,164 @@
+//! `rdaxctl --cluster etcd://HOST:PORT cluster status`: the cluster as etcd records it, read
+//! straight from etcd (no daemon is asked): the registered nodes, the coordinator, the PG map
+//! and how many PGs have all their replicas.
+
+use crate::Failure;
+
+/// `rdaxctl cluster ...`.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ClusterCmd {
+    /// Nodes and their state (up: registered; lost: in the PG map but no longer registered),
+    /// the coordinator, and the PGs: healthy (every replica up), degraded (fewer than the
+    /// replication factor), unavailable (none up).
+    Status,
+}
+
+/// etcd client URLs from `--cluster etcd://HOST:PORT[,HOST:PORT...]`.
+pub(crate) fn etcd_urls(spec: &str) -> Result<Vec<String>, Failure> {
+    let rest = spec.strip_prefix("etcd://").ok_or_else(|| {
+        Failure::invalid(anyhow::anyhow!("--cluster `{spec}`: expected etcd://HOST:PORT[,HOST:PORT...]"))
+    })?;
+    let urls: Vec<String> =
+        rest.trim_end_matches('/').split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
+    if urls.is_empty() || urls.iter().any(|u| !u[7..].contains(':')) {
+        return Err(Failure::invalid(anyhow::anyhow!("--cluster `{spec}`: every etcd member as HOST:PORT")));
+    }
+    Ok(urls)
+}
+
+#[cfg(not(feature = "cluster"))]
+pub(crate) async fn run(_urls: Vec<String>, _prefix: &str, _cmd: &ClusterCmd, _json: bool) -> Result<(), Failure> {
+    Err(Failure::local(anyhow::anyhow!(
+        "this rdaxctl was built without cluster support: build it with `--features cluster` (it needs protoc: \
+         scripts/install-deps.sh installs it)"
+    )))
+}
+
+#[cfg(feature = "cluster")]
+pub(crate) use with_etcd::run;
+
+#[cfg(feature = "cluster")]
+mod with_etcd {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use etcd_client::{Client, ConnectOptions, GetOptions};
+    use rdaxd::cluster::NodeRecord;
+    use rdaxd::cluster::placement::PgMap;
+    use serde_json::json;
+
+    use super::ClusterCmd;
+    use crate::Failure;
+    use crate::output::{emit, human};
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    fn unreachable(e: impl std::fmt::Display) -> Failure {
+        Failure::unavailable(anyhow::anyhow!("etcd: {e}"))
+    }
+
+    async fn bounded<T>(f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Failure> {
+        tokio::time::timeout(BOUND, f)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {BOUND:?}")))?
+            .map_err(unreachable)
+    }
+
+    pub(crate) async fn run(urls: Vec<String>, prefix: &str, cmd: &ClusterCmd, json: bool) -> Result<(), Failure> {
+        let ClusterCmd::Status = cmd;
+        let prefix = prefix.trim_end_matches('/');
+        let opts = ConnectOptions::new().with_connect_timeout(BOUND);
+        let mut c = bounded(Client::connect(&urls, Some(opts))).await?;
+        let got = bounded(c.get(format!("{prefix}/nodes/"), Some(GetOptions::new().with_prefix()))).await?;
+        let up: BTreeMap<String, NodeRecord> = got
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok())
+            .map(|r| (r.node_id.clone(), r))
+            .collect();
+        let map: Option<PgMap> = bounded(c.get(format!("{prefix}/pgmap"), None))
+            .await?
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok());
+        // No leader is not an error: a cluster with no member has none.
+        let coordinator = match tokio::time::timeout(BOUND, c.leader(format!("{prefix}/coordinator"))).await {
+            Ok(Ok(r)) => r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string),
+            _ => None,
+        };
+        let (mut healthy, mut degraded, mut unavailable) = (0u32, 0u32, 0u32);
+        let mut held: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        if let Some(m) = &map {
+            for r in &m.pg {
+                let live = r.iter().filter(|n| up.contains_key(*n)).count();
+                match live {
+                    0 => unavailable += 1,
+                    n if n < usize::from(m.replicas) => degraded += 1,
+                    _ => healthy += 1,
+                }
+                for (i, n) in r.iter().enumerate() {
+                    let e = held.entry(n.as_str()).or_default();
+                    e.0 += 1;
+                    e.1 += u32::from(i == 0);
+                }
+            }
+        }
+        let mut names: Vec<&str> = up.keys().map(String::as_str).collect();
+        if let Some(m) = &map {
+            names.extend(m.nodes.iter().map(String::as_str).filter(|n| !up.contains_key(*n)));
+        }
+        names.sort_unstable();
+        names.dedup();
+        let nodes: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| {
+                let r = up.get(*n);
+                let (pgs, primary) = held.get(n).copied().unwrap_or_default();
+                json!({
+                    "node_id": n, "state": if r.is_some() { "up" } else { "lost" },
+                    "grpc": r.map(|r| r.grpc.clone()), "data": r.map(|r| r.data.clone()),
+                    "rdma": r.and_then(|r| r.rdma.clone()), "capacity_bytes": r.map(|r| r.capacity_bytes),
+                    "pgs": pgs, "primary_pgs": primary,
+                })
+            })
+            .collect();
+        let v = json!({
+            "etcd": urls, "prefix": prefix, "coordinator": coordinator, "nodes": nodes,
+            "map": map.as_ref().map(|m| json!({"epoch": m.epoch, "pgs": m.pgs, "replicas": m.replicas})),
+            "pg_states": {"healthy": healthy, "degraded": degraded, "unavailable": unavailable},
+        });
+        emit(json, &v, || {
+            let lost = nodes.iter().filter(|n| n["state"] == "lost").count();
+            let mut out = format!(
+                "cluster {prefix} at {}: {} up, {lost} lost; coordinator {}\n",
+                urls.join(","),
+                up.len(),
+                coordinator.as_deref().unwrap_or("none")
+            );
+            match &map {
+                Some(m) => out.push_str(&format!(
+                    "PG map epoch {}: {} PGs x {} replicas: {healthy} healthy, {degraded} degraded, {unavailable} unavailable\n",
+                    m.epoch, m.pgs, m.replicas
+                )),
+                None => out.push_str("no PG map yet\n"),
+            }
+            out.push_str(&format!(
+                "{:<16} {:<5} {:<24} {:>10} {:>6} {:>8}",
+                "NODE", "STATE", "GRPC", "CAPACITY", "PGS", "PRIMARY"
+            ));
+            for n in &nodes {
+                out.push_str(&format!(
+                    "\n{:<16} {:<5} {:<24} {:>10} {:>6} {:>8}",
+                    n["node_id"].as_str().unwrap_or_default(),
+                    n["state"].as_str().unwrap_or_default(),
+                    n["grpc"].as_str().unwrap_or("-"),
+                    n["capacity_bytes"].as_u64().map_or("-".into(), human),
+                    n["pgs"].as_u64().unwrap_or(0),
+                    n["primary_pgs"].as_u64().unwrap_or(0)
+                ));
+            }
+            out
+        });
+        Ok(())
+    }
+}
