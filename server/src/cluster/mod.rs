@@ -231,7 +231,13 @@ impl Member {
                 (r.id(), r.ttl())
             }
         };
-        self.register(&mut client, id).await?;
+        if let Err(e) = self.register(&mut client, id).await {
+            if lease.is_none() {
+                // A lease granted for a registration that failed would only wait out its TTL.
+                let _ = self.bounded(client.lease_revoke(id)).await;
+            }
+            return Err(e);
+        }
         // Whatever was granted before the fence closed goes before it opens again, whichever
         // of this and the fence watcher sees the closed fence first.
         if !self.leases.fence().is_open() {
