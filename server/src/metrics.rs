@@ -109,6 +109,12 @@ pub struct Metrics {
     pub cluster_fences: AtomicU64,
     /// 1 while this node is the cluster's elected coordinator.
     pub cluster_coordinator: AtomicU64,
+    /// The newest PG map epoch this node has seen.
+    pub cluster_map_epoch: AtomicU64,
+    /// PGs of that map this node is a replica of, and primary of.
+    pub cluster_pgs_held: AtomicU64,
+    /// See `cluster_pgs_held`.
+    pub cluster_pgs_primary: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -297,6 +303,14 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
         out.push_str(&format!("rdax_cluster_member {}\n", u8::from(leases.fence().is_open())));
         out.push_str("# HELP rdax_cluster_coordinator 1 while this node is the elected coordinator (it keeps the PG map).\n# TYPE rdax_cluster_coordinator gauge\n");
         out.push_str(&format!("rdax_cluster_coordinator {}\n", m.cluster_coordinator.load(Relaxed)));
+        let map = [
+            ("rdax_cluster_map_epoch", "The newest PG map epoch this node has seen.", &m.cluster_map_epoch),
+            ("rdax_cluster_pgs_held", "PGs of that map this node is a replica of.", &m.cluster_pgs_held),
+            ("rdax_cluster_pgs_primary", "PGs of that map this node is the primary of.", &m.cluster_pgs_primary),
+        ];
+        for (name, help, v) in map {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}\n", v.load(Relaxed)));
+        }
         counter(
             &mut out,
             "rdax_cluster_joins_total",

@@ -366,6 +366,16 @@ async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
     assert_eq!(up.len(), 5);
     let held: u64 = up.iter().map(|n| n["pgs"].as_u64().unwrap()).sum();
     assert_eq!(held, 256, "128 PGs x 2 replicas");
+    // Every member follows the map: the newest epoch, and its own share of it.
+    let epoch = back["epoch"].as_f64().unwrap();
+    for (i, d) in nodes.iter().enumerate() {
+        poll(Duration::from_secs(20), "the member to see the newest map", || {
+            (d.metric("rdax_cluster_map_epoch") == epoch).then_some(())
+        });
+        let me = st["nodes"].as_array().unwrap().iter().find(|n| n["node_id"] == format!("n{i}")).unwrap();
+        assert_eq!(d.metric("rdax_cluster_pgs_held"), me["pgs"].as_f64().unwrap());
+        assert_eq!(d.metric("rdax_cluster_pgs_primary"), me["primary_pgs"].as_f64().unwrap());
+    }
 }
 
 /// `rdaxctl --cluster etcd://... --json cluster status`.

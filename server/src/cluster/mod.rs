@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod coordinator;
+mod mapwatch;
 pub mod placement;
 
 use crate::config::Cluster;
@@ -165,10 +166,12 @@ impl Member {
                     self.joined.store(true, Relaxed);
                     info!(node = %self.record.node_id, key = %self.key, "registered in the cluster: granting leases");
                     let stand = self.stand(held.client.clone(), held.lease);
+                    let follow = self.follow_map(held.client.clone());
                     let e = tokio::select! {
                         _ = cancel.cancelled() => break,
                         e = self.renew(held) => e,
                         _ = stand => unreachable!("standing for coordinator never ends by itself"),
+                        _ = follow => unreachable!("following the PG map never ends by itself"),
                     };
                     if matches!(e, JoinError::Expired) {
                         lease = None;
@@ -290,6 +293,17 @@ impl Member {
         loop {
             let e = self.coordinate(client.clone(), lease).await;
             warn!(node = %self.record.node_id, error = %e, "stopped coordinating; standing again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.cfg.keepalive_interval());
+        }
+    }
+
+    /// Follow the PG map for as long as the held lease is renewed; after an etcd error, again.
+    async fn follow_map(&self, client: Client) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let e = self.watch_map(client.clone()).await;
+            info!(node = %self.record.node_id, error = %e, "PG map watch ended; watching again");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.cfg.keepalive_interval());
         }
