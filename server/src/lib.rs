@@ -40,6 +40,7 @@ pub mod admin_socket;
 pub mod auth;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod cluster_view;
 pub mod config;
 pub mod dataplane;
 pub mod dma;

@@ -308,6 +308,7 @@ pub async fn run_with_reload(
         data_stop.clone(),
     ));
     let auth = grpc::Auth::new(cfg.principals.clone());
+    let map_view = Arc::new(crate::cluster_view::MapView::new(leases.fence().clone()));
     let metrics_local = match cfg.metrics_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
@@ -393,7 +394,7 @@ pub async fn run_with_reload(
         // every message on window updates.
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .layer(grpc::layer::GateLayer::new(gate.clone(), root.clone(), auth.clone()))
+        .layer(grpc::layer::GateLayer::new(gate.clone(), root.clone(), auth.clone(), map_view.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             incoming(
@@ -443,7 +444,7 @@ pub async fn run_with_reload(
             pool_uuid: info.uuid.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
-        crate::cluster::Membership::start(c, record, leases.clone())
+        crate::cluster::Membership::start(c, record, leases.clone(), map_view.clone())
     });
     // Both listeners accept and recovery is done: tell systemd.
     let status = systemd::status_line(&pool, &sessions, &leases);

@@ -266,16 +266,24 @@ async fn a_node_stopped_past_its_etcd_lease_accepts_no_write_and_grants_nothing_
     let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
     lease.write_persist(0, b"before").await.unwrap();
     let lease_id = etcd.lease_of(&key("n1"));
+    let epoch = map_when(&etcd, "its map", |m| names(&m["nodes"]) == ["n1"])["epoch"].as_u64().unwrap();
+    poll(Duration::from_secs(20), "the node to follow the map", || {
+        (d.metric("rdax_cluster_map_epoch") == epoch as f64).then_some(())
+    });
+    resize_at(&d, epoch, None, MIB).await.expect("a member at the map's epoch admits it");
     // SIGSTOP the daemon until etcd has forgotten it (its key went with the expired lease).
     d.signal(libc::SIGSTOP);
     poll(TTL * 10, "etcd to expire the stopped node's lease", || etcd.get(&key("n1"), false).is_empty().then_some(()));
     assert!(etcd.ttl_of(lease_id) < 0);
     d.signal(libc::SIGCONT);
     // At once, before it can have re-registered: a write under the old lease is refused, and
-    // so is a grant (or, if it has already rejoined, the grant is of its new membership).
+    // so is a request routed by the map the node belonged to.
+    let r = resize_at(&d, epoch, None, 2 * MIB).await;
+    assert_eq!(r.unwrap_err().code(), tonic::Code::Unavailable, "a write routed by the old map");
     let e = lease.write(0, b"stale!").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Revoked, "a write after the stop: {e}");
     assert_eq!(c.object("ns", "x").unwrap().read(0, 6).await.unwrap(), b"before", "the stale write landed");
+    assert_eq!(c.object("ns", "x").unwrap().stat().await.unwrap().size, MIB, "the refused resize ran");
     // It rejoins under a new etcd lease.
     poll(Duration::from_secs(20), "the node to rejoin", || {
         let l = etcd.lease_of(&key("n1"));
@@ -376,6 +384,37 @@ async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
         assert_eq!(d.metric("rdax_cluster_pgs_held"), me["pgs"].as_f64().unwrap());
         assert_eq!(d.metric("rdax_cluster_pgs_primary"), me["primary_pgs"].as_f64().unwrap());
     }
+    // Requests that carry the epoch: admitted at the node's epoch for a PG it holds, refused
+    // for a PG it does not hold, for an older epoch (refresh) and a newer one (retry).
+    let e = back["epoch"].as_u64().unwrap();
+    let pgs = back["pg"].as_array().unwrap();
+    let d = &nodes[0];
+    client(d).await.object("ns", "x").unwrap().create(4096).await.unwrap();
+    let mine = pgs.iter().position(|r| names(r).contains(&"n0".to_string())).unwrap() as u64;
+    let other = pgs.iter().position(|r| !names(r).contains(&"n0".to_string())).unwrap() as u64;
+    resize_at(d, e, Some(mine), 8192).await.unwrap();
+    resize_at(d, e, None, 8192).await.unwrap();
+    let code = |r: Result<(), tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(resize_at(d, e, Some(other), 1).await), tonic::Code::FailedPrecondition);
+    assert_eq!(code(resize_at(d, e - 1, Some(mine), 1).await), tonic::Code::FailedPrecondition);
+    assert_eq!(code(resize_at(d, e + 1, Some(mine), 1).await), tonic::Code::Unavailable);
+    assert_eq!(client(d).await.object("ns", "x").unwrap().stat().await.unwrap().size, 8192, "a refused resize ran");
+}
+
+/// `Objects.Resize` of `ns/name` to `size` as a cluster client sends it: with the map epoch it
+/// routed by and the object's PG.
+async fn resize_at(d: &Daemon, epoch: u64, pg: Option<u64>, size: u64) -> Result<(), tonic::Status> {
+    use rdax_proto::pb;
+    let mut c = pb::objects_client::ObjectsClient::new(d.channel().await);
+    let mut req = tonic::Request::new(pb::ResizeRequest {
+        object: Some(pb::ObjectRef { namespace: "ns".into(), name: "x".into() }),
+        size,
+    });
+    req.metadata_mut().insert("rdax-map-epoch", epoch.to_string().parse().unwrap());
+    if let Some(pg) = pg {
+        req.metadata_mut().insert("rdax-pg", pg.to_string().parse().unwrap());
+    }
+    c.resize(req).await.map(|_| ())
 }
 
 /// `rdaxctl --cluster etcd://... --json cluster status`.

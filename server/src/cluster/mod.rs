@@ -30,6 +30,7 @@ mod coordinator;
 mod mapwatch;
 pub mod placement;
 
+use crate::cluster_view::MapView;
 use crate::config::Cluster;
 use crate::lease::LeaseManager;
 use crate::metrics::METRICS;
@@ -89,11 +90,13 @@ struct Member {
     value: String,
     record: NodeRecord,
     leases: Arc<LeaseManager>,
+    /// What the request layer checks cluster requests against.
+    view: Arc<MapView>,
 }
 
 impl Membership {
     /// Enable the fence (nothing is granted until the node is registered) and start joining.
-    pub fn start(cfg: Cluster, record: NodeRecord, leases: Arc<LeaseManager>) -> Self {
+    pub fn start(cfg: Cluster, record: NodeRecord, leases: Arc<LeaseManager>, view: Arc<MapView>) -> Self {
         leases.fence().enable();
         let cancel = CancellationToken::new();
         let value = serde_json::to_string(&record).expect("a node record serialises");
@@ -105,6 +108,7 @@ impl Membership {
             value,
             record,
             leases,
+            view,
         });
         info!(
             node = %m.record.node_id, etcd = ?m.cfg.etcd, ttl = ?m.cfg.lease_ttl, replicas = m.cfg.replicas,

@@ -5,6 +5,9 @@
 //! also counts each request on its connection until its reply (a stream included) has been
 //! sent, which is what the connection's idle timeout looks at (see [`crate::net`]).
 //!
+//! In a cluster, a request that carries a PG map epoch is checked against what this node knows
+//! of the map ([`crate::cluster_view`]) right after authentication.
+//!
 //! A tower layer around every service rather than a line in each handler, so that no handler
 //! can forget it. Health and reflection pass untouched (probes must keep working while the
 //! daemon drains). Once shutdown has begun, only requests that finish work already under way
@@ -18,6 +21,7 @@ use tonic::body::Body;
 
 use super::auth::Auth;
 use super::status::ApiError;
+use crate::cluster_view::MapView;
 use crate::gate::{Gate, Work};
 
 /// RPCs admitted while draining.
@@ -29,13 +33,14 @@ pub struct GateLayer {
     gate: Gate,
     draining: CancellationToken,
     auth: Auth,
+    view: std::sync::Arc<MapView>,
 }
 
 impl GateLayer {
-    /// Requests are checked by `auth` and enter `gate`; once `draining` is cancelled, new
-    /// ones are refused.
-    pub fn new(gate: Gate, draining: CancellationToken, auth: Auth) -> Self {
-        Self { gate, draining, auth }
+    /// Requests are checked by `auth` (and `view`, when they carry a map epoch) and enter
+    /// `gate`; once `draining` is cancelled, new ones are refused.
+    pub fn new(gate: Gate, draining: CancellationToken, auth: Auth, view: std::sync::Arc<MapView>) -> Self {
+        Self { gate, draining, auth, view }
     }
 }
 
@@ -43,7 +48,13 @@ impl<S> tower_layer::Layer<S> for GateLayer {
     type Service = GateService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GateService { inner, gate: self.gate.clone(), draining: self.draining.clone(), auth: self.auth.clone() }
+        GateService {
+            inner,
+            gate: self.gate.clone(),
+            draining: self.draining.clone(),
+            auth: self.auth.clone(),
+            view: self.view.clone(),
+        }
     }
 }
 
@@ -54,6 +65,7 @@ pub struct GateService<S> {
     gate: Gate,
     draining: CancellationToken,
     auth: Auth,
+    view: std::sync::Arc<MapView>,
 }
 
 type BoxFut<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
@@ -98,6 +110,10 @@ where
         if !path.starts_with("/rdax.v1.") {
             let fut = self.inner.call(req);
             return Box::pin(async move { fut.await.map(|r| counted(r, active)) });
+        }
+        if let Err(status) = self.view.check(req.headers()) {
+            crate::metrics::METRICS.error(status.code());
+            return Box::pin(async move { Ok(counted(status.into_http(), active)) });
         }
         let refuse = self.draining.is_cancelled() && !WHILE_DRAINING.contains(&path);
         let guard = if refuse { None } else { self.gate.enter(Work::Request).ok() };
