@@ -27,9 +27,17 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 if ((${#need[@]})); then
   echo "install-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  else
-    sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  # Debian's etcd-server starts a system etcd on 127.0.0.1:2379 when it is installed. The tests
+  # start etcds of their own and never use it, so keep the package's service from starting
+  # (policy-rc.d, for this install only, unless the host already has one).
+  policy=""
+  if [[ " ${need[*]} " == *" etcd-server "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod 755 "$policy"
   fi
+  rc=0
+  { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } || rc=$?
+  [ -z "$policy" ] || $sudo rm -f "$policy"
+  [ "$rc" = 0 ] || exit "$rc"
 fi
