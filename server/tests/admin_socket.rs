@@ -98,16 +98,23 @@ async fn other_users_are_refused_by_the_mode_and_then_by_the_peer_check() {
     std::fs::copy(common::rdaxd_bin().with_file_name("rdaxctl"), &ctl).unwrap();
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Exec can fail with ETXTBSY for a moment: a process another test forked while the copy's
+    // write descriptor was open holds it until that child execs. Retry that, bounded.
     let as_user = |uid: u32, gid: u32, sock: &std::path::Path, args: &[&str]| {
-        std::process::Command::new(&ctl)
-            .uid(uid)
-            .gid(gid)
-            .env("HOME", "/nonexistent")
-            .arg("--endpoint")
-            .arg(format!("unix:{}", sock.display()))
-            .args(args)
-            .output()
-            .unwrap()
+        common::poll(Duration::from_secs(10), "rdaxctl's copy to be executable", || {
+            match std::process::Command::new(&ctl)
+                .uid(uid)
+                .gid(gid)
+                .env("HOME", "/nonexistent")
+                .arg("--endpoint")
+                .arg(format!("unix:{}", sock.display()))
+                .args(args)
+                .output()
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+                r => Some(r.unwrap()),
+            }
+        })
     };
     let as_nobody = |args: &[&str]| as_user(65534, 65534, &sock, args);
     // The socket's mode keeps nobody out (connect: EACCES).
