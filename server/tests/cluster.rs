@@ -136,6 +136,22 @@ fn member(dir: &Path, etcd: &Etcd, node: &str) -> Daemon {
     d
 }
 
+/// One registered member `n1`, an object `ns/x` of 1 MiB on it, and a session holding a
+/// read-write lease over it that has written "before" at offset 0.
+async fn member_with_a_lease(
+    dir: &Path,
+    etcd: &Etcd,
+) -> (Daemon, rdax_client::Client, rdax_client::Session, rdax_client::Lease) {
+    let d = member(dir, etcd, "n1");
+    poll(Duration::from_secs(20), "registration", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
+    let c = client(&d).await;
+    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+    let s = c.open_session("t").await.unwrap();
+    let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+    lease.write_persist(0, b"before").await.unwrap();
+    (d, c, s, lease)
+}
+
 fn key(node: &str) -> String {
     format!("/rdax/nodes/{node}")
 }
@@ -215,13 +231,7 @@ async fn a_node_that_cannot_renew_fences_itself_before_etcd_forgets_it_and_rejoi
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::start(dir.path());
     let nd = tempfile::tempdir().unwrap();
-    let d = member(nd.path(), &etcd, "n1");
-    poll(Duration::from_secs(20), "registration", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
-    let c = client(&d).await;
-    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
-    let s = c.open_session("t").await.unwrap();
-    let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
-    lease.write_persist(0, b"before").await.unwrap();
+    let (d, c, s, lease) = member_with_a_lease(nd.path(), &etcd).await;
     // etcd stops answering (it is stopped, not gone: the connection stays up). The node must
     // fence itself within the etcd lease's TTL of its last acknowledged renewal, which was at
     // most a quarter TTL (one renewal interval) before the stop.
@@ -258,13 +268,7 @@ async fn a_node_stopped_past_its_etcd_lease_accepts_no_write_and_grants_nothing_
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(dir.path());
     let nd = tempfile::tempdir().unwrap();
-    let d = member(nd.path(), &etcd, "n1");
-    poll(Duration::from_secs(20), "registration", || (d.metric("rdax_cluster_member") == 1.0).then_some(()));
-    let c = client(&d).await;
-    c.object("ns", "x").unwrap().create(MIB).await.unwrap();
-    let s = c.open_session("t").await.unwrap();
-    let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
-    lease.write_persist(0, b"before").await.unwrap();
+    let (d, c, s, lease) = member_with_a_lease(nd.path(), &etcd).await;
     let lease_id = etcd.lease_of(&key("n1"));
     let epoch = map_when(&etcd, "its map", |m| names(&m["nodes"]) == ["n1"])["epoch"].as_u64().unwrap();
     poll(Duration::from_secs(20), "the node to follow the map", || {
