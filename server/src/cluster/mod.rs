@@ -119,13 +119,22 @@ impl Membership {
     }
 
     /// Leave: stop renewing and revoke the etcd lease (bounded), so the node's key goes at once.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.cancel.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             if tokio::time::timeout(Duration::from_secs(3), t).await.is_err() {
                 warn!("a cluster membership task did not stop within 3 s");
             }
         }
+    }
+}
+
+impl Drop for Membership {
+    /// Dropped without [`Membership::stop`] (the daemon failing on its way out): the tasks end
+    /// too, revoking the etcd lease as `stop` does if the runtime still runs them; otherwise
+    /// the key goes when the etcd lease expires.
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 
