@@ -109,6 +109,15 @@ pub struct Client {
     pub(crate) admin: AdminClient<Svc>,
     pub(crate) leases: LeasesClient<Svc>,
     pub(crate) opts: ConnectOptions,
+    /// The PG map epoch and PG a cluster client routed by: sent with every request.
+    pub(crate) route: Option<Route>,
+}
+
+/// Routing metadata a cluster client attaches (`rdax-map-epoch`, `rdax-pg`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub(crate) epoch: u64,
+    pub(crate) pg: Option<u32>,
 }
 
 impl Client {
@@ -190,13 +199,26 @@ impl Client {
             admin: AdminClient::new(svc.clone()),
             leases: LeasesClient::new(svc),
             opts,
+            route: None,
         })
+    }
+
+    /// This connection, sending `route` with every request.
+    pub(crate) fn routed(&self, route: Option<Route>) -> Self {
+        Self { route, ..self.clone() }
     }
 
     pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Some(t) = self.opts.request_timeout {
             r.set_timeout(t);
+        }
+        if let Some(route) = self.route {
+            let m = r.metadata_mut();
+            m.insert(rdax_proto::cluster::EPOCH_HEADER, route.epoch.into());
+            if let Some(pg) = route.pg {
+                m.insert(rdax_proto::cluster::PG_HEADER, pg.into());
+            }
         }
         r
     }

@@ -51,16 +51,25 @@ pub struct Error {
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// A cluster member's PG map epoch, when it refused a request for its routing.
+    node_epoch: Option<u64>,
 }
 
 impl Error {
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self { kind, message: message.into(), source: None, node_epoch: None }
     }
 
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// When a cluster member refused the request because of how it was routed (a stale or
+    /// too-new PG map epoch, or a node that is not the PG's replica): that member's epoch.
+    /// The cluster client refreshes its map and retries.
+    pub fn node_epoch(&self) -> Option<u64> {
+        self.node_epoch
     }
 
     /// Whether retrying the same request later may succeed.
@@ -87,25 +96,35 @@ impl From<tonic::Status> for Error {
         // The status message is the whole story; keeping the Status as a source would repeat
         // it in every `{:#}` rendering.
         let message = if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
-        Self { kind, message, source: None }
+        let node_epoch = s
+            .metadata()
+            .get(rdax_proto::cluster::EPOCH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Self { kind, message, source: None, node_epoch }
     }
 }
 
 impl From<tonic::transport::Error> for Error {
     fn from(e: tonic::transport::Error) -> Self {
-        Self { kind: ErrorKind::Connect, message: format!("cannot connect to rdaxd: {e}"), source: Some(Box::new(e)) }
+        Self {
+            kind: ErrorKind::Connect,
+            message: format!("cannot connect to rdaxd: {e}"),
+            source: Some(Box::new(e)),
+            node_epoch: None,
+        }
     }
 }
 
 impl From<rdax_proto::model::ProtocolError> for Error {
     fn from(e: rdax_proto::model::ProtocolError) -> Self {
-        Self { kind: ErrorKind::InvalidArgument, message: e.to_string(), source: Some(Box::new(e)) }
+        Self { kind: ErrorKind::InvalidArgument, message: e.to_string(), source: Some(Box::new(e)), node_epoch: None }
     }
 }
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Self { kind: ErrorKind::Io, message: e.to_string(), source: Some(Box::new(e)) }
+        Self { kind: ErrorKind::Io, message: e.to_string(), source: Some(Box::new(e)), node_epoch: None }
     }
 }
 

@@ -21,6 +21,8 @@
 //! requests that are safe to repeat (reads, stats, lists, resize, punch, flush).
 
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod dataplane;
 mod error;
 mod lease;
@@ -31,11 +33,15 @@ mod session;
 mod unix;
 
 pub use client::{Client, ConnectOptions, TlsOptions};
+#[cfg(feature = "cluster")]
+pub use cluster::{ClusterClient, ClusterOptions, ClusterView, PutReceipt};
 pub use error::{Error, ErrorKind, Result};
 #[cfg(feature = "rdma")]
 pub use lease::RdmaBuffer;
 pub use lease::{Lease, LeaseMode, LeaseSegment};
 pub use object::{Object, Progress};
+#[cfg(feature = "cluster")]
+pub use rdax_proto::cluster::{NodeRecord, PgMap, pg_of};
 pub use rdax_proto::pb;
 pub use rdax_proto::pb::LeaseInfo;
 pub use rdax_proto::pb::{ObjectStat, PoolInfo, PoolStats, SessionInfo};

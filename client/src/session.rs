@@ -317,6 +317,22 @@ impl Session {
         mode: LeaseMode,
         exclusive: bool,
     ) -> Result<Lease> {
+        self.acquire_routed(namespace, name, offset, len, mode, exclusive, None).await
+    }
+
+    /// [`Session::acquire`] or [`Session::acquire_exclusive`], sending a cluster client's
+    /// routing (PG map epoch and PG) with the request.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn acquire_routed(
+        &self,
+        namespace: &str,
+        name: &str,
+        offset: u64,
+        len: u64,
+        mode: LeaseMode,
+        exclusive: bool,
+        route: Option<crate::client::Route>,
+    ) -> Result<Lease> {
         let object = ObjectKey::new(namespace, name)?;
         let pb_mode = match mode {
             LeaseMode::Read => pb::LeaseMode::Read,
@@ -329,11 +345,14 @@ impl Session {
         // once instead of lingering until its TTL.
         let (tx, rx) = oneshot::channel();
         let (client, session_id, req_object) = (self.client.clone(), self.id.clone(), pb::ObjectRef::from(&object));
+        // Only the acquire carries the routing: giving an undelivered grant back must work
+        // whatever map the node has by then.
+        let routed = client.routed(route);
         tokio::spawn(async move {
-            let r = client
+            let r = routed
                 .retry(|| {
-                    let mut c = client.leases.clone();
-                    let r = client.request(pb::AcquireRequest {
+                    let mut c = routed.leases.clone();
+                    let r = routed.request(pb::AcquireRequest {
                         session_id: session_id.clone(),
                         object: Some(req_object.clone()),
                         offset,

@@ -17,10 +17,16 @@ use tonic::Status;
 
 use crate::lease::Fence;
 
-/// Metadata key: the PG map epoch a cluster request was routed by.
-pub const EPOCH_HEADER: &str = "rdax-map-epoch";
-/// Metadata key: the PG of the object a cluster request is about.
-pub const PG_HEADER: &str = "rdax-pg";
+pub use rdax_proto::cluster::{EPOCH_HEADER, PG_HEADER};
+
+/// A refusal that names the node's own epoch (`rdax-map-epoch` in its metadata), so the client
+/// knows the refusal is about routing and how far behind or ahead it is.
+fn routing(mut s: Status, node_epoch: u64) -> Status {
+    if let Ok(v) = node_epoch.to_string().parse() {
+        s.metadata_mut().insert(EPOCH_HEADER, v);
+    }
+    s
+}
 
 #[derive(Debug)]
 struct Known {
@@ -74,25 +80,34 @@ impl MapView {
             return Err(Status::unavailable("this node has not seen a PG map yet; retry"));
         };
         if want < k.epoch {
-            return Err(Status::failed_precondition(format!(
-                "stale PG map: epoch {want}, this node has {}; refresh the map and retry",
-                k.epoch
-            )));
+            return Err(routing(
+                Status::failed_precondition(format!(
+                    "stale PG map: epoch {want}, this node has {}; refresh the map and retry",
+                    k.epoch
+                )),
+                k.epoch,
+            ));
         }
         if want > k.epoch {
-            return Err(Status::unavailable(format!(
-                "this node has not seen PG map epoch {want} yet (it has {}); retry",
-                k.epoch
-            )));
+            return Err(routing(
+                Status::unavailable(format!(
+                    "this node has not seen PG map epoch {want} yet (it has {}); retry",
+                    k.epoch
+                )),
+                k.epoch,
+            ));
         }
         if let Some(pg) = headers.get(PG_HEADER) {
             let pg = parse(pg, PG_HEADER)?;
             match k.held.get(pg as usize) {
                 None => return Err(Status::invalid_argument(format!("PG {pg} does not exist in epoch {want}"))),
                 Some(false) => {
-                    return Err(Status::failed_precondition(format!(
-                        "this node is not a replica of PG {pg} in epoch {want}; refresh the map and retry"
-                    )));
+                    return Err(routing(
+                        Status::failed_precondition(format!(
+                            "this node is not a replica of PG {pg} in epoch {want}; refresh the map and retry"
+                        )),
+                        k.epoch,
+                    ));
                 }
                 Some(true) => {}
             }
@@ -137,6 +152,8 @@ mod tests {
         assert_eq!(code(&v, Some("5"), Some("0")), None);
         assert_eq!(code(&v, Some("5"), None), None);
         assert_eq!(code(&v, Some("4"), Some("0")), Some(Code::FailedPrecondition), "stale");
+        let refusal = v.check(&headers(Some("4"), None)).unwrap_err();
+        assert_eq!(refusal.metadata().get(EPOCH_HEADER).unwrap(), "5", "a routing refusal names the node's epoch");
         assert_eq!(code(&v, Some("6"), Some("0")), Some(Code::Unavailable), "ahead of the node");
         assert_eq!(code(&v, Some("5"), Some("1")), Some(Code::FailedPrecondition), "not a replica");
         assert_eq!(code(&v, Some("5"), Some("2")), Some(Code::InvalidArgument), "no such PG");

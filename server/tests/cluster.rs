@@ -6,135 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::etcd::{Etcd, TTL, member};
 use common::{Daemon, client, poll};
-use rdax_client::{ErrorKind, LeaseMode};
 
 const MIB: u64 = 1 << 20;
-/// The etcd lease TTL the daemons use here: short, with room for a loaded machine's delays
-/// in the quarter TTL between the fence and etcd's expiry.
-const TTL: Duration = Duration::from_secs(3);
-
-/// One etcd member on two free loopback ports.
-struct Etcd {
-    child: Option<Child>,
-    dir: PathBuf,
-    client: String,
-    peer: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn etcdctl(url: &str, args: &[&str]) -> std::process::Output {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", url, "--command-timeout=2s"])
-        .args(args)
-        .output()
-        .expect("etcdctl (Debian's etcd-client; scripts/install-deps.sh installs it)")
-}
-
-impl Etcd {
-    fn start(dir: &Path) -> Self {
-        let mut e = Self {
-            child: None,
-            dir: dir.join("etcd"),
-            client: format!("http://127.0.0.1:{}", free_port()),
-            peer: format!("http://127.0.0.1:{}", free_port()),
-        };
-        e.spawn();
-        e
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log")).unwrap();
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(&self.dir)
-            .args(["--listen-client-urls", &self.client, "--advertise-client-urls", &self.client])
-            .args(["--listen-peer-urls", &self.peer, "--initial-advertise-peer-urls", &self.peer])
-            .args(["--initial-cluster", &format!("t={}", self.peer), "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd (Debian's etcd-server; scripts/install-deps.sh installs it)");
-        self.child = Some(child);
-        poll(Duration::from_secs(30), "etcd to be healthy", || {
-            etcdctl(&self.client, &["endpoint", "health"]).status.success().then_some(())
-        });
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// The values under `key` (a prefix when `prefix`).
-    fn get(&self, key: &str, prefix: bool) -> Vec<serde_json::Value> {
-        let mut args = vec!["get", key, "--print-value-only"];
-        if prefix {
-            args.push("--prefix");
-        }
-        let out = etcdctl(&self.client, &args);
-        assert!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_str(l).expect("a node record is JSON"))
-            .collect()
-    }
-
-    /// The etcd lease `key` is attached to (0: none, or no key).
-    fn lease_of(&self, key: &str) -> i64 {
-        let out = etcdctl(&self.client, &["get", key, "-w", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["kvs"][0]["lease"].as_i64().unwrap_or(0)
-    }
-
-    /// Seconds etcd still gives `lease` (-1: it has expired).
-    fn ttl_of(&self, lease: i64) -> i64 {
-        let out = etcdctl(&self.client, &["lease", "timetolive", &format!("{lease:x}"), "-w", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v["ttl"].as_i64().unwrap_or(-1)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) on our own child's pid: a stopped etcd must run to die.
-            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-        }
-        self.kill();
-    }
-}
-
-/// A daemon in the cluster at `etcd` as `node`, with the test's short etcd lease TTL.
-fn member(dir: &Path, etcd: &Etcd, node: &str) -> Daemon {
-    let cfg = dir.join("rdaxd.toml");
-    std::fs::write(&cfg, format!("[cluster]\nlease_ttl_ms = {}\n", TTL.as_millis())).unwrap();
-    let d = Daemon::start(dir, &["--config", cfg.to_str().unwrap(), "--etcd", &etcd.client, "--node-id", node]);
-    d.allow("lost the etcd lease renewal").allow("cannot register in the cluster").allow("fenced:");
-    d.allow("stopped coordinating");
-    d
-}
+use rdax_client::{ErrorKind, LeaseMode};
 
 /// One registered member `n1`, an object `ns/x` of 1 MiB on it, and a session holding a
 /// read-write lease over it that has written "before" at offset 0.

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cluster;
+mod cluster_objects;
 mod offline;
 mod online;
 mod output;
@@ -55,7 +56,8 @@ pub(crate) struct Cli {
     /// Local IP for the RDMA connection (default: chosen by routing).
     #[arg(long, global = true, env = "RDAX_RDMA_SOURCE")]
     rdma_source: Option<std::net::IpAddr>,
-    /// The cluster's etcd, for `cluster` commands: etcd://HOST:PORT[,HOST:PORT...].
+    /// A cluster's etcd: etcd://HOST:PORT[,HOST:PORT...]. For `cluster` commands, and makes
+    /// `put`, `get`, `ls`, `stat` and `rm` work on the whole cluster (routed by its PG map).
     #[arg(long, global = true, env = "RDAX_CLUSTER")]
     cluster: Option<String>,
     /// The cluster's etcd key prefix (its daemons' cluster.prefix).
@@ -355,6 +357,15 @@ fn main() -> ExitCode {
                 (Some(_), Err(e)) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),
             }
         }
+        cmd if cli.cluster.is_some() => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            _ if !cluster_objects::is_cluster_command(cmd) => Err(Failure::invalid(anyhow::anyhow!(
+                "with --cluster, rdaxctl runs `cluster`, `put`, `get`, `ls`, `stat` and `rm`; for other commands \
+                 name one daemon with --endpoint and leave --cluster (RDAX_CLUSTER) unset"
+            ))),
+            Ok(rt) => cluster::etcd_urls(cli.cluster.as_deref().unwrap_or_default())
+                .and_then(|urls| rt.block_on(cluster_objects::run(&cli, urls))),
+            Err(e) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),
+        },
         _ => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(rt) => rt.block_on(online::run(&cli)),
             Err(e) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),

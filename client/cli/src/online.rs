@@ -14,6 +14,11 @@ use crate::{Cli, Cmd, Failure, ObjPath};
 const PROGRESS_MIN: u64 = 8 << 20;
 
 pub(crate) async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    Ok(Client::connect(endpoint(cli), connect_options(cli)?).await?)
+}
+
+/// The token and TLS options from the command line and environment.
+pub(crate) fn connect_options(cli: &Cli) -> Result<ConnectOptions, Failure> {
     let token = match (&cli.token_file, std::env::var("RDAX_TOKEN").ok().filter(|t| !t.is_empty())) {
         (Some(f), _) => Some(rdaxd::config::read_token_file(f).map_err(|e| Failure::local(e.into()))?),
         (None, t) => t,
@@ -30,8 +35,7 @@ pub(crate) async fn connect(cli: &Cli) -> Result<Client, Failure> {
         }
         None => None,
     };
-    let opts = ConnectOptions { token, tls, ..Default::default() };
-    Ok(Client::connect(endpoint(cli), opts).await?)
+    Ok(ConnectOptions { token, tls, ..Default::default() })
 }
 
 /// `--endpoint`, else the first local admin socket that exists, else the default TCP port.
@@ -49,7 +53,7 @@ pub(crate) fn endpoint(cli: &Cli) -> String {
     }
 }
 
-fn stat_json(s: &ObjectStat) -> Value {
+pub(crate) fn stat_json(s: &ObjectStat) -> Value {
     json!({
         "id": s.id, "namespace": s.namespace, "name": s.name, "size": s.size,
         "allocated_bytes": s.allocated_bytes, "extents": s.extents, "created_unix_ns": s.created_unix_ns,
@@ -57,7 +61,7 @@ fn stat_json(s: &ObjectStat) -> Value {
     })
 }
 
-fn stat_text(s: &ObjectStat) -> String {
+pub(crate) fn stat_text(s: &ObjectStat) -> String {
     format!(
         "{}/{}\n  id         {}\n  size       {} ({} bytes)\n  allocated  {} in {} extents",
         s.namespace,

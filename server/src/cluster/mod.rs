@@ -28,31 +28,13 @@ use tracing::{info, warn};
 
 mod coordinator;
 mod mapwatch;
-pub mod placement;
+pub use rdax_proto::cluster as placement;
+pub use rdax_proto::cluster::NodeRecord;
 
 use crate::cluster_view::MapView;
 use crate::config::Cluster;
 use crate::lease::LeaseManager;
 use crate::metrics::METRICS;
-
-/// What a node publishes about itself (JSON, the value of its key).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NodeRecord {
-    /// The node's id.
-    pub node_id: String,
-    /// gRPC endpoint (`host:port`).
-    pub grpc: String,
-    /// TCP data-plane endpoint.
-    pub data: String,
-    /// RDMA (rdma_cm) endpoint, when serving RDMA.
-    pub rdma: Option<String>,
-    /// Bytes of the pool's data area.
-    pub capacity_bytes: u64,
-    /// The pool's UUID.
-    pub pool_uuid: String,
-    /// rdaxd's version.
-    pub version: String,
-}
 
 /// Why the etcd side failed.
 #[derive(Debug, thiserror::Error)]

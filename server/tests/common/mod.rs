@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod certs;
+#[cfg(feature = "cluster")]
+pub mod etcd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

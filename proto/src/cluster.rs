@@ -1,16 +1,41 @@
-//! Placement: which nodes hold each placement group (PG), by rendezvous hashing weighted by
-//! capacity.
+//! What cluster members and cluster clients agree on: the records kept in etcd and the
+//! placement of objects on nodes.
 //!
-//! Every PG ranks every node by `w / -ln(u)`, where `u` in (0, 1) is a hash of the PG and the
-//! node id and `w` the node's capacity; the R best are its replicas, best first (the primary).
-//! A node's share of PGs is proportional to its capacity, and when a node joins or leaves
-//! only the PGs it enters or leaves move: no other PG changes its replicas. The hash is ours
-//! (FNV-1a, then SplitMix64's finaliser) so that a map computed by one version is computed the
-//! same by every other.
+//! Placement: which nodes hold each placement group (PG), by rendezvous hashing weighted by
+//! capacity. Every PG ranks every node by `w / -ln(u)`, where `u` in (0, 1) is a hash of the
+//! PG and the node id and `w` the node's capacity; the R best are its replicas, best first
+//! (the primary). A node's share of PGs is proportional to its capacity, and when a node joins
+//! or leaves only the PGs it enters or leaves move: no other PG changes its replicas. The hash
+//! is ours (FNV-1a, then SplitMix64's finaliser) so that a map computed by one version is
+//! computed the same by every other, daemon or client.
 //!
 //! An object's PG is the same hash of its namespace and name, modulo the PG count.
 
 use serde::{Deserialize, Serialize};
+
+/// gRPC metadata key: the PG map epoch a cluster client routed a request by.
+pub const EPOCH_HEADER: &str = "rdax-map-epoch";
+/// gRPC metadata key: the PG of the object a cluster client's request is about.
+pub const PG_HEADER: &str = "rdax-pg";
+
+/// What a node publishes about itself (JSON, the value of `<prefix>/nodes/<node_id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node's id.
+    pub node_id: String,
+    /// gRPC endpoint (`host:port`).
+    pub grpc: String,
+    /// TCP data-plane endpoint.
+    pub data: String,
+    /// RDMA (rdma_cm) endpoint, when serving RDMA.
+    pub rdma: Option<String>,
+    /// Bytes of the pool's data area.
+    pub capacity_bytes: u64,
+    /// The pool's UUID.
+    pub pool_uuid: String,
+    /// rdaxd's version.
+    pub version: String,
+}
 
 /// The PG map as kept in etcd (`<prefix>/pgmap`, JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +56,11 @@ pub struct PgMap {
 }
 
 impl PgMap {
+    /// The replicas of `pg`, primary first (empty for a PG the map does not have).
+    pub fn replicas_of(&self, pg: u32) -> &[String] {
+        self.pg.get(pg as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// Whether `other` places every PG the same way (epochs and authors aside).
     pub fn same_placement(&self, other: &PgMap) -> bool {
         self.pgs == other.pgs && self.replicas == other.replicas && self.nodes == other.nodes && self.pg == other.pg

@@ -1,0 +1,137 @@
+//! `rdaxctl --cluster etcd://HOST:PORT put|get|ls|stat|rm`: objects over a whole cluster,
+//! through the SDK's `ClusterClient` (routed by the PG map, writes to every replica).
+
+use crate::Cmd;
+
+/// Whether `cmd` has a cluster form.
+pub(crate) fn is_cluster_command(cmd: &Cmd) -> bool {
+    matches!(cmd, Cmd::Put { .. } | Cmd::Get { .. } | Cmd::Ls { .. } | Cmd::Stat { .. } | Cmd::Rm { .. })
+}
+
+#[cfg(not(feature = "cluster"))]
+pub(crate) async fn run(_cli: &crate::Cli, _urls: Vec<String>) -> Result<(), crate::Failure> {
+    Err(crate::Failure::local(anyhow::anyhow!(
+        "this rdaxctl was built without cluster support: build it with `--features cluster` (it needs protoc: \
+         scripts/install-deps.sh installs it)"
+    )))
+}
+
+#[cfg(feature = "cluster")]
+pub(crate) use with_etcd::run;
+
+#[cfg(feature = "cluster")]
+mod with_etcd {
+    use anyhow::Context;
+    use rdax_client::{ClusterClient, ClusterOptions};
+    use serde_json::{Value, json};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::online::{connect_options, stat_json, stat_text};
+    use crate::output::{emit, human};
+    use crate::{Cli, Cmd, Failure};
+
+    pub(crate) async fn run(cli: &Cli, urls: Vec<String>) -> Result<(), Failure> {
+        let json = cli.json;
+        let opts = ClusterOptions {
+            etcd: urls,
+            prefix: cli.cluster_prefix.clone(),
+            session: cli.session_options("rdaxctl"),
+            connect: rdax_client::ConnectOptions {
+                connect_timeout: ClusterOptions::default().connect.connect_timeout,
+                request_timeout: ClusterOptions::default().connect.request_timeout,
+                ..connect_options(cli)?
+            },
+            ..ClusterOptions::default()
+        };
+        let c = ClusterClient::connect(opts).await?;
+        match &cli.cmd {
+            Cmd::Put { object, file, offset, no_persist } => {
+                if offset.is_some() || *no_persist {
+                    return Err(Failure::invalid(anyhow::anyhow!(
+                        "over a cluster, put replaces the whole object and always persists: --offset and \
+                         --no-persist are for a single daemon"
+                    )));
+                }
+                let mut data = Vec::new();
+                match file.as_deref().filter(|f| f.as_os_str() != "-") {
+                    Some(f) => {
+                        data = tokio::fs::read(f).await.with_context(|| format!("read {}", f.display()))?;
+                    }
+                    None => {
+                        tokio::io::stdin().read_to_end(&mut data).await.context("read stdin")?;
+                    }
+                }
+                let r = c.put(&object.ns, &object.name, &data).await?;
+                let key = format!("{}/{}", object.ns, object.name);
+                let v = json!({"object": key, "offset": 0, "bytes": data.len(), "persisted": true,
+                    "pg": r.pg, "epoch": r.epoch, "replicas": r.replicas});
+                emit(json, &v, || {
+                    format!(
+                        "wrote {} to {key} (PG {}, epoch {}, persisted on {})",
+                        human(data.len() as u64),
+                        r.pg,
+                        r.epoch,
+                        r.replicas.join(", ")
+                    )
+                });
+            }
+            Cmd::Get { object, file, offset, length } => {
+                let all = c.get(&object.ns, &object.name).await?;
+                let start = (*offset as usize).min(all.len());
+                let end = match length {
+                    Some(l) => start.saturating_add(*l as usize),
+                    None => all.len(),
+                };
+                if end > all.len() {
+                    return Err(Failure::invalid(anyhow::anyhow!(
+                        "{}/{} is {} bytes: the range reaches past its end",
+                        object.ns,
+                        object.name,
+                        all.len()
+                    )));
+                }
+                let part = &all[start..end];
+                match file.as_deref().filter(|f| f.as_os_str() != "-") {
+                    Some(f) => {
+                        tokio::fs::write(f, part).await.with_context(|| format!("write {}", f.display()))?;
+                        let key = format!("{}/{}", object.ns, object.name);
+                        emit(json, &json!({"object": key, "offset": start, "bytes": part.len()}), || {
+                            format!("read {} from {key}", human(part.len() as u64))
+                        });
+                    }
+                    None => {
+                        let mut out = tokio::io::stdout();
+                        out.write_all(part).await.context("write stdout")?;
+                        out.flush().await.context("write stdout")?;
+                    }
+                }
+            }
+            Cmd::Ls { namespace } => {
+                let all = c.list(namespace).await?;
+                let v: Vec<Value> = all.iter().map(stat_json).collect();
+                emit(json, &v, || {
+                    all.iter()
+                        .map(|s| format!("{:>12}  {:>12}  {}", s.size, s.allocated_bytes, s.name))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
+            }
+            Cmd::Stat { object } => {
+                let s = c.stat(&object.ns, &object.name).await?;
+                let (pg, replicas) = c.placement(&object.ns, &object.name).unwrap_or_default();
+                let mut v = stat_json(&s);
+                v["pg"] = json!(pg);
+                v["replicas"] = json!(replicas);
+                emit(json, &v, || format!("{}\n  pg         {pg} on {}", stat_text(&s), replicas.join(", ")));
+            }
+            Cmd::Rm { object } => {
+                c.delete(&object.ns, &object.name).await?;
+                emit(json, &json!({"deleted": format!("{}/{}", object.ns, object.name)}), || {
+                    format!("deleted {}/{}", object.ns, object.name)
+                });
+            }
+            _ => unreachable!("is_cluster_command"),
+        }
+        Ok(())
+    }
+}
