@@ -309,6 +309,47 @@ impl Client {
         }
     }
 
+    /// One page of the objects of cluster placement group `pg` (of `pgs`), over every
+    /// namespace, strictly after `after` (namespace, name); and whether more follow. What a
+    /// cluster member lists when it repairs a PG.
+    pub async fn list_pg(
+        &self,
+        pg: u32,
+        pgs: u32,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<(Vec<pb::ObjectStat>, bool)> {
+        let (after_namespace, after_name) = after.map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+        self.retry(|| {
+            let mut c = self.objects.clone();
+            let req = self.request(pb::ListPgRequest {
+                pg,
+                pgs,
+                after_namespace: after_namespace.clone(),
+                after_name: after_name.clone(),
+                limit,
+            });
+            async move { c.list_pg(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .map(|r| (r.objects, r.more))
+    }
+
+    /// Every object of placement group `pg` (of `pgs`), over every namespace, in (namespace,
+    /// name) order.
+    pub async fn list_pg_all(&self, pg: u32, pgs: u32) -> Result<Vec<pb::ObjectStat>> {
+        let mut all: Vec<pb::ObjectStat> = Vec::new();
+        loop {
+            let after = all.last().map(|o| (o.namespace.clone(), o.name.clone()));
+            let (page, more) =
+                self.list_pg(pg, pgs, after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), 1000).await?;
+            all.extend(page);
+            if !more {
+                return Ok(all);
+            }
+        }
+    }
+
     /// Open a session (kept alive in the background until closed or dropped).
     pub async fn open_session(&self, client_name: &str) -> Result<Session> {
         Session::open(self.clone(), SessionOptions { client_name: client_name.into(), ..Default::default() }).await

@@ -335,8 +335,13 @@ impl ClusterClient {
         }
         .await;
         match r {
-            // Another writer's exclusive lease holds the range: try again shortly.
-            Err(e) if e.kind() == ErrorKind::FailedPrecondition && e.node_epoch().is_none() => {
+            // Another writer's exclusive lease holds the range, or the object went between the
+            // create and the lease (a concurrent delete or a repair's cleanup): the whole put is
+            // tried again shortly.
+            Err(e)
+                if matches!(e.kind(), ErrorKind::FailedPrecondition | ErrorKind::NotFound)
+                    && e.node_epoch().is_none() =>
+            {
                 Err(Error::new(ErrorKind::Unavailable, format!("node {id}: {e}")))
             }
             Err(e) if retryable(&e) => {

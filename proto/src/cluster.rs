@@ -67,6 +67,106 @@ impl PgMap {
     }
 }
 
+/// One PG a node must copy before it counts as a full replica of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairTask {
+    /// The map epoch that first assigned it (completion names it).
+    pub epoch: u64,
+    /// Nodes holding a complete copy, best first.
+    pub sources: Vec<String>,
+}
+
+/// What a node must repair (`<prefix>/repair/<node>`, written only by the coordinator): PG →
+/// task. A task is done when the node's `<prefix>/repaired/<node>` names the PG with at
+/// least the task's epoch.
+pub type RepairAssignment = std::collections::BTreeMap<u32, RepairTask>;
+
+/// What a node has finished repairing (`<prefix>/repaired/<node>`, written only by that node):
+/// PG → the epoch of the task it completed.
+pub type RepairDone = std::collections::BTreeMap<u32, u64>;
+
+/// A repair's progress (`<prefix>/repair-progress/<node>`, written only by that node): PG →
+/// how far it got. `cursor` is the last object copied, where a restarted repair resumes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RepairProgress {
+    /// The task's epoch.
+    pub epoch: u64,
+    /// Bytes copied so far.
+    pub copied_bytes: u64,
+    /// Bytes of the PG's objects at the source when the copy started.
+    pub total_bytes: u64,
+    /// Objects copied so far, and in all.
+    pub copied_objects: u64,
+    /// Objects at the source when the copy started.
+    pub total_objects: u64,
+    /// The last object copied (namespace, name).
+    pub cursor: Option<(String, String)>,
+    /// When (the repairing node's clock, ns) it became a replica of the PG, if it knows:
+    /// its own objects of the PG older than this and absent at the source are leftovers of an
+    /// earlier time it held the PG, and are deleted.
+    #[serde(default)]
+    pub since_ns: Option<u64>,
+}
+
+/// Whether `node` still has to repair `pg` under `assignment` and `done`.
+pub fn repair_pending(assignment: &RepairAssignment, done: &RepairDone, pg: u32) -> bool {
+    assignment.get(&pg).is_some_and(|t| done.get(&pg).is_none_or(|&e| e < t.epoch))
+}
+
+/// The repair assignments once the map moves from `old` to `new`: every replica a PG gains
+/// copies it from the nodes that hold a complete copy (its replicas in either map that are
+/// registered and not repairing it themselves), and a replica still repairing keeps its task
+/// (with its epoch, so its progress stays valid) and gets the sources of now. Tasks that are
+/// done, or of PGs the node no longer holds, go. Without an `old` map there is nothing to copy.
+///
+/// When no complete copy of a PG survives, its registered replicas that were still copying
+/// hold all that is left (every write since they became replicas, and what they had copied):
+/// they count as complete from then on, and the PG is returned in the second list (objects
+/// that only the lost nodes held are gone).
+pub fn reassign(
+    old: Option<&PgMap>,
+    new: &PgMap,
+    current: &std::collections::BTreeMap<String, RepairAssignment>,
+    done: &std::collections::BTreeMap<String, RepairDone>,
+    live: &std::collections::BTreeSet<String>,
+) -> (std::collections::BTreeMap<String, RepairAssignment>, Vec<u32>) {
+    let empty_a = RepairAssignment::new();
+    let empty_d = RepairDone::new();
+    let pending =
+        |n: &str, pg: u32| repair_pending(current.get(n).unwrap_or(&empty_a), done.get(n).unwrap_or(&empty_d), pg);
+    let mut out: std::collections::BTreeMap<String, RepairAssignment> = Default::default();
+    let mut promoted = Vec::new();
+    let Some(old) = old else { return (out, promoted) };
+    for pg in 0..new.pgs {
+        let (newr, oldr) = (new.replicas_of(pg), old.replicas_of(pg));
+        if oldr.is_empty() {
+            continue; // nothing could have been written to it
+        }
+        let held: Vec<&String> = newr
+            .iter()
+            .chain(oldr.iter().filter(|n| !newr.contains(n)))
+            .filter(|n| live.contains(*n) && oldr.contains(n))
+            .collect();
+        let mut complete: Vec<&String> = held.iter().copied().filter(|n| !pending(n, pg)).collect();
+        if complete.is_empty() && !held.is_empty() {
+            complete = held;
+            promoted.push(pg);
+        }
+        for n in newr {
+            let epoch = if !oldr.contains(n) {
+                new.epoch
+            } else if pending(n, pg) && !complete.contains(&n) {
+                current[n][&pg].epoch
+            } else {
+                continue;
+            };
+            let sources = complete.iter().filter(|s| *s != &n).map(|s| s.to_string()).collect();
+            out.entry(n.clone()).or_default().insert(pg, RepairTask { epoch, sources });
+        }
+    }
+    (out, promoted)
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for &b in bytes {
@@ -161,6 +261,59 @@ mod tests {
         }
         // Joining is the same movement backwards.
         assert_eq!(place(&five, 512, 2), before, "placement is a pure function of the members");
+    }
+
+    fn map(epoch: u64, pg: &[&[&str]]) -> PgMap {
+        let mut nodes: Vec<String> = pg.iter().flat_map(|r| r.iter().map(|n| n.to_string())).collect();
+        nodes.sort();
+        nodes.dedup();
+        PgMap {
+            epoch,
+            pgs: pg.len() as u32,
+            replicas: 2,
+            coordinator: "c".into(),
+            nodes,
+            pg: pg.iter().map(|r| r.iter().map(|n| n.to_string()).collect()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_replica_a_pg_gains_copies_it_from_those_with_a_complete_copy() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let live = |l: &[&str]| l.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        let none = BTreeMap::new();
+        let nodone: BTreeMap<String, RepairDone> = BTreeMap::new();
+        // The first map: nothing to copy.
+        let first = map(1, &[&["a", "b"], &["b", "c"]]);
+        assert!(reassign(None, &first, &none, &nodone, &live(&["a", "b", "c"])).0.is_empty());
+        // b dies: PG 0 gets d (from a), PG 1 gets a (from c).
+        let second = map(2, &[&["a", "d"], &["c", "a"]]);
+        let (r, lost) = reassign(Some(&first), &second, &none, &nodone, &live(&["a", "c", "d"]));
+        assert!(lost.is_empty());
+        assert_eq!(r["d"][&0], RepairTask { epoch: 2, sources: vec!["a".into()] });
+        assert_eq!(r["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
+        assert_eq!(r.len(), 2);
+        // Then c dies before a finished PG 1: no complete copy is left, so a (still copying)
+        // counts as complete and d copies from it; d finished PG 0, so its task goes.
+        let third = map(3, &[&["a", "d"], &["a", "d"]]);
+        let done: BTreeMap<String, RepairDone> = [("d".to_string(), [(0u32, 2u64)].into())].into();
+        let (r3, lost) = reassign(Some(&second), &third, &r, &done, &live(&["a", "d"]));
+        assert_eq!(lost, vec![1]);
+        assert!(!r3.contains_key("a"), "a's task for PG 1 ends: it is what is left");
+        assert_eq!(r3["d"][&1], RepairTask { epoch: 3, sources: vec!["a".into()] });
+        assert!(!r3["d"].contains_key(&0), "done: dropped");
+        // Were a still copying PG 1 from c when c comes back, a keeps its task and epoch.
+        let back = map(4, &[&["a", "d"], &["c", "a"]]);
+        let (r5, _) = reassign(Some(&second), &back, &r, &nodone, &live(&["a", "c", "d"]));
+        assert_eq!(r5["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
+        // A node moved out of a PG by a join is still a source for it.
+        let joined = map(4, &[&["e", "a"], &["a", "d"]]);
+        let (r4, _) =
+            reassign(Some(&map(3, &[&["a", "d"], &["a", "d"]])), &joined, &none, &nodone, &live(&["a", "d", "e"]));
+        assert_eq!(r4["e"][&0].sources, vec!["a".to_string(), "d".to_string()]);
+        assert_eq!(r4.len(), 1);
+        assert!(repair_pending(&r4["e"], &RepairDone::new(), 0));
+        assert!(!repair_pending(&r4["e"], &[(0u32, 4u64)].into(), 0));
     }
 
     #[test]

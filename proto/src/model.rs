@@ -219,6 +219,42 @@ impl TryFrom<pb::ListRequest> for ListObjects {
     }
 }
 
+/// `ListPg`: one placement group's objects, over all namespaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPgObjects {
+    /// The PG.
+    pub pg: u32,
+    /// Of this many (at least 1, more than `pg`).
+    pub pgs: u32,
+    /// Start strictly after this (namespace, name).
+    pub after: Option<(String, String)>,
+    /// Page size, 1..=1000.
+    pub limit: u32,
+}
+
+impl TryFrom<pb::ListPgRequest> for ListPgObjects {
+    type Error = ProtocolError;
+    fn try_from(r: pb::ListPgRequest) -> Result<Self, ProtocolError> {
+        if r.pgs == 0 || r.pg >= r.pgs {
+            return Err(ProtocolError::Invalid { field: "pg", reason: "must be below pgs (at least 1)" });
+        }
+        let limit = match r.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            l if l > MAX_LIST_LIMIT => {
+                return Err(ProtocolError::Invalid { field: "limit", reason: "at most 1000" });
+            }
+            l => l,
+        };
+        let after = if r.after_namespace.is_empty() && r.after_name.is_empty() {
+            None
+        } else {
+            validate_namespace(&r.after_namespace)?;
+            Some((r.after_namespace, r.after_name))
+        };
+        Ok(Self { pg: r.pg, pgs: r.pgs, after, limit })
+    }
+}
+
 /// `Read`: `length == None` reads to the end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadObject {

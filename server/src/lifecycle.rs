@@ -444,7 +444,13 @@ pub async fn run_with_reload(
             pool_uuid: info.uuid.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
-        crate::cluster::Membership::start(c, record, leases.clone(), map_view.clone())
+        // Repair writes through this daemon's own API, as any client: its admin socket when
+        // it has one (admin there without a token), else its gRPC port with the peer token.
+        let own = match cfg.admin_socket.as_deref() {
+            Some(p) => format!("unix:{}", p.display()),
+            None => format!("http://{local}"),
+        };
+        crate::cluster::Membership::start(c, record, leases.clone(), map_view.clone(), own)
     });
     // Both listeners accept and recovery is done: tell systemd.
     let status = systemd::status_line(&pool, &sessions, &leases);

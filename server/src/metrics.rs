@@ -115,6 +115,16 @@ pub struct Metrics {
     pub cluster_pgs_held: AtomicU64,
     /// See `cluster_pgs_held`.
     pub cluster_pgs_primary: AtomicU64,
+    /// Registered nodes, as this node last read them.
+    pub cluster_nodes: AtomicU64,
+    /// PGs with fewer complete replicas than the map wants (lost ones, or ones still copying).
+    pub cluster_pgs_degraded: AtomicU64,
+    /// PGs this node is copying (repair assigned, not finished).
+    pub cluster_pgs_repairing: AtomicU64,
+    /// Bytes this node copied from other members while repairing.
+    pub cluster_repair_bytes: AtomicU64,
+    /// This node's repair copy rate over the last PG copy step, bytes/s.
+    pub cluster_repair_rate: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -307,6 +317,18 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
             ("rdax_cluster_map_epoch", "The newest PG map epoch this node has seen.", &m.cluster_map_epoch),
             ("rdax_cluster_pgs_held", "PGs of that map this node is a replica of.", &m.cluster_pgs_held),
             ("rdax_cluster_pgs_primary", "PGs of that map this node is the primary of.", &m.cluster_pgs_primary),
+            ("rdax_cluster_nodes", "Registered cluster nodes.", &m.cluster_nodes),
+            (
+                "rdax_cluster_pgs_degraded",
+                "PGs with fewer complete replicas than the map wants (a replica lost, or still copying).",
+                &m.cluster_pgs_degraded,
+            ),
+            ("rdax_cluster_pgs_repairing", "PGs this node is copying from other members.", &m.cluster_pgs_repairing),
+            (
+                "rdax_cluster_repair_rate_bytes",
+                "This node's repair copy rate, bytes per second (0 when not copying).",
+                &m.cluster_repair_rate,
+            ),
         ];
         for (name, help, v) in map {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}\n", v.load(Relaxed)));
@@ -316,6 +338,12 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
             "rdax_cluster_joins_total",
             "Times this node registered in the cluster (first join and rejoins).",
             &[(String::new(), m.cluster_joins.load(Relaxed))],
+        );
+        counter(
+            &mut out,
+            "rdax_cluster_repair_bytes_total",
+            "Bytes this node copied from other members while repairing.",
+            &[(String::new(), m.cluster_repair_bytes.load(Relaxed))],
         );
         counter(
             &mut out,

@@ -33,6 +33,8 @@ pub const TABLE: &[(&str, Need)] = &[
     ("/rdax.v1.Objects/Create", Need::Object(Rights::WRITE)),
     ("/rdax.v1.Objects/Stat", Need::Object(Rights::READ)),
     ("/rdax.v1.Objects/List", Need::Namespace(Rights::READ)),
+    // Over every namespace: it lists only what the caller may read.
+    ("/rdax.v1.Objects/ListPg", Need::Principal),
     ("/rdax.v1.Objects/Resize", Need::Object(Rights::WRITE)),
     ("/rdax.v1.Objects/PunchHole", Need::Object(Rights::WRITE)),
     ("/rdax.v1.Objects/Delete", Need::Object(Rights::WRITE)),

@@ -8,13 +8,14 @@
 //! with the member's etcd lease: when that expires, etcd deletes the election key and the next
 //! candidate is elected.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
-use tracing::info;
+use tracing::{info, warn};
 
-use super::placement::{PgMap, place};
+use super::placement::{PgMap, RepairAssignment, RepairDone, place, reassign};
 use super::{JoinError, Member, NodeRecord};
 use crate::metrics::METRICS;
 
@@ -91,18 +92,67 @@ impl Member {
         if old.as_ref().is_some_and(|m| m.same_placement(&want)) {
             return Ok(rev);
         }
+        // Repair: who must copy which PG, from whom. Written with the map, in one transaction,
+        // so no map exists whose new replicas are not told to copy.
+        let current: BTreeMap<String, RepairAssignment> = self.read_all(client, "repair").await?;
+        let done: BTreeMap<String, RepairDone> = self.read_all(client, "repaired").await?;
+        let live: BTreeSet<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+        let (next, lost) = reassign(old.as_ref(), &want, &current, &done, &live);
+        if !lost.is_empty() {
+            warn!(
+                epoch = want.epoch, pgs = ?lost,
+                "no complete copy of these PGs survives: the replicas that were still copying them now count as \
+                 complete, and objects only the lost nodes held are gone"
+            );
+        }
         let body = serde_json::to_string(&want).expect("a PG map serialises");
+        let mut ops = vec![TxnOp::put(key.clone(), body, None)];
+        for (n, a) in &next {
+            if current.get(n) != Some(a) {
+                ops.push(TxnOp::put(self.repair_key("repair", n), serde_json::to_string(a).expect("serialises"), None));
+            }
+        }
+        for n in current.keys().filter(|n| !next.contains_key(*n)) {
+            ops.push(TxnOp::delete(self.repair_key("repair", n), None));
+        }
         let txn = Txn::new()
             .when([
                 Compare::create_revision(leader_key.to_vec(), CompareOp::Equal, leader_rev),
-                Compare::mod_revision(key.clone(), CompareOp::Equal, old_rev),
+                Compare::mod_revision(key, CompareOp::Equal, old_rev),
             ])
-            .and_then([TxnOp::put(key, body, None)]);
+            .and_then(ops);
         if !self.bounded(client.txn(txn)).await?.succeeded() {
             return Err(JoinError::NotCoordinator);
         }
-        info!(epoch = want.epoch, nodes = ?want.nodes, pgs, replicas = want.replicas, "PG map written");
+        let tasks: usize = next.values().map(BTreeMap::len).sum();
+        info!(
+            epoch = want.epoch, nodes = ?want.nodes, pgs, replicas = want.replicas, repairs = tasks,
+            "PG map written"
+        );
         Ok(rev)
+    }
+
+    /// `<prefix>/<what>/<node>` for a repair record.
+    pub(super) fn repair_key(&self, what: &str, node: &str) -> String {
+        format!("{}/{what}/{node}", self.cfg.prefix)
+    }
+
+    /// Every node's record under `<prefix>/<what>/`, by node id (unreadable ones skipped).
+    pub(super) async fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        client: &mut Client,
+        what: &str,
+    ) -> Result<BTreeMap<String, T>, JoinError> {
+        let prefix = format!("{}/{what}/", self.cfg.prefix);
+        let got = self.bounded(client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+                Some((node, serde_json::from_slice(kv.value()).ok()?))
+            })
+            .collect())
     }
 
     /// Wait until a node registers, leaves or changes after revision `rev`, then for

@@ -5,11 +5,45 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use etcd_client::{Client, EventType, WatchOptions};
+use std::collections::HashSet;
+
 use tracing::info;
 
 use super::placement::PgMap;
 use super::{JoinError, Member};
 use crate::metrics::METRICS;
+
+/// When this node became a replica of each PG it holds (see `Member::held_since`).
+#[derive(Debug, Default)]
+pub(super) struct HeldSince {
+    seen: bool,
+    held: HashSet<u32>,
+    since: std::collections::HashMap<u32, u64>,
+}
+
+impl HeldSince {
+    /// A new map in which this node holds `mine`.
+    fn update(&mut self, mine: HashSet<u32>) {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let mut since = std::collections::HashMap::new();
+        for &pg in &mine {
+            if self.held.contains(&pg) {
+                if let Some(&t) = self.since.get(&pg) {
+                    since.insert(pg, t);
+                }
+            } else if self.seen {
+                since.insert(pg, now);
+            }
+        }
+        (self.seen, self.held, self.since) = (true, mine, since);
+    }
+
+    /// When this node became a replica of `pg`, if this process saw it happen.
+    pub(super) fn of(&self, pg: u32) -> Option<u64> {
+        self.since.get(&pg).copied()
+    }
+}
 
 impl Member {
     /// Follow `<prefix>/pgmap` until an etcd error: read it, then watch for new versions.
@@ -54,6 +88,9 @@ impl Member {
             return;
         }
         let me = self.record.node_id.as_str();
+        let mine: HashSet<u32> =
+            map.pg.iter().enumerate().filter(|(_, r)| r.iter().any(|n| n == me)).map(|(pg, _)| pg as u32).collect();
+        self.held_since.lock().unwrap_or_else(|e| e.into_inner()).update(mine);
         let held = map.pg.iter().filter(|r| r.iter().any(|n| n == me)).count() as u64;
         let primary = map.pg.iter().filter(|r| r.first().is_some_and(|n| n == me)).count() as u64;
         METRICS.cluster_pgs_held.store(held, Relaxed);

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 mod coordinator;
 mod mapwatch;
+mod repair;
 pub use rdax_proto::cluster as placement;
 pub use rdax_proto::cluster::NodeRecord;
 
@@ -74,11 +75,25 @@ struct Member {
     leases: Arc<LeaseManager>,
     /// What the request layer checks cluster requests against.
     view: Arc<MapView>,
+    /// This daemon's own endpoint for repair's writes (its admin socket when it has one).
+    local: String,
+    /// For each PG this node holds: when (this host's clock, ns) it first saw a map that made
+    /// it a replica, after one that did not. Unknown for the PGs of the first map this process
+    /// saw. Every object a client created here in this stint as a replica is younger (the
+    /// node refuses requests routed by a map it has not seen).
+    held_since: std::sync::Mutex<mapwatch::HeldSince>,
 }
 
 impl Membership {
     /// Enable the fence (nothing is granted until the node is registered) and start joining.
-    pub fn start(cfg: Cluster, record: NodeRecord, leases: Arc<LeaseManager>, view: Arc<MapView>) -> Self {
+    /// `local` is this daemon's own endpoint, for repair to write through.
+    pub fn start(
+        cfg: Cluster,
+        record: NodeRecord,
+        leases: Arc<LeaseManager>,
+        view: Arc<MapView>,
+        local: String,
+    ) -> Self {
         leases.fence().enable();
         let cancel = CancellationToken::new();
         let value = serde_json::to_string(&record).expect("a node record serialises");
@@ -91,6 +106,8 @@ impl Membership {
             record,
             leases,
             view,
+            local,
+            held_since: Default::default(),
         });
         info!(
             node = %m.record.node_id, etcd = ?m.cfg.etcd, ttl = ?m.cfg.lease_ttl, replicas = m.cfg.replicas,
@@ -162,11 +179,13 @@ impl Member {
                     info!(node = %self.record.node_id, key = %self.key, "registered in the cluster: granting leases");
                     let stand = self.stand(held.client.clone(), held.lease);
                     let follow = self.follow_map(held.client.clone());
+                    let repair = self.keep_repairing(held.client.clone());
                     let e = tokio::select! {
                         _ = cancel.cancelled() => break,
                         e = self.renew(held) => e,
                         _ = stand => unreachable!("standing for coordinator never ends by itself"),
                         _ = follow => unreachable!("following the PG map never ends by itself"),
+                        _ = repair => unreachable!("repairing never ends by itself"),
                     };
                     if matches!(e, JoinError::Expired) {
                         lease = None;
@@ -299,6 +318,17 @@ impl Member {
         loop {
             let e = self.watch_map(client.clone()).await;
             info!(node = %self.record.node_id, error = %e, "PG map watch ended; watching again");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.cfg.keepalive_interval());
+        }
+    }
+
+    /// Repair what is assigned to this node, again after each etcd error.
+    async fn keep_repairing(&self, client: Client) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let e = self.repair(client.clone()).await;
+            info!(node = %self.record.node_id, error = %e, "repair watch ended; watching again");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.cfg.keepalive_interval());
         }

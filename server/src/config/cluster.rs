@@ -26,6 +26,11 @@ pub struct ClusterSection {
     /// Host or address other nodes and cluster clients reach this one at (default: the
     /// listen addresses' own).
     pub advertise: Option<String>,
+    /// File holding the token this node presents to other members when it copies from them
+    /// (repair): a credential every member accepts with `read` on every namespace.
+    pub peer_token_file: Option<std::path::PathBuf>,
+    /// Bound on the rate at which this node copies data when it repairs (MiB/s; 0: none).
+    pub repair_mib_per_s: Option<u64>,
 }
 
 /// The cluster settings.
@@ -45,6 +50,10 @@ pub struct Cluster {
     pub prefix: String,
     /// Advertised host, if not the listen addresses'.
     pub advertise: Option<String>,
+    /// The token presented to other members for repair copies.
+    pub peer_token: Option<super::Secret>,
+    /// Repair copy rate bound, bytes per second (0: none).
+    pub repair_rate: u64,
 }
 
 impl Cluster {
@@ -147,7 +156,22 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
              name or address"
         )));
     }
-    Ok(Some(Cluster { etcd, node_id, replicas, pgs, lease_ttl: Duration::from_millis(ttl_ms), prefix, advertise }))
+    let peer_token = match &file.peer_token_file {
+        Some(p) => Some(super::Secret::new(super::read_token_file(p)?)),
+        None => None,
+    };
+    let repair_rate = file.repair_mib_per_s.unwrap_or(64).saturating_mul(1 << 20);
+    Ok(Some(Cluster {
+        etcd,
+        node_id,
+        replicas,
+        pgs,
+        lease_ttl: Duration::from_millis(ttl_ms),
+        prefix,
+        advertise,
+        peer_token,
+        repair_rate,
+    }))
 }
 
 #[cfg(test)]

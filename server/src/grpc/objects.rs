@@ -7,7 +7,7 @@
 use std::pin::Pin;
 
 use rdax_proto::model::{
-    CreateObject, FlushObject, ListObjects, ObjectKey, PunchHole, ReadObject, ResizeObject, WriteStart,
+    CreateObject, FlushObject, ListObjects, ListPgObjects, ObjectKey, PunchHole, ReadObject, ResizeObject, WriteStart,
 };
 use rdax_proto::pb::{self, objects_server::Objects};
 use tokio::sync::mpsc;
@@ -116,6 +116,30 @@ impl Objects for ObjectsService {
             Ok(Response::new(pb::ListResponse {
                 objects: page.objects.into_iter().filter(visible).map(|o| self.stat_pb(o)).collect(),
                 next_after: page.next.unwrap_or_default(),
+            }))
+        })
+        .await
+    }
+
+    async fn list_pg(&self, req: Request<pb::ListPgRequest>) -> Result<Response<pb::ListPgResponse>, Status> {
+        api(async {
+            let who = caller(&req)?;
+            let r = ListPgObjects::try_from(req.into_inner())?;
+            let (pg, pgs, limit) = (r.pg, r.pgs, r.limit as usize);
+            let principal = who.principal.clone();
+            let (objects, more) = self
+                .0
+                .blocking(move |p| {
+                    let after = r.after.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
+                    // Only what the principal may read: a scope that hides objects hides them here.
+                    p.scan(after, limit, |ns, name| {
+                        rdax_proto::cluster::pg_of(ns, name, pgs) == pg && principal.allows(Rights::READ, ns, name)
+                    })
+                })
+                .await?;
+            Ok(Response::new(pb::ListPgResponse {
+                objects: objects.into_iter().map(|o| self.stat_pb(o)).collect(),
+                more,
             }))
         })
         .await

@@ -262,6 +262,44 @@ impl Pool {
         out
     }
 
+    /// Up to `limit` objects of every namespace for which `keep(namespace, name)` holds, in
+    /// (namespace, name) order, strictly after `after`; and whether more may follow. A scan
+    /// (a cluster repair's listing of one PG).
+    pub fn scan(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+        keep: impl Fn(&str, &str) -> bool,
+    ) -> (Vec<ObjectStat>, bool) {
+        let lo = match after {
+            Some((ns, name)) => {
+                let mut k = name_key(ns.as_bytes(), name.as_bytes()).into_vec();
+                k.push(0); // strictly after
+                std::ops::Bound::Included(k)
+            }
+            None => std::ops::Bound::Unbounded,
+        };
+        let meta = self.read_meta();
+        let mut out = Vec::new();
+        let mut more = false;
+        for (k, &slot) in meta.names.range::<[u8], _>((lo.as_ref().map(|k| &k[..]), std::ops::Bound::Unbounded)) {
+            let Some(z) = k.iter().position(|&b| b == 0) else { continue };
+            let (ns, name) = (String::from_utf8_lossy(&k[..z]), String::from_utf8_lossy(&k[z + 1..]));
+            if !keep(&ns, &name) {
+                continue;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            out.push(stat_of(meta.objects[slot as usize].as_ref().expect("live"), &ns, &name));
+        }
+        let seen = self.seen();
+        drop(meta);
+        self.settle(seen);
+        (out, more)
+    }
+
     /// List up to `limit` objects of namespace `ns` whose names sort after `after`.
     pub fn list(&self, ns: &str, after: Option<&str>, limit: usize) -> Result<ListPage, ObjError> {
         validate_ns(ns)?;

@@ -121,7 +121,7 @@ impl Drop for Etcd {
 
 /// A daemon in the cluster at `etcd` as `node`, with the test's short etcd lease TTL.
 pub fn member(dir: &Path, etcd: &Etcd, node: &str) -> Daemon {
-    member_with(dir, etcd, node, &[])
+    member_with(dir, etcd, node, &[], "")
 }
 
 /// A token every member of a test's cluster accepts (admin), in a 0600 file under `dir`.
@@ -133,14 +133,16 @@ pub fn shared_token(dir: &Path) -> (PathBuf, String) {
     (f, t)
 }
 
-/// [`member`] with extra flags.
-pub fn member_with(dir: &Path, etcd: &Etcd, node: &str, extra: &[&str]) -> Daemon {
+/// [`member`] with extra flags, and extra `[cluster]` settings (TOML lines).
+pub fn member_with(dir: &Path, etcd: &Etcd, node: &str, extra: &[&str], cluster: &str) -> Daemon {
     let cfg = dir.join("rdaxd.toml");
-    std::fs::write(&cfg, format!("[cluster]\nlease_ttl_ms = {}\n", TTL.as_millis())).unwrap();
+    std::fs::write(&cfg, format!("[cluster]\nlease_ttl_ms = {}\n{cluster}\n", TTL.as_millis())).unwrap();
     let mut args = vec!["--config", cfg.to_str().unwrap(), "--etcd", &etcd.client, "--node-id", node];
     args.extend_from_slice(extra);
     let d = Daemon::start(dir, &args);
     d.allow("lost the etcd lease renewal").allow("cannot register in the cluster").allow("fenced:");
     d.allow("stopped coordinating");
+    // A copy from a member that the test stops or kills fails, and is retried.
+    d.allow("repair: copying the PG failed");
     d
 }
