@@ -10,34 +10,25 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::etcd::{Etcd, member_with, shared_token};
+use common::etcd::{Etcd, member_with};
 use common::{Daemon, client, poll};
 use rdax_client::{ClusterClient, ClusterOptions, ErrorKind};
 
-/// `n` members `n0..` with replication `r` and one shared admin token; waits for the map of all.
-fn cluster(root: &Path, etcd: &Etcd, n: usize, r: u8) -> (Vec<tempfile::TempDir>, Vec<Daemon>, String) {
-    let (file, token) = shared_token(root);
+/// `n` members `n0..` with replication `r`; waits for the map of all. Returns the cluster's
+/// token too.
+fn cluster(_root: &Path, etcd: &Etcd, n: usize, r: u8) -> (Vec<tempfile::TempDir>, Vec<Daemon>, String) {
     let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let replicas = r.to_string();
     let nodes = dirs
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            let extra = ["--token-file", file.to_str().unwrap(), "--replicas", replicas.as_str()];
-            let peer = format!("peer_token_file = {:?}", file.to_str().unwrap());
-            let mut d = member_with(d.path(), etcd, &format!("n{i}"), &extra, &peer);
-            d.token = Some(token.clone());
-            // A node killed while others still copy PGs it held alone (the cluster forming):
-            // the coordinator says their copies now count as complete.
-            d.allow("no complete copy of these PGs survives");
-            d
-        })
+        .map(|(i, d)| member_with(d.path(), etcd, &format!("n{i}"), &["--replicas", replicas.as_str()], ""))
         .collect();
     let all: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
     poll(Duration::from_secs(30), "a PG map of every node", || {
         etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"] == serde_json::json!(all))
     });
-    (dirs, nodes, token)
+    (dirs, nodes, etcd.token.clone())
 }
 
 async fn cluster_client(etcd: &Etcd, token: &str) -> ClusterClient {
@@ -156,7 +147,7 @@ async fn rdaxctl_puts_gets_lists_stats_and_removes_over_the_cluster() {
     let etcd = Etcd::start(root.path());
     let (_dirs, nodes, token) = cluster(root.path(), &etcd, 3, 2);
     let spec = etcd.client.replacen("http://", "etcd://", 1);
-    let tf = root.path().join("cluster.token");
+    let tf = etcd.token_file.clone();
     let ctl = |args: &[&str]| {
         let out = common::rdaxctl()
             .args(["--cluster", &spec, "--token-file", tf.to_str().unwrap(), "--json"])

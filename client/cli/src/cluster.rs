@@ -8,7 +8,8 @@ use crate::Failure;
 #[derive(clap::Subcommand, Debug)]
 pub(crate) enum ClusterCmd {
     /// Nodes and their state (up: registered; lost: in the PG map but no longer registered),
-    /// the coordinator, and the PGs: healthy (every replica up), degraded (fewer than the
+    /// the coordinator, and the PGs: healthy (every replica up and complete), repairing (a
+    /// replica still copying; progress shown per copy), degraded (fewer replicas up than the
     /// replication factor), unavailable (none up).
     Status,
 }
@@ -43,8 +44,7 @@ mod with_etcd {
     use std::time::Duration;
 
     use etcd_client::{Client, ConnectOptions, GetOptions};
-    use rdaxd::cluster::NodeRecord;
-    use rdaxd::cluster::placement::PgMap;
+    use rdax_proto::cluster::{NodeRecord, PgMap, RepairAssignment, RepairDone, RepairProgress, repair_pending};
     use serde_json::json;
 
     use super::ClusterCmd;
@@ -86,14 +86,24 @@ mod with_etcd {
             Ok(Ok(r)) => r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string),
             _ => None,
         };
-        let (mut healthy, mut degraded, mut unavailable) = (0u32, 0u32, 0u32);
+        let assigned: BTreeMap<String, RepairAssignment> = read_all(&mut c, prefix, "repair").await?;
+        let done: BTreeMap<String, RepairDone> = read_all(&mut c, prefix, "repaired").await?;
+        let progress: BTreeMap<String, BTreeMap<u32, RepairProgress>> =
+            read_all(&mut c, prefix, "repair-progress").await?;
+        let copying = |n: &str, pg: u32| {
+            assigned.get(n).is_some_and(|a| repair_pending(a, done.get(n).unwrap_or(&RepairDone::new()), pg))
+        };
+        let (mut healthy, mut degraded, mut unavailable, mut repairing) = (0u32, 0u32, 0u32, 0u32);
         let mut held: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
         if let Some(m) = &map {
-            for r in &m.pg {
+            let want = usize::from(m.replicas);
+            for (pg, r) in m.pg.iter().enumerate() {
                 let live = r.iter().filter(|n| up.contains_key(*n)).count();
+                let complete = r.iter().filter(|n| up.contains_key(*n) && !copying(n, pg as u32)).count();
                 match live {
                     0 => unavailable += 1,
-                    n if n < usize::from(m.replicas) => degraded += 1,
+                    n if n < want || r.len() < want => degraded += 1,
+                    _ if complete < live => repairing += 1,
                     _ => healthy += 1,
                 }
                 for (i, n) in r.iter().enumerate() {
@@ -125,7 +135,8 @@ mod with_etcd {
         let v = json!({
             "etcd": urls, "prefix": prefix, "coordinator": coordinator, "nodes": nodes,
             "map": map.as_ref().map(|m| json!({"epoch": m.epoch, "pgs": m.pgs, "replicas": m.replicas})),
-            "pg_states": {"healthy": healthy, "degraded": degraded, "unavailable": unavailable},
+            "pg_states": {"healthy": healthy, "repairing": repairing, "degraded": degraded, "unavailable": unavailable},
+            "repair": repair_json(&progress),
         });
         emit(json, &v, || {
             let lost = nodes.iter().filter(|n| n["state"] == "lost").count();
@@ -137,7 +148,8 @@ mod with_etcd {
             );
             match &map {
                 Some(m) => out.push_str(&format!(
-                    "PG map epoch {}: {} PGs x {} replicas: {healthy} healthy, {degraded} degraded, {unavailable} unavailable\n",
+                    "PG map epoch {}: {} PGs x {} replicas: {healthy} healthy, {repairing} repairing, {degraded} \
+                     degraded, {unavailable} unavailable\n",
                     m.epoch, m.pgs, m.replicas
                 )),
                 None => out.push_str("no PG map yet\n"),
@@ -157,8 +169,68 @@ mod with_etcd {
                     n["primary_pgs"].as_u64().unwrap_or(0)
                 ));
             }
+            for (node, p) in &progress {
+                for (pg, p) in p {
+                    out.push_str(&format!("\nrepair {node} PG {pg}: {}", bar(p)));
+                }
+            }
             out
         });
         Ok(())
+    }
+
+    /// `[#####.....]  40% 12.0 MiB of 30.0 MiB, 3 of 8 objects`.
+    fn bar(p: &RepairProgress) -> String {
+        let frac = if p.total_bytes > 0 {
+            p.copied_bytes as f64 / p.total_bytes as f64
+        } else if p.total_objects > 0 {
+            p.copied_objects as f64 / p.total_objects as f64
+        } else {
+            0.0
+        }
+        .clamp(0.0, 1.0);
+        let filled = (frac * 30.0).round() as usize;
+        format!(
+            "[{}{}] {:>3.0}% {} of {}, {} of {} objects",
+            "#".repeat(filled),
+            ".".repeat(30 - filled),
+            frac * 100.0,
+            human(p.copied_bytes),
+            human(p.total_bytes),
+            p.copied_objects,
+            p.total_objects
+        )
+    }
+
+    fn repair_json(progress: &BTreeMap<String, BTreeMap<u32, RepairProgress>>) -> serde_json::Value {
+        let list: Vec<serde_json::Value> = progress
+            .iter()
+            .flat_map(|(node, m)| {
+                m.iter().map(move |(pg, p)| {
+                    json!({"node": node, "pg": pg, "epoch": p.epoch, "copied_bytes": p.copied_bytes,
+                        "total_bytes": p.total_bytes, "copied_objects": p.copied_objects,
+                        "total_objects": p.total_objects})
+                })
+            })
+            .collect();
+        json!(list)
+    }
+
+    /// Every node's record under `<prefix>/<what>/`.
+    async fn read_all<T: serde::de::DeserializeOwned>(
+        c: &mut Client,
+        prefix: &str,
+        what: &str,
+    ) -> Result<BTreeMap<String, T>, Failure> {
+        let p = format!("{prefix}/{what}/");
+        let got = bounded(c.get(p.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key_str().ok()?.strip_prefix(&p)?.to_string();
+                Some((node, serde_json::from_slice(kv.value()).ok()?))
+            })
+            .collect())
     }
 }

@@ -58,11 +58,11 @@ impl From<rdax_client::Error> for RepairError {
     }
 }
 
-/// PGs with fewer complete replicas than the map wants: a replica not registered, fewer
-/// replicas than the factor allows, or one still copying.
+/// PGs with fewer complete replicas than the replication factor: a replica not registered,
+/// fewer nodes than the factor, or a replica still copying.
 fn degraded(s: &Snapshot) -> u64 {
     let Some(m) = &s.map else { return 0 };
-    let want = usize::from(m.replicas).min(s.nodes.len().max(1));
+    let want = usize::from(m.replicas);
     let empty_a = RepairAssignment::new();
     let empty_d = RepairDone::new();
     (0..m.pgs)

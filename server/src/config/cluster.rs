@@ -156,10 +156,15 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
              name or address"
         )));
     }
-    let peer_token = match &file.peer_token_file {
-        Some(p) => Some(super::Secret::new(super::read_token_file(p)?)),
-        None => None,
+    let Some(peer) = &file.peer_token_file else {
+        return Err(invalid(
+            "cluster.peer_token_file is not set: members copy objects from each other when placement changes or \
+             a node is lost, and this is the credential they present (a token every member accepts with `read` \
+             on every namespace)"
+                .into(),
+        ));
     };
+    let peer_token = Some(super::Secret::new(super::read_token_file(peer)?));
     let repair_rate = file.repair_mib_per_s.unwrap_or(64).saturating_mul(1 << 20);
     Ok(Some(Cluster {
         etcd,
@@ -196,7 +201,13 @@ mod tests {
     #[cfg(feature = "cluster")]
     #[test]
     fn settings_are_checked() {
-        let file = ClusterSection::default();
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("peer.token");
+        std::fs::write(&tf, "peer-token-0123456789abcdef").unwrap();
+        std::fs::set_permissions(&tf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let e = resolve(&args(&["http://127.0.0.1:2379"], Some("n")), &ClusterSection::default(), lo()).unwrap_err();
+        assert!(e.to_string().contains("peer_token_file is not set"), "{e}");
+        let file = ClusterSection { peer_token_file: Some(tf.clone()), ..Default::default() };
         let c = resolve(&args(&["http://127.0.0.1:2379"], Some("n-1.a_b")), &file, lo()).unwrap().unwrap();
         assert_eq!((c.replicas, c.lease_ttl, c.prefix.as_str()), (2, Duration::from_secs(10), "/rdax"));
         assert_eq!(c.node_key(), "/rdax/nodes/n-1.a_b");
@@ -208,11 +219,12 @@ mod tests {
         assert!(err(args(&["h:1"], Some("n")), &file, lo()).contains("client URL"));
         let r4 = Args { replicas: Some(4), ..args(&["http://h:1"], Some("n")) };
         assert!(err(r4, &file, lo()).contains("1, 2 or 3"));
-        let ttl = ClusterSection { lease_ttl_ms: Some(2500), ..Default::default() };
+        let ttl = ClusterSection { lease_ttl_ms: Some(2500), ..file.clone() };
         assert!(err(args(&["http://h:1"], Some("n")), &ttl, lo()).contains("whole number of seconds"));
         let any: SocketAddr = "0.0.0.0:7400".parse().unwrap();
         assert!(err(args(&["http://h:1"], Some("n")), &file, any).contains("cluster.advertise"));
-        let adv = ClusterSection { advertise: Some("fd00::5".into()), ..Default::default() };
+        let adv = ClusterSection { advertise: Some("fd00::5".into()), ..file.clone() };
+        assert_eq!(c.peer_token.as_deref(), Some("peer-token-0123456789abcdef"));
         let c = resolve(&args(&["http://h:1"], Some("n")), &adv, any).unwrap().unwrap();
         assert_eq!(c.advertised(any), "[fd00::5]:7400");
     }
