@@ -6,57 +6,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::etcd::{Etcd, member_with};
-use common::{Daemon, client, poll};
-use rdax_client::{ClusterClient, ClusterOptions, ErrorKind};
-
-/// `n` members `n0..` with replication `r`; waits for the map of all. Returns the cluster's
-/// token too.
-fn cluster(_root: &Path, etcd: &Etcd, n: usize, r: u8) -> (Vec<tempfile::TempDir>, Vec<Daemon>, String) {
-    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-    let replicas = r.to_string();
-    let nodes = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| member_with(d.path(), etcd, &format!("n{i}"), &["--replicas", replicas.as_str()], ""))
-        .collect();
-    let all: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
-    poll(Duration::from_secs(30), "a PG map of every node", || {
-        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"] == serde_json::json!(all))
-    });
-    (dirs, nodes, etcd.token.clone())
-}
-
-async fn cluster_client(etcd: &Etcd, token: &str) -> ClusterClient {
-    let mut opts = ClusterOptions { etcd: vec![etcd.client.clone()], ..ClusterOptions::default() };
-    opts.connect.token = Some(token.to_string());
-    ClusterClient::connect(opts).await.unwrap()
-}
-
-/// Content that names its object and version, so any mix-up shows.
-fn tagged(name: &str, version: u64, len: usize) -> Vec<u8> {
-    let tag = format!("[{name}#{version}]");
-    tag.bytes().cycle().take(len.max(tag.len())).collect()
-}
-
-/// The bytes of `ns/name` on one node, read straight from it (no routing), or `None`.
-async fn on_node(d: &Daemon, ns: &str, name: &str) -> Option<Vec<u8>> {
-    let o = client(d).await.object(ns, name).unwrap();
-    match o.stat().await {
-        Ok(st) => Some(if st.size == 0 { Vec::new() } else { o.read(0, st.size).await.unwrap() }),
-        Err(e) if e.kind() == ErrorKind::NotFound => None,
-        Err(e) => panic!("stat {ns}/{name}: {e}"),
-    }
-}
-
-/// The index of node `nI`.
-fn index(id: &str) -> usize {
-    id.trim_start_matches('n').parse().unwrap()
-}
+use common::etcd::{
+    Etcd, Workload, check_replicas, cluster, cluster_client, index, next, on_node, seed, status, tagged, wait_repaired,
+};
+use common::{Daemon, poll};
+use rdax_client::ErrorKind;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn put_get_list_stat_and_delete_across_three_nodes_with_two_replicas() {
@@ -192,25 +148,6 @@ async fn rdaxctl_puts_gets_lists_stats_and_removes_over_the_cluster() {
     drop(token);
 }
 
-/// A seed for the randomised rounds: `RDAX_TEST_SEED` when set, else from the clock; printed.
-fn seed() -> u64 {
-    let s = std::env::var("RDAX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    eprintln!("cluster fault test seed: {s} (RDAX_TEST_SEED={s} repeats it)");
-    s
-}
-
-fn next(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
-
-/// Each object's last acknowledged version and its bytes.
-type Acked = BTreeMap<String, (u64, Vec<u8>)>;
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_of_a_node_during_writes_loses_no_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
@@ -218,105 +155,36 @@ async fn kill_9_of_a_node_during_writes_loses_no_acknowledged_write() {
     let (_dirs, mut nodes, token) = cluster(root.path(), &etcd, 3, 2);
     let c = cluster_client(&etcd, &token).await;
     let mut rng = seed() | 1;
-    let victim = (next(&mut rng) % 3) as usize;
-    // Writers put tagged versions of 16 objects; every acknowledged version is recorded.
-    let acked: Arc<Mutex<Acked>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..3u64 {
-        let (c, acked, stop) = (c.clone(), acked.clone(), stop.clone());
-        let mut r = rng ^ (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        writers.push(tokio::spawn(async move {
-            let mut version = 0u64;
-            let mut failures = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                version += 1;
-                let name = format!("w{w}-{:02}", next(&mut r) % 16);
-                let data = tagged(&name, version, 1 + (next(&mut r) % 300_000) as usize);
-                // A put that was not acknowledged leaves the object undefined until a put of
-                // it succeeds, as any failed write does: repeat it until one does.
-                loop {
-                    match c.put("ns", &name, &data).await {
-                        Ok(_) => break,
-                        Err(e) => {
-                            eprintln!("put {name} v{version} not acknowledged: {e}");
-                            failures += 1;
-                            assert!(failures < 20, "the cluster stopped taking writes");
-                        }
-                    }
-                }
-                acked.lock().unwrap().insert(name, (version, data));
-            }
-            failures
-        }));
-    }
-    let count = || acked.lock().unwrap().len();
-    poll(Duration::from_secs(60), "writes before the kill", || (count() >= 20).then_some(()));
+    // Half the seeds kill the coordinator: a new one is elected, writes the map, and repair
+    // goes on under it.
+    let coordinator = (0..3).find(|&i| nodes[i].metric("rdax_cluster_coordinator") == 1.0);
+    let victim = match coordinator {
+        Some(i) if next(&mut rng) % 2 == 0 => i,
+        _ => (next(&mut rng) % 3) as usize,
+    };
+    eprintln!("killing n{victim} (coordinator: {coordinator:?})");
+    let w = Workload::start(&c, rng, 3);
+    w.wait_for_more(20).await;
     nodes[victim].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
     let dead = format!("n{victim}");
     poll(Duration::from_secs(30), "a map without the killed node", || {
         etcd.get("/rdax/pgmap", false).pop().filter(|m| !m["nodes"].as_array().unwrap().contains(&dead.clone().into()))
     });
     // Writes go on under the new map.
-    let after_kill = acked.lock().unwrap().values().map(|(v, _)| *v).sum::<u64>();
-    poll(Duration::from_secs(60), "writes after the new map", || {
-        (acked.lock().unwrap().values().map(|(v, _)| *v).sum::<u64>() > after_kill + 20).then_some(())
-    });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        let failures = w.await.unwrap();
-        // Puts may fail while the dead node is still in the map; none may be lost once acked.
-        eprintln!("writer: {failures} puts not acknowledged");
-    }
-    // Every acknowledged write reads back byte-identical, through the client and on every
-    // surviving replica of its PG that the write reached.
-    let acked = acked.lock().unwrap().clone();
+    w.wait_for_more(20).await;
+    let acked = w.stop().await;
     assert!(acked.len() >= 10, "{} objects written", acked.len());
+    // Every acknowledged write reads back byte-identical through the client.
     for (name, (version, data)) in &acked {
         let got = c.get("ns", name).await.unwrap_or_else(|e| panic!("get {name} (v{version}): {e}"));
         assert!(got == *data, "{name}: read back differs from acknowledged version {version}");
     }
-    // Repair restores two copies: every survivor reports no degraded PG, and then every
-    // object is on both replicas of the current map, byte-identical.
+    // Repair restores two copies, byte-identical.
     let alive: Vec<&Daemon> = nodes.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, d)| d).collect();
-    let repaired = std::time::Instant::now() + Duration::from_secs(90);
-    while !alive.iter().all(|d| d.metric("rdax_cluster_pgs_degraded") == 0.0) {
-        if std::time::Instant::now() > repaired {
-            for d in &alive {
-                let log = d.log();
-                let lines: Vec<&str> = log.lines().filter(|l| l.contains("repair") || l.contains("WARN")).collect();
-                eprintln!("=== {} (degraded {})", d.dir.display(), d.metric("rdax_cluster_pgs_degraded"));
-                eprintln!("{}", lines[lines.len().saturating_sub(15)..].join("\n"));
-            }
-            eprintln!("repair records: {:?}", etcd.get("/rdax/repair/", true));
-            eprintln!("done records: {:?}", etcd.get("/rdax/repaired/", true));
-            panic!("repair did not finish within 90 s (seed printed above)");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_repaired(&etcd, &alive).await;
     assert!(alive.iter().map(|d| d.metric("rdax_cluster_repair_bytes_total")).sum::<f64>() > 0.0, "nothing was copied");
-    c.refresh().await.unwrap();
-    for (name, (version, data)) in &acked {
-        let (_, replicas) = c.placement("ns", name).unwrap();
-        assert_eq!(replicas.len(), 2, "{name}: {replicas:?}");
-        for id in &replicas {
-            let got = on_node(&nodes[index(id)], "ns", name).await;
-            assert!(
-                got.as_deref() == Some(&data[..]),
-                "{name} v{version} on replica {id} after repair: {:?} bytes, want {}",
-                got.map(|g| g.len()),
-                data.len()
-            );
-        }
-    }
-    let st = status(&etcd);
-    assert_eq!(st["pg_states"]["healthy"], 128, "{st}");
-}
-
-/// `rdaxctl --cluster etcd://... --json cluster status`.
-fn status(etcd: &Etcd) -> serde_json::Value {
-    let spec = etcd.client.replacen("http://", "etcd://", 1);
-    let out = common::rdaxctl().args(["--cluster", &spec, "--json", "cluster", "status"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    check_replicas(&c, &nodes, &acked, 2).await;
+    assert_eq!(status(&etcd)["pg_states"]["healthy"], 128);
+    let new = (0..3).filter(|&i| i != victim).find(|&i| nodes[i].metric("rdax_cluster_coordinator") == 1.0);
+    assert!(new.is_some(), "a coordinator among the survivors");
 }

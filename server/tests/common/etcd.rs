@@ -1,11 +1,14 @@
 //! A real etcd for cluster tests (Debian's `etcd-server`, on loopback ports with its own data
 //! directory), and rdaxd members of it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{Daemon, poll};
+use rdax_client::{ClusterClient, ClusterOptions, ErrorKind};
+
+use super::{Daemon, client, poll};
 
 /// The etcd lease TTL the daemons use here: short, with room for a loaded machine's delays
 /// in the quarter TTL between the fence and etcd's expiry.
@@ -163,4 +166,180 @@ pub fn member_with(dir: &Path, etcd: &Etcd, node: &str, extra: &[&str], cluster:
     // the coordinator says their copies now count as complete.
     d.allow("no complete copy of these PGs survives");
     d
+}
+
+/// `n` members `n0..` with replication `r`; waits for the map of all. Returns the cluster's
+/// token too.
+pub fn cluster(_root: &Path, etcd: &Etcd, n: usize, r: u8) -> (Vec<tempfile::TempDir>, Vec<Daemon>, String) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas = r.to_string();
+    let nodes = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| member_with(d.path(), etcd, &format!("n{i}"), &["--replicas", replicas.as_str()], ""))
+        .collect();
+    let all: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+    poll(Duration::from_secs(30), "a PG map of every node", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"] == serde_json::json!(all))
+    });
+    (dirs, nodes, etcd.token.clone())
+}
+
+pub async fn cluster_client(etcd: &Etcd, token: &str) -> ClusterClient {
+    let mut opts = ClusterOptions { etcd: vec![etcd.client.clone()], ..ClusterOptions::default() };
+    opts.connect.token = Some(token.to_string());
+    ClusterClient::connect(opts).await.unwrap()
+}
+
+/// Content that names its object and version, so any mix-up shows.
+pub fn tagged(name: &str, version: u64, len: usize) -> Vec<u8> {
+    let tag = format!("[{name}#{version}]");
+    tag.bytes().cycle().take(len.max(tag.len())).collect()
+}
+
+/// The bytes of `ns/name` on one node, read straight from it (no routing), or `None`.
+pub async fn on_node(d: &Daemon, ns: &str, name: &str) -> Option<Vec<u8>> {
+    let o = client(d).await.object(ns, name).unwrap();
+    match o.stat().await {
+        Ok(st) => Some(if st.size == 0 { Vec::new() } else { o.read(0, st.size).await.unwrap() }),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => panic!("stat {ns}/{name}: {e}"),
+    }
+}
+
+/// The index of node `nI`.
+pub fn index(id: &str) -> usize {
+    id.trim_start_matches('n').parse().unwrap()
+}
+
+/// A seed for the randomised rounds: `RDAX_TEST_SEED` when set, else from the clock; printed.
+pub fn seed() -> u64 {
+    let s = std::env::var("RDAX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("cluster fault test seed: {s} (RDAX_TEST_SEED={s} repeats it)");
+    s
+}
+
+pub fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// `rdaxctl --cluster etcd://... --json cluster status`.
+pub fn status(etcd: &Etcd) -> serde_json::Value {
+    let spec = etcd.client.replacen("http://", "etcd://", 1);
+    let out = super::rdaxctl().args(["--cluster", &spec, "--json", "cluster", "status"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each object's last acknowledged version and its bytes.
+pub type Acked = BTreeMap<String, (u64, Vec<u8>)>;
+
+/// Writers putting tagged versions of their own 16 objects each, recording every
+/// acknowledged version. A put that was not acknowledged leaves its object undefined until a
+/// put of it succeeds, as any failed write does, so a writer repeats it until one does.
+pub struct Workload {
+    acked: std::sync::Arc<std::sync::Mutex<Acked>>,
+    puts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<u32>>,
+}
+
+impl Workload {
+    pub fn start(c: &ClusterClient, seed: u64, writers: u64) -> Self {
+        let acked: std::sync::Arc<std::sync::Mutex<Acked>> = Default::default();
+        let puts: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let writers = (0..writers)
+            .map(|w| {
+                let (c, acked, puts, stop) = (c.clone(), acked.clone(), puts.clone(), stop.clone());
+                let mut r = (seed ^ (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+                tokio::spawn(async move {
+                    let (mut version, mut failures) = (0u64, 0u32);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        version += 1;
+                        let name = format!("w{w}-{:02}", next(&mut r) % 16);
+                        let data = tagged(&name, version, 1 + (next(&mut r) % 300_000) as usize);
+                        while let Err(e) = c.put("ns", &name, &data).await {
+                            eprintln!("put {name} v{version} not acknowledged: {e}");
+                            failures += 1;
+                            assert!(failures < 30, "the cluster stopped taking writes");
+                        }
+                        acked.lock().unwrap().insert(name, (version, data));
+                        puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Self { acked, puts, stop, writers }
+    }
+
+    /// Wait (bounded) until `n` more puts are acknowledged.
+    pub async fn wait_for_more(&self, n: u64) {
+        let want = self.puts.load(std::sync::atomic::Ordering::Relaxed) + n;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while self.puts.load(std::sync::atomic::Ordering::Relaxed) < want {
+            assert!(std::time::Instant::now() < deadline, "{n} more puts were not acknowledged within 90 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What has been acknowledged so far.
+    pub fn acked(&self) -> Acked {
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Stop the writers; what they had acknowledged.
+    pub async fn stop(self) -> Acked {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in self.writers {
+            let failures = w.await.unwrap();
+            eprintln!("writer: {failures} puts not acknowledged (and repeated)");
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// Wait (bounded) until none of `nodes` reports a degraded PG; on a timeout, print what each
+/// says of its repairs.
+pub async fn wait_repaired(etcd: &Etcd, nodes: &[&Daemon]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !nodes.iter().all(|d| d.metric("rdax_cluster_pgs_degraded") == 0.0) {
+        if std::time::Instant::now() > deadline {
+            for d in nodes {
+                let log = d.log();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains("repair") || l.contains("WARN")).collect();
+                eprintln!("=== {} (degraded {})", d.dir.display(), d.metric("rdax_cluster_pgs_degraded"));
+                eprintln!("{}", lines[lines.len().saturating_sub(15)..].join("\n"));
+            }
+            eprintln!("repair records: {:?}", etcd.get("/rdax/repair/", true));
+            eprintln!("done records: {:?}", etcd.get("/rdax/repaired/", true));
+            panic!("repair did not finish within 90 s (the seed is printed above)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every acknowledged object is on each of the `r` replicas the current map names,
+/// byte-identical.
+pub async fn check_replicas(c: &ClusterClient, nodes: &[Daemon], acked: &Acked, r: usize) {
+    c.refresh().await.unwrap();
+    for (name, (version, data)) in acked {
+        let (_, replicas) = c.placement("ns", name).unwrap();
+        assert_eq!(replicas.len(), r, "{name}: {replicas:?}");
+        for id in &replicas {
+            let got = on_node(&nodes[index(id)], "ns", name).await;
+            assert!(
+                got.as_deref() == Some(&data[..]),
+                "{name} v{version} on replica {id}: {:?} bytes, want {}",
+                got.map(|g| g.len()),
+                data.len()
+            );
+        }
+    }
 }
