@@ -159,7 +159,7 @@ async fn kill_9_of_a_node_during_writes_loses_no_acknowledged_write() {
     // goes on under it.
     let coordinator = (0..3).find(|&i| nodes[i].metric("rdax_cluster_coordinator") == 1.0);
     let victim = match coordinator {
-        Some(i) if next(&mut rng) % 2 == 0 => i,
+        Some(i) if next(&mut rng).is_multiple_of(2) => i,
         _ => (next(&mut rng) % 3) as usize,
     };
     eprintln!("killing n{victim} (coordinator: {coordinator:?})");
