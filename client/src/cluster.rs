@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{GetOptions, WatchOptions};
 use futures_util::future::join_all;
-use rdax_proto::cluster::{NodeRecord, PgMap, pg_of};
+use rdax_proto::cluster::{NodeRecord, PgMap, RepairAssignment, RepairDone, pg_of, repair_pending};
 use rdax_proto::pb;
 use tokio::sync::watch;
 
@@ -72,12 +72,23 @@ pub struct ClusterView {
     pub map: Option<PgMap>,
     /// The registered nodes, by id.
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// What each node was assigned to repair, and what it has finished.
+    pub repair: BTreeMap<String, RepairAssignment>,
+    /// See `repair`.
+    pub repaired: BTreeMap<String, RepairDone>,
 }
 
 impl ClusterView {
     /// The map's epoch (0: no map).
     pub fn epoch(&self) -> u64 {
         self.map.as_ref().map_or(0, |m| m.epoch)
+    }
+
+    /// Whether `node` is still copying `pg` (its copy may be incomplete or old: it is not read).
+    pub fn repairing(&self, node: &str, pg: u32) -> bool {
+        self.repair
+            .get(node)
+            .is_some_and(|a| repair_pending(a, self.repaired.get(node).unwrap_or(&RepairDone::new()), pg))
     }
 }
 
@@ -352,12 +363,28 @@ impl ClusterClient {
         }
     }
 
-    /// Read the whole of `namespace/name` from the first replica that has it.
+    /// Read the whole of `namespace/name` from the first complete replica that has it.
     pub async fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
         self.routed(namespace, name, "get", |route, replicas| async move {
-            self.first_replica(&replicas, |id| self.read_one(id, route, namespace, name)).await
+            let readable = self.readable(route, replicas)?;
+            self.first_replica(&readable, |id| self.read_one(id, route, namespace, name)).await
         })
         .await
+    }
+
+    /// The replicas a read may use: those not copying the PG (a copy in progress may be old or
+    /// incomplete). None: `Unavailable`, and the read waits for repair.
+    fn readable(&self, route: Route, replicas: Vec<String>) -> Result<Vec<String>> {
+        let v = self.view();
+        let pg = route.pg.unwrap_or(0);
+        let ok: Vec<String> = replicas.into_iter().filter(|n| !v.repairing(n, pg)).collect();
+        if ok.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("every replica of PG {pg} is still being repaired"),
+            ));
+        }
+        Ok(ok)
     }
 
     async fn read_one(&self, id: &str, route: Route, namespace: &str, name: &str) -> Result<Vec<u8>> {
@@ -376,7 +403,8 @@ impl ClusterClient {
     /// The object's metadata, from the first replica that has it.
     pub async fn stat(&self, namespace: &str, name: &str) -> Result<pb::ObjectStat> {
         self.routed(namespace, name, "stat", |route, replicas| async move {
-            self.first_replica(&replicas, |id| async move {
+            let readable = self.readable(route, replicas)?;
+            self.first_replica(&readable, |id| async move {
                 self.conn(id).await?.client.routed(Some(route)).object(namespace, name)?.stat().await
             })
             .await
@@ -469,9 +497,12 @@ impl ClusterClient {
                         answered.insert(id.clone());
                         for st in list {
                             let name = st.name.clone();
-                            let r = m.replicas_of(pg_of(namespace, &name, m.pgs));
-                            if !r.contains(&id) {
-                                continue; // a leftover of a PG this node no longer holds
+                            let pg = pg_of(namespace, &name, m.pgs);
+                            let r = m.replicas_of(pg);
+                            if !r.contains(&id) || v.repairing(&id, pg) {
+                                // A leftover of a PG this node no longer holds, or one it is
+                                // still copying (what it has may be old).
+                                continue;
                             }
                             let primary = r.first() == Some(&id);
                             match merged.get(&name) {
@@ -492,7 +523,8 @@ impl ClusterClient {
                     }
                 }
             }
-            let dark = (0..m.pgs).find(|&pg| m.replicas_of(pg).iter().all(|n| !answered.contains(n)));
+            let dark =
+                (0..m.pgs).find(|&pg| m.replicas_of(pg).iter().all(|n| !answered.contains(n) || v.repairing(n, pg)));
             match (dark, refused) {
                 (None, _) => return Ok(merged.into_values().map(|(_, st)| st).collect()),
                 (Some(pg), Some((id, e))) => {
@@ -503,8 +535,17 @@ impl ClusterClient {
                         ));
                     }
                 }
-                (Some(pg), None) => {
+                (Some(pg), None) if m.replicas_of(pg).is_empty() => {
                     return Err(Error::new(ErrorKind::Unavailable, format!("PG {pg} has no replicas")));
+                }
+                (Some(pg), None) => {
+                    // Every replica of it is still copying: wait for repair.
+                    if Instant::now() >= deadline {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!("list {namespace}: every replica of PG {pg} is still being repaired"),
+                        ));
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -529,6 +570,7 @@ async fn read_view_at(inner: &Inner) -> Result<(ClusterView, i64)> {
         .map_err(etcd_err)?;
     let rev = got.header().map_or(0, |h| h.revision());
     let (nodes_key, map_key) = (format!("{prefix}/nodes/"), format!("{prefix}/pgmap"));
+    let (repair_key, repaired_key) = (format!("{prefix}/repair/"), format!("{prefix}/repaired/"));
     let mut view = ClusterView::default();
     for kv in got.kvs() {
         let key = kv.key_str().unwrap_or_default();
@@ -538,6 +580,14 @@ async fn read_view_at(inner: &Inner) -> Result<(ClusterView, i64)> {
             && let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value())
         {
             view.nodes.insert(r.node_id.clone(), r);
+        } else if let Some(n) = key.strip_prefix(&repair_key)
+            && let Ok(a) = serde_json::from_slice(kv.value())
+        {
+            view.repair.insert(n.to_string(), a);
+        } else if let Some(n) = key.strip_prefix(&repaired_key)
+            && let Ok(d) = serde_json::from_slice(kv.value())
+        {
+            view.repaired.insert(n.to_string(), d);
         }
     }
     Ok((view, rev))

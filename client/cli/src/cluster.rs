@@ -12,6 +12,33 @@ pub(crate) enum ClusterCmd {
     /// replica still copying; progress shown per copy), degraded (fewer replicas up than the
     /// replication factor), unavailable (none up).
     Status,
+    /// Put objects over the cluster for a while and report throughput and latency (a
+    /// benchmark: every put goes to every replica and is persisted there).
+    Bench(BenchArgs),
+}
+
+/// `rdaxctl cluster bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct BenchArgs {
+    /// Bytes per object (each put writes one whole object).
+    #[arg(long, value_parser = rdaxd::config::parse_size, default_value = "1M")]
+    pub size: u64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 4)]
+    pub writers: u32,
+    /// Distinct objects each writer cycles through.
+    #[arg(long, default_value_t = 16)]
+    pub objects: u32,
+    /// Namespace to write in.
+    #[arg(long, default_value = "bench")]
+    pub namespace: String,
+    /// Stop each writer after this many puts instead of after --seconds (with --objects N and
+    /// --puts N, every object is written once: a fill).
+    #[arg(long)]
+    pub puts: Option<u32>,
 }
 
 /// etcd client URLs from `--cluster etcd://HOST:PORT[,HOST:PORT...]`.
@@ -65,7 +92,7 @@ mod with_etcd {
     }
 
     pub(crate) async fn run(urls: Vec<String>, prefix: &str, cmd: &ClusterCmd, json: bool) -> Result<(), Failure> {
-        let ClusterCmd::Status = cmd;
+        let ClusterCmd::Status = cmd else { unreachable!("only status reads etcd alone") };
         let prefix = prefix.trim_end_matches('/');
         let opts = ConnectOptions::new().with_connect_timeout(BOUND);
         let mut c = bounded(Client::connect(&urls, Some(opts))).await?;

@@ -16,8 +16,17 @@ pub(crate) async fn run(_cli: &crate::Cli, _urls: Vec<String>) -> Result<(), cra
     )))
 }
 
+#[cfg(not(feature = "cluster"))]
+pub(crate) async fn bench(
+    cli: &crate::Cli,
+    urls: Vec<String>,
+    _args: &crate::cluster::BenchArgs,
+) -> Result<(), crate::Failure> {
+    run(cli, urls).await
+}
+
 #[cfg(feature = "cluster")]
-pub(crate) use with_etcd::run;
+pub(crate) use with_etcd::{bench, run};
 
 #[cfg(feature = "cluster")]
 mod with_etcd {
@@ -30,8 +39,7 @@ mod with_etcd {
     use crate::output::{emit, human};
     use crate::{Cli, Cmd, Failure};
 
-    pub(crate) async fn run(cli: &Cli, urls: Vec<String>) -> Result<(), Failure> {
-        let json = cli.json;
+    async fn connect(cli: &Cli, urls: Vec<String>) -> Result<ClusterClient, Failure> {
         let opts = ClusterOptions {
             etcd: urls,
             prefix: cli.cluster_prefix.clone(),
@@ -43,7 +51,68 @@ mod with_etcd {
             },
             ..ClusterOptions::default()
         };
-        let c = ClusterClient::connect(opts).await?;
+        Ok(ClusterClient::connect(opts).await?)
+    }
+
+    /// `rdaxctl cluster bench`: `writers` tasks put whole objects of `size` bytes for `seconds`.
+    pub(crate) async fn bench(cli: &Cli, urls: Vec<String>, a: &crate::cluster::BenchArgs) -> Result<(), Failure> {
+        let c = connect(cli, urls).await?;
+        let view = c.view();
+        let data: std::sync::Arc<Vec<u8>> = std::sync::Arc::new((0..a.size).map(|i| (i % 251) as u8).collect());
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(a.seconds);
+        let started = std::time::Instant::now();
+        let tasks: Vec<_> = (0..a.writers)
+            .map(|w| {
+                let (c, data, ns, objects, puts) =
+                    (c.clone(), data.clone(), a.namespace.clone(), a.objects.max(1), a.puts);
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = 0u32;
+                    while puts.map_or(std::time::Instant::now() < end, |n| i < n) {
+                        let t = std::time::Instant::now();
+                        c.put(&ns, &format!("w{w}-{}", i % objects), &data).await?;
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        i += 1;
+                    }
+                    Ok::<_, rdax_client::Error>(lat)
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.map_err(|e| Failure::local(anyhow::anyhow!("a writer panicked: {e}")))??);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let pct = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+        let puts = lat.len() as f64;
+        let replicas = view.map.as_ref().map_or(0, |m| m.replicas);
+        let v = json!({
+            "nodes": view.nodes.len(), "replicas": replicas, "size": a.size, "writers": a.writers,
+            "seconds": secs, "puts": lat.len(), "puts_per_s": puts / secs,
+            "mib_per_s": puts * a.size as f64 / secs / f64::from(1 << 20),
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
+        });
+        emit(cli.json, &v, || {
+            format!(
+                "{} puts of {} in {secs:.1} s over {} nodes (R = {replicas}, {} writers): {:.1} puts/s, {:.1} MiB/s \
+                 acknowledged; latency p50 {:.2} ms, p99 {:.2} ms",
+                lat.len(),
+                human(a.size),
+                view.nodes.len(),
+                a.writers,
+                puts / secs,
+                puts * a.size as f64 / secs / f64::from(1 << 20),
+                pct(0.5),
+                pct(0.99)
+            )
+        });
+        Ok(())
+    }
+
+    pub(crate) async fn run(cli: &Cli, urls: Vec<String>) -> Result<(), Failure> {
+        let json = cli.json;
+        let c = connect(cli, urls).await?;
         match &cli.cmd {
             Cmd::Put { object, file, offset, no_persist } => {
                 if offset.is_some() || *no_persist {

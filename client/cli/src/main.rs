@@ -352,8 +352,10 @@ fn main() -> ExitCode {
                 (None, _) => Err(Failure::invalid(anyhow::anyhow!(
                     "`cluster` commands need --cluster etcd://HOST:PORT (or RDAX_CLUSTER)"
                 ))),
-                (Some(spec), Ok(rt)) => cluster::etcd_urls(spec)
-                    .and_then(|urls| rt.block_on(cluster::run(urls, &cli.cluster_prefix, cmd, json))),
+                (Some(spec), Ok(rt)) => cluster::etcd_urls(spec).and_then(|urls| match cmd {
+                    cluster::ClusterCmd::Bench(args) => rt.block_on(cluster_objects::bench(&cli, urls, args)),
+                    cmd => rt.block_on(cluster::run(urls, &cli.cluster_prefix, cmd, json)),
+                }),
                 (Some(_), Err(e)) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),
             }
         }

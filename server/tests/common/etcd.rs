@@ -246,6 +246,9 @@ pub struct Workload {
     acked: std::sync::Arc<std::sync::Mutex<Acked>>,
     puts: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Writers finish their put and wait while set; `idle` counts those waiting.
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    idle: std::sync::Arc<std::sync::atomic::AtomicU64>,
     writers: Vec<tokio::task::JoinHandle<u32>>,
 }
 
@@ -254,13 +257,23 @@ impl Workload {
         let acked: std::sync::Arc<std::sync::Mutex<Acked>> = Default::default();
         let puts: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
         let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let paused: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let idle: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
         let writers = (0..writers)
             .map(|w| {
                 let (c, acked, puts, stop) = (c.clone(), acked.clone(), puts.clone(), stop.clone());
+                let (paused, idle) = (paused.clone(), idle.clone());
                 let mut r = (seed ^ (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
                 tokio::spawn(async move {
                     let (mut version, mut failures) = (0u64, 0u32);
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if paused.load(std::sync::atomic::Ordering::SeqCst) {
+                            idle.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            while paused.load(std::sync::atomic::Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            idle.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         version += 1;
                         let name = format!("w{w}-{:02}", next(&mut r) % 16);
                         let data = tagged(&name, version, 1 + (next(&mut r) % 300_000) as usize);
@@ -276,7 +289,25 @@ impl Workload {
                 })
             })
             .collect();
-        Self { acked, puts, stop, writers }
+        Self { acked, puts, stop, paused, idle, writers }
+    }
+
+    /// Let every writer finish its put and wait: what is acknowledged then is what the
+    /// objects hold (a get concurrent with a put of the same object may see a mix of the two
+    /// versions).
+    pub async fn pause(&self) -> Acked {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while self.idle.load(std::sync::atomic::Ordering::SeqCst) < self.writers.len() as u64 {
+            assert!(std::time::Instant::now() < deadline, "the writers did not pause within 90 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.acked()
+    }
+
+    /// Let the writers go on.
+    pub fn resume(&self) {
+        self.paused.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Wait (bounded) until `n` more puts are acknowledged.
