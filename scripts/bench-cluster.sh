@@ -40,11 +40,12 @@ wait_for() { # what, deadline seconds, command...
   done
 }
 wait_for "etcd" 30 ctl endpoint health
-printf '[cluster]\nlease_ttl_ms = %s\n' "$ttl_ms" > "$work/rdaxd.toml"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/token"; chmod 600 "$work/token"
+printf '[cluster]\nlease_ttl_ms = %s\npeer_token_file = "%s"\n' "$ttl_ms" "$work/token" > "$work/rdaxd.toml"
 start() { # i
   mkdir -p "$work/n$1"
   "$bin/rdaxd" --config "$work/rdaxd.toml" --state-dir "$work/n$1" --pool-size 64M --listen 127.0.0.1:0 \
-    --data-listen 127.0.0.1:0 --metrics-listen off --admin-socket off --etcd "$url" --node-id "n$1" \
+    --data-listen 127.0.0.1:0 --metrics-listen off --admin-socket off --token-file "$work/token" --etcd "$url" --node-id "n$1" \
     >> "$work/n$1.log" 2>&1 &
   pids[$1]=$!
   disown  # no "Killed" notice from the shell for the kill -9 below
