@@ -59,10 +59,11 @@ rctl() { "$bin/rdaxctl" --cluster "etcd://127.0.0.1:$cport" --cluster-prefix "$p
 status() { rctl --json cluster status; }
 all_healthy() { status | python3 -c 'import json,sys; s=json.load(sys.stdin)["pg_states"]; sys.exit(0 if s["healthy"]==128 else 1)'; }
 map_nodes() { ctl get "$prefix/pgmap" --print-value-only | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["nodes"]))'; }
+map_has() { [ "$(map_nodes 2>/dev/null || echo 0)" = "$1" ]; }
 cluster_of() { # nodes replicas
   stop_all; prefix=/bench-n$1-r$2
   for ((i = 0; i < $1; i++)); do start "$i" "$2"; done
-  wait_for "a map of $1 nodes" 60 test "$(map_nodes 2>/dev/null || echo 0)" = "$1"
+  wait_for "a map of $1 nodes" 60 map_has "$1"
   wait_for "no repair pending" 120 nothing_repairing
 }
 nothing_repairing() { status | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["pg_states"]["repairing"]==0 else 1)'; }
@@ -82,16 +83,28 @@ for p in glob.glob(sys.argv[1] + "/n*/ports.json"):
 print(total)
 PY
 }
+report() { # label bench-json nodes [R=1 MiB/s to compare with]
+  python3 - "$@" <<'PY'
+import json, sys
+label, b, n, base = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+m, l = b["mib_per_s"], b["latency_ms"]
+line = (f"{label}: {m:.1f} MiB/s acknowledged ({m / n:.1f} per node), {b['puts_per_s']:.1f} puts/s, "
+        f"p50 {l['p50']:.2f} ms, p99 {l['p99']:.2f} ms")
+if base:
+    line += f"; throughput R=2 / R=1 (3 nodes) {m / float(base):.2f}"
+print(line)
+PY
+}
 echo "bench-replication: $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg); 1 MiB puts, 4 writers, $secs s each"
 declare -A mib
 for n in 1 2 3; do
   cluster_of "$n" 1
   out=$(bench); mib[$n]=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["mib_per_s"])' "$out")
-  python3 -c 'import json,sys; b=json.loads(sys.argv[1]); n=int(sys.argv[2]); print(f"R=1, {n} node(s): {b[\"mib_per_s\"]:.1f} MiB/s acknowledged ({b[\"mib_per_s\"]/n:.1f} per node), p50 {b[\"latency_ms\"][\"p50\"]:.2f} ms, p99 {b[\"latency_ms\"][\"p99\"]:.2f} ms")' "$out" "$n"
+  report "R=1, $n node(s)" "$out" "$n" ""
 done
 cluster_of 3 2
 out=$(bench)
-python3 -c 'import json,sys; b=json.loads(sys.argv[1]); r1=float(sys.argv[2]); print(f"R=2, 3 nodes: {b[\"mib_per_s\"]:.1f} MiB/s acknowledged, p50 {b[\"latency_ms\"][\"p50\"]:.2f} ms, p99 {b[\"latency_ms\"][\"p99\"]:.2f} ms; R=2 / R=1 throughput {b[\"mib_per_s\"]/r1:.2f}")' "$out" "${mib[3]}"
+report "R=2, 3 nodes" "$out" 3 "${mib[3]}"
 # Repair: fill (every object written once), then kill one node.
 objects=$(( fill / 4 ))
 rctl --json cluster bench --size 1M --writers 4 --objects "$objects" --puts "$objects" --namespace fill > /dev/null
@@ -99,7 +112,7 @@ listed=$(rctl --json ls fill | python3 -c 'import json,sys; print(len(json.load(
 copied0=$(metric_sum rdax_cluster_repair_bytes_total)
 victim=2
 t0=$(now); kill -9 "${pids[$victim]}"
-wait_for "a map without n$victim" 60 test "$(map_nodes)" = 2; t1=$(now)
+wait_for "a map without n$victim" 60 map_has 2; t1=$(now)
 wait_for "every PG healthy again" 600 all_healthy; t2=$(now)
 copied=$(awk "BEGIN {print $(metric_sum rdax_cluster_repair_bytes_total) - $copied0}")
 python3 - "$t0" "$t1" "$t2" "$copied" "$listed" "$ttl_ms" "$rate" <<'PY'

@@ -353,6 +353,11 @@ impl ClusterClient {
                 if matches!(e.kind(), ErrorKind::FailedPrecondition | ErrorKind::NotFound)
                     && e.node_epoch().is_none() =>
             {
+                if e.kind() == ErrorKind::NotFound {
+                    // Or the node no longer knows the session (it expired while the node was
+                    // stopped, or the node restarted): start afresh.
+                    self.forget(id);
+                }
                 Err(Error::new(ErrorKind::Unavailable, format!("node {id}: {e}")))
             }
             Err(e) if retryable(&e) => {
@@ -394,7 +399,16 @@ impl ClusterClient {
             return Ok(Vec::new());
         }
         let s = self.session(&c).await?;
-        let lease = s.acquire_routed(namespace, name, 0, size, LeaseMode::Read, false, Some(route)).await?;
+        let lease = match s.acquire_routed(namespace, name, 0, size, LeaseMode::Read, false, Some(route)).await {
+            Ok(l) => l,
+            // Deleted since the stat, or the node no longer knows the session: try again
+            // afresh (the stat then tells which).
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.forget(id);
+                return Err(Error::new(ErrorKind::Unavailable, format!("node {id}: {e}")));
+            }
+            Err(e) => return Err(e),
+        };
         let data = lease.read(0, size).await;
         let _ = lease.release().await;
         data
