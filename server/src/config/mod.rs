@@ -59,6 +59,8 @@ Config keys without a flag:
   [cluster] prefix = \"/rdax\"      etcd key prefix (clusters sharing one etcd use their own)
   [cluster] pgs = 128             placement groups, fixed by the cluster's first PG map
   [cluster] advertise = \"host\"    what other nodes dial (default: the listen addresses)
+  [cluster] peer_token_file = PATH token presented to other members for repair copies (required)
+  [cluster] repair_mib_per_s = 64 bound on this node's repair copy rate (0: none)
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax
