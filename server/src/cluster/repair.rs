@@ -17,6 +17,7 @@
 //! skip a replica that does not have an object.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,9 @@ const STEP: u64 = 1 << 20;
 /// How long one object may keep failing (a writer holding it, a recall) before the PG's copy
 /// is retried from the top.
 const OBJECT_BOUND: Duration = Duration::from_secs(30);
+
+/// Connections and sessions by endpoint, kept while copies succeed.
+type Peers = BTreeMap<String, (rdax_client::Client, Arc<Session>)>;
 
 /// What a node reads of the cluster for repair, at one etcd revision.
 #[derive(Default)]
@@ -82,6 +86,7 @@ impl Member {
     /// Runs until an etcd error.
     pub(super) async fn repair(&self, mut client: Client) -> JoinError {
         let mut last_error = String::new();
+        let mut peers = Peers::new();
         loop {
             let snap = match self.snapshot(&mut client).await {
                 Ok(s) => s,
@@ -101,13 +106,21 @@ impl Member {
             METRICS.cluster_pgs_repairing.store(todo.len() as u64, Relaxed);
             let Some((pg, task)) = todo.first().cloned() else {
                 METRICS.cluster_repair_rate.store(0, Relaxed);
+                // Nothing to copy: no session lingers on the other members meanwhile.
+                peers.clear();
                 if let Err(e) = self.changed_after(&mut client, snap.rev).await {
                     return e;
                 }
                 continue;
             };
             let started = Instant::now();
-            match self.repair_pg(&mut client, &snap, pg, &task).await {
+            let r = self.repair_pg(&mut client, &mut peers, &snap, pg, &task).await;
+            if r.is_err() {
+                // Connections and sessions start afresh after a failure (a source that went
+                // away, a session it expired).
+                peers.clear();
+            }
+            match r {
                 Ok((objects, bytes)) => {
                     last_error.clear();
                     let mut done = done;
@@ -193,10 +206,31 @@ impl Member {
         }
     }
 
+    /// A connection and a session to `endpoint` (this node's own, or a source's), kept across
+    /// PGs: one PG's copy of an empty PG is then a listing or two, not two connections and
+    /// two sessions.
+    async fn peer(
+        &self,
+        peers: &mut Peers,
+        endpoint: &str,
+    ) -> Result<(rdax_client::Client, Arc<Session>), RepairError> {
+        if let Some(p) = peers.get(endpoint) {
+            return Ok(p.clone());
+        }
+        let opts = if endpoint.starts_with("unix:") { ConnectOptions::default() } else { self.peer_options() };
+        let c = rdax_client::Client::connect(endpoint, opts).await?;
+        let sopts =
+            SessionOptions { client_name: format!("rdax-repair-{}", self.record.node_id), ..Default::default() };
+        let s = Arc::new(c.open_session_with(sopts).await?);
+        peers.insert(endpoint.to_string(), (c.clone(), s.clone()));
+        Ok((c, s))
+    }
+
     /// Copy PG `pg` from the first registered source; (objects, bytes) copied.
     async fn repair_pg(
         &self,
         etcd: &mut Client,
+        peers: &mut Peers,
         snap: &Snapshot,
         pg: u32,
         task: &RepairTask,
@@ -214,12 +248,8 @@ impl Member {
                 "cluster.peer_token_file is not set: this node has no credential to copy from other members".into(),
             ));
         }
-        let src = rdax_client::Client::connect(&snap.nodes[source].grpc, self.peer_options()).await?;
-        let local_opts = if self.local.starts_with("unix:") { ConnectOptions::default() } else { self.peer_options() };
-        let local = rdax_client::Client::connect(&self.local, local_opts).await?;
-        let sopts =
-            SessionOptions { client_name: format!("rdax-repair-{}", self.record.node_id), ..Default::default() };
-        let (src_s, local_s) = (src.open_session_with(sopts.clone()).await?, local.open_session_with(sopts).await?);
+        let (src, src_s) = self.peer(peers, &snap.nodes[source].grpc).await?;
+        let (local, local_s) = self.peer(peers, &self.local.clone()).await?;
         let objects = src.list_pg_all(pg, map.pgs).await?;
         let mut p = snap.progress.get(&pg).filter(|p| p.epoch == task.epoch).cloned().unwrap_or_default();
         let resumed = p.cursor.clone();
@@ -284,8 +314,6 @@ impl Member {
                 n += 1;
             }
         }
-        let _ = c.src_s.close().await;
-        let _ = c.local_s.close().await;
         // The progress record is done with: the completion says the rest.
         let key = self.repair_key("repair-progress", &self.record.node_id);
         self.bounded(etcd.delete(key, None)).await?;
@@ -332,8 +360,8 @@ struct Copier<'a> {
     member: &'a Member,
     src: rdax_client::Client,
     local: rdax_client::Client,
-    src_s: Session,
-    local_s: Session,
+    src_s: Arc<Session>,
+    local_s: Arc<Session>,
     /// See `RepairProgress::since_ns` (0: unknown).
     since: u64,
     /// Objects this copy created here (young, but not a client's).
