@@ -45,6 +45,9 @@ pub struct ClusterOptions {
     pub session: SessionOptions,
     /// Bound on each operation, retries after refusals and map changes included.
     pub deadline: Duration,
+    /// Bound on one try of an operation (a node stopped mid-write answers nothing; the data
+    /// plane has no deadline of its own). Raise it for objects of more than about 1 GiB.
+    pub try_timeout: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -61,6 +64,7 @@ impl Default for ClusterOptions {
             },
             session: SessionOptions { client_name: "rdax-cluster-client".into(), ..SessionOptions::default() },
             deadline: Duration::from_secs(60),
+            try_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -235,7 +239,12 @@ impl ClusterClient {
         if let Some(s) = s.as_ref() {
             return Ok(s.clone());
         }
-        let opened = Arc::new(c.client.open_session_with(self.inner.opts.session.clone()).await?);
+        let bound = self.inner.opts.connect.request_timeout.unwrap_or(self.inner.opts.try_timeout);
+        let opened =
+            tokio::time::timeout(bound, c.client.open_session_with(self.inner.opts.session.clone())).await.map_err(
+                |_| Error::new(ErrorKind::Unavailable, format!("opening a session: no answer within {bound:?}")),
+            )??;
+        let opened = Arc::new(opened);
         *s = Some(opened.clone());
         Ok(opened)
     }
@@ -266,10 +275,14 @@ impl ClusterClient {
                     if replicas.is_empty() {
                         Error::new(ErrorKind::Unavailable, format!("PG {pg} has no replicas"))
                     } else {
-                        match op(Route { epoch: m.epoch, pg: Some(pg) }, replicas).await {
-                            Ok(t) => return Ok(t),
-                            Err(e) if retryable(&e) => e,
-                            Err(e) => return Err(e),
+                        let bound = self.inner.opts.try_timeout.min(deadline.saturating_duration_since(Instant::now()));
+                        // Dropped at the bound, a try leaves nothing acknowledged; its leases
+                        // are given back by their guards or expire.
+                        match tokio::time::timeout(bound, op(Route { epoch: m.epoch, pg: Some(pg) }, replicas)).await {
+                            Ok(Ok(t)) => return Ok(t),
+                            Ok(Err(e)) if retryable(&e) => e,
+                            Ok(Err(e)) => return Err(e),
+                            Err(_) => Error::new(ErrorKind::Unavailable, format!("no answer within {bound:?}")),
                         }
                     }
                 }
@@ -632,7 +645,11 @@ async fn watch_cluster(inner: std::sync::Weak<Inner>) {
             let (v, rev) = read_view_at(&strong).await?;
             publish(&strong, Arc::new(v));
             let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
-            let mut stream = wc.watch(prefix.clone(), Some(opts)).await.map_err(etcd_err)?;
+            let bound = strong.opts.connect.request_timeout.unwrap_or(Duration::from_secs(5));
+            let mut stream = tokio::time::timeout(bound, wc.watch(prefix.clone(), Some(opts)))
+                .await
+                .map_err(|_| etcd_err(format!("the watch did not start within {bound:?}")))?
+                .map_err(etcd_err)?;
             let weak = Arc::downgrade(&strong);
             drop(strong);
             loop {

@@ -33,6 +33,8 @@ const STEP: u64 = 1 << 20;
 /// How long one object may keep failing (a writer holding it, a recall) before the PG's copy
 /// is retried from the top.
 const OBJECT_BOUND: Duration = Duration::from_secs(30);
+/// Bound on opening a session with a member, and on each 1 MiB step of a copy.
+const PEER_BOUND: Duration = Duration::from_secs(10);
 
 /// Connections and sessions by endpoint, kept while copies succeed.
 type Peers = BTreeMap<String, (rdax_client::Client, Arc<Session>)>;
@@ -221,7 +223,11 @@ impl Member {
         let c = rdax_client::Client::connect(endpoint, opts).await?;
         let sopts =
             SessionOptions { client_name: format!("rdax-repair-{}", self.record.node_id), ..Default::default() };
-        let s = Arc::new(c.open_session_with(sopts).await?);
+        // A stopped peer accepts the connection and never answers.
+        let s = tokio::time::timeout(PEER_BOUND, c.open_session_with(sopts))
+            .await
+            .map_err(|_| RepairError::Copy(format!("{endpoint}: no session within {PEER_BOUND:?}")))??;
+        let s = Arc::new(s);
         peers.insert(endpoint.to_string(), (c.clone(), s.clone()));
         Ok((c, s))
     }
@@ -337,8 +343,11 @@ impl Member {
         while off < size {
             let step = STEP.min(size - off);
             let t = Instant::now();
-            let data = from.read(off, step).await?;
-            to.write_persist(off, &data).await?;
+            // The data plane has no deadline of its own, and a stopped source never answers.
+            let stalled =
+                || rdax_client::Error::from(tonic::Status::unavailable(format!("no progress within {PEER_BOUND:?}")));
+            let data = tokio::time::timeout(PEER_BOUND, from.read(off, step)).await.map_err(|_| stalled())??;
+            tokio::time::timeout(PEER_BOUND, to.write_persist(off, &data)).await.map_err(|_| stalled())??;
             off += step;
             METRICS.cluster_repair_bytes.fetch_add(step, Relaxed);
             // Pace to the configured rate: each step takes at least step / rate.
