@@ -32,10 +32,10 @@ pub(crate) use with_etcd::{bench, run};
 mod with_etcd {
     use anyhow::Context;
     use rdax_client::{ClusterClient, ClusterOptions};
-    use serde_json::{Value, json};
+    use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use crate::online::{connect_options, stat_json, stat_text};
+    use crate::online::{connect_options, ls_emit, stat_json, stat_text};
     use crate::output::{emit, human};
     use crate::{Cli, Cmd, Failure};
 
@@ -176,14 +176,7 @@ mod with_etcd {
                 }
             }
             Cmd::Ls { namespace } => {
-                let all = c.list(namespace).await?;
-                let v: Vec<Value> = all.iter().map(stat_json).collect();
-                emit(json, &v, || {
-                    all.iter()
-                        .map(|s| format!("{:>12}  {:>12}  {}", s.size, s.allocated_bytes, s.name))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                });
+                ls_emit(json, &c.list(namespace).await?);
             }
             Cmd::Stat { object } => {
                 let s = c.stat(&object.ns, &object.name).await?;

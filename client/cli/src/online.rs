@@ -61,6 +61,17 @@ pub(crate) fn stat_json(s: &ObjectStat) -> Value {
     })
 }
 
+/// `ls` output: JSON stats, or size, allocated bytes and name per line.
+pub(crate) fn ls_emit(json: bool, all: &[ObjectStat]) {
+    let v: Vec<Value> = all.iter().map(stat_json).collect();
+    emit(json, &v, || {
+        all.iter()
+            .map(|s| format!("{:>12}  {:>12}  {}", s.size, s.allocated_bytes, s.name))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+}
+
 pub(crate) fn stat_text(s: &ObjectStat) -> String {
     format!(
         "{}/{}\n  id         {}\n  size       {} ({} bytes)\n  allocated  {} in {} extents",
@@ -180,14 +191,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
             emit(json, &stat_json(&s), || format!("created {}/{} ({})", s.namespace, s.name, human(s.size)));
         }
         Cmd::Ls { namespace } => {
-            let all = client.list_all(namespace).await?;
-            let v: Vec<Value> = all.iter().map(stat_json).collect();
-            emit(json, &v, || {
-                all.iter()
-                    .map(|s| format!("{:>12}  {:>12}  {}", s.size, s.allocated_bytes, s.name))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            ls_emit(json, &client.list_all(namespace).await?);
         }
         Cmd::Stat { object } => {
             let s = obj(object)?.stat().await?;
