@@ -4,8 +4,8 @@
 # rdax-verbs, through rdma-mummy-sys) builds a small C shim with cmake and generates bindings
 # with libclang; at run time it loads libibverbs/librdmacm if they are there (rdma-core,
 # ibverbs-providers), and works without them (no RDMA). The NBD tests need libnbd-bin and
-# qemu-utils; the `cluster` feature protoc, and its tests etcd. Idempotent; apt only when
-# missing.
+# qemu-utils; the `cluster` feature protoc, and its tests etcd; the Python package a CPython
+# with venv. Idempotent; apt only when missing.
 set -euo pipefail
 for c in rustfmt cargo-clippy; do
   command -v "$c" >/dev/null || { echo "missing $c: install the Rust toolchain with rustup (components rustfmt, clippy)" >&2; exit 1; }
@@ -24,6 +24,10 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
+# The Python package (python/): a CPython >= 3.11 with venv and pip, and openssl for its TLS
+# test's certificates. pip fetches maturin (the build backend), pytest and numpy from PyPI.
+python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || need+=(python3 python3-venv python3-pip)
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
   echo "install-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -16,3 +16,5 @@ cargo test --workspace --all-targets --features rdaxd/testing "$@"
 cargo test --workspace --doc "$@"
 echo "== with the rdma and cluster features"
 cargo test --workspace --all-targets --features rdaxd/testing,rdaxd/rdma,rdaxd/cluster,rdaxctl/rdma,rdaxctl/cluster,rdax-client/rdma "$@"
+echo "== the Python package (wheel, pytest)"
+RDAXD="$PWD/target/debug/rdaxd" scripts/test-python.sh

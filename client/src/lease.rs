@@ -464,6 +464,14 @@ impl Lease {
 
     /// Return the lease: waits for this handle's in-flight operations first.
     pub async fn release(self) -> Result<()> {
+        self.release_shared().await
+    }
+
+    /// [`Lease::release`] through a shared handle (an `Arc<Lease>` other tasks or threads
+    /// also hold): waits (bounded) for their in-flight operations, then returns the lease.
+    /// Later operations on any handle fail with [`ErrorKind::Revoked`]; releasing again is
+    /// harmless.
+    pub async fn release_shared(&self) -> Result<()> {
         self.inner.quiesce(Duration::from_secs(30)).await;
         self.inner.release_rpc().await
     }

@@ -45,4 +45,4 @@ pub use rdax_proto::cluster::{NodeRecord, PgMap, pg_of};
 pub use rdax_proto::pb;
 pub use rdax_proto::pb::LeaseInfo;
 pub use rdax_proto::pb::{ObjectStat, PoolInfo, PoolStats, SessionInfo};
-pub use session::{LeaseRange, Session, SessionNotice, SessionOptions, Transport};
+pub use session::{LeaseRange, Notices, Session, SessionNotice, SessionOptions, Transport};

@@ -48,6 +48,17 @@ pub enum Transport {
 
 type Registry = Arc<Mutex<HashMap<u64, Weak<LeaseInner>>>>;
 
+/// A session's notices, taken out of it with [`Session::take_notices`].
+#[derive(Debug)]
+pub struct Notices(mpsc::Receiver<SessionNotice>);
+
+impl Notices {
+    /// The next notice, or `None` once the session is over and all notices were read.
+    pub async fn next(&mut self) -> Option<SessionNotice> {
+        self.0.recv().await
+    }
+}
+
 /// What the daemon told the session (or what happened to it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -426,6 +437,14 @@ impl Session {
     /// The next notice, or `None` once the session is over and all notices were read.
     pub async fn next_notice(&mut self) -> Option<SessionNotice> {
         self.notices.recv().await
+    }
+
+    /// Take the notices out of the session, to read them elsewhere (another task or thread)
+    /// while the session is shared for acquiring. After this, [`Session::next_notice`]
+    /// returns `None`.
+    pub fn take_notices(&mut self) -> Notices {
+        let (_, closed) = mpsc::channel(1);
+        Notices(std::mem::replace(&mut self.notices, closed))
     }
 
     /// End the session now.

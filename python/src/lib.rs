@@ -1,0 +1,88 @@
+//! `rdax._native`: the Rust SDK under the `rdax` Python package.
+//!
+//! Every call blocks the calling Python thread on one shared tokio runtime, with the GIL
+//! released, so other Python threads run meanwhile and bytes move through the SDK's own TCP
+//! (and, with the `rdma` feature, RDMA) data plane. Lease reads and writes use the caller's
+//! buffer in place: no copy in Python, no per-chunk Python code. While a call waits, pending
+//! signals are checked about every 100 ms, so Ctrl-C interrupts a long transfer (the
+//! operation's future is dropped; the SDK and daemon are cancel-safe).
+
+mod buffer;
+mod client;
+mod errors;
+mod lease;
+mod session;
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+/// The runtime every call runs on (threads are created on first use).
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("rdax-python")
+            .build()
+            .map_err(|e| format!("cannot start the rdax runtime: {e}"))
+    })
+    .as_ref()
+    .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.clone()))
+}
+
+/// Run `fut` to completion with the GIL released; SDK errors become `rdax` exceptions, and a
+/// signal handler's exception (KeyboardInterrupt) ends the wait and drops the future.
+pub(crate) fn block<F, T>(py: Python<'_>, fut: F) -> PyResult<T>
+where
+    F: Future<Output = rdax_client::Result<T>> + Send,
+    T: Send,
+{
+    let rt = runtime()?;
+    let out = py.detach(|| {
+        rt.block_on(async {
+            tokio::pin!(fut);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut fut => return PyResult::Ok(r),
+                    _ = tick.tick() => Python::attach(|py| py.check_signals())?,
+                }
+            }
+        })
+    })?;
+    out.map_err(|e| Python::attach(|py| errors::to_py(py, &e)))
+}
+
+/// The endpoint `rdaxctl` would pick: the first local admin socket that exists, else
+/// `http://127.0.0.1:7400`.
+#[pyfunction]
+fn default_endpoint() -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let found = rdax_proto::paths::admin_socket_candidates()
+        .into_iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()));
+    match found {
+        Some(p) => format!("unix:{}", p.display()),
+        None => "http://127.0.0.1:7400".into(),
+    }
+}
+
+/// The native half of the `rdax` package; import `rdax`, not this.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<client::Client>()?;
+    m.add_class::<client::ObjectStat>()?;
+    m.add_class::<client::LeaseInfo>()?;
+    m.add_class::<client::SessionInfo>()?;
+    m.add_class::<session::Session>()?;
+    m.add_class::<session::Notice>()?;
+    m.add_class::<lease::Lease>()?;
+    m.add_function(wrap_pyfunction!(default_endpoint, m)?)?;
+    m.add("RDMA", cfg!(feature = "rdma"))?;
+    Ok(())
+}
