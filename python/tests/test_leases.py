@@ -172,3 +172,28 @@ def test_notices_iterator_ends_with_the_session(client, ns):
     kinds = [n.kind for n in s.notices(timeout=15)]
     assert "ended" in kinds, kinds
     s.close()
+
+
+def test_a_signal_interrupts_a_blocking_call(client):
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        with client.session() as s:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            t0 = time.monotonic()
+            with pytest.raises(Interrupted):
+                s.next_notice(timeout=20)  # a notice that will not come
+            # Without the signal check the wait would run its 20 s and only then raise.
+            assert time.monotonic() - t0 < 10
+            # the session is still usable after the interrupted wait
+            assert s.next_notice(timeout=0) is None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
