@@ -176,7 +176,8 @@ class Client:
 
     def put(self, name: str, data: object, *, persist: bool = True) -> int:
         """Replace the object's contents with ``data`` (any bytes-like object), creating it if
-        needed. Durable on return unless ``persist=False``. Returns the bytes written."""
+        needed. Durable on return unless ``persist=False``. Returns the bytes written. The
+        data is copied once into the gRPC stream; a lease's ``write`` copies nothing."""
         return self._native.put(name, data, persist)
 
     def get(self, name: str, offset: int = 0, length: Optional[int] = None) -> bytes:
@@ -242,7 +243,8 @@ class Session:
     :meth:`close` or on leaving a ``with`` block (its leases end with it)."""
 
     def __init__(self, client: Client, native: "_native.Session", on_notice: Optional[Callable[[Notice], None]]):
-        self._client = client
+        # The connection, kept even if the Client is closed: the session stays usable.
+        self._client_n = client._native
         self._n = native
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -281,7 +283,7 @@ class Session:
         the range is being recalled the daemon answers :class:`Unavailable`; this retries for
         a bounded time. Use the lease as a context manager: it is released on exit.
         """
-        return self._n.acquire(self._client._native, name, offset, length, mode, exclusive)
+        return self._n.acquire(self._client_n, name, offset, length, mode, exclusive)
 
     def next_notice(self, timeout: Optional[float] = None) -> Optional[Notice]:
         """The next notice; ``None`` if ``timeout`` seconds pass first or the session is over."""

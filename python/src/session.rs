@@ -54,12 +54,6 @@ impl Session {
         self.ttl.as_secs_f64()
     }
 
-    /// Whether `close` has not been called yet.
-    #[getter]
-    fn open_(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-
     #[pyo3(signature = (client, name, offset=0, length=None, mode="rw", exclusive=false))]
     #[allow(clippy::too_many_arguments)]
     fn acquire(

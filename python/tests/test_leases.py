@@ -197,3 +197,17 @@ def test_a_signal_interrupts_a_blocking_call(client):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_a_session_outlives_its_client(daemon, ns):
+    c = rdax.Client(daemon.endpoint, token=daemon.token)
+    c.create(f"{ns}/o", size=4096)
+    s = c.session()
+    c.close()
+    with pytest.raises(rdax.FailedPrecondition):
+        c.stat(f"{ns}/o")
+    with s, s.acquire(f"{ns}/o") as lease:
+        lease.write(0, b"still here")
+        assert lease.read(0, 10) == b"still here"
+    with rdax.Client(daemon.endpoint, token=daemon.token) as c2:
+        c2.rm(f"{ns}/o")
