@@ -20,18 +20,33 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 
-/// The runtime every call runs on (threads are created on first use).
-fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
-    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("rdax-python")
-            .build()
-            .map_err(|e| format!("cannot start the rdax runtime: {e}"))
-    })
-    .as_ref()
-    .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.clone()))
+/// The runtime every call runs on (threads are created on first use), and the process that
+/// started it.
+fn runtime(py: Python<'_>) -> PyResult<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<Result<(tokio::runtime::Runtime, u32), String>> = OnceLock::new();
+    let (rt, pid) = RT
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("rdax-python")
+                .build()
+                .map(|rt| (rt, std::process::id()))
+                .map_err(|e| format!("cannot start the rdax runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.clone()))?;
+    // A forked child has the runtime's memory but none of its threads: a call would wait
+    // forever. Refuse it instead.
+    if *pid != std::process::id() {
+        return Err(errors::new(
+            py,
+            "Error",
+            "rdax cannot be used in a process forked after rdax started (its runtime threads do not \
+             survive fork); with multiprocessing, use the \"spawn\" or \"forkserver\" start method"
+                .into(),
+        ));
+    }
+    Ok(rt)
 }
 
 /// Run `fut` to completion with the GIL released; SDK errors become `rdax` exceptions, and a
@@ -47,7 +62,7 @@ where
     T: Send + 'static,
 {
     type Task<'a, T> = Pin<Box<dyn Future<Output = rdax_client::Result<T>> + Send + 'a>>;
-    let rt = runtime()?;
+    let rt = runtime(py)?;
     let task: Task<'_, T> = Box::pin(fut);
     // SAFETY: the future may borrow from the caller (a Python buffer, `&self`), so it is not
     // 'static; the task is made to look so for `spawn`. This function does not return, by

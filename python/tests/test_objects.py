@@ -96,3 +96,35 @@ def test_admin_socket_needs_no_token(daemon, ns):
         c.put(f"{ns}/via-socket", b"local")
         assert c.get(f"{ns}/via-socket") == b"local"
         c.rm(f"{ns}/via-socket")
+
+
+def test_a_forked_child_gets_an_error_not_a_hang(client, ns):
+    import os
+    import time
+
+    client.put(f"{ns}/f", b"x")
+    pid = os.fork()
+    if pid == 0:  # the child: must fail fast with rdax.Error
+        code = 3
+        try:
+            client.stat(f"{ns}/f")
+            code = 1
+        except rdax.Error as e:
+            code = 0 if "fork" in str(e) else 2
+        except BaseException:
+            code = 4
+        os._exit(code)
+    end = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > end:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child's call hung")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    # the parent is unaffected
+    assert client.get(f"{ns}/f") == b"x"
+    client.rm(f"{ns}/f")
