@@ -5,6 +5,11 @@
 # RDAXD=PATH uses that daemon binary (scripts/test.sh passes the one it built); else this
 # builds target/debug/rdaxd. Extra arguments go to pytest.
 set -euo pipefail
+# A relative RDAXD is relative to where this was started, not to python/ where pytest runs.
+if [ -n "${RDAXD:-}" ]; then
+  RDAXD=$(realpath "$RDAXD")
+  export RDAXD
+fi
 cd "$(dirname "$0")/.."
 root=$PWD
 if [ -z "${RDAXD:-}" ]; then
