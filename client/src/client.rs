@@ -374,7 +374,7 @@ impl Client {
     /// `immediate`, revoked at once.
     pub async fn revoke_lease(&self, lease_id: u64, immediate: bool) -> Result<()> {
         let mut c = self.admin.clone();
-        c.revoke_lease(tonic::Request::new(pb::RevokeLeaseRequest { lease_id, immediate })).await?;
+        c.revoke_lease(self.request(pb::RevokeLeaseRequest { lease_id, immediate })).await?;
         Ok(())
     }
 
