@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use rdax_proto::dataplane::{self as wire, Op, Request, Status};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream, ReadBuf};
+use rdax_proto::tls_record::{self, TlsConn};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -33,7 +33,7 @@ const DATA_ALPN: &[u8] = b"rdax-data";
 /// daemon's certificate must carry.
 #[derive(Clone)]
 pub(crate) struct DataTls {
-    connector: tokio_rustls::TlsConnector,
+    config: Arc<rustls::ClientConfig>,
     name: rustls::pki_types::ServerName<'static>,
 }
 
@@ -58,8 +58,10 @@ impl DataTls {
         let mut provider = rustls::crypto::ring::default_provider();
         provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
         let provider = Arc::new(provider);
+        // TLS 1.3 only: after the handshake this end seals its own records
+        // (`rdax_proto::tls_record`), as the daemon does.
         let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad(e.to_string()))?
             .with_root_certificates(roots);
         let mut cfg = match &opts.identity {
@@ -73,12 +75,13 @@ impl DataTls {
             }
         };
         cfg.alpn_protocols = vec![DATA_ALPN.to_vec()];
+        cfg.enable_secret_extraction = true;
         let host = match &opts.domain {
             Some(d) => d.clone(),
             None => addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']).to_string(),
         };
         let name = ServerName::try_from(host.clone()).map_err(|e| bad(format!("data-plane host {host}: {e}")))?;
-        Ok(Self { connector: tokio_rustls::TlsConnector::from(Arc::new(cfg)), name })
+        Ok(Self { config: Arc::new(cfg), name })
     }
 }
 
@@ -86,14 +89,14 @@ impl DataTls {
 #[derive(Debug)]
 enum Stream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<BufStream<TcpStream>>>),
+    Tls(Box<TlsConn>),
 }
 
 impl Stream {
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0.get_ref(),
+            Stream::Tls(s) => s.tcp(),
         }
     }
 }
@@ -146,9 +149,7 @@ impl DataConn {
         let s = match tls {
             None => Stream::Plain(tcp),
             Some(t) => {
-                // rustls reads 4 KiB and writes one record per call: buffer the socket.
-                let tcp = BufStream::with_capacity(256 << 10, 256 << 10, tcp);
-                let s = t.connector.connect(t.name.clone(), tcp).await.map_err(|e| {
+                let s = tls_record::connect(t.config.clone(), t.name.clone(), tcp).await.map_err(|e| {
                     Error::new(ErrorKind::Connect, format!("TLS handshake with the data plane at {addr}: {e}"))
                 })?;
                 Stream::Tls(Box::new(s))

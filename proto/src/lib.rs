@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod model;
 pub mod paths;
 pub mod rdma;
+pub mod tls_record;
 
 /// Generated protobuf messages, clients and servers.
 #[allow(missing_docs, clippy::all)]

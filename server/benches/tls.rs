@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! cargo bench -p rdaxd --bench tls
+//! cargo bench -p rdaxd --bench tls -- --data-only    # the data plane only
+//! cargo bench -p rdaxd --bench tls -- --tls-data     # TLS data plane only: for a profiler
 //! ```
 //! Under `cargo test` (no `--bench` flag) it runs a tiny smoke pass.
 
@@ -106,7 +108,10 @@ async fn stream_rate(c: &Client, len: usize) -> (f64, f64) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let smoke = !std::env::args().any(|a| a == "--bench");
+    let arg = |name: &str| std::env::args().any(|a| a == name);
+    let smoke = !arg("--bench");
+    let tls_data = arg("--tls-data");
+    let data_only = tls_data || arg("--data-only");
     let (secs, len, nclients) = if smoke { (0.2, 1 << 20, 2) } else { (3.0, 256 << 20, 8) };
     println!(
         "rdax TLS bench{} — figures, not pass/fail",
@@ -132,9 +137,14 @@ async fn main() {
         ..tls.opts()
     };
     let mut results = Vec::new();
-    for (name, ep, opts) in
-        [("plaintext", plain.grpc.clone(), plain.opts()), ("TLS", tls.grpc.replace("http://", "https://"), tls_opts())]
-    {
+    let grpc_runs = match data_only {
+        true => vec![],
+        false => vec![
+            ("plaintext", plain.grpc.clone(), plain.opts()),
+            ("TLS", tls.grpc.replace("http://", "https://"), tls_opts()),
+        ],
+    };
+    for (name, ep, opts) in grpc_runs {
         let mut clients = Vec::new();
         for _ in 0..nclients {
             clients.push(Client::connect(&ep, opts.clone()).await.unwrap());
@@ -148,20 +158,29 @@ async fn main() {
         );
         results.push((rate, put, get));
     }
-    let (p, t) = (results[0], results[1]);
-    println!(
-        "  TLS / plaintext: unary {:.2}×  put {:.2}×  get {:.2}× (one run; 2 cores shared by both ends)",
-        t.0 / p.0,
-        t.1 / p.1,
-        t.2 / p.2
-    );
+    if let [p, t] = results[..] {
+        println!(
+            "  TLS / plaintext: unary {:.2}×  put {:.2}×  get {:.2}× (one run; 2 cores shared by both ends)",
+            t.0 / p.0,
+            t.1 / p.1,
+            t.2 / p.2
+        );
+    }
 
     // The TCP data plane: plaintext moves payloads socket <-> mapping in the kernel; TLS
-    // decrypts in user space through a bounce buffer. Interleaved, three rounds each.
+    // seals and opens records in user space, one copy between record and mapping.
+    // Interleaved, three rounds each.
     let (size, rounds, reps) = if smoke { (8u64 << 20, 1, 1) } else { (256u64 << 20, 4, 3) };
     let plain_c = Client::connect(&plain.grpc, plain.opts()).await.unwrap();
     let tls_c = Client::connect(tls.grpc.replace("http://", "https://"), tls_opts()).await.unwrap();
     let (mut pw, mut pr, mut tw, mut tr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if tls_data {
+        for _ in 0..reps {
+            let (w, r) = data_plane_rate(&tls_c, size, rounds).await;
+            println!("  TLS        write {w:>7.0}  read {r:>7.0} MB/s");
+        }
+        return;
+    }
     for _ in 0..reps {
         let (w, r) = data_plane_rate(&plain_c, size, rounds).await;
         pw.push(w);

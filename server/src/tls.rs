@@ -60,12 +60,12 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// The socket under a data-plane TLS session, buffered both ways: rustls reads at most
+/// The socket under an NBD TLS session, buffered both ways: rustls reads at most
 /// 4 KiB per call and writes one record (at most 16 KiB) per call, which without a buffer
 /// costs a system call each, hundreds per MiB.
 pub type DataIo = tokio::io::BufStream<tokio::net::TcpStream>;
 
-/// Each direction's buffer under a data-plane TLS session.
+/// Each direction's buffer under an NBD TLS session.
 pub const DATA_IO_BUFFER: usize = 256 << 10;
 
 /// ALPN of the TCP data plane over TLS.
@@ -81,8 +81,12 @@ pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::Server
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("tls.key", &files.key, e))?;
     let bulk = alpn == DATA_ALPN || alpn == NBD_ALPN;
     let provider = Arc::new(if bulk { data_provider() } else { rustls::crypto::ring::default_provider() });
+    // The data plane seals its own records after the handshake (`tls_record`), and that
+    // record layer is TLS 1.3's.
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if alpn == DATA_ALPN { &[&rustls::version::TLS13] } else { rustls::DEFAULT_VERSIONS };
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
@@ -108,6 +112,8 @@ pub fn server_config(files: &TlsFiles, alpn: &[u8]) -> Result<Arc<rustls::Server
         // client must read before its first reply.
         cfg.send_tls13_tickets = 0;
     }
+    // rustls hands the data plane's traffic secrets to `tls_record` after the handshake.
+    cfg.enable_secret_extraction = alpn == DATA_ALPN;
     Ok(Arc::new(cfg))
 }
 
@@ -149,10 +155,9 @@ impl Tls {
     }
 
     /// Handshake on an accepted data-plane connection, bounded by [`HANDSHAKE_TIMEOUT`].
-    pub async fn accept_data(&self, io: tokio::net::TcpStream) -> io::Result<TlsStream<DataIo>> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.data.read().unwrap_or_else(|e| e.into_inner()).clone());
-        let io = tokio::io::BufStream::with_capacity(DATA_IO_BUFFER, DATA_IO_BUFFER, io);
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+    pub async fn accept_data(&self, io: tokio::net::TcpStream) -> io::Result<rdax_proto::tls_record::TlsConn> {
+        let config = self.data.read().unwrap_or_else(|e| e.into_inner()).clone();
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, rdax_proto::tls_record::accept(config, io))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
     }

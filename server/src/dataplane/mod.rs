@@ -10,9 +10,11 @@
 //! a blocking thread ([`crate::dma::persist`]), never on the async runtime.
 //!
 //! With `dataplane.tls` every connection starts with a TLS handshake (the gRPC certificate,
-//! ALPN `rdax-data`, bounded like gRPC's). Plaintext connections move payloads between the
-//! socket and the mapping in the kernel ([`io`]); TLS ones decrypt in user space, so their
-//! payloads pass through a bounce buffer of at most [`BOUNCE`] bytes per operation.
+//! ALPN `rdax-data`, TLS 1.3, bounded like gRPC's). Plaintext connections move payloads
+//! between the socket and the mapping in the kernel ([`io`]). TLS ones seal and open their own
+//! records ([`rdax_proto::tls_record`]), and payloads move with one copy between the mapping and
+//! the record. Any other stream (NBD's) passes them through a bounce buffer of at most
+//! [`BOUNCE`] bytes per operation.
 
 pub mod io;
 
@@ -61,6 +63,12 @@ pub const BOUNCE: usize = 1 << 20;
 pub trait DpStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// The socket, when payload bytes may move between it and the mapping directly.
     fn raw(&self) -> Option<&TcpStream>;
+
+    /// Our own TLS record layer, when payload bytes may move between its records and the
+    /// mapping directly.
+    fn records(&mut self) -> Option<&mut rdax_proto::tls_record::TlsConn> {
+        None
+    }
 }
 
 impl DpStream for TcpStream {
@@ -72,6 +80,16 @@ impl DpStream for TcpStream {
 impl DpStream for tokio_rustls::server::TlsStream<crate::tls::DataIo> {
     fn raw(&self) -> Option<&TcpStream> {
         None
+    }
+}
+
+impl DpStream for rdax_proto::tls_record::TlsConn {
+    fn raw(&self) -> Option<&TcpStream> {
+        None
+    }
+
+    fn records(&mut self) -> Option<&mut rdax_proto::tls_record::TlsConn> {
+        Some(self)
     }
 }
 
@@ -254,24 +272,25 @@ impl DataPlane {
         };
         s.write_all(&wire::response(r.id, Status::Ok, r.len)).await?;
         let addr = self.media.dma_addr(r.offset, r.len as u64);
-        match (s.raw(), addr) {
-            (Some(tcp), Some(a)) => {
-                let len = r.len as usize;
-                // SAFETY: the range lies inside the key's segment, which is inside the mapping,
-                // and `pin` keeps it from being revoked-and-reused until the copy is done.
-                let send = unsafe { io::send_exact(tcp, io::PoolAddr(a), len, self.stall()) };
-                self.transfer(len, send).await?
-            }
-            _ => {
-                let len = r.len as usize;
-                let buf = grown(bounce, len);
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(buf.len());
-                    self.media.read(r.offset + done as u64, &mut buf[..n]);
-                    self.transfer(n, s.write_all(&buf[..n])).await?;
-                    done += n;
-                }
+        if let (Some(tcp), Some(a)) = (s.raw(), addr) {
+            let len = r.len as usize;
+            // SAFETY: the range lies inside the key's segment, which is inside the mapping,
+            // and `pin` keeps it from being revoked-and-reused until the copy is done.
+            let send = unsafe { io::send_exact(tcp, io::PoolAddr(a), len, self.stall()) };
+            self.transfer(len, send).await?
+        } else if let Some(tls) = s.records() {
+            let media = &self.media;
+            let send = tls.send_with(r.len as usize, |at, b| media.read(r.offset + at as u64, b));
+            self.transfer(r.len as usize, send).await?
+        } else {
+            let len = r.len as usize;
+            let buf = grown(bounce, len);
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(buf.len());
+                self.media.read(r.offset + done as u64, &mut buf[..n]);
+                self.transfer(n, s.write_all(&buf[..n])).await?;
+                done += n;
             }
         }
         drop(pin);
@@ -295,32 +314,33 @@ impl DataPlane {
             }
         };
         let len = r.len as usize;
-        match (s.raw(), self.media.dma_addr(r.offset, r.len as u64)) {
-            (Some(tcp), Some(a)) => {
-                // Testing builds copy in two halves with a failpoint between them, so tests can
-                // hold a WRITE mid-copy with its pin held (the kernel's `bio_delay` idea).
-                let half = if cfg!(feature = "testing") { len / 2 } else { len };
-                // SAFETY: as in `read`; the pin covers both halves and anything between them.
-                self.transfer(half, unsafe { io::recv_exact(tcp, io::PoolAddr(a), half, self.stall()) }).await?;
-                if crate::failpoint!("dataplane.write.mid_copy") {
-                    return Err(std::io::Error::other("injected failure mid-copy"));
-                }
-                if half < len {
-                    let rest = len - half;
-                    // SAFETY: as above, second half of the same pinned range.
-                    let recv = unsafe { io::recv_exact(tcp, io::PoolAddr(a + half), rest, self.stall()) };
-                    self.transfer(rest, recv).await?;
-                }
+        if let (Some(tcp), Some(a)) = (s.raw(), self.media.dma_addr(r.offset, r.len as u64)) {
+            // Testing builds copy in two halves with a failpoint between them, so tests can
+            // hold a WRITE mid-copy with its pin held (the kernel's `bio_delay` idea).
+            let half = if cfg!(feature = "testing") { len / 2 } else { len };
+            // SAFETY: as in `read`; the pin covers both halves and anything between them.
+            self.transfer(half, unsafe { io::recv_exact(tcp, io::PoolAddr(a), half, self.stall()) }).await?;
+            if crate::failpoint!("dataplane.write.mid_copy") {
+                return Err(std::io::Error::other("injected failure mid-copy"));
             }
-            _ => {
-                let buf = grown(bounce, len);
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(buf.len());
-                    self.transfer(n, s.read_exact(&mut buf[..n])).await?;
-                    self.media.write(r.offset + done as u64, &buf[..n]);
-                    done += n;
-                }
+            if half < len {
+                let rest = len - half;
+                // SAFETY: as above, second half of the same pinned range.
+                let recv = unsafe { io::recv_exact(tcp, io::PoolAddr(a + half), rest, self.stall()) };
+                self.transfer(rest, recv).await?;
+            }
+        } else if let Some(tls) = s.records() {
+            let media = &self.media;
+            let recv = tls.recv_with(len, |at, b| media.write(r.offset + at as u64, b));
+            self.transfer(len, recv).await?
+        } else {
+            let buf = grown(bounce, len);
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(buf.len());
+                self.transfer(n, s.read_exact(&mut buf[..n])).await?;
+                self.media.write(r.offset + done as u64, &buf[..n]);
+                done += n;
             }
         }
         if r.flags & wire::FLAG_PERSIST != 0 {
