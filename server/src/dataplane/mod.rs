@@ -55,11 +55,13 @@ pub struct DataPlane {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
-/// The largest bounce buffer one TLS operation uses.
+/// The largest bounce buffer one operation on a stream with neither a raw socket nor our
+/// record layer (NBD over rustls) uses.
 pub const BOUNCE: usize = 1 << 20;
 
-/// A data-plane connection: plain TCP (payloads copied by the kernel straight between the
-/// socket and the mapping) or TLS (payloads decrypted through a bounce buffer).
+/// A data-plane or NBD connection: plain TCP (payloads copied by the kernel straight between
+/// the socket and the mapping), our TLS record layer (one copy between record and mapping), or
+/// another TLS stream (NBD's: payloads through a bounce buffer).
 pub trait DpStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// The socket, when payload bytes may move between it and the mapping directly.
     fn raw(&self) -> Option<&TcpStream>;
