@@ -6,6 +6,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rdax_proto::dataplane::{self as wire, Op, Request, Status};
 use rdax_proto::tls_record::{self, TlsConn};
@@ -133,15 +134,55 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// How long reaching the data plane may take: TCP connect, TLS handshake and HELLO together.
+pub(crate) const CONNECT_BOUND: Duration = Duration::from_secs(10);
+
+/// How long an operation may take, beyond its length at [`MIN_RATE`]: a daemon that stops
+/// answering (stopped, or cut off) fails the operation instead of hanging it.
+pub(crate) const OP_STALL: Duration = Duration::from_secs(30);
+
+/// The slowest average rate an operation's payload may move at (bytes/s), as the daemon's.
+const MIN_RATE: f64 = (1u64 << 20) as f64;
+
+/// Run `f`, or fail with `DeadlineExceeded` after `bound`. The connection it used is then out
+/// of step and is dropped, never pooled.
+async fn bounded<T>(bound: Duration, what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(bound, f).await.map_err(|_| {
+        Error::new(
+            ErrorKind::DeadlineExceeded,
+            format!("data-plane {what}: no answer within {} s", bound.as_secs_f64()),
+        )
+    })?
+}
+
 /// One connection bound to a session.
 #[derive(Debug)]
 pub(crate) struct DataConn {
     s: Stream,
     next_id: u32,
+    /// Each operation's bound is this plus its length at [`MIN_RATE`].
+    stall: Duration,
 }
 
 impl DataConn {
-    pub async fn connect(addr: &str, session: [u8; 16], tls: Option<&DataTls>) -> Result<Self> {
+    /// Connect and HELLO, within `bound`; operations then get `stall` plus their length at
+    /// [`MIN_RATE`].
+    pub async fn connect(
+        addr: &str,
+        session: [u8; 16],
+        tls: Option<&DataTls>,
+        bound: Duration,
+        stall: Duration,
+    ) -> Result<Self> {
+        let s = bounded(bound, "connect", Self::hello(addr, session, tls)).await?;
+        Ok(Self { s, next_id: 1, stall })
+    }
+
+    fn op_bound(&self, len: usize) -> Duration {
+        self.stall + Duration::from_secs_f64(len as f64 / MIN_RATE)
+    }
+
+    async fn hello(addr: &str, session: [u8; 16], tls: Option<&DataTls>) -> Result<Stream> {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| Error::new(ErrorKind::Connect, format!("cannot reach the data plane at {addr}: {e}")))?;
@@ -155,13 +196,13 @@ impl DataConn {
                 Stream::Tls(Box::new(s))
             }
         };
-        let mut c = Self { s, next_id: 1 };
+        let mut c = Self { s, next_id: 1, stall: Duration::ZERO };
         let hello =
             Request { op: Op::Hello, flags: 0, id: 0, key: session, generation: wire::VERSION, offset: 0, len: 0 };
         c.s.write_all(&hello.encode()).await?;
         c.s.flush().await?;
         c.response(0).await?;
-        Ok(c)
+        Ok(c.s)
     }
 
     async fn response(&mut self, id: u32) -> Result<u32> {
@@ -191,6 +232,11 @@ impl DataConn {
     }
 
     pub async fn read(&mut self, key: [u8; 16], generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let bound = self.op_bound(buf.len());
+        bounded(bound, "read", self.read_inner(key, generation, offset, buf)).await
+    }
+
+    async fn read_inner(&mut self, key: [u8; 16], generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = self.request(Op::Read, 0, key, generation, offset, buf.len());
         self.s.write_all(&r.encode()).await?;
         self.s.flush().await?;
@@ -210,6 +256,18 @@ impl DataConn {
         data: &[u8],
         persist: bool,
     ) -> Result<()> {
+        let bound = self.op_bound(data.len());
+        bounded(bound, "write", self.write_inner(key, generation, offset, data, persist)).await
+    }
+
+    async fn write_inner(
+        &mut self,
+        key: [u8; 16],
+        generation: u64,
+        offset: u64,
+        data: &[u8],
+        persist: bool,
+    ) -> Result<()> {
         let flags = if persist { wire::FLAG_PERSIST } else { 0 };
         let r = self.request(Op::Write, flags, key, generation, offset, data.len());
         self.s.write_all(&r.encode()).await?;
@@ -220,9 +278,14 @@ impl DataConn {
 
     pub async fn flush(&mut self, key: [u8; 16], generation: u64, offset: u64, len: u64) -> Result<()> {
         let r = self.request(Op::Flush, 0, key, generation, offset, len as usize);
-        self.s.write_all(&r.encode()).await?;
-        self.s.flush().await?;
-        self.response(r.id).await.map(drop)
+        // Persisting `len` bytes is the daemon's work, bounded like moving them.
+        let bound = self.op_bound(len as usize);
+        bounded(bound, "flush", async {
+            self.s.write_all(&r.encode()).await?;
+            self.s.flush().await?;
+            self.response(r.id).await.map(drop)
+        })
+        .await
     }
 }
 
@@ -260,7 +323,10 @@ impl ConnPool {
             match c {
                 Some((c, since)) if since.elapsed() < POOLED_MAX_IDLE && c.usable() => return Ok(c),
                 Some(_) => continue, // stale or closed by the daemon: drop it
-                None => return DataConn::connect(&self.addr, self.session, self.tls.as_ref()).await,
+                None => {
+                    let tls = self.tls.as_ref();
+                    return DataConn::connect(&self.addr, self.session, tls, CONNECT_BOUND, OP_STALL).await;
+                }
             }
         }
     }
@@ -271,5 +337,67 @@ impl ConnPool {
         if idle.len() < 16 {
             idle.push((c, std::time::Instant::now()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bounds on the SDK's side, against a real socket whose far end goes silent.
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A listener that accepts, answers HELLO if `hello`, reads what it is sent, and never
+    /// answers anything else.
+    async fn silent(hello: bool) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = [0u8; wire::REQ_LEN];
+            s.read_exact(&mut req).await.unwrap();
+            if hello {
+                s.write_all(&wire::response(0, Status::Ok, 0)).await.unwrap();
+            }
+            let mut sink = vec![0u8; 1 << 16];
+            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_hello_nobody_answers_fails_within_the_connect_bound() {
+        let addr = silent(false).await;
+        let e = DataConn::connect(&addr, [7; 16], None, Duration::from_millis(200), OP_STALL).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DeadlineExceeded, "{e}");
+        assert!(e.to_string().contains("connect"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn operations_nobody_answers_fail_within_their_bound() {
+        for op in ["read", "write", "flush"] {
+            let addr = silent(true).await;
+            let mut c =
+                DataConn::connect(&addr, [7; 16], None, CONNECT_BOUND, Duration::from_millis(100)).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let r = match op {
+                "read" => c.read([1; 16], 1, 0, &mut buf).await,
+                "write" => c.write([1; 16], 1, 0, &buf, true).await,
+                _ => c.flush([1; 16], 1, 0, 4096).await,
+            };
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::DeadlineExceeded, "{op}: {e}");
+            assert!(e.to_string().contains(op), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_bound_grows_with_the_length() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let c = rt.block_on(async {
+            let addr = silent(true).await;
+            DataConn::connect(&addr, [7; 16], None, CONNECT_BOUND, OP_STALL).await.unwrap()
+        });
+        assert_eq!(c.op_bound(0), OP_STALL);
+        assert_eq!(c.op_bound(16 << 20), OP_STALL + Duration::from_secs(16));
     }
 }
