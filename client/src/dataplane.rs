@@ -232,20 +232,19 @@ impl DataConn {
     }
 
     pub async fn read(&mut self, key: [u8; 16], generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let bound = self.op_bound(buf.len());
-        bounded(bound, "read", self.read_inner(key, generation, offset, buf)).await
-    }
-
-    async fn read_inner(&mut self, key: [u8; 16], generation: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let r = self.request(Op::Read, 0, key, generation, offset, buf.len());
-        self.s.write_all(&r.encode()).await?;
-        self.s.flush().await?;
-        let len = self.response(r.id).await?;
-        if len as usize != buf.len() {
-            return Err(Error::new(ErrorKind::Protocol, "short data-plane read"));
-        }
-        self.s.read_exact(buf).await?;
-        Ok(())
+        let bound = self.op_bound(buf.len());
+        bounded(bound, "read", async {
+            self.s.write_all(&r.encode()).await?;
+            self.s.flush().await?;
+            let len = self.response(r.id).await?;
+            if len as usize != buf.len() {
+                return Err(Error::new(ErrorKind::Protocol, "short data-plane read"));
+            }
+            self.s.read_exact(buf).await?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn write(
@@ -256,24 +255,16 @@ impl DataConn {
         data: &[u8],
         persist: bool,
     ) -> Result<()> {
-        let bound = self.op_bound(data.len());
-        bounded(bound, "write", self.write_inner(key, generation, offset, data, persist)).await
-    }
-
-    async fn write_inner(
-        &mut self,
-        key: [u8; 16],
-        generation: u64,
-        offset: u64,
-        data: &[u8],
-        persist: bool,
-    ) -> Result<()> {
         let flags = if persist { wire::FLAG_PERSIST } else { 0 };
         let r = self.request(Op::Write, flags, key, generation, offset, data.len());
-        self.s.write_all(&r.encode()).await?;
-        self.s.write_all(data).await?;
-        self.s.flush().await?;
-        self.response(r.id).await.map(drop)
+        let bound = self.op_bound(data.len());
+        bounded(bound, "write", async {
+            self.s.write_all(&r.encode()).await?;
+            self.s.write_all(data).await?;
+            self.s.flush().await?;
+            self.response(r.id).await.map(drop)
+        })
+        .await
     }
 
     pub async fn flush(&mut self, key: [u8; 16], generation: u64, offset: u64, len: u64) -> Result<()> {

@@ -119,37 +119,29 @@ trait Unbuffered: Send {
     fn hand_over(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn version(&self) -> Option<ProtocolVersion> {
-        self.protocol_version()
-    }
-    fn hand_over(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Server(k)))
-    }
+/// rustls defines these methods on each end's type separately: the same impl for both.
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty, $kernel:path) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn handshaking(&self) -> bool {
+                self.is_handshaking()
+            }
+            fn version(&self) -> Option<ProtocolVersion> {
+                self.protocol_version()
+            }
+            fn hand_over(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+                self.dangerous_into_kernel_connection().map(|(s, k)| (s, $kernel(k)))
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn version(&self) -> Option<ProtocolVersion> {
-        self.protocol_version()
-    }
-    fn hand_over(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Client(k)))
-    }
-}
+unbuffered!(UnbufferedServerConnection, ServerConnectionData, Kernel::Server);
+unbuffered!(UnbufferedClientConnection, ClientConnectionData, Kernel::Client);
 
 /// Make a server handshake on `tcp` (unbounded: the caller bounds it) and take over its
 /// record layer. `config` must allow secret extraction; only TLS 1.3 is accepted.
