@@ -280,16 +280,37 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Had it exited by itself before the test let go of it?
+        let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
         if let Some(c) = self.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if !std::thread::panicking() {
+        if std::thread::panicking() {
+            // The state directory goes with the test: keep the evidence in its output.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_ON_FAILURE).collect();
+            let status = exited.map_or("still running".to_string(), |s| format!("had exited: {s}"));
+            eprintln!(
+                "--- rdaxd at {} ({status}), last {} log lines ---\n{}",
+                self.endpoint,
+                tail.len(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        } else {
             let bad = self.unexpected_log_lines();
-            assert!(bad.is_empty(), "unexpected WARN/ERROR lines in the daemon's log:\n{}", bad.join("\n"));
+            assert!(
+                bad.is_empty(),
+                "unexpected WARN/ERROR lines in the log of rdaxd at {}:\n{}",
+                self.endpoint,
+                bad.join("\n")
+            );
         }
     }
 }
+
+/// How much of a daemon's log a failing test prints.
+const LOG_TAIL_ON_FAILURE: usize = 40;
 
 pub async fn client(d: &Daemon) -> rdax_client::Client {
     rdax_client::Client::connect(&d.endpoint, d.connect_options()).await.expect("connect")
