@@ -118,6 +118,8 @@ pub struct Client {
 pub(crate) struct Route {
     pub(crate) epoch: u64,
     pub(crate) pg: Option<u32>,
+    /// Sent by a PG's primary to the other replicas (`rdax-from-primary`).
+    pub(crate) from_primary: bool,
 }
 
 impl Client {
@@ -208,6 +210,13 @@ impl Client {
         Self { route, ..self.clone() }
     }
 
+    /// This connection as a PG primary's, for rdaxd itself: every request carries map
+    /// `epoch`, `pg` and `rdax-from-primary`, so that a create, resize or delete makes the
+    /// replica converge to the primary's state (see `rdax_proto::cluster::FROM_PRIMARY_HEADER`).
+    pub fn from_primary(&self, epoch: u64, pg: u32) -> Self {
+        self.routed(Some(Route { epoch, pg: Some(pg), from_primary: true }))
+    }
+
     pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Some(t) = self.opts.request_timeout {
@@ -218,6 +227,9 @@ impl Client {
             m.insert(rdax_proto::cluster::EPOCH_HEADER, route.epoch.into());
             if let Some(pg) = route.pg {
                 m.insert(rdax_proto::cluster::PG_HEADER, pg.into());
+            }
+            if route.from_primary {
+                m.insert(rdax_proto::cluster::FROM_PRIMARY_HEADER, tonic::metadata::MetadataValue::from_static("1"));
             }
         }
         r

@@ -4,13 +4,15 @@
 //! [`ClusterClient`] reads the registered nodes (`<prefix>/nodes/`) and the PG map
 //! (`<prefix>/pgmap`) from etcd and watches both. An object's name hashes to a placement
 //! group ([`pg_of`]); the map names that PG's replicas, primary first.
-//! * **Create and delete** go to the primary first and then to the other replicas in map
-//!   order, so the primary's answer decides (a second create of a taken name fails there, and
-//!   nothing is done on the others).
+//! * **Create, resize and delete** go to the PG's primary only. It applies them under a lock
+//!   on the object's name, has every other replica converge to the result, and answers only
+//!   then: per object they are linearizable, in the primary's order, and an acknowledged one
+//!   is on every replica of the map. A replica refuses a routed change that does not come
+//!   from the primary.
 //! * **Writes** ([`ClusterClient::put`]) go one-sided over the data plane to every replica at
-//!   once, each under an exclusive lease of its own, and return only when every replica has
-//!   persisted the bytes. A put that fails part-way is not acknowledged; repeating it is
-//!   harmless.
+//!   once, each under an exclusive lease of its own (taken primary first, so two puts of one
+//!   object never interleave), and return only when every replica has persisted the bytes.
+//!   A put that fails part-way is not acknowledged; repeating it is harmless.
 //! * **Reads** go to the first replica that has the object (primary first); a replica that
 //!   lacks it (one still being repaired) or cannot be reached is skipped.
 //! * Every request carries the map epoch and the PG it was routed by. A replica refuses a
@@ -29,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::client::{Client, ConnectOptions, Route};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::LeaseMode;
+use crate::lease::{Lease, LeaseMode};
 use crate::session::{Session, SessionOptions};
 
 /// How to reach a cluster.
@@ -115,6 +117,33 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(t) = self.watcher.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
+        }
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5): two clients that collide on one object (two
+/// puts of different sizes undo each other's resize) do not keep colliding in step.
+fn jittered(d: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    d.mul_f64(0.5 + (r >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// Leases a put holds on the replicas. Dropped with leases in it (a refusal part-way, or the
+/// try's bound), it gives them back in a task of their own: a lease that is only dropped
+/// stays granted until it expires, and would hold off every other writer of the object.
+struct Held(Vec<(String, Lease)>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let leases = std::mem::take(&mut self.0);
+        if leases.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                join_all(leases.into_iter().map(|(_, l)| l.release())).await;
+            });
         }
     }
 }
@@ -278,7 +307,12 @@ impl ClusterClient {
                         let bound = self.inner.opts.try_timeout.min(deadline.saturating_duration_since(Instant::now()));
                         // Dropped at the bound, a try leaves nothing acknowledged; its leases
                         // are given back by their guards or expire.
-                        match tokio::time::timeout(bound, op(Route { epoch: m.epoch, pg: Some(pg) }, replicas)).await {
+                        match tokio::time::timeout(
+                            bound,
+                            op(Route { epoch: m.epoch, pg: Some(pg), from_primary: false }, replicas),
+                        )
+                        .await
+                        {
                             Ok(Ok(t)) => return Ok(t),
                             Ok(Err(e)) if retryable(&e) => e,
                             Ok(Err(e)) => return Err(e),
@@ -294,7 +328,7 @@ impl ClusterClient {
                 ));
             }
             tracing::debug!(error = %last, epoch = v.epoch(), "cluster request: refreshing the map and retrying");
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(jittered(delay)).await;
             delay = (delay * 2).min(Duration::from_secs(1));
             // The watch usually has the new map already; read it anyway, since a refusal may
             // come before the watch delivers.
@@ -305,65 +339,105 @@ impl ClusterClient {
     }
 
     /// Create the object if missing, with `size` bytes (resized if it exists with another
-    /// size), on every replica, primary first.
+    /// size), through the PG's primary, which has every other replica follow before it answers.
     async fn ensure(&self, route: Route, replicas: &[String], namespace: &str, name: &str, size: u64) -> Result<()> {
-        for id in replicas {
-            let c = self.conn(id).await?;
-            let obj = c.client.routed(Some(route)).object(namespace, name)?;
-            match obj.create(size).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    if obj.stat().await?.size != size {
-                        obj.resize(size).await?;
+        let id = &replicas[0];
+        let c = self.conn(id).await?;
+        let obj = c.client.routed(Some(route)).object(namespace, name)?;
+        let r = match obj.create(size).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let r = match obj.stat().await {
+                    Ok(st) if st.size == size => Ok(()),
+                    Ok(_) => obj.resize(size).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    // Deleted by another client since the create: the put starts again.
+                    Err(e) if e.kind() == ErrorKind::NotFound && e.node_epoch().is_none() => {
+                        Err(Error::new(ErrorKind::Unavailable, format!("{namespace}/{name} went meanwhile: {e}")))
                     }
-                }
-                Err(e) => {
-                    if retryable(&e) {
-                        self.forget(id);
-                    }
-                    return Err(e);
+                    r => r,
                 }
             }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &r
+            && retryable(e)
+        {
+            self.forget(id);
         }
-        Ok(())
+        r
     }
 
     /// Write `data` as the whole content of `namespace/name` on every replica of its PG
-    /// (creating or resizing it first), each one-sided under an exclusive lease; returns when
-    /// all have persisted it.
+    /// (creating or resizing it first, through the primary), each one-sided under an exclusive
+    /// lease; returns when all have persisted it.
+    ///
+    /// The exclusive leases are taken one replica after another in map order, primary first,
+    /// and the bytes are written only once all are held and the primary still has the
+    /// object at this size. Two puts of one object therefore never interleave their writes
+    /// on the replicas: whichever holds the primary's lease writes everywhere, and the other
+    /// is refused and tries again once it is released. The last acknowledged put is what
+    /// every replica holds.
     pub async fn put(&self, namespace: &str, name: &str, data: &[u8]) -> Result<PutReceipt> {
         let len = data.len() as u64;
         self.routed(namespace, name, "put", |route, replicas| async move {
             self.ensure(route, &replicas, namespace, name, len).await?;
             if len > 0 {
-                let writes = replicas.iter().map(|id| self.write_one(id, route, namespace, name, data));
-                for r in join_all(writes).await {
-                    r?;
+                let mut leases = Held(Vec::with_capacity(replicas.len()));
+                for id in &replicas {
+                    // On a refusal the leases taken so far are given back (`Held`).
+                    leases.0.push((id.clone(), self.lease_one(id, route, namespace, name, len).await?));
                 }
+                let primary = self.conn(&replicas[0]).await?;
+                let st = primary.client.routed(Some(route)).object(namespace, name)?.stat().await;
+                match st {
+                    Ok(st) if st.size == len => {}
+                    Ok(st) => {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!("{namespace}/{name} was resized to {} meanwhile; the put starts again", st.size),
+                        ));
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound && e.node_epoch().is_none() => {
+                        return Err(Error::new(ErrorKind::Unavailable, format!("{namespace}/{name} went meanwhile")));
+                    }
+                    Err(e) => return Err(e),
+                }
+                let writes = leases.0.iter().map(|(id, l)| async move {
+                    let r = l.write_persist(0, data).await;
+                    if let Err(e) = &r
+                        && retryable(e)
+                    {
+                        self.forget(id);
+                    }
+                    r
+                });
+                let wrote: Result<Vec<()>> = join_all(writes).await.into_iter().collect();
+                let released = join_all(std::mem::take(&mut leases.0).into_iter().map(|(_, l)| l.release())).await;
+                wrote?;
+                released.into_iter().collect::<Result<Vec<()>>>()?;
             }
             Ok(PutReceipt { epoch: route.epoch, pg: route.pg.unwrap_or(0), replicas })
         })
         .await
     }
 
-    async fn write_one(&self, id: &str, route: Route, namespace: &str, name: &str, data: &[u8]) -> Result<()> {
+    /// An exclusive read-write lease on `[0, len)` of the object on node `id`.
+    async fn lease_one(&self, id: &str, route: Route, namespace: &str, name: &str, len: u64) -> Result<Lease> {
         let r = async {
             let c = self.conn(id).await?;
             let s = self.session(&c).await?;
-            let lease = s
-                .acquire_routed(namespace, name, 0, data.len() as u64, LeaseMode::ReadWrite, true, Some(route))
-                .await?;
-            let wrote = lease.write_persist(0, data).await;
-            let released = lease.release().await;
-            wrote.and(released)
+            s.acquire_routed(namespace, name, 0, len, LeaseMode::ReadWrite, true, Some(route)).await
         }
         .await;
         match r {
-            // Another writer's exclusive lease holds the range, or the object went between the
-            // create and the lease (a concurrent delete or a repair's cleanup): the whole put is
-            // tried again shortly.
+            // Another writer's exclusive lease holds the range, the object went between the
+            // create and the lease (a concurrent delete or a repair's cleanup), or another put
+            // resized it: the whole put is tried again shortly.
             Err(e)
-                if matches!(e.kind(), ErrorKind::FailedPrecondition | ErrorKind::NotFound)
+                if matches!(e.kind(), ErrorKind::FailedPrecondition | ErrorKind::NotFound | ErrorKind::OutOfRange)
                     && e.node_epoch().is_none() =>
             {
                 if e.kind() == ErrorKind::NotFound {
@@ -472,27 +546,32 @@ impl ClusterClient {
         Err(Error::new(ErrorKind::Unavailable, e.to_string()))
     }
 
-    /// Delete `namespace/name` on every replica, primary first. `NotFound` if no replica had it.
+    /// Delete `namespace/name` through its PG's primary, which has every other replica follow
+    /// before it answers. `NotFound` if it did not exist. A try whose outcome is unknown (no
+    /// answer, or the primary deleted it but missed a replica) makes a later try's `NotFound`
+    /// count as this delete's own success.
     pub async fn delete(&self, namespace: &str, name: &str) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let unknown = std::sync::atomic::AtomicBool::new(false);
+        let unknown = &unknown;
         self.routed(namespace, name, "delete", |route, replicas| async move {
-            let mut found = false;
-            for id in &replicas {
-                let obj = self.conn(id).await?.client.routed(Some(route)).object(namespace, name)?;
-                match obj.delete().await {
-                    Ok(()) => found = true,
-                    Err(e) if e.kind() == ErrorKind::NotFound => {}
-                    Err(e) => {
-                        if retryable(&e) {
-                            self.forget(id);
-                        }
-                        return Err(e);
+            let id = &replicas[0];
+            let obj = self.conn(id).await?.client.routed(Some(route)).object(namespace, name)?;
+            // Until an answer says otherwise, this try may take effect.
+            let before = unknown.swap(true, Relaxed);
+            match obj.delete().await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound && before => Ok(()),
+                Err(e) => {
+                    // A definite answer, or a routing refusal (nothing was done).
+                    if !retryable(&e) || e.node_epoch().is_some() {
+                        unknown.store(before, Relaxed);
                     }
+                    if retryable(&e) {
+                        self.forget(id);
+                    }
+                    Err(e)
                 }
-            }
-            if found {
-                Ok(())
-            } else {
-                Err(Error::new(ErrorKind::NotFound, format!("{namespace}/{name}: no such object")))
             }
         })
         .await
@@ -509,7 +588,7 @@ impl ClusterClient {
             let Some(m) = v.map.clone() else {
                 return Err(Error::new(ErrorKind::Unavailable, "the cluster has no PG map yet"));
             };
-            let route = Route { epoch: m.epoch, pg: None };
+            let route = Route { epoch: m.epoch, pg: None, from_primary: false };
             let listed = join_all(m.nodes.iter().map(|id| async move {
                 let r = async { self.conn(id).await?.client.routed(Some(route)).list_all(namespace).await }.await;
                 (id.clone(), r)

@@ -17,6 +17,12 @@ use serde::{Deserialize, Serialize};
 pub const EPOCH_HEADER: &str = "rdax-map-epoch";
 /// gRPC metadata key: the PG of the object a cluster client's request is about.
 pub const PG_HEADER: &str = "rdax-pg";
+/// gRPC metadata key: a create, resize or delete that a PG's primary applies on the PG's
+/// other replicas after applying it on itself. Such a request converges the replica to the
+/// primary's state (a create of an existing object sets its size, a resize of a missing one
+/// creates it, a delete of a missing one succeeds). Without it, a routed create, resize or
+/// delete is accepted only by the PG's primary.
+pub const FROM_PRIMARY_HEADER: &str = "rdax-from-primary";
 
 /// What a node publishes about itself (JSON, the value of `<prefix>/nodes/<node_id>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -382,6 +382,7 @@ pub async fn run_with_reload(
         cfg: cfg.clone(),
         draining: root.clone(),
         gate: gate.clone(),
+        view: map_view.clone(),
     };
     let (health, health_svc) = tonic_health::server::health_reporter();
     let routes = grpc::routes(shared)?.add_service(health_svc);

@@ -277,7 +277,8 @@ async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
     let pgs = back["pg"].as_array().unwrap();
     let d = &nodes[0];
     client(d).await.object("ns", "x").unwrap().create(4096).await.unwrap();
-    let mine = pgs.iter().position(|r| names(r).contains(&"n0".to_string())).unwrap() as u64;
+    // A PG n0 is the primary of: a routed resize there is n0's to apply (and to pass on).
+    let mine = pgs.iter().position(|r| names(r).first().map(String::as_str) == Some("n0")).unwrap() as u64;
     let other = pgs.iter().position(|r| !names(r).contains(&"n0".to_string())).unwrap() as u64;
     resize_at(d, e, Some(mine), 8192).await.unwrap();
     resize_at(d, e, None, 8192).await.unwrap();

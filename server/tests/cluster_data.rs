@@ -83,6 +83,87 @@ async fn put_get_list_stat_and_delete_across_three_nodes_with_two_replicas() {
     stat_at(d, &token, epoch, pg).await.unwrap();
 }
 
+/// `Objects.Create` of `ns/name`, routed by `epoch` and `pg`, straight to `d`.
+async fn create_at(d: &Daemon, token: &str, name: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
+    use rdax_proto::pb;
+    let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut c = pb::objects_client::ObjectsClient::new(ch);
+    let mut req = tonic::Request::new(pb::CreateRequest {
+        object: Some(pb::ObjectRef { namespace: "ns".into(), name: name.into() }),
+        size: 4096,
+        ..Default::default()
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().insert("rdax-map-epoch", epoch.to_string().parse().unwrap());
+    req.metadata_mut().insert("rdax-pg", pg.to_string().parse().unwrap());
+    c.create(req).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_resizes_and_deletes_are_ordered_by_the_pg_primary() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let (_dirs, nodes, token) = cluster(root.path(), &etcd, 3, 3);
+    let c = cluster_client(&etcd, &token).await;
+    let epoch = c.view().epoch();
+    // A routed create sent to a replica that is not the PG's primary is refused, naming the
+    // node's epoch, and nothing is made anywhere.
+    let (pg, replicas) = c.placement("ns", "direct").unwrap();
+    assert_eq!(replicas.len(), 3);
+    let refused = create_at(&nodes[index(&replicas[1])], &token, "direct", epoch, pg).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("primary"), "{refused:?}");
+    assert_eq!(refused.metadata().get("rdax-map-epoch").unwrap().to_str().unwrap(), epoch.to_string());
+    for d in &nodes {
+        assert!(on_node(d, "ns", "direct").await.is_none());
+    }
+    // The same create at the primary: when it answers, every replica has the object.
+    create_at(&nodes[index(&replicas[0])], &token, "direct", epoch, pg).await.unwrap();
+    for d in &nodes {
+        assert_eq!(on_node(d, "ns", "direct").await.map(|b| b.len()), Some(4096));
+    }
+    // Clients racing puts (of several sizes) and deletes on a few names: once they stop,
+    // every replica holds the same objects with the same bytes, because each create, resize
+    // and delete took effect on all of them in the primary's order, and puts of one object
+    // do not interleave their writes.
+    let names = ["race-a", "race-b", "race-c"];
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let c = cluster_client(&etcd, &token).await;
+        tasks.push(tokio::spawn(async move {
+            let mut x = seed() ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for v in 0..25 {
+                let name = names[(next(&mut x) % 3) as usize];
+                if next(&mut x).is_multiple_of(3) {
+                    match c.delete("ns", name).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => panic!("delete {name}: {e}"),
+                    }
+                } else {
+                    let len = (next(&mut x) % 3 * 4096 + 1) as usize;
+                    c.put("ns", name, &tagged(name, w * 100 + v, len)).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for name in names {
+        let mut seen = Vec::new();
+        for d in &nodes {
+            seen.push(on_node(d, "ns", name).await);
+        }
+        let sizes: Vec<Option<usize>> = seen.iter().map(|s| s.as_ref().map(Vec::len)).collect();
+        assert!(seen.iter().all(|s| *s == seen[0]), "{name}: the replicas disagree (sizes {sizes:?})");
+        match &seen[0] {
+            Some(b) => assert!(c.get("ns", name).await.unwrap() == *b),
+            None => assert_eq!(c.stat("ns", name).await.unwrap_err().kind(), ErrorKind::NotFound),
+        }
+    }
+}
+
 /// `Objects.Stat` of `ns/obj-01` routed by `epoch` and `pg`.
 async fn stat_at(d: &Daemon, token: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
     use rdax_proto::pb;

@@ -96,7 +96,7 @@ impl Member {
         METRICS.cluster_pgs_held.store(held, Relaxed);
         METRICS.cluster_pgs_primary.store(primary, Relaxed);
         METRICS.cluster_map_epoch.store(map.epoch, Relaxed);
-        self.view.set(map.epoch, map.pg.iter().map(|r| r.iter().any(|n| n == me)).collect());
+        self.view.set(map.epoch, me, &map.pg);
         info!(
             node = %me, epoch = map.epoch, nodes = map.nodes.len(), pgs = map.pgs, held, primary,
             "PG map: new epoch"

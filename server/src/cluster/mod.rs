@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod coordinator;
+mod forward;
 mod mapwatch;
 mod repair;
 pub use rdax_proto::cluster as placement;
@@ -95,6 +96,7 @@ impl Membership {
         local: String,
     ) -> Self {
         leases.fence().enable();
+        view.set_forward(Arc::new(forward::Peers::new(cfg.clone())));
         let cancel = CancellationToken::new();
         let value = serde_json::to_string(&record).expect("a node record serialises");
         let m = Arc::new(Member {

@@ -4,6 +4,7 @@ mod auth;
 mod control;
 pub mod layer;
 mod leases;
+mod meta;
 mod objects;
 pub mod status;
 #[cfg(feature = "testing")]
@@ -52,6 +53,8 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Work that shutdown waits for.
     pub gate: Gate,
+    /// What this node knows of the cluster's PG map (and its peers, as a PG primary).
+    pub view: Arc<crate::cluster_view::MapView>,
 }
 
 impl Shared {

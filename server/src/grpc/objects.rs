@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span};
 
+use super::meta::{self, Op};
 use super::status::{ApiError, api};
 use super::{Shared, caller};
 use crate::auth::Rights;
@@ -35,9 +36,6 @@ fn to_pb(s: ObjectStat) -> pb::ObjectStat {
         nbd_clients: 0,
     }
 }
-
-/// How long a forced delete waits for a volume's NBD export to let go of its lease.
-const DISCONNECT_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `Objects` service.
 #[derive(Clone)]
@@ -61,29 +59,13 @@ impl Objects for ObjectsService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
             let who = caller(&req)?;
+            let role = self.0.view.meta_role(req.metadata())?;
             let r = CreateObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("create", object = %r.key, size = r.size, volume = r.volume);
-            let st = self
-                .0
-                .blocking(move |p| {
-                    let (ns, name) = (&r.key.namespace, &r.key.name);
-                    if !r.volume {
-                        return p.create_object(ns, name, r.size);
-                    }
-                    p.create_volume(ns, name, r.size)?;
-                    if !r.sparse
-                        && let Err(e) = p.allocate(ns, name, 0, r.size)
-                    {
-                        // All or nothing: a volume that could not be allocated is not left behind.
-                        let _ = p.delete(ns, name);
-                        return Err(e);
-                    }
-                    p.stat(ns, name)
-                })
-                .instrument(span)
-                .await??;
-            Ok(Response::new(self.stat_pb(st)))
+            let key = r.key.clone();
+            let st = meta::apply(&self.0, role, key, Op::Create(r)).instrument(span).await?;
+            Ok(Response::new(self.stat_pb(st.ok_or(ApiError::Internal("a create without a result"))?)))
         })
         .await
     }
@@ -148,23 +130,12 @@ impl Objects for ObjectsService {
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
             let who = caller(&req)?;
+            let role = self.0.view.meta_role(req.metadata())?;
             let r = ResizeObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("resize", object = %r.key, size = r.size);
-            // Shrinking takes blocks away: the leases past the new end are recalled first. A
-            // volume's leases are all recalled, so that its NBD export leases the new size.
-            let (key, size) = (r.key.clone(), r.size);
-            let k = r.key.clone();
-            let volume = self.0.blocking(move |p| p.stat(&k.namespace, &k.name)).await??.volume;
-            let (from, why) =
-                if volume { (0, "the volume is being resized") } else { (size, "the object is being truncated") };
-            let st = self
-                .0
-                .leases
-                .change_layout(r.key, from, u64::MAX, why, move |p| p.resize(&key.namespace, &key.name, size))
-                .instrument(span)
-                .await?;
-            Ok(Response::new(self.stat_pb(st)))
+            let st = meta::apply(&self.0, role, r.key, Op::Resize(r.size)).instrument(span).await?;
+            Ok(Response::new(self.stat_pb(st.ok_or(ApiError::Internal("a resize without a result"))?)))
         })
         .await
     }
@@ -192,29 +163,12 @@ impl Objects for ObjectsService {
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         api(async {
             let who = caller(&req)?;
+            let role = self.0.view.meta_role(req.metadata())?;
             let r = req.into_inner();
             let key = ObjectKey::try_from(r.object)?;
             who.principal.require(Rights::WRITE, &key.namespace, &key.name)?;
             let span = info_span!("delete", object = %key);
-            let clients = self.0.nbd.clients(&key);
-            if clients > 0 && !r.force {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "volume `{key}` has {clients} NBD client(s) connected; disconnect them, or delete with force \
-                     (rdaxctl volume rm --force), which disconnects them first"
-                )));
-            }
-            if clients > 0 {
-                let n = self.0.nbd.disconnect(&key, DISCONNECT_BOUND).instrument(span.clone()).await;
-                tracing::info!(object = %key, clients = n, "NBD clients disconnected for a forced delete");
-            }
-            let k = key.clone();
-            self.0
-                .leases
-                .change_layout(key, 0, u64::MAX, "the object is being deleted", move |p| {
-                    p.delete(&k.namespace, &k.name)
-                })
-                .instrument(span)
-                .await?;
+            meta::apply(&self.0, role, key, Op::Delete { force: r.force }).instrument(span).await?;
             Ok(Response::new(pb::DeleteResponse {}))
         })
         .await

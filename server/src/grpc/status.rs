@@ -47,6 +47,10 @@ pub enum ApiError {
     /// The request cannot be done in the object's present state (a volume with NBD clients).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Done in part, or not at all, for a reason a retry may cure (a replica that did not
+    /// answer a PG primary).
+    #[error("{0}")]
+    Unavailable(String),
     /// A client that did not send in time.
     #[error("{0}")]
     TooSlow(&'static str),
@@ -130,7 +134,7 @@ impl ApiError {
                 SessionError::ShuttingDown => Code::Unavailable,
             },
             ApiError::Dma(e) => dma_code(e),
-            ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::ShuttingDown | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::TooSlow(_) => Code::DeadlineExceeded,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
@@ -192,6 +196,7 @@ mod tests {
             (ProtocolError::Missing("object").into(), Code::InvalidArgument),
             (GateClosed.into(), Code::Unavailable),
             (ApiError::TooSlow("x"), Code::DeadlineExceeded),
+            (ApiError::Unavailable("x".into()), Code::Unavailable),
             (Status::cancelled("gone").into(), Code::Cancelled),
         ];
         for (e, code) in cases {
