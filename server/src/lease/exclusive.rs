@@ -1,6 +1,7 @@
 //! Exclusive leases, and the lease listing.
 //!
-//! An exclusive grant puts a marker on its range (new grants there wait), recalls every other
+//! An exclusive grant waits until no other marker covers its range (another exclusive grant
+//! or a layout change under way), then puts a marker on it (new grants there wait), recalls every other
 //! holder, revokes what is not returned by the break deadline and waits for the drain, the
 //! same sequence as a layout change ([`super::recall`]); then it is granted past its own
 //! marker, which lifts once the lease is in place. From then on the lease itself keeps every
@@ -37,7 +38,9 @@ impl LeaseManager {
         if let Some(id) = self.lock().exclusive_holder(&req.object, req.offset, end) {
             return Err(LeaseError::Exclusive(id));
         }
-        let brk = self.recall(&req.object, req.offset, end, "an exclusive lease was requested").await?;
+        // Behind no other marker: two exclusive grants of one range must not each wait for
+        // the other's marker; the second waits for the first, then finds its lease.
+        let brk = self.recall_alone(&req.object, req.offset, end, "an exclusive lease was requested").await?;
         lease_failpoint!("exclusive.recalled");
         let how = super::How { own: Some(brk.marker), allocate: req.allocate };
         let g = self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, how).await?;

@@ -219,23 +219,65 @@ impl LeaseManager {
         hi: u64,
         reason: &str,
     ) -> Result<BreakGuard, LeaseError> {
-        let (guard, targets) = {
-            let mut g = self.lock();
-            let id = g.next_marker;
-            g.next_marker += 1;
-            g.markers.push(Marker { id, object: object.clone(), lo, hi });
-            let mut targets = Vec::new();
-            for (lid, l) in g.leases.iter_mut() {
-                if l.object == *object && overlaps((l.lo, l.hi), (lo, hi)) && l.state != State::Drained {
-                    targets.push(*lid);
-                    self.send_recall(*lid, l, reason);
+        let (guard, targets) = self.mark_locked(&mut self.lock(), object, lo, hi, reason);
+        lease_failpoint!("recall.sent");
+        self.break_and_drain(&targets).await?;
+        Ok(guard)
+    }
+
+    /// [`LeaseManager::recall`], but only once no other marker covers part of the range,
+    /// waiting for that until the break deadline. An exclusive grant recalls this way: two of
+    /// them each behind a marker of its own would each wait for the other's to lift.
+    /// Refused with [`LeaseError::Exclusive`] once an exclusive lease holds the range.
+    pub(super) async fn recall_alone(
+        self: &Arc<Self>,
+        object: &ObjectKey,
+        lo: u64,
+        hi: u64,
+        reason: &str,
+    ) -> Result<BreakGuard, LeaseError> {
+        let deadline = Instant::now() + self.config().break_timeout;
+        let (guard, targets) = loop {
+            {
+                let mut g = self.lock();
+                if let Some(id) = g.exclusive_holder(object, lo, hi) {
+                    return Err(LeaseError::Exclusive(id));
+                }
+                if !g.marked(object, lo, hi, None) {
+                    break self.mark_locked(&mut g, object, lo, hi, reason);
                 }
             }
-            (BreakGuard { mgr: self.clone(), marker: id }, targets)
+            let free = |i: &Inner| !i.marked(object, lo, hi, None);
+            if !self.wait_changed_until(deadline, free).await {
+                return Err(self.retry_after());
+            }
         };
         lease_failpoint!("recall.sent");
         self.break_and_drain(&targets).await?;
         Ok(guard)
+    }
+
+    /// Put a marker on the range and recall every lease overlapping it (the caller holds the
+    /// lock); the leases to wait for.
+    fn mark_locked(
+        self: &Arc<Self>,
+        g: &mut Inner,
+        object: &ObjectKey,
+        lo: u64,
+        hi: u64,
+        reason: &str,
+    ) -> (BreakGuard, Vec<u64>) {
+        let id = g.next_marker;
+        g.next_marker += 1;
+        g.markers.push(Marker { id, object: object.clone(), lo, hi });
+        let mut targets = Vec::new();
+        for (lid, l) in g.leases.iter_mut() {
+            if l.object == *object && overlaps((l.lo, l.hi), (lo, hi)) && l.state != State::Drained {
+                targets.push(*lid);
+                self.send_recall(*lid, l, reason);
+            }
+        }
+        (BreakGuard { mgr: self.clone(), marker: id }, targets)
     }
 
     /// Wait for `targets` to be returned until the break deadline, revoke the rest, drain all.

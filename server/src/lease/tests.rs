@@ -564,6 +564,32 @@ async fn an_exclusive_lease_recalls_the_others_and_keeps_new_ones_off_until_it_e
 }
 
 #[tokio::test(start_paused = true)]
+async fn two_exclusive_grants_of_one_range_at_once_give_one_lease_and_a_prompt_refusal() {
+    let _fp = shared().await;
+    let fx = fixture();
+    let (a, mut arx) = session(&fx);
+    let (b, _brx) = session(&fx);
+    let (c, _crx) = session(&fx);
+    let held = fx.leases.acquire(a, key("ns", "x"), 0, 8192, Mode::ReadWrite).await.unwrap();
+    let t0 = Instant::now();
+    let (mb, mc) = (fx.leases.clone(), fx.leases.clone());
+    let gb = tokio::spawn(async move { mb.grant(exclusive_req(b, 0, 8192)).await.map(|h| h.into_grant()) });
+    let gc = tokio::spawn(async move { mc.grant(exclusive_req(c, 4096, 8192)).await.map(|h| h.into_grant()) });
+    // The holder is asked to return its lease, and does.
+    let ev = arx.recv().await.unwrap().unwrap();
+    assert!(matches!(&ev.kind, Some(pb::session_event::Kind::LeaseRecall(r)) if r.lease_id == held.id), "{ev:?}");
+    fx.leases.release(a, held.id).unwrap();
+    let (rb, rc) = (gb.await.unwrap(), gc.await.unwrap());
+    // Neither waited for the other's marker until the deadline: one got the lease, and the
+    // other was refused for it.
+    assert!(t0.elapsed() < BREAK, "virtual time: {:?}", t0.elapsed());
+    match (rb, rc) {
+        (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => assert_eq!(lost, LeaseError::Exclusive(won.id)),
+        (rb, rc) => panic!("want one grant and one refusal: {:?} and {:?}", rb.map(|g| g.id), rc.map(|g| g.id)),
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_exclusive_grant_revokes_an_unreturned_lease_at_the_deadline_and_a_layout_change_still_recalls_it() {
     let _fp = shared().await;
     let fx = fixture();
