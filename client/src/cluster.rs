@@ -34,11 +34,54 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{Lease, LeaseMode};
 use crate::session::{Session, SessionOptions};
 
+/// How to reach etcd beyond its URLs: TLS (`https://` URLs) and etcd's own authentication.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    /// PEM of the CA that signed etcd's server certificate (needed for `https://` URLs).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate and key this client presents (etcd's `--client-cert-auth`).
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// An etcd user and its password (etcd's `auth enable`).
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_cert", &self.identity_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u.as_str()))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// etcd connect options with these credentials, bounded by `connect` and `each` (every
+    /// request). An expired etcd auth token is fetched again by the client.
+    pub fn options(&self, connect: Duration, each: Duration) -> etcd_client::ConnectOptions {
+        let mut o = etcd_client::ConnectOptions::new().with_connect_timeout(connect).with_timeout(each);
+        if let Some(ca) = &self.ca_pem {
+            let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
+            if let Some((cert, key)) = &self.identity_pem {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            o = o.with_tls(tls);
+        }
+        if let Some((user, password)) = &self.user {
+            o = o.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
+        }
+        o
+    }
+}
+
 /// How to reach a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// etcd client URLs (`http://host:port`).
+    /// etcd client URLs (`http://host:port`, or `https://host:port` with
+    /// [`EtcdAccess::ca_pem`]).
     pub etcd: Vec<String>,
+    /// TLS and authentication for etcd.
+    pub etcd_access: EtcdAccess,
     /// The cluster's etcd key prefix (`cluster.prefix` of its daemons).
     pub prefix: String,
     /// How to connect to each node (token, TLS, per-request bounds).
@@ -56,6 +99,7 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
             etcd: Vec::new(),
+            etcd_access: EtcdAccess::default(),
             prefix: "/rdax".into(),
             // A stopped node accepts connections but never answers: keep each try short, so
             // the operation can go on to the next map.
@@ -202,7 +246,7 @@ impl ClusterClient {
             return Err(Error::new(ErrorKind::InvalidArgument, "no etcd endpoint given"));
         }
         let bound = opts.connect.connect_timeout.max(Duration::from_secs(1));
-        let eopts = etcd_client::ConnectOptions::new().with_connect_timeout(bound).with_timeout(bound * 2);
+        let eopts = opts.etcd_access.options(bound, bound * 2);
         let etcd = tokio::time::timeout(bound * 2, etcd_client::Client::connect(&opts.etcd, Some(eopts)))
             .await
             .map_err(|_| etcd_err(format!("no answer from {:?} within {:?}", opts.etcd, bound * 2)))?

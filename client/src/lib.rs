@@ -34,7 +34,7 @@ mod unix;
 
 pub use client::{Client, ConnectOptions, TlsOptions};
 #[cfg(feature = "cluster")]
-pub use cluster::{ClusterClient, ClusterOptions, ClusterView, PutReceipt};
+pub use cluster::{ClusterClient, ClusterOptions, ClusterView, EtcdAccess, PutReceipt};
 pub use error::{Error, ErrorKind, Result};
 #[cfg(feature = "rdma")]
 pub use lease::RdmaBuffer;

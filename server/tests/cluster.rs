@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::etcd::{Etcd, TTL, member};
+use common::etcd::{Etcd, TTL, cluster_client, member, member_with, status};
 use common::{Daemon, client, poll};
 
 const MIB: u64 = 1 << 20;
@@ -305,15 +305,45 @@ async fn resize_at(d: &Daemon, epoch: u64, pg: Option<u64>, size: u64) -> Result
     c.resize(req).await.map(|_| ())
 }
 
-/// `rdaxctl --cluster etcd://... --json cluster status`.
-fn status(etcd: &Etcd) -> serde_json::Value {
-    let spec = etcd.client.replacen("http://", "etcd://", 1);
-    let out = common::rdaxctl().args(["--cluster", &spec, "--json", "cluster", "status"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "rdaxctl cluster status (build rdaxctl with --features cluster; scripts/test.sh does): {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_runs_on_an_etcd_with_tls_client_certificates_and_authentication() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start_secure(root.path());
+    let sec = etcd.secure.as_ref().unwrap();
+    assert!(etcd.client.starts_with("https://"));
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Daemon> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| member_with(d.path(), &etcd, &format!("n{i}"), &["--replicas", "2"], &sec.member_toml()))
+        .collect();
+    poll(Duration::from_secs(30), "a PG map of both nodes over TLS", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"] == serde_json::json!(["n0", "n1"]))
+    });
+    // The cluster client and rdaxctl reach it with the same credentials.
+    let c = cluster_client(&etcd, &etcd.token).await;
+    let r = c.put("ns", "over-tls", b"sealed").await.unwrap();
+    assert_eq!(r.replicas.len(), 2);
+    assert_eq!(c.get("ns", "over-tls").await.unwrap(), b"sealed");
+    let st = status(&etcd);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 2, "{st}");
+    // Without the CA, without a client certificate, or without the password: refused.
+    let mut opts = rdax_client::ClusterOptions { etcd: vec![etcd.client.clone()], ..Default::default() };
+    opts.connect.token = Some(etcd.token.clone());
+    let mut missing = Vec::new();
+    let full = sec.access();
+    missing.push(("no CA", rdax_client::EtcdAccess { ca_pem: None, ..full.clone() }));
+    missing.push(("no client certificate", rdax_client::EtcdAccess { identity_pem: None, ..full.clone() }));
+    missing.push(("no user", rdax_client::EtcdAccess { user: None, ..full.clone() }));
+    let wrong = Some((sec.user.clone(), "not-the-password".to_string()));
+    missing.push(("a wrong password", rdax_client::EtcdAccess { user: wrong, ..full.clone() }));
+    for (what, access) in missing {
+        let o = rdax_client::ClusterOptions { etcd_access: access, ..opts.clone() };
+        let r = tokio::time::timeout(Duration::from_secs(20), rdax_client::ClusterClient::connect(o)).await;
+        assert!(matches!(r, Ok(Err(_))), "{what}: {:?}", r.map(|r| r.map(|_| ())));
+    }
+    // The password reaches no log.
+    for d in &nodes {
+        assert!(!d.log().contains(&sec.password), "the etcd password is in a daemon's log");
+    }
 }

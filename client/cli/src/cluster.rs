@@ -43,19 +43,66 @@ pub(crate) struct BenchArgs {
 
 /// etcd client URLs from `--cluster etcd://HOST:PORT[,HOST:PORT...]`.
 pub(crate) fn etcd_urls(spec: &str) -> Result<Vec<String>, Failure> {
-    let rest = spec.strip_prefix("etcd://").ok_or_else(|| {
-        Failure::invalid(anyhow::anyhow!("--cluster `{spec}`: expected etcd://HOST:PORT[,HOST:PORT...]"))
-    })?;
-    let urls: Vec<String> =
-        rest.trim_end_matches('/').split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
-    if urls.is_empty() || urls.iter().any(|u| !u[7..].contains(':')) {
+    let (scheme, rest) = match (spec.strip_prefix("etcd://"), spec.strip_prefix("etcds://")) {
+        (Some(r), _) => ("http", r),
+        (_, Some(r)) => ("https", r),
+        _ => {
+            return Err(Failure::invalid(anyhow::anyhow!(
+                "--cluster `{spec}`: expected etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS)"
+            )));
+        }
+    };
+    let hosts: Vec<&str> = rest.trim_end_matches('/').split(',').filter(|h| !h.is_empty()).collect();
+    let urls: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
+    if hosts.is_empty() || hosts.iter().any(|h| !h.contains(':')) {
         return Err(Failure::invalid(anyhow::anyhow!("--cluster `{spec}`: every etcd member as HOST:PORT")));
     }
     Ok(urls)
 }
 
+/// TLS and authentication for etcd from `--etcd-*` (files read here; a password never comes
+/// from argv).
+#[cfg(feature = "cluster")]
+pub(crate) fn etcd_access(cli: &crate::Cli, urls: &[String]) -> Result<rdax_client::EtcdAccess, Failure> {
+    use anyhow::Context;
+    let tls = urls.iter().any(|u| u.starts_with("https://"));
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("{what} {}", p.display())).map_err(Failure::local)
+    };
+    let ca_pem = match (&cli.etcd_ca, tls) {
+        (Some(p), true) => Some(read(p, "--etcd-ca")?),
+        (None, true) => {
+            return Err(Failure::invalid(anyhow::anyhow!(
+                "etcds:// needs --etcd-ca, the PEM of the CA that signed etcd's certificate"
+            )));
+        }
+        (Some(_), false) => {
+            return Err(Failure::invalid(anyhow::anyhow!("--etcd-ca is for etcds:// (etcd over TLS)")));
+        }
+        (None, false) => None,
+    };
+    let identity = match (&cli.etcd_cert, &cli.etcd_key) {
+        (None, None) => None,
+        (Some(c), Some(k)) if tls => Some((read(c, "--etcd-cert")?, read(k, "--etcd-key")?)),
+        (Some(_), Some(_)) => {
+            return Err(Failure::invalid(anyhow::anyhow!("--etcd-cert is for etcds:// (etcd over TLS)")));
+        }
+        _ => return Err(Failure::invalid(anyhow::anyhow!("--etcd-cert and --etcd-key go together"))),
+    };
+    let user = match (&cli.etcd_user, &cli.etcd_password_file) {
+        (None, None) => None,
+        (Some(u), Some(p)) => {
+            let pw = String::from_utf8(read(p, "--etcd-password-file")?)
+                .map_err(|_| Failure::invalid(anyhow::anyhow!("--etcd-password-file: not UTF-8")))?;
+            Some((u.clone(), pw.strip_suffix('\n').unwrap_or(&pw).to_string()))
+        }
+        _ => return Err(Failure::invalid(anyhow::anyhow!("--etcd-user and --etcd-password-file go together"))),
+    };
+    Ok(rdax_client::EtcdAccess { ca_pem, identity_pem: identity, user })
+}
+
 #[cfg(not(feature = "cluster"))]
-pub(crate) async fn run(_urls: Vec<String>, _prefix: &str, _cmd: &ClusterCmd, _json: bool) -> Result<(), Failure> {
+pub(crate) async fn run(_cli: &crate::Cli, _urls: Vec<String>, _cmd: &ClusterCmd, _json: bool) -> Result<(), Failure> {
     Err(Failure::local(anyhow::anyhow!(
         "this rdaxctl was built without cluster support: build it with `--features cluster` (it needs protoc: \
          scripts/install-deps.sh installs it)"
@@ -70,7 +117,7 @@ mod with_etcd {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use etcd_client::{Client, ConnectOptions, GetOptions};
+    use etcd_client::{Client, GetOptions};
     use rdax_proto::cluster::{NodeRecord, PgMap, RepairAssignment, RepairDone, RepairProgress, repair_pending};
     use serde_json::json;
 
@@ -91,10 +138,10 @@ mod with_etcd {
             .map_err(unreachable)
     }
 
-    pub(crate) async fn run(urls: Vec<String>, prefix: &str, cmd: &ClusterCmd, json: bool) -> Result<(), Failure> {
+    pub(crate) async fn run(cli: &crate::Cli, urls: Vec<String>, cmd: &ClusterCmd, json: bool) -> Result<(), Failure> {
         let ClusterCmd::Status = cmd else { unreachable!("only status reads etcd alone") };
-        let prefix = prefix.trim_end_matches('/');
-        let opts = ConnectOptions::new().with_connect_timeout(BOUND);
+        let prefix = cli.cluster_prefix.trim_end_matches('/');
+        let opts = super::etcd_access(cli, &urls)?.options(BOUND, BOUND);
         let mut c = bounded(Client::connect(&urls, Some(opts))).await?;
         let got = bounded(c.get(format!("{prefix}/nodes/"), Some(GetOptions::new().with_prefix()))).await?;
         let up: BTreeMap<String, NodeRecord> = got

@@ -41,6 +41,7 @@ mod with_etcd {
 
     async fn connect(cli: &Cli, urls: Vec<String>) -> Result<ClusterClient, Failure> {
         let opts = ClusterOptions {
+            etcd_access: crate::cluster::etcd_access(cli, &urls)?,
             etcd: urls,
             prefix: cli.cluster_prefix.clone(),
             session: cli.session_options("rdaxctl"),

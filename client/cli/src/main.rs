@@ -56,10 +56,26 @@ pub(crate) struct Cli {
     /// Local IP for the RDMA connection (default: chosen by routing).
     #[arg(long, global = true, env = "RDAX_RDMA_SOURCE")]
     rdma_source: Option<std::net::IpAddr>,
-    /// A cluster's etcd: etcd://HOST:PORT[,HOST:PORT...]. For `cluster` commands, and makes
-    /// `put`, `get`, `ls`, `stat` and `rm` work on the whole cluster (routed by its PG map).
+    /// A cluster's etcd: etcd://HOST:PORT[,HOST:PORT...] (etcds:// for etcd over TLS, with
+    /// --etcd-ca). For `cluster` commands, and makes `put`, `get`, `ls`, `stat` and `rm` work
+    /// on the whole cluster (routed by its PG map).
     #[arg(long, global = true, env = "RDAX_CLUSTER")]
     cluster: Option<String>,
+    /// PEM file of the CA that signed etcd's certificate (etcds://).
+    #[arg(long, global = true, env = "RDAX_ETCD_CA")]
+    etcd_ca: Option<std::path::PathBuf>,
+    /// PEM certificate to present to etcd (its --client-cert-auth), with --etcd-key.
+    #[arg(long, global = true, env = "RDAX_ETCD_CERT")]
+    etcd_cert: Option<std::path::PathBuf>,
+    /// PEM key of --etcd-cert.
+    #[arg(long, global = true, env = "RDAX_ETCD_KEY")]
+    etcd_key: Option<std::path::PathBuf>,
+    /// etcd user (etcd's `auth enable`), with --etcd-password-file.
+    #[arg(long, global = true, env = "RDAX_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// File holding --etcd-user's password (never on the command line).
+    #[arg(long, global = true, env = "RDAX_ETCD_PASSWORD_FILE")]
+    etcd_password_file: Option<std::path::PathBuf>,
     /// The cluster's etcd key prefix (its daemons' cluster.prefix).
     #[arg(long, global = true, env = "RDAX_CLUSTER_PREFIX", default_value = "/rdax")]
     cluster_prefix: String,
@@ -354,7 +370,7 @@ fn main() -> ExitCode {
                 ))),
                 (Some(spec), Ok(rt)) => cluster::etcd_urls(spec).and_then(|urls| match cmd {
                     cluster::ClusterCmd::Bench(args) => rt.block_on(cluster_objects::bench(&cli, urls, args)),
-                    cmd => rt.block_on(cluster::run(urls, &cli.cluster_prefix, cmd, json)),
+                    cmd => rt.block_on(cluster::run(&cli, urls, cmd, json)),
                 }),
                 (Some(_), Err(e)) => Err(Failure::local(anyhow::anyhow!("start the async runtime: {e}"))),
             }

@@ -45,7 +45,7 @@ impl Peers {
     async fn endpoint(&self, id: &str) -> Result<String, String> {
         let mut etcd = self.etcd.lock().await;
         if etcd.is_none() {
-            let opts = etcd_client::ConnectOptions::new()
+            let opts = super::etcd_options(&self.cfg)
                 .with_connect_timeout(Duration::from_secs(2))
                 .with_timeout(Duration::from_secs(3));
             *etcd = Some(etcd_client::Client::connect(&self.cfg.etcd, Some(opts)).await.map_err(|e| e.to_string())?);

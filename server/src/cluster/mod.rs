@@ -57,6 +57,25 @@ enum JoinError {
     NotCoordinator,
 }
 
+/// etcd connect options with this node's TLS and etcd authentication (`cluster.etcd_ca`,
+/// `etcd_cert`/`etcd_key`, `etcd_user`/`etcd_password_file`). An expired etcd auth token is
+/// fetched again by the client.
+pub(crate) fn etcd_options(cfg: &Cluster) -> ConnectOptions {
+    let a = &cfg.etcd_access;
+    let mut o = ConnectOptions::new();
+    if let Some(ca) = &a.ca_pem {
+        let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
+        if let Some((cert, key)) = &a.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key.as_bytes()));
+        }
+        o = o.with_tls(tls);
+    }
+    if let Some((user, password)) = &a.user {
+        o = o.with_user(user.clone(), password.to_string()).with_auto_token_refresh(true);
+    }
+    o
+}
+
 /// A running membership.
 #[derive(Debug)]
 pub struct Membership {
@@ -225,7 +244,7 @@ impl Member {
     /// Connect, renew `lease` if etcd still has it or grant a new one, and make sure the
     /// node's key is there under it. Opens the fence.
     async fn join(&self, lease: Option<i64>) -> Result<Held, JoinError> {
-        let opts = ConnectOptions::new()
+        let opts = etcd_options(&self.cfg)
             .with_connect_timeout(self.rpc_bound())
             .with_keep_alive(self.cfg.keepalive_interval(), self.rpc_bound());
         let mut client = self.bounded(Client::connect(&self.cfg.etcd, Some(opts))).await?;

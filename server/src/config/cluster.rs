@@ -31,6 +31,29 @@ pub struct ClusterSection {
     pub peer_token_file: Option<std::path::PathBuf>,
     /// Bound on the rate at which this node copies data when it repairs (MiB/s; 0: none).
     pub repair_mib_per_s: Option<u64>,
+    /// PEM file of the CA that signed etcd's server certificate: etcd over TLS (`https://`
+    /// URLs).
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// PEM certificate this node presents to etcd (etcd's `--client-cert-auth`), with
+    /// `etcd_key`.
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `etcd_cert` (not world-readable).
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd user (etcd's `auth enable`), with `etcd_password_file`.
+    pub etcd_user: Option<String>,
+    /// File holding `etcd_user`'s password (not world-readable).
+    pub etcd_password_file: Option<std::path::PathBuf>,
+}
+
+/// How this node reaches etcd beyond its URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// The CA's PEM (TLS on).
+    pub ca_pem: Option<Vec<u8>>,
+    /// The client certificate's PEM and its key.
+    pub identity: Option<(Vec<u8>, super::Secret)>,
+    /// User and password.
+    pub user: Option<(String, super::Secret)>,
 }
 
 /// The cluster settings.
@@ -54,6 +77,8 @@ pub struct Cluster {
     pub peer_token: Option<super::Secret>,
     /// Repair copy rate bound, bytes per second (0: none).
     pub repair_rate: u64,
+    /// TLS and authentication for etcd.
+    pub etcd_access: EtcdAccess,
 }
 
 impl Cluster {
@@ -111,15 +136,31 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
                 .into(),
         ));
     }
+    let tls = file.etcd_ca.is_some();
     for u in &etcd {
-        let rest = u.strip_prefix("http://").ok_or_else(|| {
-            invalid(format!(
-                "cluster.etcd `{u}`: give a client URL like http://127.0.0.1:2379 (https is not supported yet)"
-            ))
-        })?;
+        let rest = match (u.strip_prefix("http://"), u.strip_prefix("https://")) {
+            (Some(_), _) if tls => {
+                return Err(invalid(format!(
+                    "cluster.etcd `{u}`: cluster.etcd_ca is set, so give https:// URLs (etcd over TLS)"
+                )));
+            }
+            (Some(r), _) => r,
+            (_, Some(_)) if !tls => {
+                return Err(invalid(format!(
+                    "cluster.etcd `{u}`: an https:// URL needs cluster.etcd_ca, the PEM of the CA that signed \
+                     etcd's certificate"
+                )));
+            }
+            (_, Some(r)) => r,
+            _ => {
+                return Err(invalid(format!(
+                    "cluster.etcd `{u}`: give a client URL like http://127.0.0.1:2379 (https:// with cluster.etcd_ca)"
+                )));
+            }
+        };
         let host_port = rest.trim_end_matches('/');
         if host_port.is_empty() || host_port.contains('/') || !host_port.contains(':') {
-            return Err(invalid(format!("cluster.etcd `{u}`: expected http://host:port")));
+            return Err(invalid(format!("cluster.etcd `{u}`: expected http://host:port or https://host:port")));
         }
     }
     let node_id =
@@ -166,6 +207,7 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
     };
     let peer_token = Some(super::Secret::new(super::read_token_file(peer)?));
     let repair_rate = file.repair_mib_per_s.unwrap_or(64).saturating_mul(1 << 20);
+    let etcd_access = etcd_access(file)?;
     Ok(Some(Cluster {
         etcd,
         node_id,
@@ -176,7 +218,47 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
         advertise,
         peer_token,
         repair_rate,
+        etcd_access,
     }))
+}
+
+/// A file that holds a secret: not world-readable, read whole (a trailing newline dropped).
+fn read_secret(p: &std::path::Path, what: &str) -> Result<super::Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{what} {} is world-readable; run `chmod o-rwx {}`",
+            p.display(),
+            p.display()
+        )));
+    }
+    let s = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+    let s = s.strip_suffix('\n').unwrap_or(&s).to_string();
+    if s.is_empty() {
+        return Err(ConfigError::Invalid(format!("{what} {} is empty", p.display())));
+    }
+    Ok(super::Secret::new(s))
+}
+
+fn etcd_access(file: &ClusterSection) -> Result<EtcdAccess, ConfigError> {
+    let invalid = ConfigError::Invalid;
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|source| ConfigError::Read { path: p.into(), source });
+    let ca_pem = file.etcd_ca.as_deref().map(read).transpose()?;
+    let identity = match (&file.etcd_cert, &file.etcd_key) {
+        (None, None) => None,
+        (Some(c), Some(k)) if ca_pem.is_some() => Some((read(c)?, read_secret(k, "cluster.etcd_key")?)),
+        (Some(_), Some(_)) => {
+            return Err(invalid("cluster.etcd_cert needs cluster.etcd_ca: a client certificate is TLS".into()));
+        }
+        _ => return Err(invalid("cluster.etcd_cert and cluster.etcd_key go together".into())),
+    };
+    let user = match (&file.etcd_user, &file.etcd_password_file) {
+        (None, None) => None,
+        (Some(u), Some(p)) if !u.is_empty() => Some((u.clone(), read_secret(p, "cluster.etcd_password_file")?)),
+        _ => return Err(invalid("cluster.etcd_user and cluster.etcd_password_file go together".into())),
+    };
+    Ok(EtcdAccess { ca_pem, identity, user })
 }
 
 #[cfg(test)]
@@ -215,7 +297,7 @@ mod tests {
         let err = |a: Args, f: &ClusterSection, l: SocketAddr| resolve(&a, f, l).unwrap_err().to_string();
         assert!(err(args(&["http://h:1"], None), &file, lo()).contains("node_id is not"));
         assert!(err(args(&["http://h:1"], Some("bad id")), &file, lo()).contains("1-64 characters"));
-        assert!(err(args(&["https://h:1"], Some("n")), &file, lo()).contains("https is not supported"));
+        assert!(err(args(&["https://h:1"], Some("n")), &file, lo()).contains("needs cluster.etcd_ca"));
         assert!(err(args(&["h:1"], Some("n")), &file, lo()).contains("client URL"));
         let r4 = Args { replicas: Some(4), ..args(&["http://h:1"], Some("n")) };
         assert!(err(r4, &file, lo()).contains("1, 2 or 3"));
@@ -227,6 +309,52 @@ mod tests {
         assert_eq!(c.peer_token.as_deref(), Some("peer-token-0123456789abcdef"));
         let c = resolve(&args(&["http://h:1"], Some("n")), &adv, any).unwrap().unwrap();
         assert_eq!(c.advertised(any), "[fd00::5]:7400");
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn etcd_tls_and_authentication_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let put = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let peer = put("peer.token", "peer-token-0123456789abcdef", 0o600);
+        let (ca, cert, key) = (put("ca.pem", "CA", 0o644), put("c.pem", "CERT", 0o644), put("c.key", "KEY", 0o600));
+        let pw = put("pw", "s3cret\n", 0o640);
+        let base = ClusterSection { peer_token_file: Some(peer), ..Default::default() };
+        let https = args(&["https://h:1"], Some("n"));
+        let full = ClusterSection {
+            etcd_ca: Some(ca.clone()),
+            etcd_cert: Some(cert.clone()),
+            etcd_key: Some(key.clone()),
+            etcd_user: Some("root".into()),
+            etcd_password_file: Some(pw.clone()),
+            ..base.clone()
+        };
+        let c = resolve(&https, &full, lo()).unwrap().unwrap();
+        let a = &c.etcd_access;
+        assert_eq!(a.ca_pem.as_deref(), Some(&b"CA"[..]));
+        assert_eq!(a.identity.as_ref().map(|(c, k)| (&c[..], &**k)), Some((&b"CERT"[..], "KEY")));
+        assert_eq!(a.user.as_ref().map(|(u, p)| (u.as_str(), &**p)), Some(("root", "s3cret")), "newline dropped");
+        assert!(!format!("{c:?}").contains("s3cret") && !format!("{c:?}").contains("KEY"), "secrets are redacted");
+        let err = |a: &Args, f: ClusterSection| resolve(a, &f, lo()).unwrap_err().to_string();
+        let http = args(&["http://h:1"], Some("n"));
+        assert!(err(&http, full.clone()).contains("give https:// URLs"));
+        assert!(err(&https, ClusterSection { etcd_key: None, ..full.clone() }).contains("go together"));
+        assert!(err(&https, ClusterSection { etcd_password_file: None, ..full.clone() }).contains("go together"));
+        let open = put("pw-open", "s3cret", 0o644);
+        let e = err(&https, ClusterSection { etcd_password_file: Some(open), ..full.clone() });
+        assert!(e.contains("world-readable"), "{e}");
+        let e = err(&http, ClusterSection { etcd_cert: Some(cert), etcd_key: Some(key), ..base.clone() });
+        assert!(e.contains("needs cluster.etcd_ca"), "{e}");
+        // Authentication alone, over plain HTTP, is allowed.
+        let auth = ClusterSection { etcd_user: Some("u".into()), etcd_password_file: Some(pw), ..base };
+        let c = resolve(&http, &auth, lo()).unwrap().unwrap();
+        assert!(c.etcd_access.ca_pem.is_none() && c.etcd_access.user.is_some());
     }
 
     #[cfg(not(feature = "cluster"))]

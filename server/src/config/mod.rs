@@ -18,7 +18,7 @@ mod nbd;
 mod tls;
 
 pub use admin::{AdminSection, group_gid};
-pub use cluster::{Cluster, ClusterSection};
+pub use cluster::{Cluster, ClusterSection, EtcdAccess};
 pub use credentials::{Secret, read_token_file};
 use credentials::{principals_of, resolve_token};
 pub use limits::{Limits, LimitsSection};
@@ -61,6 +61,9 @@ Config keys without a flag:
   [cluster] advertise = \"host\"    what other nodes dial (default: the listen addresses)
   [cluster] peer_token_file = PATH token presented to other members for repair copies (required)
   [cluster] repair_mib_per_s = 64 bound on this node's repair copy rate (0: none)
+  [cluster] etcd_ca = PATH        etcd over TLS (https:// URLs): PEM of the CA of etcd's certificate
+  [cluster] etcd_cert, etcd_key = PATH  client certificate for etcd's --client-cert-auth
+  [cluster] etcd_user = NAME, etcd_password_file = PATH  etcd authentication (auth enable)
 
 With no configuration at all, rdaxd creates (first start) or opens
   $STATE_DIRECTORY, $XDG_STATE_HOME/rdax, /var/lib/rdax (root) or ~/.local/state/rdax

@@ -24,6 +24,39 @@ pub struct Etcd {
     /// members present it to each other (`cluster.peer_token_file`), and clients use it.
     pub token: String,
     pub token_file: PathBuf,
+    /// For an etcd over TLS with client certificates and authentication ([`Etcd::start_secure`]).
+    pub secure: Option<Secure>,
+}
+
+/// The files of a secure etcd: its CA, a client certificate, and its root user's password.
+pub struct Secure {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    pub user: String,
+    pub password: String,
+    pub password_file: PathBuf,
+}
+
+impl Secure {
+    /// The `[cluster]` lines of a member that reaches this etcd.
+    pub fn member_toml(&self) -> String {
+        format!(
+            "etcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\netcd_user = {:?}\netcd_password_file = {:?}\n",
+            self.ca, self.cert, self.key, self.user, self.password_file
+        )
+    }
+
+    /// The SDK's access to this etcd.
+    pub fn access(&self) -> rdax_client::EtcdAccess {
+        rdax_client::EtcdAccess {
+            ca_pem: Some(std::fs::read(&self.ca).unwrap()),
+            identity_pem: Some((std::fs::read(&self.cert).unwrap(), std::fs::read(&self.key).unwrap())),
+            user: Some((self.user.clone(), self.password.clone())),
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -49,14 +82,81 @@ impl Etcd {
             dir: dir.join("etcd"),
             client: format!("http://127.0.0.1:{}", free_port()),
             peer: format!("http://127.0.0.1:{}", free_port()),
+            secure: None,
         };
         e.spawn();
         e
     }
 
+    /// An etcd that serves clients over TLS only, requires a client certificate signed by its
+    /// CA, and has authentication enabled (user `root`, a random password).
+    pub fn start_secure(dir: &Path) -> Self {
+        use super::certs;
+        let ca = certs::ca("etcd test CA");
+        let (sc, sk) = certs::leaf(&ca, "etcd", true, false);
+        let (cc, ck) = certs::leaf(&ca, "rdax-member", false, false);
+        let secret = |name: &str, text: &str| {
+            let p = certs::write(dir, name, text);
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            p
+        };
+        let password = format!("etcd-pw-{:032x}", super::rand_u128());
+        let secure = Secure {
+            ca: certs::write(dir, "etcd-ca.pem", &ca.cert.pem()),
+            server_cert: certs::write(dir, "etcd-server.pem", &sc),
+            server_key: secret("etcd-server.key", &sk),
+            cert: certs::write(dir, "etcd-client.pem", &cc),
+            key: secret("etcd-client.key", &ck),
+            user: "root".into(),
+            password_file: secret("etcd-password", &format!("{password}\n")),
+            password,
+        };
+        let (token_file, token) = shared_token(dir);
+        let mut e = Self {
+            child: None,
+            token,
+            token_file,
+            dir: dir.join("etcd"),
+            client: format!("https://127.0.0.1:{}", free_port()),
+            peer: format!("http://127.0.0.1:{}", free_port()),
+            secure: Some(secure),
+        };
+        e.spawn();
+        let s = e.secure.as_ref().unwrap();
+        let add = e.ctl_as(false, &["user", "add", "root", &format!("--new-user-password={}", s.password)]);
+        assert!(add.status.success(), "etcdctl user add: {}", String::from_utf8_lossy(&add.stderr));
+        let on = e.ctl_as(false, &["auth", "enable"]);
+        assert!(on.status.success(), "etcdctl auth enable: {}", String::from_utf8_lossy(&on.stderr));
+        e
+    }
+
+    /// etcdctl against this etcd, with its TLS files and root user when it has them.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        self.ctl_as(true, args)
+    }
+
+    fn ctl_as(&self, user: bool, args: &[&str]) -> std::process::Output {
+        let Some(s) = &self.secure else { return etcdctl(&self.client, args) };
+        let mut all = vec![
+            format!("--cacert={}", s.ca.display()),
+            format!("--cert={}", s.cert.display()),
+            format!("--key={}", s.key.display()),
+        ];
+        if user {
+            all.push(format!("--user={}:{}", s.user, s.password));
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        etcdctl(&self.client, &all.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log")).unwrap();
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(s) = &self.secure {
+            cmd.arg("--cert-file").arg(&s.server_cert).arg("--key-file").arg(&s.server_key);
+            cmd.arg("--trusted-ca-file").arg(&s.ca).arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen-client-urls", &self.client, "--advertise-client-urls", &self.client])
@@ -68,7 +168,7 @@ impl Etcd {
             .expect("etcd (Debian's etcd-server; scripts/install-deps.sh installs it)");
         self.child = Some(child);
         poll(Duration::from_secs(30), "etcd to be healthy", || {
-            etcdctl(&self.client, &["endpoint", "health"]).status.success().then_some(())
+            self.ctl_as(false, &["endpoint", "health"]).status.success().then_some(())
         });
     }
 
@@ -94,7 +194,7 @@ impl Etcd {
         if prefix {
             args.push("--prefix");
         }
-        let out = etcdctl(&self.client, &args);
+        let out = self.ctl(&args);
         assert!(out.status.success(), "etcdctl get: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout)
             .unwrap()
@@ -106,14 +206,14 @@ impl Etcd {
 
     /// The etcd lease `key` is attached to (0: none, or no key).
     pub fn lease_of(&self, key: &str) -> i64 {
-        let out = etcdctl(&self.client, &["get", key, "-w", "json"]);
+        let out = self.ctl(&["get", key, "-w", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["kvs"][0]["lease"].as_i64().unwrap_or(0)
     }
 
     /// Seconds etcd still gives `lease` (-1: it has expired).
     pub fn ttl_of(&self, lease: i64) -> i64 {
-        let out = etcdctl(&self.client, &["lease", "timetolive", &format!("{lease:x}"), "-w", "json"]);
+        let out = self.ctl(&["lease", "timetolive", &format!("{lease:x}"), "-w", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["ttl"].as_i64().unwrap_or(-1)
     }
@@ -187,6 +287,9 @@ pub fn cluster(_root: &Path, etcd: &Etcd, n: usize, r: u8) -> (Vec<tempfile::Tem
 
 pub async fn cluster_client(etcd: &Etcd, token: &str) -> ClusterClient {
     let mut opts = ClusterOptions { etcd: vec![etcd.client.clone()], ..ClusterOptions::default() };
+    if let Some(s) = &etcd.secure {
+        opts.etcd_access = s.access();
+    }
     opts.connect.token = Some(token.to_string());
     ClusterClient::connect(opts).await.unwrap()
 }
@@ -230,9 +333,19 @@ pub fn next(x: &mut u64) -> u64 {
 
 /// `rdaxctl --cluster etcd://... --json cluster status`.
 pub fn status(etcd: &Etcd) -> serde_json::Value {
-    let spec = etcd.client.replacen("http://", "etcd://", 1);
-    let out = super::rdaxctl().args(["--cluster", &spec, "--json", "cluster", "status"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = etcd.client.replacen("http://", "etcd://", 1).replacen("https://", "etcds://", 1);
+    let mut cmd = super::rdaxctl();
+    if let Some(s) = &etcd.secure {
+        cmd.arg("--etcd-ca").arg(&s.ca).arg("--etcd-cert").arg(&s.cert).arg("--etcd-key").arg(&s.key);
+        cmd.args(["--etcd-user", &s.user]).arg("--etcd-password-file").arg(&s.password_file);
+    }
+    let out = cmd.args(["--cluster", &spec, "--json", "cluster", "status"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rdaxctl cluster status (build rdaxctl with --features cluster; scripts/test.sh does): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
