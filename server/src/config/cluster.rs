@@ -224,16 +224,7 @@ pub(super) fn resolve(args: &Args, file: &ClusterSection, listen: SocketAddr) ->
 
 /// A file that holds a secret: not world-readable, read whole (a trailing newline dropped).
 fn read_secret(p: &std::path::Path, what: &str) -> Result<super::Secret, ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(ConfigError::Invalid(format!(
-            "{what} {} is world-readable; run `chmod o-rwx {}`",
-            p.display(),
-            p.display()
-        )));
-    }
-    let s = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+    let s = super::credentials::read_private(p, what)?;
     let s = s.strip_suffix('\n').unwrap_or(&s).to_string();
     if s.is_empty() {
         return Err(ConfigError::Invalid(format!("{what} {} is empty", p.display())));

@@ -59,16 +59,21 @@ pub(super) fn resolve_token(args: &Args, file: &ConfigFile) -> Result<Option<Sec
 
 /// Read a token file, refusing one that other users can read.
 pub fn read_token_file(p: &Path) -> Result<String, ConfigError> {
+    check_token(read_private(p, "token file")?.trim().to_string())
+}
+
+/// Read a file that holds a secret (`what` names it in errors), refusing one that other users
+/// can read.
+pub fn read_private(p: &Path, what: &str) -> Result<String, ConfigError> {
     let meta = std::fs::metadata(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
     if meta.permissions().mode() & 0o004 != 0 {
         return Err(ConfigError::Invalid(format!(
-            "token file {} is world-readable; run `chmod o-rwx {}`",
+            "{what} {} is world-readable; run `chmod o-rwx {}`",
             p.display(),
             p.display()
         )));
     }
-    let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
-    check_token(t.trim().to_string())
+    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })
 }
 
 fn check_token(t: String) -> Result<String, ConfigError> {
