@@ -197,6 +197,14 @@ impl MapView {
         }
     }
 
+    /// Whether the newest map this node has seen is `epoch` and makes it no replica of `pg`:
+    /// its objects of `pg` are leftovers then. Asked again just before each leftover is
+    /// deleted, so that a map that gives the PG back stops the collection.
+    pub fn released(&self, epoch: u64, pg: u32) -> bool {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        known.as_ref().is_some_and(|k| k.epoch == epoch && k.held.get(pg as usize) == Some(&false))
+    }
+
     /// The epoch of the newest map this node has seen.
     pub fn epoch(&self) -> Option<u64> {
         self.known.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|k| k.epoch)
@@ -294,6 +302,9 @@ mod tests {
         assert_eq!(code(&v, Some("1"), None), Some(Code::Unavailable), "no map seen yet");
         v.set(5, "me", &[vec!["me".into(), "b".into()], vec!["b".into()]]);
         assert_eq!(v.epoch(), Some(5));
+        assert!(v.released(5, 1) && !v.released(5, 0), "PG 1 is b's alone; this node holds PG 0");
+        assert!(!v.released(4, 1) && !v.released(6, 1), "only at the node's own epoch");
+        assert!(!v.released(5, 2), "no such PG");
         assert_eq!(code(&v, Some("5"), Some("0")), None);
         assert_eq!(code(&v, Some("5"), None), None);
         assert_eq!(code(&v, Some("4"), Some("0")), Some(Code::FailedPrecondition), "stale");

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub cluster_repair_bytes: AtomicU64,
     /// This node's repair copy rate over the last PG copy step, bytes/s.
     pub cluster_repair_rate: AtomicU64,
+    /// Leftover objects (of PGs this node no longer holds) it deleted.
+    pub cluster_leftovers_collected: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -344,6 +346,12 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
             "rdax_cluster_repair_bytes_total",
             "Bytes this node copied from other members while repairing.",
             &[(String::new(), m.cluster_repair_bytes.load(Relaxed))],
+        );
+        counter(
+            &mut out,
+            "rdax_cluster_leftovers_collected_total",
+            "Objects of PGs this node no longer holds that it deleted once their replicas had complete copies.",
+            &[(String::new(), m.cluster_leftovers_collected.load(Relaxed))],
         );
         counter(
             &mut out,

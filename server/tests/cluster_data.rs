@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::etcd::{
-    Etcd, Workload, check_replicas, cluster, cluster_client, index, next, on_node, seed, status, tagged, wait_repaired,
+    Etcd, Workload, check_replicas, cluster, cluster_client, index, member_with, next, on_node, seed, status, tagged,
+    wait_placed, wait_repaired,
 };
 use common::{Daemon, poll};
 use rdax_client::ErrorKind;
@@ -268,4 +269,40 @@ async fn kill_9_of_a_node_during_writes_loses_no_acknowledged_write() {
     assert_eq!(status(&etcd)["pg_states"]["healthy"], 128);
     let new = (0..3).filter(|&i| i != victim).find(|&i| nodes[i].metric("rdax_cluster_coordinator") == 1.0);
     assert!(new.is_some(), "a coordinator among the survivors");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_node_takes_pgs_and_the_others_delete_the_copies_they_no_longer_hold() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let (mut dirs, mut nodes, token) = cluster(root.path(), &etcd, 3, 2);
+    let c = cluster_client(&etcd, &token).await;
+    let mut want = BTreeMap::new();
+    for i in 0..48 {
+        let name = format!("obj-{i:02}");
+        let data = tagged(&name, 1, 20_000 + i);
+        c.put("ns", &name, &data).await.unwrap();
+        want.insert(name, data);
+    }
+    // A fourth node joins. It becomes a replica of some PGs in place of one of the others,
+    // copies them, and once it has, the node it displaced deletes its copies.
+    let dir = tempfile::tempdir().unwrap();
+    nodes.push(member_with(dir.path(), &etcd, "n3", &["--replicas", "2"], ""));
+    dirs.push(dir);
+    poll(Duration::from_secs(30), "a map with the fourth node", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"].as_array().unwrap().len() == 4)
+    });
+    let all: Vec<&Daemon> = nodes.iter().collect();
+    wait_repaired(&etcd, &all).await;
+    wait_placed(&c, &nodes, want.keys()).await;
+    assert!(want.keys().any(|n| c.placement("ns", n).unwrap().1.contains(&"n3".to_string())), "n3 holds some");
+    let collected: f64 = nodes[..3].iter().map(|d| d.metric("rdax_cluster_leftovers_collected_total")).sum();
+    assert!(collected > 0.0, "the old nodes deleted what moved");
+    assert_eq!(nodes[3].metric("rdax_cluster_leftovers_collected_total"), 0.0);
+    for (name, data) in &want {
+        assert!(c.get("ns", name).await.unwrap() == *data, "{name} reads back");
+        for id in c.placement("ns", name).unwrap().1 {
+            assert!(on_node(&nodes[index(&id)], "ns", name).await.as_deref() == Some(&data[..]), "{name} on {id}");
+        }
+    }
 }

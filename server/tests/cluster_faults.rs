@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::etcd::{Acked, Etcd, TTL, Workload, check_replicas, cluster, cluster_client, next, seed, wait_repaired};
+use common::etcd::{
+    Acked, Etcd, TTL, Workload, check_replicas, cluster, cluster_client, next, seed, wait_placed, wait_repaired,
+};
 use common::{Daemon, poll};
 use rdax_client::ClusterClient;
 
@@ -136,4 +138,6 @@ async fn seeded_kills_partitions_and_etcd_restarts_lose_no_acknowledged_write() 
     let all: Vec<&Daemon> = nodes.iter().collect();
     wait_repaired(&etcd, &all).await;
     check_replicas(&c, &nodes, &acked, 2).await;
+    // The nodes that stood in for the killed and the stopped one delete their copies.
+    wait_placed(&c, &nodes, acked.keys()).await;
 }

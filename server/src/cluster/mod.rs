@@ -26,6 +26,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, T
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+mod collect;
 mod coordinator;
 mod forward;
 mod mapwatch;

@@ -9,7 +9,9 @@
 //! second waits (the copy retries; the write is refused and retried by the client), and a
 //! write that recalls the copy's read lease makes the copy start that object again. Objects of
 //! the PG that this node holds but the source no longer has (deleted meanwhile, or left from
-//! an earlier time this node held the PG) are deleted here at the end.
+//! an earlier time this node held the PG) are deleted here at the end. Objects of PGs this
+//! node no longer holds are collected once those PGs are complete elsewhere
+//! ([`super::collect`]).
 //!
 //! Progress (`<prefix>/repair-progress/<node>`) is written about once a second; a copy that
 //! was interrupted (the node restarted, or lost etcd) resumes after the last object it
@@ -41,9 +43,9 @@ type Peers = BTreeMap<String, (rdax_client::Client, Arc<Session>)>;
 
 /// What a node reads of the cluster for repair, at one etcd revision.
 #[derive(Default)]
-struct Snapshot {
+pub(super) struct Snapshot {
     rev: i64,
-    map: Option<PgMap>,
+    pub(super) map: Option<PgMap>,
     nodes: BTreeMap<String, NodeRecord>,
     assigned: BTreeMap<String, RepairAssignment>,
     done: BTreeMap<String, RepairDone>,
@@ -64,31 +66,34 @@ impl From<rdax_client::Error> for RepairError {
     }
 }
 
+/// Whether PG `pg` has as many complete replicas as the replication factor: every replica
+/// the map names is registered and has no repair of it pending.
+pub(super) fn complete(s: &Snapshot, pg: u32) -> bool {
+    let Some(m) = &s.map else { return false };
+    let r = m.replicas_of(pg);
+    let (empty_a, empty_d) = (RepairAssignment::new(), RepairDone::new());
+    r.len() >= usize::from(m.replicas)
+        && r.iter().all(|n| {
+            s.nodes.contains_key(n)
+                && !repair_pending(s.assigned.get(n).unwrap_or(&empty_a), s.done.get(n).unwrap_or(&empty_d), pg)
+        })
+}
+
 /// PGs with fewer complete replicas than the replication factor: a replica not registered,
 /// fewer nodes than the factor, or a replica still copying.
 fn degraded(s: &Snapshot) -> u64 {
     let Some(m) = &s.map else { return 0 };
-    let want = usize::from(m.replicas);
-    let empty_a = RepairAssignment::new();
-    let empty_d = RepairDone::new();
-    (0..m.pgs)
-        .filter(|&pg| {
-            let r = m.replicas_of(pg);
-            r.len() < want
-                || r.iter().any(|n| {
-                    !s.nodes.contains_key(n)
-                        || repair_pending(s.assigned.get(n).unwrap_or(&empty_a), s.done.get(n).unwrap_or(&empty_d), pg)
-                })
-        })
-        .count() as u64
+    (0..m.pgs).filter(|&pg| !complete(s, pg)).count() as u64
 }
 
 impl Member {
-    /// Copy what is assigned to this node, one PG at a time, and keep the repair metrics.
-    /// Runs until an etcd error.
+    /// Copy what is assigned to this node, one PG at a time, and keep the repair metrics;
+    /// with nothing to copy, collect the leftovers of PGs this node no longer holds. Runs
+    /// until an etcd error.
     pub(super) async fn repair(&self, mut client: Client) -> JoinError {
         let mut last_error = String::new();
         let mut peers = Peers::new();
+        let mut collected = super::collect::Pass::Again;
         loop {
             let snap = match self.snapshot(&mut client).await {
                 Ok(s) => s,
@@ -110,7 +115,15 @@ impl Member {
                 METRICS.cluster_repair_rate.store(0, Relaxed);
                 // Nothing to copy: no session lingers on the other members meanwhile.
                 peers.clear();
-                if let Err(e) = self.changed_after(&mut client, snap.rev).await {
+                collected = self.collect_leftovers(&snap, &collected).await;
+                let changed = self.changed_after(&mut client, snap.rev);
+                let r = if collected == super::collect::Pass::Again {
+                    // Look again soon even if etcd has nothing new (this node's map was behind).
+                    tokio::time::timeout(Duration::from_secs(1), changed).await.unwrap_or(Ok(()))
+                } else {
+                    changed.await
+                };
+                if let Err(e) = r {
                     return e;
                 }
                 continue;

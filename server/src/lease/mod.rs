@@ -336,6 +336,11 @@ macro_rules! lease_failpoint {
 pub(crate) use lease_failpoint;
 
 impl LeaseManager {
+    /// The pool the leases are of.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
     /// A manager over `pool`, notifying holders through `sessions`. Revokes a session's
     /// leases when the session ends. Its owned tasks (layout changes, grants) hold `gate`.
     pub fn new(pool: Arc<Pool>, sessions: Arc<SessionManager>, cfg: LeaseConfig, gate: Gate) -> Arc<Self> {

@@ -487,3 +487,27 @@ pub async fn check_replicas(c: &ClusterClient, nodes: &[Daemon], acked: &Acked, 
         }
     }
 }
+
+/// Wait (bounded) until each of `names` in `ns` is on exactly the nodes the current map names
+/// as its replicas: the others deleted their leftovers.
+pub async fn wait_placed<'a>(c: &ClusterClient, nodes: &[Daemon], names: impl IntoIterator<Item = &'a String> + Clone) {
+    c.refresh().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut misplaced = Vec::new();
+        for name in names.clone() {
+            let (_, replicas) = c.placement("ns", name).unwrap();
+            for (i, d) in nodes.iter().enumerate() {
+                let here = on_node(d, "ns", name).await.is_some();
+                if here != replicas.contains(&format!("n{i}")) {
+                    misplaced.push(format!("{name} {} n{i}", if here { "left on" } else { "missing from" }));
+                }
+            }
+        }
+        if misplaced.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "after 30 s, not where the map puts them: {misplaced:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
