@@ -9,10 +9,11 @@
 //!   then: per object they are linearizable, in the primary's order, and an acknowledged one
 //!   is on every replica of the map. A replica refuses a routed change that does not come
 //!   from the primary.
-//! * **Writes** ([`ClusterClient::put`]) go one-sided over the data plane to every replica at
-//!   once, each under an exclusive lease of its own (taken primary first, so two puts of one
-//!   object never interleave), and return only when every replica has persisted the bytes.
-//!   A put that fails part-way is not acknowledged; repeating it is harmless.
+//! * **Writes** ([`ClusterClient::put`] of a whole object, [`ClusterClient::write_at`] of a
+//!   range inside one) go one-sided over the data plane to every replica at once, each under
+//!   an exclusive lease of its own (taken primary first, so two writes of one range never
+//!   interleave), and return only when every replica has persisted the bytes. A write that
+//!   fails part-way is not acknowledged; repeating it is harmless.
 //! * **Reads** go to the first replica that has the object (primary first); a replica that
 //!   lacks it (one still being repaired) or cannot be reached is skipped.
 //! * Every request carries the map epoch and the PG it was routed by. A replica refuses a
@@ -33,6 +34,8 @@ use crate::client::{Client, ConnectOptions, Route};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{Lease, LeaseMode};
 use crate::session::{Session, SessionOptions};
+
+mod ranges;
 
 /// How to reach etcd beyond its URLs: TLS (`https://` URLs) and etcd's own authentication.
 #[derive(Clone, Default)]
@@ -432,7 +435,7 @@ impl ClusterClient {
                 let mut leases = Held(Vec::with_capacity(replicas.len()));
                 for id in &replicas {
                     // On a refusal the leases taken so far are given back (`Held`).
-                    leases.0.push((id.clone(), self.lease_one(id, route, namespace, name, len).await?));
+                    leases.0.push((id.clone(), self.lease_one(id, route, (namespace, name), 0, len).await?));
                 }
                 let primary = self.conn(&replicas[0]).await?;
                 let st = primary.client.routed(Some(route)).object(namespace, name)?.stat().await;
@@ -468,12 +471,13 @@ impl ClusterClient {
         .await
     }
 
-    /// An exclusive read-write lease on `[0, len)` of the object on node `id`.
-    async fn lease_one(&self, id: &str, route: Route, namespace: &str, name: &str, len: u64) -> Result<Lease> {
+    /// An exclusive read-write lease on `[offset, offset + len)` of the object on node `id`.
+    async fn lease_one(&self, id: &str, route: Route, key: (&str, &str), offset: u64, len: u64) -> Result<Lease> {
+        let (namespace, name) = key;
         let r = async {
             let c = self.conn(id).await?;
             let s = self.session(&c).await?;
-            s.acquire_routed(namespace, name, 0, len, LeaseMode::ReadWrite, true, Some(route)).await
+            s.acquire_routed(namespace, name, offset, len, LeaseMode::ReadWrite, true, Some(route)).await
         }
         .await;
         match r {
@@ -503,7 +507,7 @@ impl ClusterClient {
     pub async fn get(&self, namespace: &str, name: &str) -> Result<Vec<u8>> {
         self.routed(namespace, name, "get", |route, replicas| async move {
             let readable = self.readable(route, replicas)?;
-            self.first_replica(&readable, |id| self.read_one(id, route, namespace, name)).await
+            self.first_replica(&readable, |id| self.read_one(id, route, (namespace, name), None)).await
         })
         .await
     }
@@ -523,38 +527,9 @@ impl ClusterClient {
         Ok(ok)
     }
 
-    async fn read_one(&self, id: &str, route: Route, namespace: &str, name: &str) -> Result<Vec<u8>> {
-        let c = self.conn(id).await?;
-        let size = c.client.routed(Some(route)).object(namespace, name)?.stat().await?.size;
-        if size == 0 {
-            return Ok(Vec::new());
-        }
-        let s = self.session(&c).await?;
-        let lease = match s.acquire_routed(namespace, name, 0, size, LeaseMode::Read, false, Some(route)).await {
-            Ok(l) => l,
-            // Deleted since the stat, or the node no longer knows the session: try again
-            // afresh (the stat then tells which).
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                self.forget(id);
-                return Err(Error::new(ErrorKind::Unavailable, format!("node {id}: {e}")));
-            }
-            Err(e) => return Err(e),
-        };
-        let data = lease.read(0, size).await;
-        let _ = lease.release().await;
-        data
-    }
-
-    /// The object's metadata, from the first replica that has it.
+    /// The object's metadata, from the first complete replica that has it.
     pub async fn stat(&self, namespace: &str, name: &str) -> Result<pb::ObjectStat> {
-        self.routed(namespace, name, "stat", |route, replicas| async move {
-            let readable = self.readable(route, replicas)?;
-            self.first_replica(&readable, |id| async move {
-                self.conn(id).await?.client.routed(Some(route)).object(namespace, name)?.stat().await
-            })
-            .await
-        })
-        .await
+        self.routed(namespace, name, "stat", |route, replicas| self.stat_routed(route, replicas, namespace, name)).await
     }
 
     /// Try `op` on each replica in order; the first success wins. `NotFound` only when every

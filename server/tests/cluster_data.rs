@@ -219,6 +219,39 @@ async fn rdaxctl_puts_gets_lists_stats_and_removes_over_the_cluster() {
     let (_, out, _) = ctl(&["stat", "ns/from-cli"]);
     let st: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!((st["size"].as_u64(), &st["replicas"]), (Some(200_000), &put["replicas"]));
+    // A ranged write inside the object, and a ranged read of it; one past the end is refused.
+    let patch = root.path().join("patch.bin");
+    std::fs::write(&patch, tagged("patch", 1, 1000)).unwrap();
+    let (code, _, err) = ctl(&["put", "ns/from-cli", patch.to_str().unwrap(), "--offset", "100"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = ctl(&["get", "ns/from-cli", "-", "--offset", "100", "--length", "1000"]);
+    assert!(code == Some(0) && out == tagged("patch", 1, 1000), "{err}");
+    let (code, out, _) = ctl(&["get", "ns/from-cli", "-", "--offset", "1100"]);
+    assert!(code == Some(0) && out[..] == data[1100..]);
+    let (code, out, err) = ctl(&["put", "ns/from-cli", patch.to_str().unwrap(), "--offset", "199500"]);
+    let said = format!("{}{err}", String::from_utf8_lossy(&out));
+    assert_eq!(code, Some(5), "past the end: {said}");
+    assert!(said.contains("past its end"), "{said}");
+    for id in &replicas {
+        let got = on_node(&nodes[index(id)], "ns", "from-cli").await.unwrap();
+        assert!(got[100..1100] == tagged("patch", 1, 1000)[..] && got[1100..] == data[1100..], "on {id}");
+    }
+    // Resize and create over the cluster.
+    let (code, out, err) = ctl(&["resize", "ns/from-cli", "300000"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["size"], 300_000);
+    let (code, _, err) = ctl(&["create", "ns/made", "--size", "4096"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (pg, made_on) = {
+        let (_, out, _) = ctl(&["stat", "ns/made"]);
+        let st: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        (st["pg"].clone(), serde_json::from_value::<Vec<String>>(st["replicas"].clone()).unwrap())
+    };
+    assert!(pg.is_u64());
+    for id in &made_on {
+        assert_eq!(on_node(&nodes[index(id)], "ns", "made").await.map(|b| b.len()), Some(4096), "on {id}");
+    }
+    assert_eq!(ctl(&["create", "ns/made", "--size", "4096"]).0, Some(4), "already exists");
     let (code, _, err) = ctl(&["rm", "ns/from-cli"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(ctl(&["stat", "ns/from-cli"]).0, Some(3), "not found");
@@ -272,7 +305,7 @@ async fn kill_9_of_a_node_during_writes_loses_no_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_joining_node_takes_pgs_and_the_others_delete_the_copies_they_no_longer_hold() {
+async fn a_joining_node_takes_pgs_ranged_writes_during_its_copy_reach_it_and_the_others_delete_theirs() {
     let root = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(root.path());
     let (mut dirs, mut nodes, token) = cluster(root.path(), &etcd, 3, 2);
@@ -280,20 +313,46 @@ async fn a_joining_node_takes_pgs_and_the_others_delete_the_copies_they_no_longe
     let mut want = BTreeMap::new();
     for i in 0..48 {
         let name = format!("obj-{i:02}");
-        let data = tagged(&name, 1, 20_000 + i);
+        let data = tagged(&name, 1, 64_000 + i);
         c.put("ns", &name, &data).await.unwrap();
         want.insert(name, data);
     }
     // A fourth node joins. It becomes a replica of some PGs in place of one of the others,
-    // copies them, and once it has, the node it displaced deletes its copies.
+    // copies them (slowly, at 1 MiB/s), and once it has, the node it displaced deletes its
+    // copies. Meanwhile a writer patches the head of every object over and over: a ranged
+    // write skips the new replica only while it has no copy of that object yet.
     let dir = tempfile::tempdir().unwrap();
-    nodes.push(member_with(dir.path(), &etcd, "n3", &["--replicas", "2"], ""));
+    nodes.push(member_with(dir.path(), &etcd, "n3", &["--replicas", "2"], "repair_mib_per_s = 1"));
     dirs.push(dir);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let patcher = {
+        let (c, stop, names) = (c.clone(), stop.clone(), want.keys().cloned().collect::<Vec<_>>());
+        tokio::spawn(async move {
+            let mut last = BTreeMap::new();
+            for v in 2.. {
+                for name in &names {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return last;
+                    }
+                    c.write_at("ns", name, 0, &tagged(name, v, 64)).await.unwrap();
+                    last.insert(name.clone(), v);
+                }
+            }
+            unreachable!()
+        })
+    };
     poll(Duration::from_secs(30), "a map with the fourth node", || {
         etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"].as_array().unwrap().len() == 4)
     });
     let all: Vec<&Daemon> = nodes.iter().collect();
     wait_repaired(&etcd, &all).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let patched = patcher.await.unwrap();
+    assert!(patched.values().any(|&v| v > 2), "the writer went round more than once: {patched:?}");
+    for (name, v) in &patched {
+        let data = want.get_mut(name).unwrap();
+        data[..64].copy_from_slice(&tagged(name, *v, 64));
+    }
     wait_placed(&c, &nodes, want.keys()).await;
     assert!(want.keys().any(|n| c.placement("ns", n).unwrap().1.contains(&"n3".to_string())), "n3 holds some");
     let collected: f64 = nodes[..3].iter().map(|d| d.metric("rdax_cluster_leftovers_collected_total")).sum();
@@ -305,4 +364,66 @@ async fn a_joining_node_takes_pgs_and_the_others_delete_the_copies_they_no_longe
             assert!(on_node(&nodes[index(&id)], "ns", name).await.as_deref() == Some(&data[..]), "{name} on {id}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ranged_writes_and_reads_reach_every_replica_and_overlapping_ones_never_interleave() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let (_dirs, nodes, token) = cluster(root.path(), &etcd, 3, 2);
+    let c = cluster_client(&etcd, &token).await;
+    const SLICE: usize = 128 << 10;
+    assert_eq!(c.create("ns", "big", 8 * SLICE as u64).await.unwrap().size, 8 * SLICE as u64);
+    assert_eq!(c.create("ns", "big", 4096).await.unwrap_err().kind(), ErrorKind::AlreadyExists);
+    // Eight writers of disjoint slices at once: all of them land, on both replicas.
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.write_at("ns", "big", w * SLICE as u64, &tagged(&format!("slice-{w}"), 1, SLICE)).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().replicas.len(), 2);
+    }
+    let want: Vec<u8> = (0..8).flat_map(|w| tagged(&format!("slice-{w}"), 1, SLICE)).collect();
+    let (_, replicas) = c.placement("ns", "big").unwrap();
+    for id in &replicas {
+        assert!(on_node(&nodes[index(id)], "ns", "big").await.unwrap() == want, "on {id}");
+    }
+    assert!(c.read_at("ns", "big", 3 * SLICE as u64 + 7, 5000).await.unwrap()[..] == want[3 * SLICE + 7..][..5000]);
+    // Outside the object, or no object: refused, and nothing changes.
+    let past = c.write_at("ns", "big", 8 * SLICE as u64 - 10, &[1; 11]).await.unwrap_err();
+    assert_eq!(past.kind(), ErrorKind::OutOfRange, "{past}");
+    assert_eq!(c.read_at("ns", "big", 8 * SLICE as u64, 1).await.unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(c.write_at("ns", "none", 0, &[1]).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(c.resize("ns", "none", 1).await.unwrap_err().kind(), ErrorKind::NotFound);
+    // Grown through the primary: the new bytes read zero on both replicas and take writes.
+    assert_eq!(c.resize("ns", "big", 9 * SLICE as u64).await.unwrap().size, 9 * SLICE as u64);
+    c.write_at("ns", "big", 9 * SLICE as u64 - 3, b"end").await.unwrap();
+    for id in &replicas {
+        let got = on_node(&nodes[index(id)], "ns", "big").await.unwrap();
+        assert!(got[..want.len()] == want[..], "on {id}");
+        assert!(got[want.len()..got.len() - 3].iter().all(|&b| b == 0) && got.ends_with(b"end"), "on {id}");
+    }
+    // Writers of one overlapping range: each write is whole on every replica, so the range
+    // ends uniform (one writer's byte) and the same on both.
+    let mut tasks = Vec::new();
+    for w in 1..=4u8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                c.write_at("ns", "big", 1000, &vec![w; SLICE]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut seen = Vec::new();
+    for id in &replicas {
+        seen.push(on_node(&nodes[index(id)], "ns", "big").await.unwrap()[1000..1000 + SLICE].to_vec());
+    }
+    assert!(seen[0].iter().all(|&b| b == seen[0][0]) && (1..=4).contains(&seen[0][0]), "interleaved");
+    assert!(seen[1] == seen[0], "the replicas disagree");
 }

@@ -1,11 +1,20 @@
-//! `rdaxctl --cluster etcd://HOST:PORT put|get|ls|stat|rm`: objects over a whole cluster,
-//! through the SDK's `ClusterClient` (routed by the PG map, writes to every replica).
+//! `rdaxctl --cluster etcd://HOST:PORT create|resize|put|get|ls|stat|rm`: objects over a whole
+//! cluster, through the SDK's `ClusterClient` (routed by the PG map, writes to every replica).
 
 use crate::Cmd;
 
 /// Whether `cmd` has a cluster form.
 pub(crate) fn is_cluster_command(cmd: &Cmd) -> bool {
-    matches!(cmd, Cmd::Put { .. } | Cmd::Get { .. } | Cmd::Ls { .. } | Cmd::Stat { .. } | Cmd::Rm { .. })
+    matches!(
+        cmd,
+        Cmd::Create { .. }
+            | Cmd::Resize { .. }
+            | Cmd::Put { .. }
+            | Cmd::Get { .. }
+            | Cmd::Ls { .. }
+            | Cmd::Stat { .. }
+            | Cmd::Rm { .. }
+    )
 }
 
 #[cfg(not(feature = "cluster"))]
@@ -115,11 +124,19 @@ mod with_etcd {
         let json = cli.json;
         let c = connect(cli, urls).await?;
         match &cli.cmd {
+            Cmd::Create { object, size } => {
+                let s = c.create(&object.ns, &object.name, *size).await?;
+                emit(json, &stat_json(&s), || format!("created {}/{} ({})", s.namespace, s.name, human(s.size)));
+            }
+            Cmd::Resize { object, size } => {
+                let s = c.resize(&object.ns, &object.name, *size).await?;
+                emit(json, &stat_json(&s), || format!("{}/{} is now {}", s.namespace, s.name, human(s.size)));
+            }
             Cmd::Put { object, file, offset, no_persist } => {
-                if offset.is_some() || *no_persist {
+                if *no_persist {
                     return Err(Failure::invalid(anyhow::anyhow!(
-                        "over a cluster, put replaces the whole object and always persists: --offset and \
-                         --no-persist are for a single daemon"
+                        "over a cluster, a write is acknowledged once every replica persisted it: --no-persist is \
+                         for a single daemon"
                     )));
                 }
                 let mut data = Vec::new();
@@ -131,9 +148,12 @@ mod with_etcd {
                         tokio::io::stdin().read_to_end(&mut data).await.context("read stdin")?;
                     }
                 }
-                let r = c.put(&object.ns, &object.name, &data).await?;
+                let r = match offset {
+                    Some(off) => c.write_at(&object.ns, &object.name, *off, &data).await?,
+                    None => c.put(&object.ns, &object.name, &data).await?,
+                };
                 let key = format!("{}/{}", object.ns, object.name);
-                let v = json!({"object": key, "offset": 0, "bytes": data.len(), "persisted": true,
+                let v = json!({"object": key, "offset": offset.unwrap_or(0), "bytes": data.len(), "persisted": true,
                     "pg": r.pg, "epoch": r.epoch, "replicas": r.replicas});
                 emit(json, &v, || {
                     format!(
@@ -146,21 +166,21 @@ mod with_etcd {
                 });
             }
             Cmd::Get { object, file, offset, length } => {
-                let all = c.get(&object.ns, &object.name).await?;
-                let start = (*offset as usize).min(all.len());
-                let end = match length {
-                    Some(l) => start.saturating_add(*l as usize),
-                    None => all.len(),
+                let (ns, name) = (&object.ns, &object.name);
+                let data = match (*offset, *length) {
+                    (0, None) => c.get(ns, name).await?,
+                    (start, Some(len)) => c.read_at(ns, name, start, len).await?,
+                    (start, None) => {
+                        let size = c.stat(ns, name).await?.size;
+                        if start > size {
+                            return Err(Failure::invalid(anyhow::anyhow!(
+                                "{ns}/{name} is {size} bytes: --offset {start} is past its end"
+                            )));
+                        }
+                        c.read_at(ns, name, start, size - start).await?
+                    }
                 };
-                if end > all.len() {
-                    return Err(Failure::invalid(anyhow::anyhow!(
-                        "{}/{} is {} bytes: the range reaches past its end",
-                        object.ns,
-                        object.name,
-                        all.len()
-                    )));
-                }
-                let part = &all[start..end];
+                let (start, part) = (*offset, &data[..]);
                 match file.as_deref().filter(|f| f.as_os_str() != "-") {
                     Some(f) => {
                         tokio::fs::write(f, part).await.with_context(|| format!("write {}", f.display()))?;
