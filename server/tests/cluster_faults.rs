@@ -2,7 +2,8 @@
 //! starts it again, stops a node with SIGSTOP past its etcd lease's TTL and lets it run again,
 //! and restarts etcd. After each fault every acknowledged write must read back byte-identical,
 //! and once repair is done every replica of the map must hold it. The seed is printed;
-//! `RDAX_TEST_SEED` repeats a run and `RDAX_CLUSTER_ROUNDS` (default 1) runs more rounds.
+//! `RDAX_TEST_SEED` repeats a run and `RDAX_CLUSTER_ROUNDS` (default 1) runs more rounds. A
+//! second test kills two of five nodes (R = 3) at once and starts them again.
 #![cfg(feature = "cluster")]
 
 mod common;
@@ -139,5 +140,50 @@ async fn seeded_kills_partitions_and_etcd_restarts_lose_no_acknowledged_write() 
     wait_repaired(&etcd, &all).await;
     check_replicas(&c, &nodes, &acked, 2).await;
     // The nodes that stood in for the killed and the stopped one delete their copies.
+    wait_placed(&c, &nodes, acked.keys()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_nodes_with_three_replicas_lose_two_at_once_and_take_them_back() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let (_dirs, mut nodes, token) = cluster(root.path(), &etcd, 5, 3);
+    for d in &nodes {
+        d.allow("repair watch ended").allow("not returned before the break deadline");
+    }
+    let c = cluster_client(&etcd, &token).await;
+    let mut rng = seed() | 1;
+    let w = Workload::start(&c, rng, 3);
+    w.wait_for_more(20).await;
+    // Two nodes killed at once: every PG keeps at least one complete replica, and the three
+    // left each hold a copy of every PG.
+    let a = (next(&mut rng) % 5) as usize;
+    let b = (a + 1 + (next(&mut rng) % 4) as usize) % 5;
+    eprintln!("kill -9 n{a} and n{b}");
+    nodes[a].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+    nodes[b].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+    poll(Duration::from_secs(30), "a map of the three left", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"].as_array().unwrap().len() == 3)
+    });
+    w.wait_for_more(20).await;
+    let snapshot = w.pause().await;
+    reads_back(&c, &snapshot, "two kills").await;
+    let alive: Vec<&Daemon> = nodes.iter().enumerate().filter(|(i, _)| *i != a && *i != b).map(|(_, d)| d).collect();
+    wait_repaired(&etcd, &alive).await;
+    check_replicas(&c, &nodes, &snapshot, 3).await;
+    w.resume();
+    // Both come back with their old pools: they copy what changed, and the nodes that stood
+    // in for them delete their copies.
+    nodes[a].start_again();
+    nodes[b].start_again();
+    poll(Duration::from_secs(30), "all five in the map again", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"].as_array().unwrap().len() == 5)
+    });
+    w.wait_for_more(20).await;
+    let acked = w.stop().await;
+    reads_back(&c, &acked, "the return").await;
+    let all: Vec<&Daemon> = nodes.iter().collect();
+    wait_repaired(&etcd, &all).await;
+    check_replicas(&c, &nodes, &acked, 3).await;
     wait_placed(&c, &nodes, acked.keys()).await;
 }

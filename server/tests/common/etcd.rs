@@ -352,9 +352,10 @@ pub fn status(etcd: &Etcd) -> serde_json::Value {
 /// Each object's last acknowledged version and its bytes.
 pub type Acked = BTreeMap<String, (u64, Vec<u8>)>;
 
-/// Writers putting tagged versions of their own 16 objects each, recording every
-/// acknowledged version. A put that was not acknowledged leaves its object undefined until a
-/// put of it succeeds, as any failed write does, so a writer repeats it until one does.
+/// Writers putting tagged versions of their own 16 objects each (a third of them ranged
+/// writes into the object's last version), recording every acknowledged version. A write
+/// that was not acknowledged leaves its object undefined until a put of it succeeds, so a
+/// writer repeats it as a whole put until one does.
 pub struct Workload {
     acked: std::sync::Arc<std::sync::Mutex<Acked>>,
     puts: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -389,11 +390,38 @@ impl Workload {
                         }
                         version += 1;
                         let name = format!("w{w}-{:02}", next(&mut r) % 16);
-                        let data = tagged(&name, version, 1 + (next(&mut r) % 300_000) as usize);
-                        while let Err(e) = c.put("ns", &name, &data).await {
-                            eprintln!("put {name} v{version} not acknowledged: {e}");
+                        let had = acked.lock().unwrap().get(&name).map(|(_, d)| d.clone());
+                        // A third of the writes patch a range of an object written before
+                        // (this writer's own: nobody else writes it); the rest replace it.
+                        let (data, patch) = match had {
+                            Some(mut d) if next(&mut r).is_multiple_of(3) => {
+                                let off = (next(&mut r) % d.len() as u64) as usize;
+                                let len = 1 + (next(&mut r) % (d.len() - off) as u64) as usize;
+                                let p = tagged(&name, version, len)[..len].to_vec();
+                                d[off..off + len].copy_from_slice(&p);
+                                (d, Some((off as u64, p)))
+                            }
+                            _ => (tagged(&name, version, 1 + (next(&mut r) % 300_000) as usize), None),
+                        };
+                        loop {
+                            let r = match &patch {
+                                Some((off, p)) => c.write_at("ns", &name, *off, p).await,
+                                None => c.put("ns", &name, &data).await,
+                            };
+                            let Err(e) = r else { break };
+                            // An unacknowledged write leaves the object undefined: a patch
+                            // is repeated as a whole put.
+                            eprintln!("write {name} v{version} not acknowledged: {e}");
                             failures += 1;
                             assert!(failures < 30, "the cluster stopped taking writes");
+                            if patch.is_some() {
+                                while let Err(e) = c.put("ns", &name, &data).await {
+                                    eprintln!("put {name} v{version} not acknowledged: {e}");
+                                    failures += 1;
+                                    assert!(failures < 30, "the cluster stopped taking writes");
+                                }
+                                break;
+                            }
                         }
                         acked.lock().unwrap().insert(name, (version, data));
                         puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
