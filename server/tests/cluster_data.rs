@@ -165,6 +165,64 @@ async fn creates_resizes_and_deletes_are_ordered_by_the_pg_primary() {
     }
 }
 
+/// `Objects.Create` of `ns/name` as [`create_at`] does, marked as a primary's change
+/// (`rdax-from-primary`).
+async fn converge_at(d: &Daemon, token: &str, name: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
+    use rdax_proto::pb;
+    let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut c = pb::objects_client::ObjectsClient::new(ch);
+    let mut req = tonic::Request::new(pb::CreateRequest {
+        object: Some(pb::ObjectRef { namespace: "ns".into(), name: name.into() }),
+        size: 4096,
+        ..Default::default()
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().insert("rdax-map-epoch", epoch.to_string().parse().unwrap());
+    req.metadata_mut().insert("rdax-pg", pg.to_string().parse().unwrap());
+    req.metadata_mut().insert("rdax-from-primary", "1".parse().unwrap());
+    c.create(req).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_member_may_send_a_primary_s_change() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    // A principal with `write` on `ns/` besides the members' shared token.
+    let out = common::rdaxctl().args(["--json", "token", "create", "writer", "--scope", "ns/:write"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let writer = v["token"].as_str().unwrap().to_string();
+    let pf = root.path().join("principals.toml");
+    std::fs::write(&pf, v["principals_file_entry"].as_str().unwrap()).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Daemon> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let args = ["--replicas", "2", "--principals-file", pf.to_str().unwrap()];
+            member_with(d.path(), &etcd, &format!("n{i}"), &args, "")
+        })
+        .collect();
+    poll(Duration::from_secs(30), "a PG map of every node", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"].as_array().unwrap().len() == 3)
+    });
+    let c = cluster_client(&etcd, &writer).await;
+    let (pg, replicas) = c.placement("ns", "skip").unwrap();
+    let epoch = c.view().epoch();
+    let second = &nodes[index(&replicas[1])];
+    // The writer may write, but not skip the primary's ordering on a replica.
+    let refused = converge_at(second, &writer, "skip", epoch, pg).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("rdax-from-primary"), "{refused:?}");
+    assert!(on_node(second, "ns", "skip").await.is_none());
+    // A member's principal (the shared peer token) may.
+    converge_at(second, &etcd.token, "skip", epoch, pg).await.unwrap();
+    assert_eq!(on_node(second, "ns", "skip").await.map(|b| b.len()), Some(4096));
+    // And the writer's own puts go through the primary as usual.
+    c.put("ns", "mine", b"through the primary").await.unwrap();
+    assert_eq!(c.get("ns", "mine").await.unwrap(), b"through the primary");
+}
+
 /// `Objects.Stat` of `ns/obj-01` routed by `epoch` and `pg`.
 async fn stat_at(d: &Daemon, token: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
     use rdax_proto::pb;

@@ -201,7 +201,7 @@ enum Cmd {
         length: u64,
     },
     /// Upload: make the object hold the input (created if missing), or with --offset write
-    /// into it at that offset, growing it as needed.
+    /// into it at that offset, growing it as needed (over --cluster: inside the object only).
     Put {
         /// NAMESPACE/NAME.
         #[arg(value_parser = parse_obj)]

@@ -59,7 +59,7 @@ Config keys without a flag:
   [cluster] prefix = \"/rdax\"      etcd key prefix (clusters sharing one etcd use their own)
   [cluster] pgs = 128             placement groups, fixed by the cluster's first PG map
   [cluster] advertise = \"host\"    what other nodes dial (default: the listen addresses)
-  [cluster] peer_token_file = PATH token presented to other members for repair copies (required)
+  [cluster] peer_token_file = PATH token presented to other members: repair, a primary's forwards (required)
   [cluster] repair_mib_per_s = 64 bound on this node's repair copy rate (0: none)
   [cluster] etcd_ca = PATH        etcd over TLS (https:// URLs): PEM of the CA of etcd's certificate
   [cluster] etcd_cert, etcd_key = PATH  client certificate for etcd's --client-cert-auth

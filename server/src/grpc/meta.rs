@@ -13,8 +13,8 @@
 use rdax_proto::model::{CreateObject, ObjectKey};
 use tracing::Instrument;
 
-use super::Shared;
 use super::status::ApiError;
+use super::{Caller, Shared};
 use crate::cluster_view::{MetaChange, MetaRole};
 use crate::gate::Work;
 use crate::lease::LeaseError;
@@ -40,6 +40,35 @@ fn is_not_found(e: &ApiError) -> bool {
 
 fn is_taken(e: &ApiError) -> bool {
     matches!(e, ApiError::Object(ObjError::AlreadyExists { .. }))
+}
+
+/// What a create, resize or delete with these headers from `who` is here
+/// ([`crate::cluster_view::MapView::meta_role`]). A primary's change to converge to
+/// (`rdax-from-primary`) is honoured only from the principal this node's own
+/// `cluster.peer_token_file` belongs to: anyone else with `write` could otherwise skip the
+/// primary's ordering and leave the replicas apart.
+pub(super) fn role(
+    shared: &Shared,
+    headers: &tonic::metadata::MetadataMap,
+    who: &Caller,
+) -> Result<MetaRole, ApiError> {
+    let role = shared.view.meta_role(headers)?;
+    if role != MetaRole::FromPrimary {
+        return Ok(role);
+    }
+    let peer = shared
+        .cfg
+        .cluster
+        .as_ref()
+        .and_then(|c| c.peer_token.as_deref())
+        .and_then(|t| shared.auth.principals().by_token(t));
+    match peer {
+        Some(p) if p.name == who.principal.name => Ok(role),
+        _ => Err(ApiError::PermissionDenied(format!(
+            "`{}` is honoured only from the cluster's members (the principal of cluster.peer_token_file)",
+            crate::cluster_view::FROM_PRIMARY_HEADER
+        ))),
+    }
 }
 
 /// Apply `op` to `key` as `role` says. `Ok(None)` for a delete.

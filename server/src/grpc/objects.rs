@@ -59,7 +59,7 @@ impl Objects for ObjectsService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
             let who = caller(&req)?;
-            let role = self.0.view.meta_role(req.metadata())?;
+            let role = meta::role(&self.0, req.metadata(), &who)?;
             let r = CreateObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("create", object = %r.key, size = r.size, volume = r.volume);
@@ -130,7 +130,7 @@ impl Objects for ObjectsService {
     async fn resize(&self, req: Request<pb::ResizeRequest>) -> Result<Response<pb::ObjectStat>, Status> {
         api(async {
             let who = caller(&req)?;
-            let role = self.0.view.meta_role(req.metadata())?;
+            let role = meta::role(&self.0, req.metadata(), &who)?;
             let r = ResizeObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("resize", object = %r.key, size = r.size);
@@ -163,7 +163,7 @@ impl Objects for ObjectsService {
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         api(async {
             let who = caller(&req)?;
-            let role = self.0.view.meta_role(req.metadata())?;
+            let role = meta::role(&self.0, req.metadata(), &who)?;
             let r = req.into_inner();
             let key = ObjectKey::try_from(r.object)?;
             who.principal.require(Rights::WRITE, &key.namespace, &key.name)?;
