@@ -67,10 +67,20 @@ impl Object {
 
     /// Grow (sparse) or shrink.
     pub async fn resize(&self, size: u64) -> Result<pb::ObjectStat> {
+        self.resize_with(size, false).await
+    }
+
+    /// Grow to `size` bytes unless the object is at least that long already (then it is left
+    /// as it is). The server decides, so concurrent grows never shrink each other's work.
+    pub async fn grow(&self, size: u64) -> Result<pb::ObjectStat> {
+        self.resize_with(size, true).await
+    }
+
+    async fn resize_with(&self, size: u64, grow_only: bool) -> Result<pb::ObjectStat> {
         self.client
             .retry(|| {
                 let mut c = self.client.objects.clone();
-                let r = self.client.request(pb::ResizeRequest { object: Some(self.oref()), size });
+                let r = self.client.request(pb::ResizeRequest { object: Some(self.oref()), size, grow_only });
                 async move { c.resize(r).await.map(|r| r.into_inner()) }
             })
             .await

@@ -164,12 +164,14 @@ pub struct ResizeObject {
     pub key: ObjectKey,
     /// New size.
     pub size: u64,
+    /// Only grow: an object already at least `size` bytes long is left as it is.
+    pub grow_only: bool,
 }
 
 impl TryFrom<pb::ResizeRequest> for ResizeObject {
     type Error = ProtocolError;
     fn try_from(r: pb::ResizeRequest) -> Result<Self, ProtocolError> {
-        Ok(Self { key: r.object.try_into()?, size: r.size })
+        Ok(Self { key: r.object.try_into()?, size: r.size, grow_only: r.grow_only })
     }
 }
 

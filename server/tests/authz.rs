@@ -104,7 +104,7 @@ fn body(path: &str, ns: &str, sid: &str) -> Vec<u8> {
         "/rdax.v1.Objects/Stat" => pb::StatRequest { object: o }.encode_to_vec(),
         "/rdax.v1.Objects/List" => pb::ListRequest { namespace: ns.into(), ..Default::default() }.encode_to_vec(),
         "/rdax.v1.Objects/ListPg" => pb::ListPgRequest { pg: 0, pgs: 1, ..Default::default() }.encode_to_vec(),
-        "/rdax.v1.Objects/Resize" => pb::ResizeRequest { object: o, size: 8192 }.encode_to_vec(),
+        "/rdax.v1.Objects/Resize" => pb::ResizeRequest { object: o, size: 8192, grow_only: false }.encode_to_vec(),
         "/rdax.v1.Objects/PunchHole" => pb::PunchHoleRequest { object: o, offset: 0, length: 4096 }.encode_to_vec(),
         "/rdax.v1.Objects/Delete" => pb::DeleteRequest {
             object: Some(pb::ObjectRef { namespace: ns.into(), name: "gone".into() }),

@@ -297,6 +297,7 @@ async fn resize_at(d: &Daemon, epoch: u64, pg: Option<u64>, size: u64) -> Result
     let mut req = tonic::Request::new(pb::ResizeRequest {
         object: Some(pb::ObjectRef { namespace: "ns".into(), name: "x".into() }),
         size,
+        grow_only: false,
     });
     req.metadata_mut().insert("rdax-map-epoch", epoch.to_string().parse().unwrap());
     if let Some(pg) = pg {

@@ -286,17 +286,20 @@ async fn rdaxctl_puts_gets_lists_stats_and_removes_over_the_cluster() {
     assert!(code == Some(0) && out == tagged("patch", 1, 1000), "{err}");
     let (code, out, _) = ctl(&["get", "ns/from-cli", "-", "--offset", "1100"]);
     assert!(code == Some(0) && out[..] == data[1100..]);
-    let (code, out, err) = ctl(&["put", "ns/from-cli", patch.to_str().unwrap(), "--offset", "199500"]);
-    let said = format!("{}{err}", String::from_utf8_lossy(&out));
-    assert_eq!(code, Some(5), "past the end: {said}");
-    assert!(said.contains("past its end"), "{said}");
+    // Past the end, the object grows to take it, as on a single daemon.
+    let (code, _, err) = ctl(&["put", "ns/from-cli", patch.to_str().unwrap(), "--offset", "199500"]);
+    assert_eq!(code, Some(0), "{err}");
     for id in &replicas {
         let got = on_node(&nodes[index(id)], "ns", "from-cli").await.unwrap();
-        assert!(got[100..1100] == tagged("patch", 1, 1000)[..] && got[1100..] == data[1100..], "on {id}");
+        assert_eq!(got.len(), 200_500, "on {id}");
+        assert!(got[100..1100] == tagged("patch", 1, 1000)[..] && got[1100..199_500] == data[1100..199_500], "on {id}");
+        assert!(got[199_500..] == tagged("patch", 1, 1000)[..], "on {id}");
     }
-    // Resize and create over the cluster.
+    // Resize (and a grow that would shrink, which leaves it) and create over the cluster.
     let (code, out, err) = ctl(&["resize", "ns/from-cli", "300000"]);
     assert_eq!(code, Some(0), "{err}");
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["size"], 300_000);
+    let (_, out, _) = ctl(&["resize", "--grow-only", "ns/from-cli", "1000"]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out).unwrap()["size"], 300_000);
     let (code, _, err) = ctl(&["create", "ns/made", "--size", "4096"]);
     assert_eq!(code, Some(0), "{err}");
@@ -463,6 +466,30 @@ async fn ranged_writes_and_reads_reach_every_replica_and_overlapping_ones_never_
         let got = on_node(&nodes[index(id)], "ns", "big").await.unwrap();
         assert!(got[..want.len()] == want[..], "on {id}");
         assert!(got[want.len()..got.len() - 3].iter().all(|&b| b == 0) && got.ends_with(b"end"), "on {id}");
+    }
+    // A grow never shrinks. Appenders that each grow the object to the end of their own range
+    // and then write it: the object ends as long as the furthest, with every range intact.
+    assert_eq!(c.grow("ns", "big", SLICE as u64).await.unwrap().size, 9 * SLICE as u64);
+    let base = 9 * SLICE as u64;
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let off = base + w * 1000;
+            c.grow("ns", "big", off + 1000).await.unwrap();
+            c.write_at("ns", "big", off, &[w as u8 + 1; 1000]).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for id in &replicas {
+        let got = on_node(&nodes[index(id)], "ns", "big").await.unwrap();
+        assert_eq!(got.len() as u64, base + 4000, "on {id}");
+        for w in 0..4usize {
+            let at = base as usize + w * 1000;
+            assert!(got[at..at + 1000].iter().all(|&b| b == w as u8 + 1), "appender {w} on {id}");
+        }
     }
     // Writers of one overlapping range: each write is whole on every replica, so the range
     // ends uniform (one writer's byte) and the same on both.

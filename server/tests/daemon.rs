@@ -165,7 +165,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() {
         (
             "resize huge",
             Code::InvalidArgument,
-            raw.resize(ResizeRequest { object: r("ns", "o"), size: u64::MAX }).await.map(drop),
+            raw.resize(ResizeRequest { object: r("ns", "o"), size: u64::MAX, grow_only: false }).await.map(drop),
         ),
     ];
     for (what, code, res) in cases {

@@ -89,6 +89,37 @@ fn shrink_zeroes_the_tail_and_grow_exposes_only_zeros() {
 }
 
 #[test]
+fn grow_only_grows_and_concurrent_grows_end_at_the_largest() {
+    let (_d, _p, pool) = new_pool(64 << 20);
+    pool.create_object("ns", "g", 100).unwrap();
+    pool.write("ns", "g", 0, &[7; 100], true).unwrap();
+    assert_eq!(pool.grow("ns", "g", 5000).unwrap().size, 5000);
+    assert_eq!(pool.grow("ns", "g", 50).unwrap().size, 5000, "a shorter size leaves it as it is");
+    let mut head = [0u8; 100];
+    pool.read("ns", "g", 0, &mut head).unwrap();
+    assert_eq!(head, [7; 100]);
+    assert!(matches!(pool.grow("ns", "none", 1), Err(ObjError::NotFound { .. })));
+    // Eight threads growing to their own sizes at once: the largest wins, whatever the order.
+    let pool = Arc::new(pool);
+    let threads: Vec<_> = (1..=8u64)
+        .map(|i| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                for j in 0..50u64 {
+                    pool.grow("ns", "g", 5000 + ((i * 7919 + j * 104_729) % 100_000)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let want = (1..=8u64).flat_map(|i| (0..50u64).map(move |j| 5000 + ((i * 7919 + j * 104_729) % 100_000))).max();
+    assert_eq!(Some(pool.stat("ns", "g").unwrap().size), want);
+    assert_clean(&pool);
+}
+
+#[test]
 fn punch_hole_frees_whole_blocks_and_zeroes_edges() {
     let (_d, _p, pool) = new_pool(64 << 20);
     pool.create_object("ns", "p", 8 * BLOCK).unwrap();

@@ -148,7 +148,7 @@ fn protos(seed: u64, execs: u64) -> Vec<String> {
         rep.run(|| format!("{list:?}"), || drop(ListObjects::try_from(list.clone())));
         let create = pb::CreateRequest { object: obj.clone(), size: a, ..Default::default() };
         rep.run(|| format!("{create:?}"), || drop(CreateObject::try_from(create.clone())));
-        let resize = pb::ResizeRequest { object: obj.clone(), size: b };
+        let resize = pb::ResizeRequest { object: obj.clone(), size: b, grow_only: false };
         rep.run(|| format!("{resize:?}"), || drop(ResizeObject::try_from(resize.clone())));
         let open =
             pb::OpenSession { client_name: pick(&mut rng).repeat(rng.below(40) as usize), resume_session_id: sid };

@@ -128,8 +128,9 @@ mod with_etcd {
                 let s = c.create(&object.ns, &object.name, *size).await?;
                 emit(json, &stat_json(&s), || format!("created {}/{} ({})", s.namespace, s.name, human(s.size)));
             }
-            Cmd::Resize { object, size } => {
-                let s = c.resize(&object.ns, &object.name, *size).await?;
+            Cmd::Resize { object, size, grow_only } => {
+                let (ns, name) = (&object.ns, &object.name);
+                let s = if *grow_only { c.grow(ns, name, *size).await? } else { c.resize(ns, name, *size).await? };
                 emit(json, &stat_json(&s), || format!("{}/{} is now {}", s.namespace, s.name, human(s.size)));
             }
             Cmd::Put { object, file, offset, no_persist } => {
@@ -149,7 +150,12 @@ mod with_etcd {
                     }
                 }
                 let r = match offset {
-                    Some(off) => c.write_at(&object.ns, &object.name, *off, &data).await?,
+                    Some(off) => {
+                        // As on a single daemon, the object grows to take the input.
+                        let end = off.saturating_add(data.len() as u64);
+                        c.grow(&object.ns, &object.name, end).await?;
+                        c.write_at(&object.ns, &object.name, *off, &data).await?
+                    }
                     None => c.put(&object.ns, &object.name, &data).await?,
                 };
                 let key = format!("{}/{}", object.ns, object.name);

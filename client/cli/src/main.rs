@@ -187,6 +187,9 @@ enum Cmd {
         /// New size, e.g. 1G.
         #[arg(value_parser = rdaxd::config::parse_size)]
         size: u64,
+        /// Only grow: leave an object that is at least SIZE long as it is.
+        #[arg(long)]
+        grow_only: bool,
     },
     /// Deallocate a range (it reads zero afterwards; the size does not change).
     Punch {
@@ -201,7 +204,7 @@ enum Cmd {
         length: u64,
     },
     /// Upload: make the object hold the input (created if missing), or with --offset write
-    /// into it at that offset, growing it as needed (over --cluster: inside the object only).
+    /// into it at that offset, growing it as needed.
     Put {
         /// NAMESPACE/NAME.
         #[arg(value_parser = parse_obj)]

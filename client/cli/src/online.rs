@@ -203,8 +203,9 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
                 format!("deleted {}/{}", object.ns, object.name)
             });
         }
-        Cmd::Resize { object, size } => {
-            let s = obj(object)?.resize(*size).await?;
+        Cmd::Resize { object, size, grow_only } => {
+            let o = obj(object)?;
+            let s = if *grow_only { o.grow(*size).await? } else { o.resize(*size).await? };
             emit(json, &stat_json(&s), || format!("{}/{} is now {}", s.namespace, s.name, human(s.size)));
         }
         Cmd::Punch { object, offset, length } => {

@@ -1,4 +1,4 @@
-//! Creates, resizes, and writes and reads of a byte range, over a cluster.
+//! Creates, resizes and grows, and writes and reads of a byte range, over a cluster.
 //!
 //! A ranged write ([`ClusterClient::write_at`]) is a put of part of an existing object: the
 //! same exclusive leases, taken one replica after another primary first, but on the range
@@ -52,10 +52,22 @@ impl ClusterClient {
     /// zero; a shrink first recalls the leases past the new end, on every replica). `NotFound`
     /// if it does not exist.
     pub async fn resize(&self, namespace: &str, name: &str, size: u64) -> Result<pb::ObjectStat> {
+        self.resize_with(namespace, name, size, false).await
+    }
+
+    /// Grow `namespace/name` to `size` bytes through its PG's primary, unless it is at least
+    /// that long already (then it is left as it is). The primary decides under the object's
+    /// name lock, so concurrent grows (writers extending an object before their ranged
+    /// writes) never shrink each other's work. `NotFound` if it does not exist.
+    pub async fn grow(&self, namespace: &str, name: &str, size: u64) -> Result<pb::ObjectStat> {
+        self.resize_with(namespace, name, size, true).await
+    }
+
+    async fn resize_with(&self, namespace: &str, name: &str, size: u64, grow_only: bool) -> Result<pb::ObjectStat> {
         self.routed(namespace, name, "resize", |route, replicas| async move {
             let id = &replicas[0];
             let obj = self.conn(id).await?.client.routed(Some(route)).object(namespace, name)?;
-            let r = obj.resize(size).await;
+            let r = if grow_only { obj.grow(size).await } else { obj.resize(size).await };
             if let Err(e) = &r
                 && retryable(e)
             {
@@ -68,14 +80,14 @@ impl ClusterClient {
 
     /// Write `data` at `offset` into the existing `namespace/name` on every replica of its PG,
     /// each one-sided under an exclusive lease of the range; returns when all have persisted
-    /// it. The range must lie inside the object (`OutOfRange` otherwise: [`resize`] first);
+    /// it. The range must lie inside the object (`OutOfRange` otherwise: [`grow`] it first);
     /// `NotFound` if it does not exist.
     ///
     /// A replica that is still copying the PG and has not reached this object yet is not
     /// written: its copy reads the object from a complete replica under a lease that this
     /// write's lease excludes, so it brings these bytes too.
     ///
-    /// [`resize`]: ClusterClient::resize
+    /// [`grow`]: ClusterClient::grow
     pub async fn write_at(&self, namespace: &str, name: &str, offset: u64, data: &[u8]) -> Result<PutReceipt> {
         let len = data.len() as u64;
         let end = offset.checked_add(len).ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "range overflows"))?;
@@ -86,7 +98,7 @@ impl ClusterClient {
                 return Err(Error::new(
                     ErrorKind::OutOfRange,
                     format!(
-                        "{namespace}/{name} is {size} bytes: a write of [{offset}, {end}) reaches past its end (resize \
+                        "{namespace}/{name} is {size} bytes: a write of [{offset}, {end}) reaches past its end (grow \
                          it first)"
                     ),
                 ));

@@ -27,8 +27,14 @@ const DISCONNECT_BOUND: std::time::Duration = std::time::Duration::from_secs(10)
 #[derive(Debug, Clone)]
 pub(super) enum Op {
     Create(CreateObject),
-    Resize(u64),
-    Delete { force: bool },
+    /// To `size`; with `grow_only`, only if the object is shorter.
+    Resize {
+        size: u64,
+        grow_only: bool,
+    },
+    Delete {
+        force: bool,
+    },
 }
 
 fn is_not_found(e: &ApiError) -> bool {
@@ -159,12 +165,12 @@ async fn here(shared: &Shared, key: &ObjectKey, op: Op, converge: bool) -> Resul
                 Err(e) if converge && is_taken(&e) => {
                     let k = key.clone();
                     let st = shared.blocking(move |p| p.stat(&k.namespace, &k.name)).await??;
-                    if st.size == size { Ok(Some(st)) } else { resize(shared, key, size).await.map(Some) }
+                    if st.size == size { Ok(Some(st)) } else { resize(shared, key, size, false).await.map(Some) }
                 }
                 r => r.map(Some),
             }
         }
-        Op::Resize(size) => match resize(shared, key, size).await {
+        Op::Resize { size, grow_only } => match resize(shared, key, size, grow_only).await {
             Err(e) if converge && is_not_found(&e) => {
                 let k = key.clone();
                 Ok(Some(shared.blocking(move |p| p.create_object(&k.namespace, &k.name, size)).await??))
@@ -198,16 +204,23 @@ async fn create(shared: &Shared, r: CreateObject) -> Result<ObjectStat, ApiError
         .await??)
 }
 
-async fn resize(shared: &Shared, key: &ObjectKey, size: u64) -> Result<ObjectStat, ApiError> {
+async fn resize(shared: &Shared, key: &ObjectKey, size: u64, grow_only: bool) -> Result<ObjectStat, ApiError> {
     // Shrinking takes blocks away: the leases past the new end are recalled first. A volume's
     // leases are all recalled, so that its NBD export leases the new size.
     let k = key.clone();
-    let volume = shared.blocking(move |p| p.stat(&k.namespace, &k.name)).await??.volume;
-    let (from, why) = if volume { (0, "the volume is being resized") } else { (size, "the object is being truncated") };
+    let st = shared.blocking(move |p| p.stat(&k.namespace, &k.name)).await??;
+    if grow_only && st.size >= size {
+        return Ok(st);
+    }
+    let (from, why) =
+        if st.volume { (0, "the volume is being resized") } else { (size, "the object is being truncated") };
     let k = key.clone();
     Ok(shared
         .leases
-        .change_layout(key.clone(), from, u64::MAX, why, move |p| p.resize(&k.namespace, &k.name, size))
+        .change_layout(key.clone(), from, u64::MAX, why, move |p| {
+            // The pool decides again: another resize may have run since the stat.
+            if grow_only { p.grow(&k.namespace, &k.name, size) } else { p.resize(&k.namespace, &k.name, size) }
+        })
         .await?)
 }
 

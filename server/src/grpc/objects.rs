@@ -134,7 +134,9 @@ impl Objects for ObjectsService {
             let r = ResizeObject::try_from(req.into_inner())?;
             who.principal.require(Rights::WRITE, &r.key.namespace, &r.key.name)?;
             let span = info_span!("resize", object = %r.key, size = r.size);
-            let st = meta::apply(&self.0, role, r.key, Op::Resize(r.size)).instrument(span).await?;
+            let st = meta::apply(&self.0, role, r.key, Op::Resize { size: r.size, grow_only: r.grow_only })
+                .instrument(span)
+                .await?;
             Ok(Response::new(self.stat_pb(st.ok_or(ApiError::Internal("a resize without a result"))?)))
         })
         .await

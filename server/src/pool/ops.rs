@@ -339,6 +339,16 @@ impl Pool {
     /// Change an object's size. Growing is sparse (no blocks are allocated); shrinking frees
     /// whole blocks past the new end and zeroes the rest of the last block, atomically.
     pub fn resize(&self, ns: &str, name: &str, new_size: u64) -> Result<ObjectStat, ObjError> {
+        self.resize_to(ns, name, new_size, false)
+    }
+
+    /// [`Pool::resize`], but only if the object is shorter than `new_size`: decided under the
+    /// metadata lock, so concurrent grows never shrink each other's work.
+    pub fn grow(&self, ns: &str, name: &str, new_size: u64) -> Result<ObjectStat, ObjError> {
+        self.resize_to(ns, name, new_size, true)
+    }
+
+    fn resize_to(&self, ns: &str, name: &str, new_size: u64, grow_only: bool) -> Result<ObjectStat, ObjError> {
         let key = validate(ns, name)?;
         if new_size > MAX_OBJECT_SIZE {
             return Err(ObjError::InvalidArgument("size larger than 2^60 bytes"));
@@ -346,7 +356,11 @@ impl Pool {
         let geo = &self.sb.geo;
         let mut meta = self.write_meta_open()?;
         let slot = meta.lookup(&key).ok_or_else(|| not_found(ns, name))?;
-        let volume = meta.objects[slot as usize].as_ref().expect("live").flags & OBJ_FLAG_VOLUME != 0;
+        let live = meta.objects[slot as usize].as_ref().expect("live");
+        if grow_only && live.size >= new_size {
+            return Ok(stat_of(live, ns, name));
+        }
+        let volume = live.flags & OBJ_FLAG_VOLUME != 0;
         if volume && (new_size == 0 || !new_size.is_multiple_of(BLOCK)) {
             return Err(ObjError::InvalidArgument("a volume's size must be a non-zero multiple of 4 KiB"));
         }

@@ -497,6 +497,16 @@ pub async fn wait_repaired(etcd: &Etcd, nodes: &[&Daemon]) {
     }
 }
 
+/// Wait (bounded) until etcd's records say every PG is healthy (`rdaxctl cluster status`:
+/// every replica registered, none still copying), then until no node reports one degraded.
+pub async fn wait_healthy(etcd: &Etcd, nodes: &[&Daemon]) {
+    poll(Duration::from_secs(90), "every PG healthy (rdaxctl cluster status)", || {
+        let s = status(etcd);
+        (s["pg_states"]["healthy"] == s["map"]["pgs"]).then_some(())
+    });
+    wait_repaired(etcd, nodes).await;
+}
+
 /// Every acknowledged object is on each of the `r` replicas the current map names,
 /// byte-identical.
 pub async fn check_replicas(c: &ClusterClient, nodes: &[Daemon], acked: &Acked, r: usize) {
