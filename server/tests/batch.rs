@@ -61,7 +61,7 @@ async fn each_range_of_a_batch_succeeds_or_fails_on_its_own_and_a_batch_release_
     // One call releases all three; a second release of the same ids is no error.
     let done = s.release_batch(vec![w, wb, r]).await.unwrap();
     assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
-    assert!(c.leases(Some(s.id())).await.unwrap().is_empty());
+    drained(&c, &s).await;
     let (mut raw, st) = Raw::connect(&d.data, s.secret().0).await;
     assert_eq!(st, Status::Ok);
     assert_ne!(raw.op(Op::Read, key.1, generation, key.0, &[], 8).await, Status::Ok, "a released key is dead");
@@ -112,5 +112,24 @@ async fn oversized_batches_are_refused_whole_and_the_sdk_splits_long_lists() {
     let done = s.release_batch(leases_held).await.unwrap();
     assert_eq!(done.len(), 600);
     assert!(done.iter().all(|r| r.is_ok()));
-    assert!(c.leases(Some(s.id())).await.unwrap().is_empty());
+    drained(&c, &s).await;
+}
+
+/// Wait (bounded) until the session's released leases have drained and left the listing
+/// (a release stops the keys at once; the drain runs in the background).
+async fn drained(c: &rdax_client::Client, s: &rdax_client::Session) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = c.leases(Some(s.id())).await.unwrap();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            left.iter().all(|l| matches!(l.state.as_str(), "released" | "drained")),
+            "a released lease is still active: {:?}",
+            left.iter().map(|l| &l.state).collect::<Vec<_>>()
+        );
+        assert!(std::time::Instant::now() < deadline, "{} released leases did not drain within 10 s", left.len());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
