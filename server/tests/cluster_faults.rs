@@ -140,6 +140,7 @@ async fn seeded_kills_partitions_and_etcd_restarts_lose_no_acknowledged_write() 
         let snapshot = w.pause().await;
         reads_back(&c, &snapshot, &format!("round {round}")).await;
         w.resume();
+        wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
     }
     let acked = w.stop().await;
     reads_back(&c, &acked, "the last round").await;
