@@ -581,19 +581,23 @@ impl ClusterClient {
             match obj.delete().await {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == ErrorKind::NotFound && before => Ok(()),
-                Err(e) => {
-                    // A definite answer, or a routing refusal (nothing was done).
-                    if !retryable(&e) || e.node_epoch().is_some() {
-                        unknown.store(before, Relaxed);
-                    }
-                    if retryable(&e) {
-                        self.forget(id);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(self.change_failed(id, unknown, before, e)),
             }
         })
         .await
+    }
+
+    /// A try of a create or delete on node `id` failed with `e`. A definite answer, or a
+    /// routing refusal, means this try did nothing: `unknown` goes back to what it was
+    /// `before` it. A failure a newer try may cure drops the connection to `id`.
+    fn change_failed(&self, id: &str, unknown: &std::sync::atomic::AtomicBool, before: bool, e: Error) -> Error {
+        if !retryable(&e) || e.node_epoch().is_some() {
+            unknown.store(before, std::sync::atomic::Ordering::Relaxed);
+        }
+        if retryable(&e) {
+            self.forget(id);
+        }
+        e
     }
 
     /// Every object of `namespace` in the cluster, sorted by name: each node's objects of the

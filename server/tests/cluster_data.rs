@@ -86,6 +86,22 @@ async fn put_get_list_stat_and_delete_across_three_nodes_with_two_replicas() {
 
 /// `Objects.Create` of `ns/name`, routed by `epoch` and `pg`, straight to `d`.
 async fn create_at(d: &Daemon, token: &str, name: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
+    create_marked(d, token, name, epoch, pg, false).await
+}
+
+/// [`create_at`] marked as a primary's change (`rdax-from-primary`).
+async fn converge_at(d: &Daemon, token: &str, name: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
+    create_marked(d, token, name, epoch, pg, true).await
+}
+
+async fn create_marked(
+    d: &Daemon,
+    token: &str,
+    name: &str,
+    epoch: u64,
+    pg: u32,
+    from_primary: bool,
+) -> Result<(), tonic::Status> {
     use rdax_proto::pb;
     let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
     let mut c = pb::objects_client::ObjectsClient::new(ch);
@@ -97,6 +113,9 @@ async fn create_at(d: &Daemon, token: &str, name: &str, epoch: u64, pg: u32) -> 
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     req.metadata_mut().insert("rdax-map-epoch", epoch.to_string().parse().unwrap());
     req.metadata_mut().insert("rdax-pg", pg.to_string().parse().unwrap());
+    if from_primary {
+        req.metadata_mut().insert("rdax-from-primary", "1".parse().unwrap());
+    }
     c.create(req).await.map(|_| ())
 }
 
@@ -163,24 +182,6 @@ async fn creates_resizes_and_deletes_are_ordered_by_the_pg_primary() {
             None => assert_eq!(c.stat("ns", name).await.unwrap_err().kind(), ErrorKind::NotFound),
         }
     }
-}
-
-/// `Objects.Create` of `ns/name` as [`create_at`] does, marked as a primary's change
-/// (`rdax-from-primary`).
-async fn converge_at(d: &Daemon, token: &str, name: &str, epoch: u64, pg: u32) -> Result<(), tonic::Status> {
-    use rdax_proto::pb;
-    let ch = tonic::transport::Endpoint::from_shared(d.endpoint.clone()).unwrap().connect().await.unwrap();
-    let mut c = pb::objects_client::ObjectsClient::new(ch);
-    let mut req = tonic::Request::new(pb::CreateRequest {
-        object: Some(pb::ObjectRef { namespace: "ns".into(), name: name.into() }),
-        size: 4096,
-        ..Default::default()
-    });
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req.metadata_mut().insert("rdax-map-epoch", epoch.to_string().parse().unwrap());
-    req.metadata_mut().insert("rdax-pg", pg.to_string().parse().unwrap());
-    req.metadata_mut().insert("rdax-from-primary", "1".parse().unwrap());
-    c.create(req).await.map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread")]

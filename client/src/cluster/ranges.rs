@@ -34,15 +34,7 @@ impl ClusterClient {
                     Ok(st) if st.size == size => Ok(st),
                     _ => Err(e),
                 },
-                Err(e) => {
-                    if !retryable(&e) || e.node_epoch().is_some() {
-                        unknown.store(before, Relaxed);
-                    }
-                    if retryable(&e) {
-                        self.forget(id);
-                    }
-                    Err(e)
-                }
+                Err(e) => Err(self.change_failed(id, unknown, before, e)),
             }
         })
         .await
