@@ -153,7 +153,7 @@ async fn a_node_stopped_past_its_etcd_lease_accepts_no_write_and_grants_nothing_
     poll(Duration::from_secs(20), "the node to follow the map", || {
         (d.metric("rdax_cluster_map_epoch") == epoch as f64).then_some(())
     });
-    resize_at(&d, epoch, None, MIB).await.expect("a member at the map's epoch admits it");
+    resize_at(&d, "x", epoch, None, MIB).await.expect("a member at the map's epoch admits it");
     // SIGSTOP the daemon until etcd has forgotten it (its key went with the expired lease).
     d.signal(libc::SIGSTOP);
     poll(TTL * 10, "etcd to expire the stopped node's lease", || etcd.get(&key("n1"), false).is_empty().then_some(()));
@@ -161,7 +161,7 @@ async fn a_node_stopped_past_its_etcd_lease_accepts_no_write_and_grants_nothing_
     d.signal(libc::SIGCONT);
     // At once, before it can have re-registered: a write under the old lease is refused, and
     // so is a request routed by the map the node belonged to.
-    let r = resize_at(&d, epoch, None, 2 * MIB).await;
+    let r = resize_at(&d, "x", epoch, None, 2 * MIB).await;
     assert_eq!(r.unwrap_err().code(), tonic::Code::Unavailable, "a write routed by the old map");
     let e = lease.write(0, b"stale!").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Revoked, "a write after the stop: {e}");
@@ -276,26 +276,29 @@ async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
     let e = back["epoch"].as_u64().unwrap();
     let pgs = back["pg"].as_array().unwrap();
     let d = &nodes[0];
-    client(d).await.object("ns", "x").unwrap().create(4096).await.unwrap();
-    // A PG n0 is the primary of: a routed resize there is n0's to apply (and to pass on).
+    // A PG n0 is the primary of: a routed resize there is n0's to apply (and to pass on). The
+    // object is one of that PG (n0 would collect one of a PG it does not hold as a leftover).
     let mine = pgs.iter().position(|r| names(r).first().map(String::as_str) == Some("n0")).unwrap() as u64;
     let other = pgs.iter().position(|r| !names(r).contains(&"n0".to_string())).unwrap() as u64;
-    resize_at(d, e, Some(mine), 8192).await.unwrap();
-    resize_at(d, e, None, 8192).await.unwrap();
+    let x = (0..).map(|i| format!("x{i}")).find(|n| u64::from(rdax_client::pg_of("ns", n, pgs.len() as u32)) == mine);
+    let x = x.unwrap();
+    client(d).await.object("ns", &x).unwrap().create(4096).await.unwrap();
+    resize_at(d, &x, e, Some(mine), 8192).await.unwrap();
+    resize_at(d, &x, e, None, 8192).await.unwrap();
     let code = |r: Result<(), tonic::Status>| r.unwrap_err().code();
-    assert_eq!(code(resize_at(d, e, Some(other), 1).await), tonic::Code::FailedPrecondition);
-    assert_eq!(code(resize_at(d, e - 1, Some(mine), 1).await), tonic::Code::FailedPrecondition);
-    assert_eq!(code(resize_at(d, e + 1, Some(mine), 1).await), tonic::Code::Unavailable);
-    assert_eq!(client(d).await.object("ns", "x").unwrap().stat().await.unwrap().size, 8192, "a refused resize ran");
+    assert_eq!(code(resize_at(d, &x, e, Some(other), 1).await), tonic::Code::FailedPrecondition);
+    assert_eq!(code(resize_at(d, &x, e - 1, Some(mine), 1).await), tonic::Code::FailedPrecondition);
+    assert_eq!(code(resize_at(d, &x, e + 1, Some(mine), 1).await), tonic::Code::Unavailable);
+    assert_eq!(client(d).await.object("ns", &x).unwrap().stat().await.unwrap().size, 8192, "a refused resize ran");
 }
 
 /// `Objects.Resize` of `ns/name` to `size` as a cluster client sends it: with the map epoch it
 /// routed by and the object's PG.
-async fn resize_at(d: &Daemon, epoch: u64, pg: Option<u64>, size: u64) -> Result<(), tonic::Status> {
+async fn resize_at(d: &Daemon, name: &str, epoch: u64, pg: Option<u64>, size: u64) -> Result<(), tonic::Status> {
     use rdax_proto::pb;
     let mut c = pb::objects_client::ObjectsClient::new(d.channel().await);
     let mut req = tonic::Request::new(pb::ResizeRequest {
-        object: Some(pb::ObjectRef { namespace: "ns".into(), name: "x".into() }),
+        object: Some(pb::ObjectRef { namespace: "ns".into(), name: name.into() }),
         size,
         grow_only: false,
     });
