@@ -350,6 +350,8 @@ impl ClusterClient {
                     let replicas = m.replicas_of(pg).to_vec();
                     if replicas.is_empty() {
                         Error::new(ErrorKind::Unavailable, format!("PG {pg} has no replicas"))
+                    } else if let Some(waiting) = m.down_of(pg) {
+                        Error::new(ErrorKind::Unavailable, down_message(pg, waiting))
                     } else {
                         let bound = self.inner.opts.try_timeout.min(deadline.saturating_duration_since(Instant::now()));
                         // Dropped at the bound, a try leaves nothing acknowledged; its leases
@@ -670,10 +672,11 @@ impl ClusterClient {
                 (Some(pg), None) => {
                     // Every replica of it is still copying: wait for repair.
                     if Instant::now() >= deadline {
-                        return Err(Error::new(
-                            ErrorKind::Unavailable,
-                            format!("list {namespace}: every replica of PG {pg} is still being repaired"),
-                        ));
+                        let why = match m.down_of(pg) {
+                            Some(waiting) => down_message(pg, waiting),
+                            None => format!("every replica of PG {pg} is still being repaired"),
+                        };
+                        return Err(Error::new(ErrorKind::Unavailable, format!("list {namespace}: {why}")));
                     }
                 }
             }
@@ -681,6 +684,16 @@ impl ClusterClient {
             let _ = self.refresh().await;
         }
     }
+}
+
+/// Why a down PG serves nothing.
+fn down_message(pg: u32, waiting: &[rdax_proto::cluster::Holder]) -> String {
+    let nodes: Vec<&str> = waiting.iter().map(|h| h.node.as_str()).collect();
+    format!(
+        "PG {pg} is down: no registered node has a complete copy of it; it waits for {} to come back (or for \
+         `rdaxctl cluster mark-lost`)",
+        nodes.join(", ")
+    )
 }
 
 /// Read the nodes and the map (one etcd read at one revision).

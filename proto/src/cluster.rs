@@ -11,6 +11,8 @@
 //!
 //! An object's PG is the same hash of its namespace and name, modulo the PG count.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 /// gRPC metadata key: the PG map epoch a cluster client routed a request by.
@@ -59,6 +61,32 @@ pub struct PgMap {
     /// For each PG, its replicas, primary first (fewer than `replicas` when the cluster has
     /// fewer nodes).
     pub pg: Vec<Vec<String>>,
+    /// The pool UUID of each node in `nodes` (maps written before it was kept have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, String>,
+    /// Down PGs: no registered node has a complete copy. PG → the lost nodes that had one
+    /// (the last complete copies). A down PG serves nothing (members refuse requests routed to
+    /// it with `UNAVAILABLE`) until one of them registers again with the same pool, or an
+    /// operator marks them all lost (`<prefix>/lost/<node>`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub down: BTreeMap<u32, Vec<Holder>>,
+}
+
+/// A lost node whose copy of a down PG was complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// Its node id.
+    pub node: String,
+    /// The UUID of its pool ("" when the map it was lost from did not record it: then any
+    /// pool of that node counts).
+    pub pool_uuid: String,
+}
+
+impl Holder {
+    /// Whether this holder is registered again, with its pool, among `live` (id → pool UUID).
+    pub fn returned(&self, live: &BTreeMap<String, String>) -> bool {
+        live.get(&self.node).is_some_and(|p| self.pool_uuid.is_empty() || *p == self.pool_uuid)
+    }
 }
 
 impl PgMap {
@@ -67,9 +95,19 @@ impl PgMap {
         self.pg.get(pg as usize).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// Whether `other` places every PG the same way (epochs and authors aside).
+    /// Whether `other` places every PG the same way, with the same PGs down (epochs and
+    /// authors aside).
     pub fn same_placement(&self, other: &PgMap) -> bool {
-        self.pgs == other.pgs && self.replicas == other.replicas && self.nodes == other.nodes && self.pg == other.pg
+        self.pgs == other.pgs
+            && self.replicas == other.replicas
+            && self.nodes == other.nodes
+            && self.pg == other.pg
+            && self.down == other.down
+    }
+
+    /// The lost nodes `pg` waits for, when it is down.
+    pub fn down_of(&self, pg: u32) -> Option<&[Holder]> {
+        self.down.get(&pg).map(Vec::as_slice)
     }
 }
 
@@ -119,58 +157,124 @@ pub fn repair_pending(assignment: &RepairAssignment, done: &RepairDone, pg: u32)
     assignment.get(&pg).is_some_and(|t| done.get(&pg).is_none_or(|&e| e < t.epoch))
 }
 
-/// The repair assignments once the map moves from `old` to `new`: every replica a PG gains
-/// copies it from the nodes that hold a complete copy (its replicas in either map that are
-/// registered and not repairing it themselves), and a replica still repairing keeps its task
-/// (with its epoch, so its progress stays valid) and gets the sources of now. Tasks that are
-/// done, or of PGs the node no longer holds, go. Without an `old` map there is nothing to copy.
+/// What the coordinator decides for a new map besides placement (see [`reassign`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Reassigned {
+    /// The repair tasks, by node.
+    pub tasks: BTreeMap<String, RepairAssignment>,
+    /// The PGs down in the new map (its `down`).
+    pub down: BTreeMap<u32, Vec<Holder>>,
+    /// PGs given up on: every node they waited for is marked lost (or no complete copy of them
+    /// was known at all). What their copying replicas hold is what is left of them.
+    pub given_up: Vec<u32>,
+    /// Down PGs that are up again: a node they waited for registered with its pool.
+    pub returned: Vec<u32>,
+}
+
+/// The repair assignments and down PGs once the map moves from `old` to `new`.
 ///
-/// When no complete copy of a PG survives, its registered replicas that were still copying
-/// hold all that is left (every write since they became replicas, and what they had copied):
-/// they count as complete from then on, and the PG is returned in the second list (objects
-/// that only the lost nodes held are gone).
+/// A PG's complete copies are on its replicas in either map that are registered and not
+/// repairing it themselves; for a PG that was down, on the nodes it waited for that registered
+/// again with their pools; and, when every replica is still copying, on the registered nodes
+/// they copy from (old replicas a join moved out). Every replica the PG gains copies it from those, and a
+/// replica still repairing keeps its task (with its epoch, so its progress stays valid) and
+/// gets the sources of now. Tasks that are done, or of PGs the node no longer holds, go.
+/// Without an `old` map there is nothing to copy.
+///
+/// When no complete copy of a PG is registered, the PG is *down*: it waits for the lost
+/// nodes that had the last complete copies (`down`), and its replicas get tasks with no
+/// source, so that nothing they hold counts as complete meanwhile. Members refuse requests
+/// routed to it, so the copy that comes back is still the newest. Nodes in `marked_lost`
+/// are no longer waited for: a PG that waits for nobody else is given up on, and its
+/// registered replicas that were copying it count as complete from then on (objects only the
+/// lost nodes held are gone).
 pub fn reassign(
     old: Option<&PgMap>,
     new: &PgMap,
-    current: &std::collections::BTreeMap<String, RepairAssignment>,
-    done: &std::collections::BTreeMap<String, RepairDone>,
-    live: &std::collections::BTreeSet<String>,
-) -> (std::collections::BTreeMap<String, RepairAssignment>, Vec<u32>) {
+    current: &BTreeMap<String, RepairAssignment>,
+    done: &BTreeMap<String, RepairDone>,
+    live: &BTreeMap<String, String>,
+    marked_lost: &BTreeSet<String>,
+) -> Reassigned {
     let empty_a = RepairAssignment::new();
     let empty_d = RepairDone::new();
     let pending =
         |n: &str, pg: u32| repair_pending(current.get(n).unwrap_or(&empty_a), done.get(n).unwrap_or(&empty_d), pg);
-    let mut out: std::collections::BTreeMap<String, RepairAssignment> = Default::default();
-    let mut promoted = Vec::new();
-    let Some(old) = old else { return (out, promoted) };
+    let mut out = Reassigned::default();
+    let Some(old) = old else { return out };
     for pg in 0..new.pgs {
         let (newr, oldr) = (new.replicas_of(pg), old.replicas_of(pg));
-        if oldr.is_empty() {
+        let was_down = old.down_of(pg);
+        if oldr.is_empty() && was_down.is_none() {
             continue; // nothing could have been written to it
         }
         let held: Vec<&String> = newr
             .iter()
             .chain(oldr.iter().filter(|n| !newr.contains(n)))
-            .filter(|n| live.contains(*n) && oldr.contains(n))
+            .filter(|n| live.contains_key(*n) && oldr.contains(n))
             .collect();
         let mut complete: Vec<&String> = held.iter().copied().filter(|n| !pending(n, pg)).collect();
-        if complete.is_empty() && !held.is_empty() {
-            complete = held;
-            promoted.push(pg);
+        for h in was_down.unwrap_or(&[]) {
+            if h.returned(live) && !complete.contains(&&h.node) {
+                complete.push(&h.node);
+            }
+        }
+        if was_down.is_some() && !complete.is_empty() {
+            out.returned.push(pg);
+        }
+        // Every replica still copying: the nodes they copy from that left the PG (a join moved
+        // them out) still have the complete copy the copies are made of.
+        let mut moved_out: Vec<&String> = oldr
+            .iter()
+            .filter(|n| pending(n, pg))
+            .filter_map(|n| current.get(n)?.get(&pg))
+            .flat_map(|t| &t.sources)
+            .filter(|s| !oldr.contains(s))
+            .collect();
+        moved_out.sort();
+        moved_out.dedup();
+        if complete.is_empty() && was_down.is_none() {
+            complete = moved_out.iter().copied().filter(|n| live.contains_key(*n)).collect();
+        }
+        if complete.is_empty() {
+            // The last complete copies: what the PG waited for already, or its replicas that
+            // were complete in the old map, or the nodes its copies were made from (all lost
+            // now).
+            let holder =
+                |n: &String| Holder { node: n.clone(), pool_uuid: old.pools.get(n).cloned().unwrap_or_default() };
+            let holders: Vec<Holder> = match was_down {
+                Some(h) => h.to_vec(),
+                None => oldr.iter().filter(|n| !pending(n, pg)).chain(moved_out.iter().copied()).map(holder).collect(),
+            };
+            let waiting: Vec<Holder> = holders.iter().filter(|h| !marked_lost.contains(&h.node)).cloned().collect();
+            if !waiting.is_empty() {
+                out.down.insert(pg, waiting);
+            } else {
+                out.given_up.push(pg);
+                // Nothing else is left: the copying replicas' objects are the PG's now (and
+                // with none of them, the PG starts empty).
+                complete = held;
+                if complete.is_empty() {
+                    continue;
+                }
+            }
         }
         for n in newr {
+            if complete.contains(&n) {
+                continue;
+            }
             let epoch = if !oldr.contains(n) {
                 new.epoch
-            } else if pending(n, pg) && !complete.contains(&n) {
+            } else if pending(n, pg) {
                 current[n][&pg].epoch
             } else {
                 continue;
             };
-            let sources = complete.iter().filter(|s| *s != &n).map(|s| s.to_string()).collect();
-            out.entry(n.clone()).or_default().insert(pg, RepairTask { epoch, sources });
+            let sources = complete.iter().map(|s| s.to_string()).collect();
+            out.tasks.entry(n.clone()).or_default().insert(pg, RepairTask { epoch, sources });
         }
     }
-    (out, promoted)
+    out
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -273,6 +377,7 @@ mod tests {
         let mut nodes: Vec<String> = pg.iter().flat_map(|r| r.iter().map(|n| n.to_string())).collect();
         nodes.sort();
         nodes.dedup();
+        let pools = nodes.iter().map(|n| (n.clone(), format!("p{n}"))).collect();
         PgMap {
             epoch,
             pgs: pg.len() as u32,
@@ -280,46 +385,129 @@ mod tests {
             coordinator: "c".into(),
             nodes,
             pg: pg.iter().map(|r| r.iter().map(|n| n.to_string()).collect()).collect(),
+            pools,
+            down: BTreeMap::new(),
         }
+    }
+
+    /// Registered nodes, each with pool `p<id>`.
+    fn live(l: &[&str]) -> BTreeMap<String, String> {
+        l.iter().map(|n| (n.to_string(), format!("p{n}"))).collect()
     }
 
     #[test]
     fn a_replica_a_pg_gains_copies_it_from_those_with_a_complete_copy() {
-        use std::collections::{BTreeMap, BTreeSet};
-        let live = |l: &[&str]| l.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
         let none = BTreeMap::new();
         let nodone: BTreeMap<String, RepairDone> = BTreeMap::new();
+        let unmarked = BTreeSet::new();
         // The first map: nothing to copy.
         let first = map(1, &[&["a", "b"], &["b", "c"]]);
-        assert!(reassign(None, &first, &none, &nodone, &live(&["a", "b", "c"])).0.is_empty());
+        assert_eq!(reassign(None, &first, &none, &nodone, &live(&["a", "b", "c"]), &unmarked), Reassigned::default());
         // b dies: PG 0 gets d (from a), PG 1 gets a (from c).
         let second = map(2, &[&["a", "d"], &["c", "a"]]);
-        let (r, lost) = reassign(Some(&first), &second, &none, &nodone, &live(&["a", "c", "d"]));
-        assert!(lost.is_empty());
-        assert_eq!(r["d"][&0], RepairTask { epoch: 2, sources: vec!["a".into()] });
-        assert_eq!(r["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
-        assert_eq!(r.len(), 2);
-        // Then c dies before a finished PG 1: no complete copy is left, so a (still copying)
-        // counts as complete and d copies from it; d finished PG 0, so its task goes.
-        let third = map(3, &[&["a", "d"], &["a", "d"]]);
-        let done: BTreeMap<String, RepairDone> = [("d".to_string(), [(0u32, 2u64)].into())].into();
-        let (r3, lost) = reassign(Some(&second), &third, &r, &done, &live(&["a", "d"]));
-        assert_eq!(lost, vec![1]);
-        assert!(!r3.contains_key("a"), "a's task for PG 1 ends: it is what is left");
-        assert_eq!(r3["d"][&1], RepairTask { epoch: 3, sources: vec!["a".into()] });
-        assert!(!r3["d"].contains_key(&0), "done: dropped");
+        let r = reassign(Some(&first), &second, &none, &nodone, &live(&["a", "c", "d"]), &unmarked);
+        assert!(r.down.is_empty() && r.given_up.is_empty());
+        assert_eq!(r.tasks["d"][&0], RepairTask { epoch: 2, sources: vec!["a".into()] });
+        assert_eq!(r.tasks["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
+        assert_eq!(r.tasks.len(), 2);
         // Were a still copying PG 1 from c when c comes back, a keeps its task and epoch.
         let back = map(4, &[&["a", "d"], &["c", "a"]]);
-        let (r5, _) = reassign(Some(&second), &back, &r, &nodone, &live(&["a", "c", "d"]));
-        assert_eq!(r5["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
+        let r5 = reassign(Some(&second), &back, &r.tasks, &nodone, &live(&["a", "c", "d"]), &unmarked);
+        assert_eq!(r5.tasks["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
         // A node moved out of a PG by a join is still a source for it.
         let joined = map(4, &[&["e", "a"], &["a", "d"]]);
-        let (r4, _) =
-            reassign(Some(&map(3, &[&["a", "d"], &["a", "d"]])), &joined, &none, &nodone, &live(&["a", "d", "e"]));
-        assert_eq!(r4["e"][&0].sources, vec!["a".to_string(), "d".to_string()]);
-        assert_eq!(r4.len(), 1);
-        assert!(repair_pending(&r4["e"], &RepairDone::new(), 0));
-        assert!(!repair_pending(&r4["e"], &[(0u32, 4u64)].into(), 0));
+        let before = map(3, &[&["a", "d"], &["a", "d"]]);
+        let r4 = reassign(Some(&before), &joined, &none, &nodone, &live(&["a", "d", "e"]), &unmarked);
+        assert_eq!(r4.tasks["e"][&0].sources, vec!["a".to_string(), "d".to_string()]);
+        assert_eq!(r4.tasks.len(), 1);
+        assert!(repair_pending(&r4.tasks["e"], &RepairDone::new(), 0));
+        assert!(!repair_pending(&r4.tasks["e"], &[(0u32, 4u64)].into(), 0));
+    }
+
+    #[test]
+    fn a_pg_whose_last_complete_copy_is_lost_waits_for_it() {
+        let nodone: BTreeMap<String, RepairDone> = BTreeMap::new();
+        let unmarked = BTreeSet::new();
+        let first = map(1, &[&["a", "b"], &["b", "c"]]);
+        let second = map(2, &[&["a", "d"], &["c", "a"]]);
+        let r2 = reassign(Some(&first), &second, &BTreeMap::new(), &nodone, &live(&["a", "c", "d"]), &unmarked);
+        // c dies before a finished PG 1: no complete copy is registered, so PG 1 is down and
+        // waits for c; a keeps its task (now without a source) and d gets one; d finished
+        // PG 0, so that task goes.
+        let mut third = map(3, &[&["a", "d"], &["a", "d"]]);
+        let done: BTreeMap<String, RepairDone> = [("d".to_string(), [(0u32, 2u64)].into())].into();
+        let r3 = reassign(Some(&second), &third, &r2.tasks, &done, &live(&["a", "d"]), &unmarked);
+        let c = Holder { node: "c".into(), pool_uuid: "pc".into() };
+        assert_eq!(r3.down, BTreeMap::from([(1, vec![c.clone()])]));
+        assert!(r3.given_up.is_empty());
+        assert_eq!(r3.tasks["a"][&1], RepairTask { epoch: 2, sources: vec![] });
+        assert_eq!(r3.tasks["d"][&1], RepairTask { epoch: 3, sources: vec![] });
+        assert!(!r3.tasks["d"].contains_key(&0), "done: dropped");
+        third.down = r3.down.clone();
+        // Another map while it is down (e joins): still down, still waiting for c.
+        let mut fourth = map(4, &[&["a", "d"], &["e", "a"]]);
+        let r4 = reassign(Some(&third), &fourth, &r3.tasks, &done, &live(&["a", "d", "e"]), &unmarked);
+        assert_eq!(r4.down, third.down);
+        assert_eq!(r4.tasks["e"][&1], RepairTask { epoch: 4, sources: vec![] });
+        fourth.down = r4.down.clone();
+        // c comes back with another pool (its disk was replaced): not the copy PG 1 waits for.
+        let mut other = live(&["a", "c", "d", "e"]);
+        other.insert("c".into(), "fresh".into());
+        let fifth = map(5, &[&["a", "d"], &["c", "a"]]);
+        let wiped = reassign(Some(&fourth), &fifth, &r4.tasks, &done, &other, &unmarked);
+        assert_eq!(wiped.down, fourth.down);
+        assert_eq!(wiped.tasks["c"][&1].sources, Vec::<String>::new());
+        // c comes back with its pool: PG 1 is up, c is complete, a copies from it.
+        let r5 = reassign(Some(&fourth), &fifth, &r4.tasks, &done, &live(&["a", "c", "d", "e"]), &unmarked);
+        assert!(r5.down.is_empty());
+        assert_eq!(r5.returned, vec![1]);
+        assert!(!r5.tasks.contains_key("c"), "c holds the last complete copy");
+        assert_eq!(r5.tasks["a"][&1], RepairTask { epoch: 2, sources: vec!["c".into()] });
+        // Or an operator marks c lost: PG 1 is given up on, and what a and e copied is left.
+        let marked = BTreeSet::from(["c".to_string()]);
+        let r6 = reassign(
+            Some(&fourth),
+            &map(5, &[&["a", "d"], &["e", "a"]]),
+            &r4.tasks,
+            &done,
+            &live(&["a", "d", "e"]),
+            &marked,
+        );
+        assert!(r6.down.is_empty());
+        assert_eq!(r6.given_up, vec![1]);
+        assert!(r6.tasks.values().all(|t| !t.contains_key(&1)), "{:?}", r6.tasks);
+    }
+
+    #[test]
+    fn copies_of_a_pg_whose_old_replicas_a_join_moved_out_go_on_from_them() {
+        let (nodone, unmarked) = (BTreeMap::new(), BTreeSet::new());
+        // e and f join and take PG 0 from a and d, which are its sources.
+        let (before, joined) = (map(3, &[&["a", "d"]]), map(4, &[&["e", "f"]]));
+        let r4 = reassign(Some(&before), &joined, &BTreeMap::new(), &nodone, &live(&["a", "d", "e", "f"]), &unmarked);
+        assert_eq!(r4.tasks["f"][&0].sources, ["a", "d"]);
+        // e dies before either copy is done: a and d still have the complete copy.
+        let next = map(5, &[&["f", "g"]]);
+        let r5 = reassign(Some(&joined), &next, &r4.tasks, &nodone, &live(&["a", "d", "f", "g"]), &unmarked);
+        assert!(r5.down.is_empty() && r5.given_up.is_empty(), "{r5:?}");
+        assert_eq!(r5.tasks["f"][&0], RepairTask { epoch: 4, sources: vec!["a".into(), "d".into()] });
+        assert_eq!(r5.tasks["g"][&0], RepairTask { epoch: 5, sources: vec!["a".into(), "d".into()] });
+        // Were a and d gone too, PG 0 would wait for them.
+        let r5 = reassign(Some(&joined), &next, &r4.tasks, &nodone, &live(&["f", "g"]), &unmarked);
+        assert_eq!(r5.down[&0].iter().map(|h| h.node.as_str()).collect::<Vec<_>>(), ["a", "d"]);
+    }
+
+    #[test]
+    fn with_one_replica_a_lost_node_s_pgs_wait_for_it() {
+        let (nodone, unmarked) = (BTreeMap::new(), BTreeSet::new());
+        let first = map(1, &[&["a"], &["b"]]);
+        let mut second = map(2, &[&["b"], &["b"]]);
+        let r2 = reassign(Some(&first), &second, &BTreeMap::new(), &nodone, &live(&["b"]), &unmarked);
+        assert_eq!(r2.down, BTreeMap::from([(0, vec![Holder { node: "a".into(), pool_uuid: "pa".into() }])]));
+        assert_eq!(r2.tasks["b"][&0], RepairTask { epoch: 2, sources: vec![] });
+        second.down = r2.down;
+        // a restarts (same pool): PG 0 goes back to it, complete, and nothing is copied.
+        let r3 = reassign(Some(&second), &first, &r2.tasks, &nodone, &live(&["a", "b"]), &unmarked);
+        assert_eq!(r3, Reassigned { returned: vec![0], ..Reassigned::default() });
     }
 
     #[test]

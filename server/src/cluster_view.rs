@@ -7,7 +7,8 @@
 //!   all (`FAILED_PRECONDITION`);
 //! * the client's epoch is older than the node's (`FAILED_PRECONDITION`: refresh the map), or
 //!   newer (`UNAVAILABLE`: the node has not seen it yet; retry);
-//! * at the same epoch, the node is not a replica of that PG (`FAILED_PRECONDITION`).
+//! * at the same epoch, the node is not a replica of that PG (`FAILED_PRECONDITION`), or the
+//!   PG is down: no registered node has a complete copy (`UNAVAILABLE`).
 //!
 //! Requests without the header (single-node clients) pass untouched.
 //!
@@ -17,7 +18,7 @@
 //! only then. So per object, these changes take effect on every replica in one order, the
 //! primary's, and a change a client saw acknowledged is on every replica of that map.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use rdax_proto::model::ObjectKey;
@@ -26,7 +27,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::lease::Fence;
 
-pub use rdax_proto::cluster::{EPOCH_HEADER, FROM_PRIMARY_HEADER, PG_HEADER};
+pub use rdax_proto::cluster::{EPOCH_HEADER, FROM_PRIMARY_HEADER, Holder, PG_HEADER};
 
 /// A metadata change a PG's primary has the other replicas converge to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +117,8 @@ struct Known {
     held: Vec<bool>,
     /// For each PG this node is the primary of, the other replicas.
     others: Vec<Option<Vec<String>>>,
+    /// Down PGs: the lost nodes each waits for.
+    down: HashMap<u32, Vec<String>>,
 }
 
 /// See the module docs.
@@ -133,11 +136,13 @@ impl MapView {
         Self { fence, known: RwLock::new(None), locks: Arc::default(), forward: OnceLock::new() }
     }
 
-    /// A new map: its epoch, and for each PG its replicas (primary first); `me` is this node.
-    pub fn set(&self, epoch: u64, me: &str, pg: &[Vec<String>]) {
+    /// A new map: its epoch, for each PG its replicas (primary first), and its down PGs;
+    /// `me` is this node.
+    pub fn set(&self, epoch: u64, me: &str, pg: &[Vec<String>], down: &BTreeMap<u32, Vec<Holder>>) {
         let held = pg.iter().map(|r| r.iter().any(|n| n == me)).collect();
         let others = pg.iter().map(|r| (r.first().map(String::as_str) == Some(me)).then(|| r[1..].to_vec())).collect();
-        *self.known.write().unwrap_or_else(|e| e.into_inner()) = Some(Known { epoch, held, others });
+        let down = down.iter().map(|(pg, h)| (*pg, h.iter().map(|h| h.node.clone()).collect())).collect();
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = Some(Known { epoch, held, others, down });
     }
 
     /// How this node reaches the other replicas of the PGs it is the primary of (set once, by
@@ -264,6 +269,13 @@ impl MapView {
                 }
                 Some(true) => {}
             }
+            if let Some(waiting) = k.down.get(&(pg as u32)) {
+                return Err(Status::unavailable(format!(
+                    "PG {pg} is down: no registered node has a complete copy of it; it waits for {} to come back \
+                     (or for `rdaxctl cluster mark-lost`)",
+                    waiting.join(", ")
+                )));
+            }
         }
         Ok(())
     }
@@ -300,7 +312,7 @@ mod tests {
         assert_eq!(code(&v, Some("1"), None), Some(Code::Unavailable), "fenced");
         fence.open_until(Instant::now() + Duration::from_secs(60));
         assert_eq!(code(&v, Some("1"), None), Some(Code::Unavailable), "no map seen yet");
-        v.set(5, "me", &[vec!["me".into(), "b".into()], vec!["b".into()]]);
+        v.set(5, "me", &[vec!["me".into(), "b".into()], vec!["b".into()]], &BTreeMap::new());
         assert_eq!(v.epoch(), Some(5));
         assert!(v.released(5, 1) && !v.released(5, 0), "PG 1 is b's alone; this node holds PG 0");
         assert!(!v.released(4, 1) && !v.released(6, 1), "only at the node's own epoch");
@@ -314,6 +326,12 @@ mod tests {
         assert_eq!(code(&v, Some("5"), Some("1")), Some(Code::FailedPrecondition), "not a replica");
         assert_eq!(code(&v, Some("5"), Some("2")), Some(Code::InvalidArgument), "no such PG");
         assert_eq!(code(&v, Some("five"), None), Some(Code::InvalidArgument));
+        let down = BTreeMap::from([(0, vec![Holder { node: "lost".into(), pool_uuid: String::new() }])]);
+        v.set(6, "me", &[vec!["me".into(), "b".into()], vec!["b".into()]], &down);
+        let refusal = v.check(&headers(Some("6"), Some("0"))).unwrap_err();
+        assert_eq!(refusal.code(), Code::Unavailable, "a down PG serves nothing");
+        assert!(refusal.message().contains("PG 0 is down") && refusal.message().contains("lost"), "{refusal:?}");
+        assert_eq!(code(&v, Some("6"), None), None, "a request without a PG is not about it");
         fence.close();
         assert_eq!(code(&v, Some("5"), Some("0")), Some(Code::Unavailable), "a lapsed member refuses");
     }
@@ -321,7 +339,7 @@ mod tests {
     #[test]
     fn only_the_primary_orders_a_routed_change_and_a_primary_s_change_is_converged_to() {
         let v = MapView::new(Arc::new(Fence::default()));
-        v.set(5, "me", &[vec!["me".into(), "b".into(), "c".into()], vec!["b".into(), "me".into()]]);
+        v.set(5, "me", &[vec!["me".into(), "b".into(), "c".into()], vec!["b".into(), "me".into()]], &BTreeMap::new());
         let role = |epoch: Option<&str>, pg: Option<&str>| v.meta_role(&MetadataMap::from_headers(headers(epoch, pg)));
         assert_eq!(role(None, None).unwrap(), MetaRole::Local, "not routed");
         assert_eq!(role(Some("5"), None).unwrap(), MetaRole::Local, "an epoch without a PG");

@@ -100,7 +100,10 @@ async fn a_second_daemon_with_the_same_node_id_is_refused_and_grants_nothing() {
     // a node of the cluster.
     map_when(&etcd, "a map of the one member", |m| names(&m["nodes"]) == ["same"]);
     let st = status(&etcd);
-    assert_eq!(st["pg_states"], serde_json::json!({"healthy": 0, "repairing": 0, "degraded": 128, "unavailable": 0}));
+    assert_eq!(
+        st["pg_states"],
+        serde_json::json!({"healthy": 0, "repairing": 0, "degraded": 128, "unavailable": 0, "down": 0})
+    );
     assert_eq!(st["nodes"].as_array().unwrap().len(), 1);
     assert_eq!(format!("http://{}", st["nodes"][0]["grpc"].as_str().unwrap()), a.endpoint);
 }
@@ -256,7 +259,10 @@ async fn five_nodes_get_a_pg_map_and_a_new_coordinator_replaces_a_killed_one() {
     });
     assert_eq!(st["map"]["epoch"], back["epoch"]);
     assert_eq!(st["coordinator"], back["coordinator"]);
-    assert_eq!(st["pg_states"], serde_json::json!({"healthy": 128, "repairing": 0, "degraded": 0, "unavailable": 0}));
+    assert_eq!(
+        st["pg_states"],
+        serde_json::json!({"healthy": 128, "repairing": 0, "degraded": 0, "unavailable": 0, "down": 0})
+    );
     let up: Vec<_> = st["nodes"].as_array().unwrap().iter().filter(|n| n["state"] == "up").collect();
     assert_eq!(up.len(), 5);
     let held: u64 = up.iter().map(|n| n["pgs"].as_u64().unwrap()).sum();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::etcd::{
     Etcd, Workload, check_replicas, cluster, cluster_client, index, member_with, next, on_node, seed, status, tagged,
-    wait_placed, wait_repaired,
+    wait_healthy, wait_placed, wait_repaired,
 };
 use common::{Daemon, poll};
 use rdax_client::ErrorKind;
@@ -331,6 +331,9 @@ async fn kill_9_of_a_node_during_writes_loses_no_acknowledged_write() {
     let etcd = Etcd::start(root.path());
     let (_dirs, mut nodes, token) = cluster(root.path(), &etcd, 3, 2);
     let c = cluster_client(&etcd, &token).await;
+    // The copies made as the cluster formed are complete (R = 2 survives one loss of a
+    // complete copy).
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
     let mut rng = seed() | 1;
     // Half the seeds kill the coordinator: a new one is elected, writes the map, and repair
     // goes on under it.

@@ -4,7 +4,8 @@
 //! time). After each fault every acknowledged write must read back byte-identical,
 //! and once repair is done every replica of the map must hold it. The seed is printed;
 //! `RDAX_TEST_SEED` repeats a run and `RDAX_CLUSTER_ROUNDS` (default 1) runs more rounds. A
-//! second test kills two of five nodes (R = 3) at once and starts them again.
+//! second test kills two of five nodes (R = 3) at once and starts them again; a third loses
+//! the only copy of PGs (R = 1), which then wait for it, and then gives up on it.
 #![cfg(feature = "cluster")]
 
 mod common;
@@ -12,8 +13,8 @@ mod common;
 use std::time::Duration;
 
 use common::etcd::{
-    Acked, Etcd, TTL, Workload, check_replicas, cluster, cluster_client, next, seed, wait_healthy, wait_placed,
-    wait_repaired,
+    Acked, Etcd, TTL, Workload, check_replicas, cluster, cluster_client, next, seed, status, tagged, wait_healthy,
+    wait_placed, wait_repaired,
 };
 use common::{Daemon, poll};
 use rdax_client::ClusterClient;
@@ -72,6 +73,7 @@ async fn seeded_kills_partitions_and_etcd_restarts_lose_no_acknowledged_write() 
             .allow("not returned before the break deadline");
     }
     let c = cluster_client(&etcd, &token).await;
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
     let mut rng = seed() | 1;
     let w = Workload::start(&c, rng, 3);
     w.wait_for_more(10).await;
@@ -160,6 +162,9 @@ async fn five_nodes_with_three_replicas_lose_two_at_once_and_take_them_back() {
         d.allow("repair watch ended").allow("not returned before the break deadline");
     }
     let c = cluster_client(&etcd, &token).await;
+    // The copies made as the cluster formed are complete: two losses at once leave every PG
+    // a complete copy.
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
     let mut rng = seed() | 1;
     let w = Workload::start(&c, rng, 3);
     w.wait_for_more(20).await;
@@ -193,5 +198,150 @@ async fn five_nodes_with_three_replicas_lose_two_at_once_and_take_them_back() {
     let all: Vec<&Daemon> = nodes.iter().collect();
     wait_repaired(&etcd, &all).await;
     check_replicas(&c, &nodes, &acked, 3).await;
+    wait_placed(&c, &nodes, acked.keys()).await;
+}
+
+/// `rdaxctl --cluster … cluster mark-lost NODE [--yes]`.
+fn mark_lost(etcd: &Etcd, node: &str, yes: bool) -> std::process::Output {
+    let spec = etcd.client.replacen("http://", "etcd://", 1);
+    let mut cmd = common::rdaxctl();
+    cmd.args(["--cluster", &spec, "--json", "cluster", "mark-lost", node]);
+    if yes {
+        cmd.arg("--yes");
+    }
+    cmd.output().unwrap()
+}
+
+/// With one replica, a killed node's PGs are down until it comes back: nothing reads or writes
+/// them on the node that stands in, and when the node returns with its pool every object is
+/// there. Killed again and marked lost, its PGs come up (empty) on the other node.
+#[tokio::test(flavor = "multi_thread")]
+async fn pgs_whose_only_copy_is_lost_wait_for_it_and_keep_their_objects() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let (_dirs, mut nodes, token) = cluster(root.path(), &etcd, 2, 1);
+    for d in &nodes {
+        d.allow("no complete copy of these PGs is left");
+    }
+    let c = cluster_client(&etcd, &token).await;
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
+    let mut acked = Acked::new();
+    for i in 0..24 {
+        let name = format!("o{i}");
+        let data = tagged(&name, 1, 3000 + i * 512);
+        c.put("ns", &name, &data).await.unwrap();
+        acked.insert(name, (1, data));
+    }
+    let on_n1: Vec<String> = acked.keys().filter(|n| c.placement("ns", n).unwrap().1 == ["n1"]).cloned().collect();
+    assert!(on_n1.len() >= 2, "n1 holds {on_n1:?}");
+
+    let kill_n1 = |nodes: &mut Vec<Daemon>| {
+        nodes[1].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+        poll(Duration::from_secs(30), "a map without n1 whose PGs wait for it", || {
+            etcd.get("/rdax/pgmap", false).pop().filter(|m| {
+                m["nodes"] == serde_json::json!(["n0"]) && m["down"].as_object().is_some_and(|d| !d.is_empty())
+            })
+        })
+    };
+    let map = kill_n1(&mut nodes);
+    let s = status(&etcd);
+    assert!(s["pg_states"]["down"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["down"][0]["waiting_for"], serde_json::json!(["n1"]), "{s}");
+    // Refused by the client, and by n0 for a client that routes by the map anyway.
+    let mut opts = rdax_client::ClusterOptions { etcd: vec![etcd.client.clone()], ..Default::default() };
+    opts.connect.token = Some(token.clone());
+    opts.deadline = Duration::from_secs(2);
+    let impatient = rdax_client::ClusterClient::connect(opts).await.unwrap();
+    let e = impatient.get("ns", &on_n1[0]).await.unwrap_err();
+    assert!(e.kind() == rdax_client::ErrorKind::Unavailable && e.to_string().contains("is down"), "{e}");
+    let e = impatient.put("ns", &on_n1[0], b"lost?").await.unwrap_err();
+    assert!(e.kind() == rdax_client::ErrorKind::Unavailable && e.to_string().contains("is down"), "{e}");
+    let pgs = map["pgs"].as_u64().unwrap() as u32;
+    let pg = rdax_client::pg_of("ns", &on_n1[0], pgs);
+    let r = resize_at(&nodes[0], &token, &on_n1[0], map["epoch"].as_u64().unwrap(), pg).await;
+    let e = r.expect_err("a down PG's object was resized");
+    assert!(e.code() == tonic::Code::Unavailable && e.message().contains("is down"), "{e:?}");
+
+    // n1 comes back with its pool: its PGs are up on it again, with every object.
+    nodes[1].start_again();
+    poll(Duration::from_secs(30), "n1 back and nothing down", || {
+        etcd.get("/rdax/pgmap", false)
+            .pop()
+            .filter(|m| m["nodes"].as_array().unwrap().len() == 2 && m.get("down").is_none())
+    });
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
+    reads_back(&c, &acked, "n1's return").await;
+    check_replicas(&c, &nodes, &acked, 1).await;
+
+    // Lost for good: mark-lost without --yes changes nothing, with --yes the PGs come up on n0.
+    kill_n1(&mut nodes);
+    let out = mark_lost(&etcd, "n1", false);
+    assert_eq!(out.status.code(), Some(10), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(etcd.get("/rdax/lost/", true).is_empty());
+    let out = mark_lost(&etcd, "n0", true);
+    assert_eq!(out.status.code(), Some(10), "n0 is registered: {}", String::from_utf8_lossy(&out.stdout));
+    let out = mark_lost(&etcd, "n1", true);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    poll(Duration::from_secs(30), "nothing down, and the mark spent", || {
+        (etcd.get("/rdax/pgmap", false).pop().is_some_and(|m| m.get("down").is_none())
+            && etcd.get("/rdax/lost/", true).is_empty())
+        .then_some(())
+    });
+    wait_repaired(&etcd, &[&nodes[0]]).await;
+    c.put("ns", &on_n1[0], b"after n1").await.unwrap();
+    assert_eq!(c.get("ns", &on_n1[0]).await.unwrap(), b"after n1");
+    let e = c.get("ns", &on_n1[1]).await.unwrap_err();
+    assert_eq!(e.kind(), rdax_client::ErrorKind::NotFound, "{e}");
+}
+
+/// R = 2, and the second loss comes while the first is being repaired (copies are slowed to
+/// 1 MiB/s): the PGs whose last complete copy went with the second node wait for it, and
+/// when both come back every object reads back and is on both replicas.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_loss_during_repair_loses_nothing_once_the_node_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(root.path());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Daemon> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| common::etcd::member_with(d.path(), &etcd, &format!("n{i}"), &[], "repair_mib_per_s = 1"))
+        .collect();
+    for d in &nodes {
+        d.allow("repair watch ended").allow("not returned before the break deadline");
+    }
+    let c = cluster_client(&etcd, &etcd.token).await;
+    poll(Duration::from_secs(30), "a PG map of the three", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"].as_array().unwrap().len() == 3)
+    });
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
+    let mut acked = Acked::new();
+    for i in 0..24 {
+        let name = format!("o{i}");
+        let data = tagged(&name, 1, 256 << 10);
+        c.put("ns", &name, &data).await.unwrap();
+        acked.insert(name, (1, data));
+    }
+    // n0 goes; n1 and n2 copy its PGs from each other at 1 MiB/s, and n1 goes too.
+    nodes[0].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+    poll(Duration::from_secs(30), "a map without n0", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"] == serde_json::json!(["n1", "n2"]))
+    });
+    nodes[1].signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+    let map = poll(Duration::from_secs(30), "a map of n2 alone", || {
+        etcd.get("/rdax/pgmap", false).pop().filter(|m| m["nodes"] == serde_json::json!(["n2"]))
+    });
+    let down = map["down"].as_object().expect("PGs n2 was still copying from n1 are down");
+    assert!(down.values().all(|h| h[0]["node"] == "n1"), "{map}");
+    nodes[1].start_again();
+    nodes[0].start_again();
+    poll(Duration::from_secs(30), "all three back and nothing down", || {
+        etcd.get("/rdax/pgmap", false)
+            .pop()
+            .filter(|m| m["nodes"].as_array().unwrap().len() == 3 && m.get("down").is_none())
+    });
+    wait_healthy(&etcd, &nodes.iter().collect::<Vec<_>>()).await;
+    reads_back(&c, &acked, "both returned").await;
+    check_replicas(&c, &nodes, &acked, 2).await;
     wait_placed(&c, &nodes, acked.keys()).await;
 }

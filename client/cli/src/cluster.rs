@@ -10,8 +10,19 @@ pub(crate) enum ClusterCmd {
     /// Nodes and their state (up: registered; lost: in the PG map but no longer registered),
     /// the coordinator, and the PGs: healthy (every replica up and complete), repairing (a
     /// replica still copying; progress shown per copy), degraded (fewer replicas up than the
-    /// replication factor), unavailable (none up).
+    /// replication factor), unavailable (none up), down (no registered node has a complete
+    /// copy: it serves nothing until a node it waits for comes back).
     Status,
+    /// Give up on a lost node: the down PGs that wait for it (and for no other node) come up
+    /// with what their copying replicas hold, and objects only that node had are gone. Refused
+    /// while the node is registered or when no down PG waits for it.
+    MarkLost {
+        /// The node id.
+        node: String,
+        /// Do it (without: say what would be given up, and change nothing).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Put objects over the cluster for a while and report throughput and latency (a
     /// benchmark: every put goes to every replica and is persisted there).
     Bench(BenchArgs),
@@ -117,7 +128,7 @@ mod with_etcd {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use etcd_client::{Client, GetOptions};
+    use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
     use rdax_proto::cluster::{NodeRecord, PgMap, RepairAssignment, RepairDone, RepairProgress, repair_pending};
     use serde_json::json;
 
@@ -139,10 +150,86 @@ mod with_etcd {
     }
 
     pub(crate) async fn run(cli: &crate::Cli, urls: Vec<String>, cmd: &ClusterCmd, json: bool) -> Result<(), Failure> {
-        let ClusterCmd::Status = cmd else { unreachable!("only status reads etcd alone") };
         let prefix = cli.cluster_prefix.trim_end_matches('/');
         let opts = super::etcd_access(cli, &urls)?.options(BOUND, BOUND);
         let mut c = bounded(Client::connect(&urls, Some(opts))).await?;
+        match cmd {
+            ClusterCmd::Status => status(&mut c, urls, prefix, json).await,
+            ClusterCmd::MarkLost { node, yes } => mark_lost(&mut c, prefix, node, *yes, json).await,
+            ClusterCmd::Bench(_) => unreachable!("bench runs over the cluster client"),
+        }
+    }
+
+    async fn read_map(c: &mut Client, prefix: &str) -> Result<(Option<PgMap>, i64), Failure> {
+        let got = bounded(c.get(format!("{prefix}/pgmap"), None)).await?;
+        Ok(match got.kvs().first() {
+            Some(kv) => (serde_json::from_slice(kv.value()).ok(), kv.mod_revision()),
+            None => (None, 0),
+        })
+    }
+
+    /// `cluster mark-lost NODE [--yes]`.
+    async fn mark_lost(c: &mut Client, prefix: &str, node: &str, yes: bool, json: bool) -> Result<(), Failure> {
+        let (map, map_rev) = read_map(c, prefix).await?;
+        let Some(map) = map else {
+            return Err(Failure::precondition(anyhow::anyhow!("the cluster has no PG map: nothing waits for {node}")));
+        };
+        let node_key = format!("{prefix}/nodes/{node}");
+        if !bounded(c.get(node_key.clone(), None)).await?.kvs().is_empty() {
+            return Err(Failure::precondition(anyhow::anyhow!("node {node} is registered: it is not lost")));
+        }
+        let waiting: Vec<u32> =
+            map.down.iter().filter(|(_, h)| h.iter().any(|h| h.node == node)).map(|(pg, _)| *pg).collect();
+        if waiting.is_empty() {
+            return Err(Failure::precondition(anyhow::anyhow!(
+                "no down PG waits for {node} (map epoch {}): nothing to give up",
+                map.epoch
+            )));
+        }
+        let given_up: Vec<u32> =
+            waiting.iter().copied().filter(|pg| map.down[pg].iter().all(|h| h.node == node)).collect();
+        let v =
+            json!({"node": node, "epoch": map.epoch, "waiting_pgs": waiting, "given_up_pgs": given_up, "marked": yes});
+        if !yes {
+            emit(json, &v, || {
+                format!(
+                    "{} PGs wait for {node}; marking it lost gives up on {} of them ({}): they come up with what their \
+                     copying replicas hold, and objects only {node} had are gone. Run again with --yes to do it.",
+                    waiting.len(),
+                    given_up.len(),
+                    list(&given_up)
+                )
+            });
+            return Err(Failure::precondition(anyhow::anyhow!("not marked: --yes not given")));
+        }
+        // Only while the node is still unregistered and the map is the one read.
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(node_key, CompareOp::Equal, 0),
+                Compare::mod_revision(format!("{prefix}/pgmap"), CompareOp::Equal, map_rev),
+            ])
+            .and_then([TxnOp::put(format!("{prefix}/lost/{node}"), v.to_string(), None)]);
+        if !bounded(c.txn(txn)).await?.succeeded() {
+            return Err(Failure::precondition(anyhow::anyhow!(
+                "the cluster changed meanwhile ({node} registered, or a new PG map): look again"
+            )));
+        }
+        emit(json, &v, || {
+            format!(
+                "marked {node} lost: the coordinator gives up on {} PGs ({}) with its next map",
+                given_up.len(),
+                list(&given_up)
+            )
+        });
+        Ok(())
+    }
+
+    fn list(pgs: &[u32]) -> String {
+        let s: Vec<String> = pgs.iter().map(u32::to_string).collect();
+        if s.is_empty() { "none".into() } else { s.join(", ") }
+    }
+
+    async fn status(c: &mut Client, urls: Vec<String>, prefix: &str, json: bool) -> Result<(), Failure> {
         let got = bounded(c.get(format!("{prefix}/nodes/"), Some(GetOptions::new().with_prefix()))).await?;
         let up: BTreeMap<String, NodeRecord> = got
             .kvs()
@@ -150,24 +237,19 @@ mod with_etcd {
             .filter_map(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok())
             .map(|r| (r.node_id.clone(), r))
             .collect();
-        let map: Option<PgMap> = bounded(c.get(format!("{prefix}/pgmap"), None))
-            .await?
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice(kv.value()).ok());
+        let (map, _) = read_map(c, prefix).await?;
         // No leader is not an error: a cluster with no member has none.
         let coordinator = match tokio::time::timeout(BOUND, c.leader(format!("{prefix}/coordinator"))).await {
             Ok(Ok(r)) => r.kv().and_then(|kv| kv.value_str().ok()).map(str::to_string),
             _ => None,
         };
-        let assigned: BTreeMap<String, RepairAssignment> = read_all(&mut c, prefix, "repair").await?;
-        let done: BTreeMap<String, RepairDone> = read_all(&mut c, prefix, "repaired").await?;
-        let progress: BTreeMap<String, BTreeMap<u32, RepairProgress>> =
-            read_all(&mut c, prefix, "repair-progress").await?;
+        let assigned: BTreeMap<String, RepairAssignment> = read_all(c, prefix, "repair").await?;
+        let done: BTreeMap<String, RepairDone> = read_all(c, prefix, "repaired").await?;
+        let progress: BTreeMap<String, BTreeMap<u32, RepairProgress>> = read_all(c, prefix, "repair-progress").await?;
         let copying = |n: &str, pg: u32| {
             assigned.get(n).is_some_and(|a| repair_pending(a, done.get(n).unwrap_or(&RepairDone::new()), pg))
         };
-        let (mut healthy, mut degraded, mut unavailable, mut repairing) = (0u32, 0u32, 0u32, 0u32);
+        let (mut healthy, mut degraded, mut unavailable, mut repairing, mut down) = (0u32, 0u32, 0u32, 0u32, 0u32);
         let mut held: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
         if let Some(m) = &map {
             let want = usize::from(m.replicas);
@@ -175,6 +257,7 @@ mod with_etcd {
                 let live = r.iter().filter(|n| up.contains_key(*n)).count();
                 let complete = r.iter().filter(|n| up.contains_key(*n) && !copying(n, pg as u32)).count();
                 match live {
+                    _ if m.down_of(pg as u32).is_some() => down += 1,
                     0 => unavailable += 1,
                     n if n < want || r.len() < want => degraded += 1,
                     _ if complete < live => repairing += 1,
@@ -209,7 +292,10 @@ mod with_etcd {
         let v = json!({
             "etcd": urls, "prefix": prefix, "coordinator": coordinator, "nodes": nodes,
             "map": map.as_ref().map(|m| json!({"epoch": m.epoch, "pgs": m.pgs, "replicas": m.replicas})),
-            "pg_states": {"healthy": healthy, "repairing": repairing, "degraded": degraded, "unavailable": unavailable},
+            "pg_states": {"healthy": healthy, "repairing": repairing, "degraded": degraded, "unavailable": unavailable,
+                "down": down},
+            "down": map.as_ref().map_or(vec![], |m| m.down.iter().map(|(pg, h)| json!({"pg": pg,
+                "waiting_for": h.iter().map(|h| h.node.as_str()).collect::<Vec<_>>()})).collect::<Vec<_>>()),
             "repair": repair_json(&progress),
         });
         emit(json, &v, || {
@@ -223,7 +309,7 @@ mod with_etcd {
             match &map {
                 Some(m) => out.push_str(&format!(
                     "PG map epoch {}: {} PGs x {} replicas: {healthy} healthy, {repairing} repairing, {degraded} \
-                     degraded, {unavailable} unavailable\n",
+                     degraded, {unavailable} unavailable, {down} down\n",
                     m.epoch, m.pgs, m.replicas
                 )),
                 None => out.push_str("no PG map yet\n"),
@@ -246,6 +332,22 @@ mod with_etcd {
             for (node, p) in &progress {
                 for (pg, p) in p {
                     out.push_str(&format!("\nrepair {node} PG {pg}: {}", bar(p)));
+                }
+            }
+            if let Some(m) = &map {
+                // Grouped by the nodes they wait for.
+                let mut by: BTreeMap<Vec<&str>, Vec<u32>> = BTreeMap::new();
+                for (pg, h) in &m.down {
+                    by.entry(h.iter().map(|h| h.node.as_str()).collect()).or_default().push(*pg);
+                }
+                for (nodes, pgs) in by {
+                    out.push_str(&format!(
+                        "\ndown: {} PGs ({}) wait for {} (no registered node has a complete copy; or `cluster \
+                         mark-lost`)",
+                        pgs.len(),
+                        list(&pgs),
+                        nodes.join(", ")
+                    ));
                 }
             }
             out

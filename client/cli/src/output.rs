@@ -28,6 +28,12 @@ impl Failure {
         Self { code: 7, error }
     }
 
+    /// The state does not allow it (as `FAILED_PRECONDITION` from a daemon): exit 10.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub fn precondition(error: anyhow::Error) -> Self {
+        Self { code: 10, error }
+    }
+
     /// `fsck` found damage: exit 1 (the report is already printed).
     pub fn damaged() -> Self {
         Self { code: 1, error: anyhow::anyhow!("the pool is damaged") }

@@ -96,10 +96,10 @@ impl Member {
         METRICS.cluster_pgs_held.store(held, Relaxed);
         METRICS.cluster_pgs_primary.store(primary, Relaxed);
         METRICS.cluster_map_epoch.store(map.epoch, Relaxed);
-        self.view.set(map.epoch, me, &map.pg);
+        self.view.set(map.epoch, me, &map.pg, &map.down);
         info!(
             node = %me, epoch = map.epoch, nodes = map.nodes.len(), pgs = map.pgs, held, primary,
-            "PG map: new epoch"
+            down = map.down.len(), "PG map: new epoch"
         );
     }
 }

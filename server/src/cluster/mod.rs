@@ -16,7 +16,7 @@
 //! Everything here runs in two tasks that own their state; [`Membership::stop`] ends them
 //! and revokes the etcd lease, so the others see the node leave at once.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -103,7 +103,14 @@ struct Member {
     /// saw. Every object a client created here in this stint as a replica is younger (the
     /// node refuses requests routed by a map it has not seen).
     held_since: std::sync::Mutex<mapwatch::HeldSince>,
+    /// The objects this process's repair created here, by (PG, task epoch): young, but not a
+    /// client's. Kept across tries of one task, so that a copy that fails part-way (its source
+    /// lost) and starts again from another source copies them again rather than keep them.
+    repair_created: std::sync::Mutex<BTreeMap<(u32, u64), Arc<Created>>>,
 }
+
+/// Objects (namespace, name) a repair created here.
+type Created = std::sync::Mutex<BTreeSet<(String, String)>>;
 
 impl Membership {
     /// Enable the fence (nothing is granted until the node is registered) and start joining.
@@ -130,6 +137,7 @@ impl Membership {
             view,
             local,
             held_since: Default::default(),
+            repair_created: Default::default(),
         });
         info!(
             node = %m.record.node_id, etcd = ?m.cfg.etcd, ttl = ?m.cfg.lease_ttl, replicas = m.cfg.replicas,

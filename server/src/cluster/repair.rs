@@ -111,7 +111,10 @@ impl Member {
             METRICS.cluster_nodes.store(snap.nodes.len() as u64, Relaxed);
             METRICS.cluster_pgs_degraded.store(degraded(&snap), Relaxed);
             METRICS.cluster_pgs_repairing.store(todo.len() as u64, Relaxed);
-            let Some((pg, task)) = todo.first().cloned() else {
+            // A task with no registered source (a down PG, waiting for a lost node) waits for
+            // a new assignment and does not hold up the others.
+            let next = todo.iter().find(|(_, t)| t.sources.iter().any(|s| snap.nodes.contains_key(s))).cloned();
+            let Some((pg, task)) = next else {
                 METRICS.cluster_repair_rate.store(0, Relaxed);
                 // Nothing to copy: no session lingers on the other members meanwhile.
                 peers.clear();
@@ -138,6 +141,7 @@ impl Member {
             match r {
                 Ok((objects, bytes)) => {
                     last_error.clear();
+                    self.repair_created.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _), _| *p != pg);
                     let mut done = done;
                     done.insert(pg, task.epoch);
                     let body = serde_json::to_string(&done).expect("serialises");
@@ -296,7 +300,13 @@ impl Member {
             src_s,
             local_s,
             since: p.since_ns.unwrap_or(0),
-            created: Default::default(),
+            created: self
+                .repair_created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((pg, task.epoch))
+                .or_default()
+                .clone(),
         };
         let mut saved = Instant::now();
         let (mut n, mut bytes) = (0u64, 0u64);
@@ -386,8 +396,8 @@ struct Copier<'a> {
     local_s: Arc<Session>,
     /// See `RepairProgress::since_ns` (0: unknown).
     since: u64,
-    /// Objects this copy created here (young, but not a client's).
-    created: std::sync::Mutex<BTreeSet<(String, String)>>,
+    /// Objects this process's copies of the task created here (young, but not a client's).
+    created: Arc<std::sync::Mutex<BTreeSet<(String, String)>>>,
 }
 
 impl Copier<'_> {
