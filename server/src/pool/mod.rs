@@ -19,6 +19,7 @@
 
 pub mod alloc;
 pub mod check;
+mod data;
 pub mod error;
 pub mod extmap;
 mod group;
