@@ -1,6 +1,7 @@
 //! The data path of the pool: reads, writes and persists of object bytes, and the physical
-//! segments leases hand out. None of these change metadata; they run under the metadata read
-//! lock and wait for the durability of what they saw (see [`super::ops`]).
+//! segments leases hand out. They run under the metadata read lock and wait for the durability
+//! of what they saw; the one metadata change here is a write into holes, which allocates them
+//! first (see [`super::ops`]).
 
 use super::error::ObjError;
 use super::layout::BLOCK;
