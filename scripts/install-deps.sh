@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing rdax needs beyond the Rust toolchain. The default build
-# needs nothing else (protobuf compilation is pure Rust). The `rdma` feature (crate
+# needs only a C compiler (protobuf compilation is pure Rust). The `rdma` feature (crate
 # rdax-verbs, through rdma-mummy-sys) builds a small C shim with cmake and generates bindings
 # with libclang; at run time it loads libibverbs/librdmacm if they are there (rdma-core,
 # ibverbs-providers), and works without them (no RDMA). The NBD tests need libnbd-bin and
@@ -11,6 +11,8 @@ for c in rustfmt cargo-clippy; do
   command -v "$c" >/dev/null || { echo "missing $c: install the Rust toolchain with rustup (components rustfmt, clippy)" >&2; exit 1; }
 done
 need=()
+# A C compiler: rustc links with it, and ring and aws-lc-sys (TLS) compile C with it.
+command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v cmake >/dev/null || need+=(cmake)
 ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 # The NBD tests drive rdaxd with real NBD clients: libnbd's nbdcopy and nbdinfo, qemu-img and
