@@ -43,13 +43,32 @@ impl Failure {
     pub fn report(self, json: bool) -> ExitCode {
         if self.code != 1 {
             if json {
-                println!("{}", serde_json::json!({ "error": format!("{:#}", self.error), "exit": self.code }));
+                println!("{}", serde_json::json!({ "error": chain_text(&self.error), "exit": self.code }));
             } else {
-                eprintln!("rdaxctl: {:#}", self.error);
+                eprintln!("rdaxctl: {}", chain_text(&self.error));
             }
         }
         ExitCode::from(self.code)
     }
+}
+
+/// An error and its causes, `: `-separated, leaving out a cause whose text the one before it
+/// already ends with (SDK errors carry their source's text in their own message).
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.is_empty() && last.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
 }
 
 impl From<rdax_client::Error> for Failure {
@@ -100,4 +119,23 @@ pub(crate) fn human(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain_text;
+
+    #[test]
+    fn a_cause_repeated_in_the_message_is_printed_once() {
+        let sdk: rdax_client::Error = rdax_proto::model::validate_namespace("demo/").unwrap_err().into();
+        let e = anyhow::Error::from(sdk);
+        let text = chain_text(&e);
+        assert_eq!(text.matches("invalid namespace").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn distinct_causes_are_all_printed() {
+        let e = anyhow::anyhow!("disk full").context("writing the pool").context("rdaxctl put");
+        assert_eq!(chain_text(&e), "rdaxctl put: writing the pool: disk full");
+    }
 }
