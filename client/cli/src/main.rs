@@ -270,7 +270,8 @@ enum Cmd {
     /// Data-plane bench through one lease (RDMA or TCP, per --transport): bandwidth with
     /// --depth operations in flight, or latency with --depth 1. Prints figures.
     LeaseBench(bench::LeaseBenchArgs),
-    /// The cluster (with --cluster etcd://...): `status`. Reads etcd; asks no daemon.
+    /// The cluster (with --cluster etcd://...): `status` and `mark-lost` (etcd only; no
+    /// daemon is asked), and `bench`.
     Cluster {
         #[command(subcommand)]
         cmd: cluster::ClusterCmd,
