@@ -349,6 +349,7 @@ fn rdaxctl_lease_hold_list_and_revoke() {
     });
     assert_eq!(lease["state"], "active");
     assert_eq!(lease["object"], "ns/x");
+    assert_eq!(lease["mode"], "read-write");
     let id = lease["lease_id"].as_u64().unwrap().to_string();
     let out = d.ctl(&["lease", "revoke", &id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -62,6 +62,15 @@ pub(crate) fn stat_json(s: &ObjectStat) -> Value {
 }
 
 /// `ls` output: JSON stats, or size, allocated bytes and name per line.
+/// A listed lease's mode by name (`read`, `read-write`), as `lease hold --rw` speaks of it.
+fn lease_mode(mode: i32) -> &'static str {
+    match rdax_proto::pb::LeaseMode::try_from(mode) {
+        Ok(rdax_proto::pb::LeaseMode::Read) => "read",
+        Ok(rdax_proto::pb::LeaseMode::ReadWrite) => "read-write",
+        _ => "unknown",
+    }
+}
+
 pub(crate) fn ls_emit(json: bool, all: &[ObjectStat]) {
     let v: Vec<Value> = all.iter().map(stat_json).collect();
     emit(json, &v, || {
@@ -512,7 +521,7 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
                 .map(|l| {
                     let o = l.object.clone().unwrap_or_default();
                     json!({"lease_id": l.lease_id, "session_id": l.session_id, "object": format!("{}/{}", o.namespace, o.name),
-                        "offset": l.offset, "length": l.length, "mode": l.mode, "generation": l.generation,
+                        "offset": l.offset, "length": l.length, "mode": lease_mode(l.mode), "generation": l.generation,
                         "state": l.state, "pins": l.pins, "expires_in_ms": l.expires_in_ms, "exclusive": l.exclusive})
                 })
                 .collect();
@@ -521,13 +530,14 @@ async fn lease(cli: &Cli, client: &Client, cmd: &crate::LeaseCmd, json: bool) ->
                     .map(|l| {
                         let o = l.object.clone().unwrap_or_default();
                         format!(
-                            "{:>6}  {:<9} {}/{} [{}, +{}) gen {} pins {} expires in {} ms{}",
+                            "{:>6}  {:<9} {}/{} [{}, +{}) {} gen {} pins {} expires in {} ms{}",
                             l.lease_id,
                             l.state,
                             o.namespace,
                             o.name,
                             l.offset,
                             l.length,
+                            lease_mode(l.mode),
                             l.generation,
                             l.pins,
                             l.expires_in_ms,
