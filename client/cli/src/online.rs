@@ -61,7 +61,6 @@ pub(crate) fn stat_json(s: &ObjectStat) -> Value {
     })
 }
 
-/// `ls` output: JSON stats, or size, allocated bytes and name per line.
 /// A listed lease's mode by name (`read`, `read-write`), as `lease hold --rw` speaks of it.
 fn lease_mode(mode: i32) -> &'static str {
     match rdax_proto::pb::LeaseMode::try_from(mode) {
@@ -71,6 +70,7 @@ fn lease_mode(mode: i32) -> &'static str {
     }
 }
 
+/// `ls` output: JSON stats, or size, allocated bytes and name per line.
 pub(crate) fn ls_emit(json: bool, all: &[ObjectStat]) {
     let v: Vec<Value> = all.iter().map(stat_json).collect();
     emit(json, &v, || {
