@@ -50,6 +50,11 @@ fn start(args: Args) -> anyhow::Result<()> {
         if !quiet {
             println!("{cfg:#?}");
         }
+        // Not an error here: the group may exist only where the daemon runs (sysusers), but
+        // rdaxd refuses to start where it does not.
+        if let Some(problem) = cfg.admin_group_problem() {
+            eprintln!("rdaxd: warning: {problem} (rdaxd refuses to start on a host where this is so)");
+        }
         return Ok(());
     }
     cfg.resolve_admin_group().map_err(|e| ConfigFailure(format!("load the configuration: {e}")))?;

@@ -422,6 +422,20 @@ fn unknown_config_keys_are_reported() {
         .output()
         .unwrap();
     assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    // An admin group that does not exist here is a warning, not an error (it may exist only
+    // where the daemon runs), and the daemon itself refuses it.
+    std::fs::write(&cfg, "[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\ngroup = \"rdax-test-no-such-group\"\n").unwrap();
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "check-config", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("warning") && err.contains("no such group"), "{err}");
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "--state-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -706,6 +706,13 @@ impl Config {
         Ok(())
     }
 
+    /// Why `admin.group` could not be used on this host, if it could not (for `check-config`,
+    /// which does not fail on it).
+    pub fn admin_group_problem(&self) -> Option<String> {
+        let name = self.admin_group_name.as_ref()?;
+        admin::group_gid(name).err().map(|e| e.to_string())
+    }
+
     /// Keepalive interval clients are told to use: a third of the TTL.
     pub fn keepalive_interval(&self) -> Duration {
         self.session_ttl / 3
