@@ -410,10 +410,7 @@ fn unknown_config_keys_are_reported() {
     // The daemon itself, with a configuration that can never work: 78 too (the unit's
     // RestartPreventExitStatus), not the generic failure.
     std::fs::write(&cfg, "[limits]\nmax_sessions = 0\n").unwrap();
-    let out = std::process::Command::new(common::rdaxd_bin())
-        .args(["--config", cfg.to_str().unwrap(), "--state-dir", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = refused_start(&cfg, dir.path());
     assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
     // A valid one passes `check-config --quiet` silently (the unit's ExecReload).
     std::fs::write(&cfg, "[grpc]\nlisten = \"127.0.0.1:0\"\n").unwrap();
@@ -431,11 +428,29 @@ fn unknown_config_keys_are_reported() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("warning") && err.contains("no such group"), "{err}");
-    let out = std::process::Command::new(common::rdaxd_bin())
-        .args(["--config", cfg.to_str().unwrap(), "--state-dir", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = refused_start(&cfg, dir.path());
     assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Start rdaxd with `cfg` and wait (bounded) for it to exit, as a daemon refusing its
+/// configuration must; one that starts instead is killed and fails the test.
+fn refused_start(cfg: &std::path::Path, state: &std::path::Path) -> std::process::Output {
+    let mut child = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("rdaxd started instead of refusing its configuration: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
