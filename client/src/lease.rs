@@ -398,9 +398,17 @@ impl Lease {
         if range.start > range.end || range.end > buf.len() {
             return Err(Error::new(ErrorKind::InvalidArgument, "range outside the buffer"));
         }
+        let pieces = l.pieces(offset, (range.end - range.start) as u64)?;
+        // One piece, one request (the common case): no stream to build and drive.
+        if let [(seg, within, n)] = pieces.as_slice()
+            && let (Some(_), Some((addr, rkey))) = (seg.target, seg.rdma)
+            && *n <= 16 << 20
+        {
+            return link.zero_copy(write, addr + within, rkey, &buf.buf, range.start, *n as usize).await;
+        }
         let mut inflight = futures_util::stream::FuturesUnordered::new();
         let mut at = range.start;
-        for (seg, within, n) in l.pieces(offset, (range.end - range.start) as u64)? {
+        for (seg, within, n) in pieces {
             match (seg.target, seg.rdma) {
                 (Some(_), Some((addr, rkey))) => {
                     // One request per 16 MiB at most.

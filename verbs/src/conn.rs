@@ -14,6 +14,7 @@ use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use rdma_mummy_sys as sys;
@@ -103,6 +104,9 @@ pub const ACK_TIMEOUT: u8 = 14;
 /// RNR retries before a sender whose peer has no receive posted gets an error (7 would be
 /// "forever").
 pub const RNR_RETRY: u8 = 6;
+
+/// An optional bound on a wait, and what is waited for (for the error).
+type Bound = Option<(Duration, &'static str)>;
 
 /// A send-queue request as plain data (addresses as integers), so that futures holding it
 /// stay `Send`.
@@ -330,9 +334,11 @@ impl Conn {
         check(unsafe { sys::rdma_connect(self.id.raw(), &mut p) }, "rdma_connect")
     }
 
-    /// [`exec`](Self::exec), bounded: if the completion does not come within `bound`, the
-    /// connection is fenced (so the request is flushed; `keep` lives until then) and this
-    /// fails with [`Error::Timeout`].
+    /// [`exec`](Self::exec), bounded: if a free slot or the completion does not come within
+    /// `bound` (each wait), the connection is fenced (so the request is flushed; `keep` lives
+    /// until then) and this fails with [`Error::Timeout`]. The bound's timer is set only when
+    /// the call has to wait: a request that completes while its submitter polls (the
+    /// latency-bound case) pays no clock read and no timer for it.
     pub async fn exec_within(
         &self,
         wr: Wr,
@@ -340,33 +346,40 @@ impl Conn {
         bound: Duration,
         what: &'static str,
     ) -> Result<()> {
-        match tokio::time::timeout(bound, self.exec(wr, keep)).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.mark_closed(&format!("{what} did not complete within {bound:?}"));
-                let _ = self.fence();
-                Err(Error::Timeout(what))
-            }
-        }
+        self.exec_bounded(wr, keep, Some((bound, what))).await
     }
 
     /// Post one work request and wait for its completion. `keep` is held until the device
     /// is done with the request, even if this future is dropped.
     pub async fn exec(&self, wr: Wr, keep: Option<Arc<dyn Any + Send + Sync>>) -> Result<()> {
-        let (op, status) = self.post(wr, keep).await?;
+        self.exec_bounded(wr, keep, None).await
+    }
+
+    async fn exec_bounded(&self, wr: Wr, keep: Option<Arc<dyn Any + Send + Sync>>, bound: Bound) -> Result<()> {
+        let op = match wr {
+            Wr::Send(_) => "SEND",
+            Wr::Write { .. } => "RDMA WRITE",
+            Wr::Read { .. } => "RDMA READ",
+        };
+        let (op, status) = self.submit(Posted::Wr(wr), op, keep, bound).await?;
         if status != 0 {
             return Err(Error::Completion { op, status });
         }
         Ok(())
     }
 
-    async fn post(&self, wr: Wr, keep: Option<Arc<dyn Any + Send + Sync>>) -> Result<(&'static str, u32)> {
-        let op = match wr {
-            Wr::Send(_) => "SEND",
-            Wr::Write { .. } => "RDMA WRITE",
-            Wr::Read { .. } => "RDMA READ",
-        };
-        self.submit(Posted::Wr(wr), op, keep).await
+    /// Wait for `f` within `bound`, if any; past it, fence the connection (everything in
+    /// flight is flushed) and fail.
+    async fn within<F: std::future::Future>(&self, f: F, bound: Bound) -> Result<F::Output> {
+        let Some((bound, what)) = bound else { return Ok(f.await) };
+        match tokio::time::timeout(bound, f).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.mark_closed(&format!("{what} did not complete within {bound:?}"));
+                let _ = self.fence();
+                Err(Error::Timeout(what))
+            }
+        }
     }
 
     /// Build the work request for `p` and post it (synchronously: the raw WR never crosses
@@ -427,11 +440,18 @@ impl Conn {
         p: Posted,
         op: &'static str,
         keep: Option<Arc<dyn Any + Send + Sync>>,
+        bound: Bound,
     ) -> Result<(&'static str, u32)> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed(self.closed_why()));
         }
-        let mut t = self.slots.take(keep).await.ok_or_else(|| Error::Closed(self.closed_why()))?;
+        // A free slot is usually there at once; the bound's timer only for a wait.
+        let mut take = std::pin::pin!(self.slots.take(keep));
+        let t = match std::future::poll_fn(|cx| Poll::Ready(take.as_mut().poll(cx))).await {
+            Poll::Ready(t) => t,
+            Poll::Pending => self.within(take, bound).await?,
+        };
+        let mut t = t.ok_or_else(|| Error::Closed(self.closed_why()))?;
         let id = t.id();
         let alone = self.slots.inflight() == 1;
         let queued = !alone && self.one_poster.load(Ordering::Relaxed) && self.post_queued(id, p);
@@ -472,7 +492,9 @@ impl Conn {
         let _waiter = Waiter(&self.waiting);
         self.arm();
         self.poll_all();
-        status(t.await)
+        // On a timeout the ticket is dropped after the fence: its slot (and `keep`) stays
+        // taken until the flushed completion frees it.
+        status(self.within(&mut t, bound).await?)
     }
 
     /// From now on, a request submitted while others are in flight is posted by one thread of
@@ -538,7 +560,7 @@ impl Conn {
         // SAFETY: a pure function on the value.
         let rkey = unsafe { sys::ibv_inc_rkey(mw.rkey) };
         let p = Posted::Bind { mw: mw.raw() as usize, mr: mr.raw() as usize, rkey, addr, len, access: access.0 };
-        let (op, status) = self.submit(p, "BIND_MW", None).await?;
+        let (op, status) = self.submit(p, "BIND_MW", None, None).await?;
         if status != 0 {
             return Err(Error::Completion { op, status });
         }
@@ -548,7 +570,7 @@ impl Conn {
 
     /// Invalidate a memory window bound on this QP.
     pub async fn local_inv(&self, rkey: u32) -> Result<()> {
-        let (op, status) = self.submit(Posted::Inv(rkey), "LOCAL_INV", None).await?;
+        let (op, status) = self.submit(Posted::Inv(rkey), "LOCAL_INV", None, None).await?;
         if status != 0 {
             return Err(Error::Completion { op, status });
         }
