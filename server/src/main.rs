@@ -48,7 +48,7 @@ fn start(args: Args) -> anyhow::Result<()> {
             return Err(ConfigFailure(format!("validate the configuration: unknown keys: {keys}")).into());
         }
         if !quiet {
-            println!("{cfg:#?}");
+            print!("{}", cfg.report());
         }
         // Not an error here: the group may exist only where the daemon runs (sysusers), but
         // rdaxd refuses to start where it does not.

@@ -485,6 +485,39 @@ fn sigquit_exits_at_once_and_the_next_start_recovers() {
 }
 
 #[test]
+fn check_config_reports_the_resolved_config_without_secrets() {
+    let dir = tmp();
+    let token = "tok-check-config-must-not-print-this";
+    let tf = dir.path().join("token");
+    std::fs::write(&tf, token).unwrap();
+    std::fs::set_permissions(&tf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cfg = dir.path().join("rdaxd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[grpc]\nlisten = \"127.0.0.1:7999\"\n[auth]\ntoken_file = {:?}\n[lease]\nttl_ms = 30000\n[nbd]\nlisten = \"127.0.0.1:10809\"\nprincipal = \"admin\"\n",
+            tf.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::rdaxd_bin())
+        .args(["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "grpc       127.0.0.1:7999 plaintext",
+        "auth       1 principal(s): admin",
+        "lease      TTL 30 s",
+        "nbd        127.0.0.1:10809 TLS off, exclusive leases for writers on, principal admin",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    assert!(!text.contains(token) && !String::from_utf8_lossy(&out.stderr).contains(token), "{text}");
+}
+
+#[test]
 fn the_example_config_documents_only_real_keys() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rdaxd.toml");
     let out = std::process::Command::new(common::rdaxd_bin())

@@ -15,6 +15,7 @@ mod cluster;
 mod credentials;
 mod limits;
 mod nbd;
+mod report;
 mod tls;
 
 pub use admin::{AdminSection, group_gid};
@@ -424,7 +425,7 @@ pub struct Config {
     pub create_pool: bool,
     /// gRPC address.
     pub listen: SocketAddr,
-    /// Bearer token, if any (its `Debug` shows no secret, so `check-config` can print this).
+    /// Bearer token, if any (its `Debug` shows no secret).
     pub token: Option<Secret>,
     /// Session TTL.
     pub session_ttl: Duration,
@@ -785,9 +786,11 @@ mod tests {
         std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = Config::resolve(&args).unwrap();
         assert_eq!(c.token.as_deref(), Some("0123456789abcdef0123"));
-        // What check-config prints shows no secret.
+        // Neither a debug dump (a log line) nor what check-config prints shows the secret.
         let shown = format!("{c:#?}");
         assert!(!shown.contains("0123456789abcdef0123") && shown.contains("<redacted>"), "{shown}");
+        let report = c.report();
+        assert!(!report.contains("0123456789abcdef0123") && report.contains("principal(s): admin"), "{report}");
         let args = Args::parse_from(["rdaxd", "--session-ttl-ms", "5", "--state-dir", "/tmp/x"]);
         assert!(Config::resolve(&args).is_err());
         // A log filter the daemon would refuse at start is refused here already.
