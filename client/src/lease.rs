@@ -72,6 +72,10 @@ pub struct LeaseSegment {
     pub rdma: Option<(u64, u32)>,
 }
 
+/// Bytes one zero-copy RDMA request moves at most; a longer piece is split.
+#[cfg(feature = "rdma")]
+const MAX_RDMA_REQUEST: u64 = 16 << 20;
+
 const ACTIVE: u8 = 0;
 const RECALLED: u8 = 1;
 const ENDED: u8 = 2;
@@ -402,7 +406,7 @@ impl Lease {
         // One piece, one request (the common case): no stream to build and drive.
         if let [(seg, within, n)] = pieces.as_slice()
             && let (Some(_), Some((addr, rkey))) = (seg.target, seg.rdma)
-            && *n <= 16 << 20
+            && *n <= MAX_RDMA_REQUEST
         {
             return link.zero_copy(write, addr + within, rkey, &buf.buf, range.start, *n as usize).await;
         }
@@ -411,10 +415,9 @@ impl Lease {
         for (seg, within, n) in pieces {
             match (seg.target, seg.rdma) {
                 (Some(_), Some((addr, rkey))) => {
-                    // One request per 16 MiB at most.
                     let mut c = 0u64;
                     while c < n {
-                        let m = (n - c).min(16 << 20);
+                        let m = (n - c).min(MAX_RDMA_REQUEST);
                         inflight.push(link.zero_copy(
                             write,
                             addr + within + c,

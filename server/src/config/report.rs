@@ -29,6 +29,17 @@ fn dur(d: Duration) -> String {
     }
 }
 
+/// A URL without its userinfo (`user:password@`), which could hold a secret.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) if scheme.is_empty() => rest[at + 1..].to_string(),
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
 fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
@@ -104,7 +115,7 @@ impl Config {
                 "node {} under {} on {}, {} replica(s), {} placement groups",
                 c.node_id,
                 c.prefix,
-                c.etcd.join(","),
+                c.etcd.iter().map(|u| without_userinfo(u)).collect::<Vec<_>>().join(","),
                 c.replicas,
                 c.pgs
             ),
@@ -153,5 +164,13 @@ mod tests {
         assert_eq!(dur(Duration::from_secs(30)), "30 s");
         assert_eq!(dur(Duration::from_secs(600)), "10 min");
         assert_eq!(dur(Duration::ZERO), "0 ms");
+    }
+
+    #[test]
+    fn urls_lose_their_userinfo() {
+        assert_eq!(without_userinfo("https://u:s3cret@etcd1:2379/x"), "https://etcd1:2379/x");
+        assert_eq!(without_userinfo("u:s3cret@etcd1:2379"), "etcd1:2379");
+        assert_eq!(without_userinfo("http://etcd1:2379/a@b"), "http://etcd1:2379/a@b");
+        assert_eq!(without_userinfo("http://[::1]:2379"), "http://[::1]:2379");
     }
 }
