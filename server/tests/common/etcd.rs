@@ -80,11 +80,11 @@ impl Etcd {
             token,
             token_file,
             dir: dir.join("etcd"),
-            client: format!("http://127.0.0.1:{}", free_port()),
-            peer: format!("http://127.0.0.1:{}", free_port()),
+            client: String::new(),
+            peer: String::new(),
             secure: None,
         };
-        e.spawn();
+        e.first_spawn("http");
         e
     }
 
@@ -117,11 +117,11 @@ impl Etcd {
             token,
             token_file,
             dir: dir.join("etcd"),
-            client: format!("https://127.0.0.1:{}", free_port()),
-            peer: format!("http://127.0.0.1:{}", free_port()),
+            client: String::new(),
+            peer: String::new(),
             secure: Some(secure),
         };
-        e.spawn();
+        e.first_spawn("https");
         let s = e.secure.as_ref().unwrap();
         let add = e.ctl_as(false, &["user", "add", "root", &format!("--new-user-password={}", s.password)]);
         assert!(add.status.success(), "etcdctl user add: {}", String::from_utf8_lossy(&add.stderr));
@@ -149,7 +149,38 @@ impl Etcd {
         etcdctl(&self.client, &all.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// The first start, on two free ports. A port found free can be taken before etcd binds
+    /// it (another test's listener, or a connection's ephemeral source port), and then etcd
+    /// exits at once: such a start is tried again on fresh ports with a fresh data directory.
+    fn first_spawn(&mut self, scheme: &str) {
+        for attempt in 1.. {
+            self.client = format!("{scheme}://127.0.0.1:{}", free_port());
+            self.peer = format!("http://127.0.0.1:{}", free_port());
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(why) if attempt < 5 => {
+                    eprintln!("etcd start {attempt} failed ({why}); trying fresh ports");
+                    let _ = std::fs::remove_dir_all(&self.dir);
+                }
+                Err(why) => panic!("etcd did not start after {attempt} tries: {why}"),
+            }
+        }
+    }
+
+    /// Start etcd again on the same ports and data (after [`Etcd::kill`]).
     pub fn spawn(&mut self) {
+        for attempt in 1.. {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(why) if attempt < 3 => eprintln!("etcd restart {attempt} failed ({why}); trying again"),
+                Err(why) => panic!("etcd did not restart after {attempt} tries: {why}"),
+            }
+        }
+    }
+
+    /// Spawn etcd and wait, bounded, until it answers health checks; `Err` (with the tail of
+    /// its log) when it exits or does not become healthy in time.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.with_extension("log")).unwrap();
         let mut cmd = Command::new("etcd");
         if let Some(s) = &self.secure {
@@ -167,9 +198,27 @@ impl Etcd {
             .spawn()
             .expect("etcd (Debian's etcd-server; scripts/install-deps.sh installs it)");
         self.child = Some(child);
-        poll(Duration::from_secs(30), "etcd to be healthy", || {
-            self.ctl_as(false, &["endpoint", "health"]).status.success().then_some(())
-        });
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ctl_as(false, &["endpoint", "health"]).status.success() {
+                return Ok(());
+            }
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() || std::time::Instant::now() >= end {
+                self.kill();
+                let text = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                let state = match exited {
+                    Some(status) => format!("etcd exited with {status}"),
+                    None => "etcd not healthy after 30s".into(),
+                };
+                return Err(format!(
+                    "{state}; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> i32 {
