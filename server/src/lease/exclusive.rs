@@ -43,15 +43,10 @@ impl LeaseManager {
         let brk = self.recall_alone(&req.object, req.offset, end, "an exclusive lease was requested").await?;
         lease_failpoint!("exclusive.recalled");
         let how = super::How { own: Some(brk.marker), allocate: req.allocate };
+        // Installed exclusive (a grant past its own marker is one), under the lock that
+        // inserts it.
         let g = self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, how).await?;
-        {
-            let mut i = self.lock();
-            let l = i.leases.get_mut(&g.id).expect("just granted");
-            if l.state.live() {
-                l.exclusive = true;
-                i.exclusive_live += 1;
-            }
-        }
+        lease_failpoint!("exclusive.installed");
         drop(brk);
         info!(lease = g.id, session = %req.session, object = %req.object, "lease is exclusive");
         Ok(g)

@@ -584,6 +584,12 @@ impl LeaseManager {
         }
         let granted_after_marker = g.next_marker - 1;
         let ttl = self.config().ttl;
+        // Exclusive from the moment it exists, under the same lock: marked afterwards, the
+        // lease could end (its session closing on another thread) before it was marked.
+        let exclusive = a.own.is_some();
+        if exclusive {
+            g.exclusive_live += 1;
+        }
         g.leases.insert(
             id,
             Lease {
@@ -602,7 +608,7 @@ impl LeaseManager {
                 granted_after_marker,
                 transport: None,
                 principal,
-                exclusive: false,
+                exclusive,
             },
         );
         info!(lease = id, session = %a.session, object = %a.object, offset = a.offset, len = a.end - a.offset, generation, "lease granted");
@@ -753,7 +759,8 @@ struct Install<'a> {
     mode: Mode,
     /// `(object id, layout epoch)` seen when the range was allocated.
     expect: Option<(u64, u64)>,
-    /// The marker an exclusive grant put up itself, which it may pass.
+    /// The marker an exclusive grant put up itself, which it may pass. Only exclusive grants
+    /// have one: the lease is installed exclusive.
     own: Option<u64>,
 }
 

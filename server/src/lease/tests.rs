@@ -423,6 +423,31 @@ mod cancelled {
         until(step, || failpoint::list().iter().any(|p| p.name == step && p.paused > 0)).await;
     }
 
+    /// Found by the NBD bench (a client reconnecting as its export's session closed): the
+    /// lease was marked exclusive in a second step, after the grant, and a session that ended
+    /// in between left nothing to mark — the daemon aborted on "just granted".
+    #[tokio::test]
+    async fn an_exclusive_lease_whose_session_ends_as_it_is_installed_ends_with_it() {
+        let _g = failpoint::TEST_LOCK.write().await;
+        failpoint::reset();
+        let fx = fixture();
+        let (b, _brx) = session(&fx);
+        failpoint::set("exclusive.installed", "pause").unwrap();
+        let m = fx.leases.clone();
+        let grant = tokio::spawn(async move { m.grant(exclusive_req(b, 0, 4096)).await });
+        paused_at("exclusive.installed").await;
+        assert!(fx.leases.exclusive_over(&key("ns", "x"), 0, 4096).is_some(), "exclusive from the moment it exists");
+        fx.sessions.end(b, crate::session::EndReason::Evicted).unwrap();
+        until("the lease to end", || fx.leases.list(Some(b)).iter().all(|l| !l.state.live())).await;
+        failpoint::set("exclusive.installed", "off").unwrap();
+        let r = grant.await.expect("the grant's task finishes");
+        assert!(r.is_ok(), "granted, then ended with its session: {:?}", r.err());
+        assert_eq!(fx.leases.exclusive_over(&key("ns", "x"), 0, 4096), None, "an ended lease keeps nobody off");
+        let (c, _crx) = session(&fx);
+        fx.leases.acquire(c, key("ns", "x"), 0, 4096, Mode::ReadWrite).await.unwrap();
+        failpoint::reset();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_dropped_layout_change_still_holds_off_grants_until_done() {
         let _g = failpoint::TEST_LOCK.write().await;
