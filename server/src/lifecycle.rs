@@ -351,7 +351,9 @@ pub async fn run_with_reload(
                     idle: n.idle_timeout,
                     stall: cfg.data_op_timeout,
                     lease_wait: cfg.lease_break_timeout * 2 + Duration::from_secs(5),
+                    busy_poll: n.busy_poll,
                 },
+                spinners: crate::nbd::poll::Spinners::for_host(),
             });
             let task = tokio::spawn(srv.serve(
                 l,

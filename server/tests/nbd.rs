@@ -610,3 +610,81 @@ fn sigterm_with_nbd_clients_attached_shuts_down_cleanly_and_keeps_flushed_data()
     let out = ok(qemu_io(&d, "a/v", &["read -P 0x6b 0 1", "read -v 0 5"]), "qemu-io read after the restart");
     assert!(out.contains("6b 65 70 74 21"), "{out}");
 }
+
+/// Sequential writes then reads of 4 KiB on one connection (the next request sent as soon as
+/// the reply is in, as at queue depth 1), each read checked, in rounds of 64 pairs until
+/// `until` (asked between rounds only, so that asking does not slow the requests); returns
+/// how many pairs ran.
+fn sequential(r: &mut Raw, until: impl Fn() -> bool, deadline: Duration) -> u64 {
+    let end = std::time::Instant::now() + deadline;
+    let mut n = 0u64;
+    loop {
+        assert!(std::time::Instant::now() < end, "timed out after {deadline:?} of sequential requests ({n} sent)");
+        for _ in 0..64 {
+            let off = (n % 256) * 4096;
+            let data = pattern(n, 4096);
+            r.request(1, 2 * n, off, 4096, &data);
+            let c = r.chunk().expect("a write reply");
+            assert_eq!((c.2, Raw::error_of(&c)), (2 * n, 0), "write {n}");
+            r.request(0, 2 * n + 1, off, 4096, &[]);
+            let c = r.chunk().expect("a read reply");
+            assert_eq!(c.2, 2 * n + 1);
+            assert_eq!(c.1, 1, "OFFSET_DATA");
+            assert_eq!(&c.3[8..], &data[..], "read {n} returns what write {n} wrote");
+            n += 1;
+        }
+        if until() {
+            return n;
+        }
+    }
+}
+
+#[test]
+fn a_connection_whose_requests_follow_its_replies_busy_polls_and_one_with_polling_off_never_does() {
+    let polls = |d: &Daemon, r: &str| d.metric(&format!("rdax_nbd_busy_polls_total{{result=\"{r}\"}}"));
+    // A window of 1 ms: a client on the same host that answers each reply at once is hot.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("rdaxd.toml");
+    std::fs::write(&conf, "[nbd]\nbusy_poll_us = 1000\n").unwrap();
+    let d = start_with(dir.path(), "64M", &["--config", conf.to_str().unwrap()]);
+    ok(d.ctl(&["volume", "create", "a/v", "--size", "1M"]), "volume create");
+    let mut r = Raw::connect(&d);
+    r.go("a/v").unwrap();
+    // Polls find requests (bounded: on a loaded machine some gaps exceed the window).
+    let n = sequential(&mut r, || polls(&d, "request") >= 20.0, Duration::from_secs(60));
+    assert!(n > 0);
+    // A pause longer than the window after a round: the poll after its last reply times out
+    // and the connection parks (repeated, bounded, until a round ended hot).
+    poll(Duration::from_secs(60), "a poll to time out", || {
+        sequential(&mut r, || true, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20)); // idle on purpose, 20 windows
+        (polls(&d, "timeout") > 0.0).then_some(())
+    });
+    let before = polls(&d, "request") + polls(&d, "timeout");
+    std::thread::sleep(Duration::from_millis(50)); // idle on purpose: the connection is cold now
+    assert_eq!(polls(&d, "request") + polls(&d, "timeout"), before, "a cold connection does not poll");
+    r.request(0, 9_999, 0, 4096, &[]);
+    assert_eq!(r.chunk().expect("a read after the pause").2, 9_999);
+    r.request(2, 10_000, 0, 0, &[]); // DISC
+    assert!(r.at_eof());
+
+    // busy_poll_us = 0: never a poll, whatever the client does.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("rdaxd.toml");
+    std::fs::write(&conf, "[nbd]\nbusy_poll_us = 0\n").unwrap();
+    let d = start_with(dir.path(), "64M", &["--config", conf.to_str().unwrap()]);
+    ok(d.ctl(&["volume", "create", "a/v", "--size", "1M"]), "volume create");
+    let mut r = Raw::connect(&d);
+    r.go("a/v").unwrap();
+    let rounds = std::cell::Cell::new(0);
+    let n = sequential(
+        &mut r,
+        || {
+            rounds.set(rounds.get() + 1);
+            rounds.get() >= 8
+        },
+        Duration::from_secs(60),
+    );
+    assert_eq!(n, 8 * 64);
+    assert_eq!(polls(&d, "request") + polls(&d, "timeout"), 0.0, "no polls with busy_poll_us = 0");
+}

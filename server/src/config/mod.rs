@@ -56,6 +56,7 @@ Config keys without a flag:
   [nbd] exclusive = true          writable NBD exports take exclusive leases
   [nbd] idle_timeout_ms = 600000  an NBD connection with no request for this long is closed
   [nbd] handshake_timeout_ms = 10000  bound on an NBD client's whole handshake
+  [nbd] busy_poll_us = 50         a connection whose requests follow its replies closely polls this long before it parks (0: never)
   [cluster] lease_ttl_ms = 10000  TTL of the etcd lease the node's registration lives under
   [cluster] prefix = \"/rdax\"      etcd key prefix (clusters sharing one etcd use their own)
   [cluster] pgs = 128             placement groups, fixed by the cluster's first PG map

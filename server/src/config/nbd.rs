@@ -23,6 +23,8 @@ pub struct NbdSection {
     pub idle_timeout_ms: Option<u64>,
     /// Bound on the whole handshake.
     pub handshake_timeout_ms: Option<u64>,
+    /// How long a hot connection busy-polls for its next request, µs (0: never).
+    pub busy_poll_us: Option<u64>,
 }
 
 /// The NBD server's settings.
@@ -40,6 +42,8 @@ pub struct Nbd {
     pub idle_timeout: Duration,
     /// Handshake timeout (default 10 s).
     pub handshake_timeout: Duration,
+    /// Busy-poll window of a hot connection (default 50 µs; zero: never poll).
+    pub busy_poll: Duration,
 }
 
 /// `[nbd]` from flags over the file; `None` when off.
@@ -91,6 +95,10 @@ pub(super) fn resolve(
             return Err(invalid(format!("{name} must be between 10 and 86400000, not {v}")));
         }
     }
+    let busy_poll = file.busy_poll_us.unwrap_or(crate::nbd::poll::DEFAULT_WINDOW.as_micros() as u64);
+    if busy_poll > 1000 {
+        return Err(invalid(format!("nbd.busy_poll_us must be between 0 (off) and 1000, not {busy_poll}")));
+    }
     Ok(Some(Nbd {
         listen,
         principal: if certs_name_principals { None } else { principal },
@@ -98,6 +106,7 @@ pub(super) fn resolve(
         exclusive: file.exclusive.unwrap_or(true),
         idle_timeout: Duration::from_millis(idle),
         handshake_timeout: Duration::from_millis(handshake),
+        busy_poll: Duration::from_micros(busy_poll),
     }))
 }
 
@@ -121,10 +130,22 @@ mod tests {
         assert!(e.to_string().contains("not a configured principal"), "{e}");
         let n = resolve_args(&["--nbd-listen", "127.0.0.1:10809", "--nbd-principal", "admin"], false).unwrap().unwrap();
         assert!(n.exclusive && n.principal.as_deref() == Some("admin") && n.idle_timeout == Duration::from_secs(600));
+        assert_eq!(n.busy_poll, Duration::from_micros(50), "busy polling is on by default");
         let wide = ["--nbd-listen", "0.0.0.0:10809", "--nbd-principal", "admin"];
         assert!(resolve_args(&wide, false).unwrap_err().to_string().contains("--insecure-plaintext"));
         assert!(resolve_args(&wide, true).unwrap().is_some());
         let e = resolve_args(&["--nbd-listen", "127.0.0.1:1", "--nbd-principal", "admin", "--nbd-tls"], false);
         assert!(e.unwrap_err().to_string().contains("tls.cert"), "TLS needs the certificate");
+    }
+
+    #[test]
+    fn busy_poll_is_bounded_and_can_be_turned_off() {
+        let args = Args::parse_from(["rdaxd", "--nbd-listen", "127.0.0.1:10809", "--nbd-principal", "admin"]);
+        let p = crate::auth::Principals::single("admin", "t0ken");
+        let with = |us| NbdSection { busy_poll_us: Some(us), ..NbdSection::default() };
+        assert_eq!(resolve(&args, &with(0), &p, false, None).unwrap().unwrap().busy_poll, Duration::ZERO);
+        assert_eq!(resolve(&args, &with(200), &p, false, None).unwrap().unwrap().busy_poll, Duration::from_micros(200));
+        let e = resolve(&args, &with(1001), &p, false, None).unwrap_err().to_string();
+        assert!(e.contains("nbd.busy_poll_us"), "{e}");
     }
 }

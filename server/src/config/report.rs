@@ -99,12 +99,13 @@ impl Config {
         let nbd = match &self.nbd {
             None => "off".to_string(),
             Some(n) => format!(
-                "{} TLS {}, exclusive leases for writers {}, principal {}, idle timeout {}",
+                "{} TLS {}, exclusive leases for writers {}, principal {}, idle timeout {}, busy poll {}",
                 n.listen,
                 on_off(n.tls),
                 on_off(n.exclusive),
                 n.principal.as_deref().unwrap_or("from the client certificate"),
-                dur(n.idle_timeout)
+                dur(n.idle_timeout),
+                if n.busy_poll.is_zero() { "off".to_string() } else { format!("{} us", n.busy_poll.as_micros()) }
             ),
         };
         line("nbd", nbd);

@@ -21,6 +21,7 @@ use super::MAX_PAYLOAD;
 use super::export::{Export, Unavailable, View};
 use super::io::Io;
 use super::negotiate::Negotiated;
+use super::poll::BusyPoll;
 use super::wire::{self, cflag, cmd, errno, reply, state};
 use crate::dataplane::DpStream;
 use crate::gate::{Gate, Work};
@@ -69,6 +70,8 @@ pub(super) struct Served<'a> {
     pub wait: Duration,
     pub idle: Duration,
     pub cancel: &'a tokio_util::sync::CancellationToken,
+    /// Busy polling for the next request.
+    pub busy: BusyPoll<'a>,
 }
 
 impl Served<'_> {
@@ -77,21 +80,32 @@ impl Served<'_> {
     }
 
     /// Serve requests until DISC, EOF, an unrecoverable error, a forced disconnect or shutdown.
-    pub async fn run<S: DpStream>(&self, io: &mut Io<S>) -> std::io::Result<()> {
+    pub async fn run<S: DpStream>(&mut self, io: &mut Io<S>) -> std::io::Result<()> {
         let ex = self.export().clone();
         let mut hdr = [0u8; wire::REQUEST_LEN];
         // One idle timer for the connection, pushed out lazily: requests only note the time.
         let mut last = tokio::time::Instant::now();
+        // Requests served since the connection last waited for one (busy polling's cue).
+        let mut served = 0u64;
         let idle = tokio::time::sleep(self.idle);
         tokio::pin!(idle);
         loop {
             if io.buffered() < wire::REQUEST_LEN {
                 // Nothing more to answer without waiting: send the replies, then wait.
                 io.write_out().await?;
+                // A client that sends its next request right after each reply: poll for it
+                // briefly before parking (bounded; see `poll.rs`). What the poll buffered is
+                // taken by `fill_to` below at once; an EOF or error it met, likewise.
+                let since = self.busy.waiting(std::mem::take(&mut served));
+                if let Some(_slot) = self.busy.start()
+                    && let Some(how) = io.poll_fill(self.busy.window())
+                {
+                    self.busy.polled(how);
+                }
                 tokio::select! {
                     biased;
                     r = io.fill_to(wire::REQUEST_LEN) => match r {
-                        Ok(()) => {}
+                        Ok(()) => self.busy.woke(since),
                         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                         Err(e) => return Err(e),
                     },
@@ -113,6 +127,7 @@ impl Served<'_> {
                 return close(io).await;
             }
             io.take(&mut hdr);
+            served += 1;
             last = tokio::time::Instant::now();
             let Some(req) = wire::Request::decode(&hdr) else {
                 info!("NBD request with a bad magic; closing the connection");

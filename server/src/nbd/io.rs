@@ -62,7 +62,8 @@ impl<S: DpStream> Io<S> {
         self.rend - self.rpos
     }
 
-    async fn fill(&mut self) -> std::io::Result<()> {
+    /// Make room at the end of the input buffer.
+    fn compact(&mut self) {
         if self.rpos == self.rend {
             self.rpos = 0;
             self.rend = 0;
@@ -71,6 +72,10 @@ impl<S: DpStream> Io<S> {
             self.rend -= self.rpos;
             self.rpos = 0;
         }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<()> {
+        self.compact();
         let n = self.s.read(&mut self.rbuf[self.rend..]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -87,6 +92,31 @@ impl<S: DpStream> Io<S> {
             self.fill().await?;
         }
         Ok(())
+    }
+
+    /// Busy-poll the socket for up to `window` without yielding (see [`super::poll`]),
+    /// buffering what arrives. `None` when the connection is not plain TCP (nothing is polled
+    /// then). An EOF or error also ends the poll (`Ready`/`Arrived`): the next read meets it
+    /// again. Called with less than a request header buffered.
+    pub fn poll_fill(&mut self, window: Duration) -> Option<super::poll::Polled> {
+        use super::poll::Polled;
+        self.compact();
+        let tcp = self.s.raw()?;
+        let room = &mut self.rbuf[self.rend..];
+        let poll = || {
+            if !super::poll::readable_now(tcp)? {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            super::poll::recv_now(tcp, room)
+        };
+        let (r, first) = match super::poll::spin(window, poll) {
+            Some(r) => r,
+            None => return Some(Polled::Timeout),
+        };
+        if let Ok(n) = r {
+            self.rend += n;
+        }
+        Some(if first { Polled::Ready } else { Polled::Arrived })
     }
 
     /// Take `dst.len()` buffered bytes (the caller checked [`Io::buffered`]).

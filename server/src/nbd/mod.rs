@@ -20,6 +20,7 @@ mod conn;
 pub mod export;
 mod io;
 mod negotiate;
+pub mod poll;
 pub mod wire;
 
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct Timing {
     pub stall: Duration,
     /// How long a request waits for the volume's lease (while it is being re-acquired).
     pub lease_wait: Duration,
+    /// How long a hot connection busy-polls for its next request (zero: never; [`poll`]).
+    pub busy_poll: Duration,
 }
 
 /// The NBD server of one daemon.
@@ -61,6 +64,8 @@ pub struct NbdServer {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Timings.
     pub timing: Timing,
+    /// The cap on connections busy-polling at once.
+    pub spinners: poll::Spinners,
 }
 
 impl std::fmt::Debug for NbdServer {
@@ -181,8 +186,14 @@ impl NbdServer {
         cancel: &CancellationToken,
     ) -> std::io::Result<()> {
         info!(volume = %n.attached.export.key, writable = n.writable, size = n.size, structured = n.structured, "NBD client attached");
-        let served =
-            conn::Served { n, gate: &self.deps.gate, wait: self.timing.lease_wait, idle: self.timing.idle, cancel };
+        let mut served = conn::Served {
+            n,
+            gate: &self.deps.gate,
+            wait: self.timing.lease_wait,
+            idle: self.timing.idle,
+            cancel,
+            busy: poll::BusyPoll::new(self.timing.busy_poll, &self.spinners),
+        };
         struct Counted;
         impl Drop for Counted {
             fn drop(&mut self) {
