@@ -162,7 +162,36 @@ pub(crate) struct DataConn {
     next_id: u32,
     /// Each operation's bound is this plus its length at [`MIN_RATE`].
     stall: Duration,
+    /// How long to poll for a reply (zero: never).
+    busy_poll: Duration,
+    /// The last reply came within `busy_poll` of its request: poll for the next one.
+    hot: bool,
 }
+
+/// Data-plane operations of this process waiting for their reply now.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One operation counted in [`IN_FLIGHT`] while it lives (dropped with the operation's
+/// future, too).
+struct InFlight;
+
+impl InFlight {
+    fn begin() -> Self {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The process's pollers (every session's data-plane connections): half the cores, at least
+/// one.
+static SPINNERS: std::sync::LazyLock<rdax_proto::busy_poll::Spinners> =
+    std::sync::LazyLock::new(rdax_proto::busy_poll::Spinners::for_host);
 
 impl DataConn {
     /// Connect and HELLO, within `bound`; operations then get `stall` plus their length at
@@ -175,7 +204,36 @@ impl DataConn {
         stall: Duration,
     ) -> Result<Self> {
         let s = bounded(bound, "connect", Self::hello(addr, session, tls)).await?;
-        Ok(Self { s, next_id: 1, stall })
+        Ok(Self { s, next_id: 1, stall, busy_poll: Duration::ZERO, hot: false })
+    }
+
+    /// The request is out: if replies have been coming quickly and no other operation of
+    /// this process waits for one (it would have the CPU meanwhile), poll the socket for this
+    /// one (up to the window) before the read below may sleep; a reply found that way is read
+    /// without a wake-up. Returns when the wait began, to judge the next one by, and the
+    /// operation's place in [`IN_FLIGHT`].
+    fn await_reply(&mut self) -> (Option<std::time::Instant>, InFlight) {
+        let me = InFlight::begin();
+        if self.busy_poll.is_zero() {
+            return (None, me);
+        }
+        let sent = std::time::Instant::now();
+        if self.hot
+            && IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire) == 1
+            && let Stream::Plain(tcp) = &self.s
+            && let Some(_slot) = SPINNERS.take()
+        {
+            use std::os::fd::AsFd;
+            self.hot = rdax_proto::busy_poll::until_readable(tcp.as_fd(), self.busy_poll).is_some();
+        }
+        (Some(sent), me)
+    }
+
+    /// The reply is in: hot when it came within the window.
+    fn replied(&mut self, sent: Option<std::time::Instant>) {
+        if let Some(t) = sent {
+            self.hot = t.elapsed() <= self.busy_poll;
+        }
     }
 
     fn op_bound(&self, len: usize) -> Duration {
@@ -196,7 +254,7 @@ impl DataConn {
                 Stream::Tls(Box::new(s))
             }
         };
-        let mut c = Self { s, next_id: 1, stall: Duration::ZERO };
+        let mut c = Self { s, next_id: 1, stall: Duration::ZERO, busy_poll: Duration::ZERO, hot: false };
         let hello =
             Request { op: Op::Hello, flags: 0, id: 0, key: session, generation: wire::VERSION, offset: 0, len: 0 };
         c.s.write_all(&hello.encode()).await?;
@@ -237,7 +295,9 @@ impl DataConn {
         bounded(bound, "read", async {
             self.s.write_all(&r.encode()).await?;
             self.s.flush().await?;
+            let (sent, _waiting) = self.await_reply();
             let len = self.response(r.id).await?;
+            self.replied(sent);
             if len as usize != buf.len() {
                 return Err(Error::new(ErrorKind::Protocol, "short data-plane read"));
             }
@@ -262,7 +322,10 @@ impl DataConn {
             self.s.write_all(&r.encode()).await?;
             self.s.write_all(data).await?;
             self.s.flush().await?;
-            self.response(r.id).await.map(drop)
+            let (sent, _waiting) = self.await_reply();
+            self.response(r.id).await?;
+            self.replied(sent);
+            Ok(())
         })
         .await
     }
@@ -291,6 +354,8 @@ pub(crate) struct ConnPool {
     addr: String,
     session: [u8; 16],
     tls: Option<DataTls>,
+    /// [`crate::SessionOptions::busy_poll`].
+    busy_poll: Duration,
     idle: Mutex<Vec<(DataConn, std::time::Instant)>>,
 }
 
@@ -304,8 +369,8 @@ impl DataConn {
 }
 
 impl ConnPool {
-    pub fn new(addr: String, session: [u8; 16], tls: Option<DataTls>) -> Self {
-        Self { addr, session, tls, idle: Mutex::new(Vec::new()) }
+    pub fn new(addr: String, session: [u8; 16], tls: Option<DataTls>, busy_poll: Duration) -> Self {
+        Self { addr, session, tls, busy_poll, idle: Mutex::new(Vec::new()) }
     }
 
     pub async fn get(&self) -> Result<DataConn> {
@@ -316,7 +381,9 @@ impl ConnPool {
                 Some(_) => continue, // stale or closed by the daemon: drop it
                 None => {
                     let tls = self.tls.as_ref();
-                    return DataConn::connect(&self.addr, self.session, tls, CONNECT_BOUND, OP_STALL).await;
+                    let mut c = DataConn::connect(&self.addr, self.session, tls, CONNECT_BOUND, OP_STALL).await?;
+                    c.busy_poll = self.busy_poll;
+                    return Ok(c);
                 }
             }
         }

@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{Lease, LeaseInner, LeaseMode};
 
 /// How to open a session.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SessionOptions {
     /// Label shown to administrators.
     pub client_name: String,
@@ -32,6 +32,23 @@ pub struct SessionOptions {
     pub transport: Transport,
     /// Local address for the RDMA connection (default: chosen by routing).
     pub rdma_source: Option<std::net::IpAddr>,
+    /// TCP data plane: how long an operation polls its connection for the reply before it
+    /// sleeps, while replies keep coming within that long (default 50 µs; zero: never). It
+    /// saves a sleep and a wake-up per operation at queue depth 1, for CPU while it polls; at
+    /// most half the cores of the process poll at once.
+    pub busy_poll: std::time::Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            client_name: String::new(),
+            ignore_recalls: false,
+            transport: Transport::default(),
+            rdma_source: None,
+            busy_poll: rdax_proto::busy_poll::DEFAULT_WINDOW,
+        }
+    }
 }
 
 /// Which data plane a session's leases use.
@@ -229,7 +246,7 @@ impl Session {
                 ));
             }
         };
-        let p = Arc::new(ConnPool::new(endpoint.to_string(), self.session_bytes()?, tls));
+        let p = Arc::new(ConnPool::new(endpoint.to_string(), self.session_bytes()?, tls, self.opts.busy_poll));
         *g = Some((endpoint.to_string(), p.clone()));
         Ok(p)
     }

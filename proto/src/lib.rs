@@ -5,6 +5,7 @@
 //! type returns a [`model::ProtocolError`], which maps to `InvalidArgument` in exactly one
 //! place (`From<ProtocolError> for tonic::Status`).
 
+pub mod busy_poll;
 pub mod cluster;
 pub mod credential;
 pub mod dataplane;

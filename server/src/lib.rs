@@ -38,6 +38,7 @@ macro_rules! failpoint_blocking {
 
 pub mod admin_socket;
 pub mod auth;
+pub mod busy_poll;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod cluster_view;

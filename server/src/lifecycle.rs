@@ -293,6 +293,7 @@ pub async fn run_with_reload(
         idle_timeout_ms: (cfg.data_idle_timeout.as_millis() as u64).into(),
         gate: gate.clone(),
         tls: if cfg.data_tls { tls.clone() } else { None },
+        busy_poll: cfg.data_busy_poll,
     });
     if cfg.data_tls {
         info!(data = %data_local, "serving the TCP data plane over TLS (payloads pass a bounce buffer)");
@@ -353,7 +354,6 @@ pub async fn run_with_reload(
                     lease_wait: cfg.lease_break_timeout * 2 + Duration::from_secs(5),
                     busy_poll: n.busy_poll,
                 },
-                spinners: crate::nbd::poll::Spinners::for_host(),
             });
             let task = tokio::spawn(srv.serve(
                 l,

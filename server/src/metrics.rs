@@ -306,16 +306,24 @@ pub fn render(pool: &Pool, sessions: &SessionManager, leases: &LeaseManager) -> 
         "NBD requests answered with an error.",
         &[(String::new(), m.nbd_errors.load(Relaxed))],
     );
-    let polls = &crate::nbd::poll::POLLS;
-    counter(
-        &mut out,
-        "rdax_nbd_busy_polls_total",
-        "Busy polls of NBD connections for their next request, by how they ended.",
-        &[
-            ("{result=\"request\"}".into(), polls[0].load(Relaxed)),
-            ("{result=\"timeout\"}".into(), polls[1].load(Relaxed)),
-        ],
-    );
+    for (name, polls, what) in [
+        ("rdax_nbd_busy_polls_total", &crate::nbd::poll::POLLS, "NBD connections for their next request"),
+        (
+            "rdax_dataplane_busy_polls_total",
+            &crate::dataplane::POLLS,
+            "data-plane connections for their next operation",
+        ),
+    ] {
+        counter(
+            &mut out,
+            name,
+            &format!("Busy polls of {what}, by how they ended."),
+            &[
+                ("{result=\"request\"}".into(), polls[0].load(Relaxed)),
+                ("{result=\"timeout\"}".into(), polls[1].load(Relaxed)),
+            ],
+        );
+    }
     out.push_str("# HELP rdax_nbd_connections NBD connections in transmission.\n# TYPE rdax_nbd_connections gauge\n");
     out.push_str(&format!("rdax_nbd_connections {}\n", m.nbd_connections.load(Relaxed)));
     if leases.fence().enabled() {

@@ -540,3 +540,53 @@ async fn an_exclusive_lease_takes_the_range_from_other_holders_until_released() 
     let again = a.acquire("ns", "vol", 0, 4096, LeaseMode::Read).await.unwrap();
     assert_eq!(again.read(0, 4).await.unwrap(), b"mine");
 }
+
+/// Sequential 4 KiB writes and reads through one lease until `until` (asked every 64 pairs,
+/// so that asking does not slow the operations), each read checked; bounded.
+async fn sequential_ops(lease: &rdax_client::Lease, until: impl Fn() -> bool, deadline: Duration) -> u64 {
+    let end = Instant::now() + deadline;
+    let mut n = 0u64;
+    loop {
+        assert!(Instant::now() < end, "timed out after {deadline:?} of sequential operations ({n} done)");
+        for _ in 0..64 {
+            let data = [(n % 251) as u8; 4096];
+            let off = (n % 64) * 4096;
+            lease.write(off, &data).await.unwrap();
+            assert_eq!(lease.read(off, 4096).await.unwrap(), data, "operation {n} reads back");
+            n += 1;
+        }
+        if until() {
+            return n;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_plane_connection_whose_operations_follow_its_replies_busy_polls_and_one_with_polling_off_never_does() {
+    let polls = |d: &Daemon, r: &str| d.metric(&format!("rdax_dataplane_busy_polls_total{{result=\"{r}\"}}"));
+    for (window, expect_polls) in [(1000u64, true), (0, false)] {
+        let dir = tmp();
+        let conf = dir.path().join("rdaxd.toml");
+        std::fs::write(&conf, format!("[dataplane]\nbusy_poll_us = {window}\n")).unwrap();
+        let d = Daemon::start(dir.path(), &["--config", conf.to_str().unwrap()]);
+        let c = client(&d).await;
+        c.object("ns", "x").unwrap().create(MIB).await.unwrap();
+        // The SDK polls too (its default); the daemon's counters say what the daemon did.
+        let s = c.open_session("seq").await.unwrap();
+        let lease = s.acquire("ns", "x", 0, MIB, LeaseMode::ReadWrite).await.unwrap();
+        if expect_polls {
+            // Polls find operations (bounded: on a loaded machine some gaps exceed the window).
+            sequential_ops(&lease, || polls(&d, "request") >= 20.0, Duration::from_secs(60)).await;
+        } else {
+            let rounds = std::sync::atomic::AtomicU32::new(0);
+            let n = sequential_ops(
+                &lease,
+                || rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= 8,
+                Duration::from_secs(60),
+            )
+            .await;
+            assert_eq!(n, 8 * 64);
+            assert_eq!(polls(&d, "request") + polls(&d, "timeout"), 0.0, "no polls with busy_poll_us = 0");
+        }
+    }
+}

@@ -56,6 +56,11 @@ pub(crate) struct Cli {
     /// Local IP for the RDMA connection (default: chosen by routing).
     #[arg(long, global = true, env = "RDAX_RDMA_SOURCE")]
     rdma_source: Option<std::net::IpAddr>,
+    /// TCP data plane: microseconds an operation polls for its reply before it sleeps, while
+    /// replies come that quickly (0: never poll).
+    #[arg(long, global = true, env = "RDAX_BUSY_POLL_US", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    busy_poll_us: u64,
     /// A cluster's etcd: etcd://HOST:PORT[,HOST:PORT...] (etcds:// for etcd over TLS, with
     /// --etcd-ca). For `cluster` commands, and makes `put`, `get`, `ls`, `stat` and `rm` work
     /// on the whole cluster (routed by its PG map).
@@ -105,6 +110,7 @@ impl Cli {
                 TransportArg::Rdma => rdax_client::Transport::Rdma,
             },
             rdma_source: self.rdma_source,
+            busy_poll: std::time::Duration::from_micros(self.busy_poll_us),
             ..Default::default()
         }
     }

@@ -53,6 +53,7 @@ Config keys without a flag:
   [limits] max_keys_per_session = 65536       keys (RDMA: memory regions) of a session's leases
   [limits] max_rdma_bytes_per_session = \"1T\"  bytes a session may have registered for RDMA
   [limits] max_alloc_bytes_per_request = \"64G\" holes one read-write Acquire may fill
+  [dataplane] busy_poll_us = 50   a connection whose operations follow its replies closely polls this long before it parks (0: never)
   [nbd] exclusive = true          writable NBD exports take exclusive leases
   [nbd] idle_timeout_ms = 600000  an NBD connection with no request for this long is closed
   [nbd] handshake_timeout_ms = 10000  bound on an NBD client's whole handshake
@@ -339,6 +340,8 @@ pub struct DataplaneSection {
     pub idle_timeout_ms: Option<u64>,
     /// Serve the data plane over TLS.
     pub tls: Option<bool>,
+    /// How long a hot connection busy-polls for its next operation, µs (0: never).
+    pub busy_poll_us: Option<u64>,
 }
 
 /// `[lease]`.
@@ -463,6 +466,8 @@ pub struct Config {
     pub data_op_timeout: Duration,
     /// The TCP data plane speaks TLS (with the gRPC certificate).
     pub data_tls: bool,
+    /// Busy-poll window of a hot data-plane connection (default 50 µs; zero: never poll).
+    pub data_busy_poll: Duration,
     /// Prometheus metrics address (`None`: off).
     pub metrics_listen: Option<SocketAddr>,
     /// RDMA listener.
@@ -656,6 +661,12 @@ impl Config {
                 return Err(invalid(format!("{name} must be between 10 and 3600000, not {v}")));
             }
         }
+        let data_poll_us = file.dataplane.busy_poll_us.unwrap_or(crate::busy_poll::DEFAULT_WINDOW.as_micros() as u64);
+        if data_poll_us > 1000 {
+            return Err(invalid(format!(
+                "dataplane.busy_poll_us must be between 0 (off) and 1000, not {data_poll_us}"
+            )));
+        }
         let log_level = args.log_level.clone().or(file.log.level.clone()).unwrap_or_else(|| "info".into());
         // The same check the daemon's log setup makes, so that check-config catches it.
         tracing_subscriber::EnvFilter::try_new(&log_level)
@@ -684,6 +695,7 @@ impl Config {
             data_listen,
             data_op_timeout: Duration::from_millis(op_ms),
             data_tls,
+            data_busy_poll: Duration::from_micros(data_poll_us),
             metrics_listen,
             rdma_listen,
             rdma_explicit: !matches!(rdma.as_str(), "auto" | "off"),

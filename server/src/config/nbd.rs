@@ -95,7 +95,7 @@ pub(super) fn resolve(
             return Err(invalid(format!("{name} must be between 10 and 86400000, not {v}")));
         }
     }
-    let busy_poll = file.busy_poll_us.unwrap_or(crate::nbd::poll::DEFAULT_WINDOW.as_micros() as u64);
+    let busy_poll = file.busy_poll_us.unwrap_or(crate::busy_poll::DEFAULT_WINDOW.as_micros() as u64);
     if busy_poll > 1000 {
         return Err(invalid(format!("nbd.busy_poll_us must be between 0 (off) and 1000, not {busy_poll}")));
     }

@@ -40,6 +40,11 @@ fn without_userinfo(url: &str) -> String {
     }
 }
 
+/// A busy-poll window: `50 us`, or `off`.
+fn poll(d: Duration) -> String {
+    if d.is_zero() { "off".into() } else { format!("{} us", d.as_micros()) }
+}
+
 fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
@@ -82,11 +87,12 @@ impl Config {
         line(
             "dataplane",
             format!(
-                "{} TLS {}, op timeout {}, idle timeout {}",
+                "{} TLS {}, op timeout {}, idle timeout {}, busy poll {}",
                 self.data_listen,
                 on_off(self.data_tls),
                 dur(self.data_op_timeout),
-                dur(self.data_idle_timeout)
+                dur(self.data_idle_timeout),
+                poll(self.data_busy_poll)
             ),
         );
         let keys = format!("{:?}", self.rdma_keys).to_lowercase();
@@ -105,7 +111,7 @@ impl Config {
                 on_off(n.exclusive),
                 n.principal.as_deref().unwrap_or("from the client certificate"),
                 dur(n.idle_timeout),
-                if n.busy_poll.is_zero() { "off".to_string() } else { format!("{} us", n.busy_poll.as_micros()) }
+                poll(n.busy_poll)
             ),
         };
         line("nbd", nbd);

@@ -53,7 +53,14 @@ pub struct DataPlane {
     pub gate: Gate,
     /// TLS for every connection (`dataplane.tls`), if on.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// How long a hot connection busy-polls for its next operation (zero: never;
+    /// [`crate::busy_poll`]).
+    pub busy_poll: Duration,
 }
+
+/// Data-plane polls that found an operation (`[0]`) and polls that timed out (`[1]`).
+pub static POLLS: crate::busy_poll::Counters =
+    [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
 
 /// The largest bounce buffer one operation on a stream with neither a raw socket nor our
 /// record layer (NBD over rustls) uses.
@@ -232,8 +239,22 @@ impl DataPlane {
         debug!(session = %session, "data-plane connection bound");
         // TLS payloads pass through this, grown on first use and kept for the connection.
         let mut bounce = Vec::new();
+        let mut busy = crate::busy_poll::BusyPoll::new(self.busy_poll, &crate::busy_poll::SPINNERS, &POLLS);
         loop {
             let idle = Duration::from_millis(self.idle_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
+            // A client whose next operation follows each reply closely: poll for it briefly
+            // before parking (bounded; see `crate::busy_poll`). The read below then finds it
+            // at once (or the runtime's next look at its events does, without a sleep).
+            let since = busy.waiting(1);
+            if let Some(_slot) = busy.start()
+                && let Some(tcp) = s.raw()
+            {
+                use std::os::fd::AsFd;
+                busy.polled(crate::busy_poll::Polled::of(rdax_proto::busy_poll::until_readable(
+                    tcp.as_fd(),
+                    busy.window(),
+                )));
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return reply_close(&mut s, 0, Status::ShuttingDown).await,
                 _ = session_ended.cancelled() => return reply_close(&mut s, 0, Status::BadSession).await,
@@ -246,6 +267,7 @@ impl DataPlane {
                     if let Err(e) = r {
                         return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
                     }
+                    busy.woke(since);
                 }
             }
             let Some(req) = Request::decode(&hdr) else {

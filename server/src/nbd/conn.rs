@@ -21,8 +21,8 @@ use super::MAX_PAYLOAD;
 use super::export::{Export, Unavailable, View};
 use super::io::Io;
 use super::negotiate::Negotiated;
-use super::poll::BusyPoll;
 use super::wire::{self, cflag, cmd, errno, reply, state};
+use crate::busy_poll::BusyPoll;
 use crate::dataplane::DpStream;
 use crate::gate::{Gate, Work};
 use crate::lease::{LeaseError, LeaseManager, PinGuard, Refusal};
@@ -94,7 +94,7 @@ impl Served<'_> {
                 // Nothing more to answer without waiting: send the replies, then wait.
                 io.write_out().await?;
                 // A client that sends its next request right after each reply: poll for it
-                // briefly before parking (bounded; see `poll.rs`). What the poll buffered is
+                // briefly before parking (bounded; see `crate::busy_poll`). What the poll buffered is
                 // taken by `fill_to` below at once; an EOF or error it met, likewise.
                 let since = self.busy.waiting(std::mem::take(&mut served));
                 if let Some(_slot) = self.busy.start()

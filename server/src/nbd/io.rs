@@ -94,29 +94,26 @@ impl<S: DpStream> Io<S> {
         Ok(())
     }
 
-    /// Busy-poll the socket for up to `window` without yielding (see [`super::poll`]),
+    /// Busy-poll the socket for up to `window` without yielding (see [`crate::busy_poll`]),
     /// buffering what arrives. `None` when the connection is not plain TCP (nothing is polled
     /// then). An EOF or error also ends the poll (`Ready`/`Arrived`): the next read meets it
     /// again. Called with less than a request header buffered.
-    pub fn poll_fill(&mut self, window: Duration) -> Option<super::poll::Polled> {
-        use super::poll::Polled;
+    pub fn poll_fill(&mut self, window: Duration) -> Option<crate::busy_poll::Polled> {
+        use std::os::fd::AsFd;
         self.compact();
         let tcp = self.s.raw()?;
         let room = &mut self.rbuf[self.rend..];
         let poll = || {
-            if !super::poll::readable_now(tcp)? {
+            if !rdax_proto::busy_poll::readable_now(tcp.as_fd())? {
                 return Err(std::io::ErrorKind::WouldBlock.into());
             }
             super::poll::recv_now(tcp, room)
         };
-        let (r, first) = match super::poll::spin(window, poll) {
-            Some(r) => r,
-            None => return Some(Polled::Timeout),
-        };
-        if let Ok(n) = r {
+        let r = rdax_proto::busy_poll::spin(window, poll);
+        if let Some((Ok(n), _)) = r {
             self.rend += n;
         }
-        Some(if first { Polled::Ready } else { Polled::Arrived })
+        Some(crate::busy_poll::Polled::of(r.map(|(_, first)| first)))
     }
 
     /// Take `dst.len()` buffered bytes (the caller checked [`Io::buffered`]).

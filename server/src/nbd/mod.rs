@@ -46,7 +46,8 @@ pub struct Timing {
     pub stall: Duration,
     /// How long a request waits for the volume's lease (while it is being re-acquired).
     pub lease_wait: Duration,
-    /// How long a hot connection busy-polls for its next request (zero: never; [`poll`]).
+    /// How long a hot connection busy-polls for its next request (zero: never;
+    /// [`crate::busy_poll`]).
     pub busy_poll: Duration,
 }
 
@@ -64,8 +65,6 @@ pub struct NbdServer {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Timings.
     pub timing: Timing,
-    /// The cap on connections busy-polling at once.
-    pub spinners: poll::Spinners,
 }
 
 impl std::fmt::Debug for NbdServer {
@@ -192,7 +191,7 @@ impl NbdServer {
             wait: self.timing.lease_wait,
             idle: self.timing.idle,
             cancel,
-            busy: poll::BusyPoll::new(self.timing.busy_poll, &self.spinners),
+            busy: crate::busy_poll::BusyPoll::new(self.timing.busy_poll, &crate::busy_poll::SPINNERS, &poll::POLLS),
         };
         struct Counted;
         impl Drop for Counted {
