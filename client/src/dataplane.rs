@@ -166,7 +166,14 @@ pub(crate) struct DataConn {
     busy_poll: Duration,
     /// The last reply came within `busy_poll` of its request: poll for the next one.
     hot: bool,
+    /// Operations since the last poll while cold: every [`PROBE`]th polls all the same (a
+    /// daemon that sleeps between requests answers too late to make a connection hot, though
+    /// it would answer in time once both sides poll).
+    cold: u32,
 }
+
+/// A cold connection polls once in this many operations all the same.
+const PROBE: u32 = 8;
 
 /// Data-plane operations of this process waiting for their reply now.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -204,7 +211,7 @@ impl DataConn {
         stall: Duration,
     ) -> Result<Self> {
         let s = bounded(bound, "connect", Self::hello(addr, session, tls)).await?;
-        Ok(Self { s, next_id: 1, stall, busy_poll: Duration::ZERO, hot: false })
+        Ok(Self { s, next_id: 1, stall, busy_poll: Duration::ZERO, hot: false, cold: 0 })
     }
 
     /// The request is out: if replies have been coming quickly and no other operation of
@@ -218,12 +225,17 @@ impl DataConn {
             return (None, me);
         }
         let sent = std::time::Instant::now();
-        if self.hot
+        let probe = !self.hot && {
+            self.cold += 1;
+            self.cold >= PROBE
+        };
+        if (self.hot || probe)
             && IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire) == 1
             && let Stream::Plain(tcp) = &self.s
             && let Some(_slot) = SPINNERS.take()
         {
             use std::os::fd::AsFd;
+            self.cold = 0;
             self.hot = rdax_proto::busy_poll::until_readable(tcp.as_fd(), self.busy_poll).is_some();
         }
         (Some(sent), me)
@@ -254,7 +266,7 @@ impl DataConn {
                 Stream::Tls(Box::new(s))
             }
         };
-        let mut c = Self { s, next_id: 1, stall: Duration::ZERO, busy_poll: Duration::ZERO, hot: false };
+        let mut c = Self { s, next_id: 1, stall: Duration::ZERO, busy_poll: Duration::ZERO, hot: false, cold: 0 };
         let hello =
             Request { op: Op::Hello, flags: 0, id: 0, key: session, generation: wire::VERSION, offset: 0, len: 0 };
         c.s.write_all(&hello.encode()).await?;

@@ -13,8 +13,11 @@
 //! - a connection polls only while *hot*: its last request arrived within `window` of the
 //!   replies before it, and it served one request since it last waited (a client with one
 //!   request in flight). A poll that times out makes it cold; it turns hot again only when a
-//!   request arrives that fast after a normal park. An idle connection therefore never polls,
-//!   and one whose client pauses costs one window per pause. A client with many requests in
+//!   request arrives that fast after a normal park, or when a probe finds one (a cold
+//!   connection polls once in [`PROBE`] waits: a client that sleeps while it waits for a
+//!   reply sends its next request too late to make the connection hot, though it would be in
+//!   time once both sides poll). An idle connection therefore never polls, and one whose
+//!   client pauses costs one window per pause, or per [`PROBE`] requests. A client with many requests in
 //!   flight does not poll either: when a poll finds a request already there, or a wait
 //!   follows a batch, the connection rests from polling, its requests pile up while it
 //!   sleeps, and they are served in batches, which polling would break into single requests
@@ -30,33 +33,49 @@
 //! readiness); TLS connections always park.
 
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use rdax_proto::busy_poll::{DEFAULT_WINDOW, Slot, Spinners};
 
-/// The daemon's pollers, NBD and data-plane connections alike: half the cores, at least one.
-pub static SPINNERS: LazyLock<Spinners> = LazyLock::new(Spinners::for_host);
-
-/// Connections serving a request now: between its arrival and their wait for the next.
-static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// One connection counted in [`SERVING`] while it lives.
+/// What the daemon's connections share, NBD and data-plane alike.
 #[derive(Debug)]
-struct Serving;
+pub struct Shared {
+    /// The pollers: half the cores, at least one.
+    spinners: Spinners,
+    /// Connections serving a request now: between its arrival and their wait for the next.
+    serving: AtomicUsize,
+}
 
-impl Serving {
-    fn begin() -> Self {
-        SERVING.fetch_add(1, Ordering::AcqRel);
-        Serving
+impl Shared {
+    /// At most `max` connections polling at once.
+    pub const fn new(max: usize) -> Self {
+        Self { spinners: Spinners::new(max), serving: AtomicUsize::new(0) }
     }
 }
 
-impl Drop for Serving {
+/// The daemon's.
+pub static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared::new(Spinners::for_host().max()));
+
+/// One connection counted in [`Shared::serving`] while it lives.
+#[derive(Debug)]
+struct Serving<'a>(&'a AtomicUsize);
+
+impl<'a> Serving<'a> {
+    fn begin(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Serving(n)
+    }
+}
+
+impl Drop for Serving<'_> {
     fn drop(&mut self) {
-        SERVING.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// A cold connection polls once in this many waits all the same (a probe).
+pub const PROBE: u32 = 8;
 
 /// Waits a connection rests from polling after a poll found a request already there.
 pub const REST: u32 = 16;
@@ -94,26 +113,39 @@ pub struct BusyPoll<'a> {
     hot: bool,
     /// Waits left without polling (after a poll found a request already there).
     rest: u32,
-    spinners: &'a Spinners,
+    /// Waits since the last probe, while cold.
+    cold: u32,
+    shared: &'a Shared,
     counters: &'static Counters,
     /// Held from a request's arrival to the connection's next wait.
-    serving: Option<Serving>,
+    serving: Option<Serving<'a>>,
 }
 
 impl<'a> BusyPoll<'a> {
     /// A connection's poller (cold until a request arrives within `window` of a park),
     /// counting its polls in `counters`.
-    pub fn new(window: Duration, spinners: &'a Spinners, counters: &'static Counters) -> Self {
-        Self { window, hot: false, rest: 0, spinners, counters, serving: None }
+    pub fn new(window: Duration, shared: &'a Shared, counters: &'static Counters) -> Self {
+        Self { window, hot: false, rest: 0, cold: 0, shared, counters, serving: None }
     }
 
-    /// Whether the next wait should poll first: hot, not resting, no other connection
-    /// serving a request, and a poller's place free. The place is held for the poll.
-    pub fn start(&self) -> Option<Slot<'a>> {
-        if !self.hot || self.rest > 0 || self.window.is_zero() || SERVING.load(Ordering::Acquire) > 0 {
+    /// Whether the next wait should poll first: hot (or cold for [`PROBE`] waits: a probe),
+    /// not resting, no other connection serving a request, and a poller's place free. The
+    /// place is held for the poll.
+    pub fn start(&mut self) -> Option<Slot<'a>> {
+        if self.rest > 0 || self.window.is_zero() || self.shared.serving.load(Ordering::Acquire) > 0 {
             return None;
         }
-        self.spinners.take()
+        if !self.hot {
+            // A client that does not poll either wakes up late for each reply, and its
+            // requests then arrive too late to make the connection hot, although they would
+            // come in time once both sides poll: now and then, poll anyway.
+            self.cold += 1;
+            if self.cold < PROBE {
+                return None;
+            }
+            self.cold = 0;
+        }
+        self.shared.spinners.take()
     }
 
     /// The window of one poll.
@@ -153,7 +185,8 @@ impl<'a> BusyPoll<'a> {
     /// The next request is here: the connection is hot when it came within the window of
     /// the replies (so a poll that timed out, and the park after it, leave it cold).
     pub fn woke(&mut self, parked: Option<Instant>) {
-        self.serving.get_or_insert_with(Serving::begin);
+        let n = &self.shared.serving;
+        self.serving.get_or_insert_with(|| Serving::begin(n));
         if let Some(t) = parked {
             self.hot = t.elapsed() <= self.window;
         }
@@ -168,51 +201,61 @@ mod tests {
 
     static C: Counters = [AtomicU64::new(0), AtomicU64::new(0)];
 
+    /// The daemon's order: wait (`waiting`, maybe a poll), then the request (`woke`).
     #[test]
     fn a_connection_polls_only_while_hot() {
-        let s = Spinners::new(4);
+        let s = Shared::new(4);
         let mut p = BusyPoll::new(Duration::from_millis(50), &s, &C);
+        let t = p.waiting(0);
+        assert!(t.is_some());
         assert!(p.start().is_none(), "a new connection is cold");
-        // A request that arrives soon after a park makes it hot.
-        let parked = p.waiting(1);
-        assert!(parked.is_some());
-        p.woke(parked);
+        p.woke(t); // a request soon after the park makes it hot
+        let t = p.waiting(1);
         assert!(p.start().is_some(), "hot after a quick request");
+        p.polled(Polled::Arrived);
+        p.woke(t);
         // Several requests served in one go: the client keeps many in flight; batches win.
-        p.waiting(2);
+        let t = p.waiting(2);
         assert!(p.start().is_none(), "cold after a batch");
-        let parked = p.waiting(1);
-        p.woke(parked);
+        p.woke(t);
+        let t = p.waiting(1);
         assert!(p.start().is_some(), "hot again after a single quick request");
         // A poll that finds a request already there: rest from polling for REST waits.
         p.polled(Polled::Ready);
-        for _ in 0..REST - 1 {
-            assert!(p.start().is_none(), "resting");
+        p.woke(t);
+        for i in 0..REST - 1 {
             let t = p.waiting(1);
+            assert!(p.start().is_none(), "resting ({i})");
             p.woke(t);
         }
-        assert!(p.start().is_none());
         let t = p.waiting(1);
-        p.woke(t);
         assert!(p.start().is_some(), "polls again after its rest");
-        // A poll that times out makes it cold again.
+        // A poll that times out makes it cold, and a slow request keeps it so.
         let timeouts = C[1].load(Ordering::Relaxed);
         p.polled(Polled::Timeout);
-        assert_eq!(C[1].load(Ordering::Relaxed), timeouts + 1, "counted");
-        assert!(p.start().is_none(), "cold after a poll that found nothing");
-        // A slow request after a park keeps it cold.
-        let long_ago = Instant::now().checked_sub(Duration::from_millis(200));
-        p.woke(long_ago);
-        assert!(p.start().is_none(), "cold after a slow request");
-        let parked = p.waiting(1);
-        p.woke(parked);
-        p.polled(Polled::Arrived);
-        assert!(p.start().is_some(), "a poll that found a request keeps it hot");
+        assert!(C[1].load(Ordering::Relaxed) > timeouts, "counted");
+        p.woke(t.and_then(|t| t.checked_sub(Duration::from_millis(200))));
+        p.waiting(1);
+        assert!(p.start().is_none(), "cold after a poll that found nothing and a slow request");
+    }
+
+    #[test]
+    fn a_cold_connection_probes_once_in_probe_waits() {
+        let s = Shared::new(4);
+        let mut p = BusyPoll::new(Duration::from_millis(50), &s, &C);
+        let polls: Vec<bool> = (0..2 * PROBE)
+            .map(|_| {
+                p.waiting(1);
+                p.start().is_some()
+            })
+            .collect();
+        assert_eq!(polls.iter().filter(|&&x| x).count(), 2, "{polls:?}");
+        assert!(polls[PROBE as usize - 1] && polls[2 * PROBE as usize - 1]);
     }
 
     #[test]
     fn a_zero_window_never_polls() {
-        let s = Spinners::new(4);
+        let s = Shared::new(4);
         let mut p = BusyPoll::new(Duration::ZERO, &s, &C);
         assert_eq!(p.waiting(1), None, "no clock read when off");
         p.woke(Some(Instant::now()));
@@ -221,12 +264,14 @@ mod tests {
 
     #[test]
     fn connections_share_the_cap() {
-        let s = Spinners::new(1);
+        let s = Shared::new(1);
         let mut a = BusyPoll::new(Duration::from_millis(50), &s, &C);
         let mut b = BusyPoll::new(Duration::from_millis(50), &s, &C);
-        let (pa, pb) = (a.waiting(1), b.waiting(1));
-        a.woke(pa);
-        b.woke(pb);
+        let (ta, tb) = (a.waiting(0), b.waiting(0));
+        a.woke(ta);
+        b.woke(tb);
+        a.waiting(1);
+        b.waiting(1);
         let held = a.start().expect("a place is free");
         assert!(b.start().is_none(), "one poller at a time");
         drop(held);
@@ -235,16 +280,15 @@ mod tests {
 
     #[test]
     fn no_poll_while_another_connection_serves_a_request() {
-        let s = Spinners::new(4);
+        let s = Shared::new(4);
         let mut a = BusyPoll::new(Duration::from_millis(50), &s, &C);
         let mut b = BusyPoll::new(Duration::from_millis(50), &s, &C);
-        let pa = a.waiting(1);
-        a.woke(pa);
-        let pb = b.waiting(1);
-        b.woke(pb); // b serves a request now
-        a.waiting(1);
+        let (ta, tb) = (a.waiting(0), b.waiting(0));
+        a.woke(ta);
+        b.woke(tb); // both serve a request now, both hot
+        a.waiting(1); // a's replies are out
         assert!(a.start().is_none(), "b is serving");
-        b.waiting(1); // b's reply is out
+        b.waiting(1); // and b's
         assert!(a.start().is_some(), "nobody else is serving");
     }
 

@@ -239,7 +239,7 @@ impl DataPlane {
         debug!(session = %session, "data-plane connection bound");
         // TLS payloads pass through this, grown on first use and kept for the connection.
         let mut bounce = Vec::new();
-        let mut busy = crate::busy_poll::BusyPoll::new(self.busy_poll, &crate::busy_poll::SPINNERS, &POLLS);
+        let mut busy = crate::busy_poll::BusyPoll::new(self.busy_poll, &crate::busy_poll::SHARED, &POLLS);
         loop {
             let idle = Duration::from_millis(self.idle_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
             // A client whose next operation follows each reply closely: poll for it briefly

@@ -191,7 +191,7 @@ impl NbdServer {
             wait: self.timing.lease_wait,
             idle: self.timing.idle,
             cancel,
-            busy: crate::busy_poll::BusyPoll::new(self.timing.busy_poll, &crate::busy_poll::SPINNERS, &poll::POLLS),
+            busy: crate::busy_poll::BusyPoll::new(self.timing.busy_poll, &crate::busy_poll::SHARED, &poll::POLLS),
         };
         struct Counted;
         impl Drop for Counted {
