@@ -78,6 +78,7 @@ async fn rdma_session(c: &Client, name: &str, ignore_recalls: bool) -> Session {
         ignore_recalls,
         transport: Transport::Rdma,
         rdma_source: Some(env("RDAX_LAB_CLIENT_IP").parse().unwrap()),
+        ..Default::default()
     };
     c.open_session_with(opts).await.unwrap()
 }
