@@ -372,11 +372,12 @@ pub(crate) struct ConnPool {
 }
 
 impl DataConn {
-    /// Still open, with nothing unread (a closed connection reads EOF at once). A byte read
-    /// here is lost, but then the connection is dropped anyway.
+    /// Still open, with nothing unread: the socket itself has nothing to read (a closed
+    /// connection has its EOF; one the daemon closed with a notice has that too). Asked of
+    /// the socket with `poll(2)`, not of the runtime's readiness, which may be stale.
     fn usable(&self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.tcp().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        use std::os::fd::AsFd;
+        matches!(rdax_proto::busy_poll::readable_now(self.s.tcp().as_fd()), Ok(false))
     }
 }
 
@@ -457,6 +458,42 @@ mod tests {
             let e = r.unwrap_err();
             assert_eq!(e.kind(), ErrorKind::DeadlineExceeded, "{op}: {e}");
             assert!(e.to_string().contains(op), "{e}");
+        }
+    }
+
+    /// A pooled connection is usable while the daemon keeps it open and quiet; once the
+    /// daemon closes it (idle timeout), or something unread waits on it, it is not. Asked of
+    /// the socket: here the runtime never gets to see the close (the test holds its only
+    /// thread), so an answer from the runtime's readiness would be stale.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_daemon_closed_or_wrote_to_is_not_reused() {
+        for close in [true, false] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let (go, went) = std::sync::mpsc::channel::<()>();
+            let daemon = std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let (mut s, _) = l.accept().unwrap();
+                let mut req = [0u8; wire::REQ_LEN];
+                s.read_exact(&mut req).unwrap();
+                s.write_all(&wire::response(0, Status::Ok, 0)).unwrap();
+                let _ = went.recv();
+                if !close {
+                    // A notice nobody asked for (as the daemon sends before it closes).
+                    s.write_all(&wire::response(0, Status::ShuttingDown, 0)).unwrap();
+                    let _ = went.recv();
+                }
+            });
+            let c = DataConn::connect(&addr, [7; 16], None, CONNECT_BOUND, OP_STALL).await.unwrap();
+            assert!(c.usable(), "open and quiet");
+            go.send(()).unwrap();
+            let end = std::time::Instant::now() + Duration::from_secs(10);
+            while c.usable() {
+                assert!(std::time::Instant::now() < end, "close={close}: still usable after 10 s");
+                std::thread::sleep(Duration::from_millis(5)); // the runtime must not run
+            }
+            drop(go);
+            daemon.join().unwrap();
         }
     }
 
