@@ -226,7 +226,9 @@ impl DataConn {
         }
         let sent = std::time::Instant::now();
         let probe = !self.hot && {
-            self.cold += 1;
+            // Saturating: a TLS connection, or one that never finds itself alone, never
+            // probes and so never resets the count.
+            self.cold = self.cold.saturating_add(1);
             self.cold >= PROBE
         };
         if (self.hot || probe)

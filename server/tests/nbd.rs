@@ -639,17 +639,23 @@ fn sequential(r: &mut Raw, until: impl Fn() -> bool, deadline: Duration) -> u64 
     }
 }
 
-#[test]
-fn a_connection_whose_requests_follow_its_replies_busy_polls_and_one_with_polling_off_never_does() {
-    let polls = |d: &Daemon, r: &str| d.metric(&format!("rdax_nbd_busy_polls_total{{result=\"{r}\"}}"));
-    // A window of 1 ms: a client on the same host that answers each reply at once is hot.
+/// A daemon with `nbd.busy_poll_us = us` and a 1 MiB volume `a/v`, and a raw client attached.
+fn polling(us: u64) -> (tempfile::TempDir, Daemon, Raw) {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("rdaxd.toml");
-    std::fs::write(&conf, "[nbd]\nbusy_poll_us = 1000\n").unwrap();
+    std::fs::write(&conf, format!("[nbd]\nbusy_poll_us = {us}\n")).unwrap();
     let d = start_with(dir.path(), "64M", &["--config", conf.to_str().unwrap()]);
     ok(d.ctl(&["volume", "create", "a/v", "--size", "1M"]), "volume create");
     let mut r = Raw::connect(&d);
     r.go("a/v").unwrap();
+    (dir, d, r)
+}
+
+#[test]
+fn a_connection_whose_requests_follow_its_replies_busy_polls_and_one_with_polling_off_never_does() {
+    let polls = |d: &Daemon, r: &str| d.metric(&format!("rdax_nbd_busy_polls_total{{result=\"{r}\"}}"));
+    // A window of 1 ms: a client on the same host that answers each reply at once is hot.
+    let (_dir, d, mut r) = polling(1000);
     // Polls find requests (bounded: on a loaded machine some gaps exceed the window).
     let n = sequential(&mut r, || polls(&d, "request") >= 20.0, Duration::from_secs(60));
     assert!(n > 0);
@@ -669,13 +675,7 @@ fn a_connection_whose_requests_follow_its_replies_busy_polls_and_one_with_pollin
     assert!(r.at_eof());
 
     // busy_poll_us = 0: never a poll, whatever the client does.
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("rdaxd.toml");
-    std::fs::write(&conf, "[nbd]\nbusy_poll_us = 0\n").unwrap();
-    let d = start_with(dir.path(), "64M", &["--config", conf.to_str().unwrap()]);
-    ok(d.ctl(&["volume", "create", "a/v", "--size", "1M"]), "volume create");
-    let mut r = Raw::connect(&d);
-    r.go("a/v").unwrap();
+    let (_dir, d, mut r) = polling(0);
     let rounds = std::cell::Cell::new(0);
     let n = sequential(
         &mut r,

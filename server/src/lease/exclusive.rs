@@ -46,7 +46,8 @@ impl LeaseManager {
         // Installed exclusive (a grant past its own marker is one), under the lock that
         // inserts it.
         let g = self.acquire_with(req.session, req.object.clone(), req.offset, req.len, req.mode, how).await?;
-        lease_failpoint!("exclusive.installed");
+        // A place to pause only: failing here would strand the lease just installed.
+        let _ = crate::failpoint!("exclusive.installed");
         drop(brk);
         info!(lease = g.id, session = %req.session, object = %req.object, "lease is exclusive");
         Ok(g)
